@@ -1,0 +1,150 @@
+"""The topology: storage nodes in clouds and regions, and the latency/egress table between them.
+
+A topology is loaded from YAML (the format is documented in ``docs/topology.md`` and shown
+by ``blocks/default_topology.yaml``). ``{home}`` in a URL expands to the data directory.
+
+Example::
+
+    version: 1
+    source_cloud: aws
+    nodes:
+      - {name: aws-node-1, cloud: aws, region: us-east-1, url: "s3://bucket/prefix"}
+    links:
+      - {from: aws, to: gcp, latency_ms: 35, egress_usd_per_gb: 0.09}
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from skyferry.config import get_settings
+from skyferry.errors import TopologyError
+from skyferry.storage import Store
+
+__all__ = ["Link", "LinkCost", "Node", "Topology", "load_topology"]
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+
+class Node(BaseModel):
+    """A storage location in a cloud and region, and the work pool that computes near it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., pattern=_NAME_PATTERN, description="Unique node name.")
+    cloud: str = Field(..., pattern=_NAME_PATTERN, description="aws, gcp, azure, ...")
+    region: str = Field(..., description="Region within the cloud.")
+    url: str = Field(..., description="fsspec URL or local folder of the node's root.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec storage options (never logged)."
+    )
+    work_pool: str | None = Field(default=None, description="Work pool that computes near it.")
+    enabled: bool = Field(default=True, description="false marks the node down.")
+
+    def store(self) -> Store:
+        return Store(self.url, self.storage_options, name=self.name)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The node without its credentials, safe to log or put in an artifact."""
+        return self.model_dump(exclude={"storage_options"})
+
+
+class LinkCost(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    latency_ms: float = Field(..., ge=0)
+    egress_usd_per_gb: float = Field(..., ge=0)
+
+
+class Link(LinkCost):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    src: str = Field(..., alias="from")
+    dst: str = Field(..., alias="to")
+
+
+class Topology(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(default=1)
+    source_cloud: str = Field(default="aws", description="Cloud of a local source.")
+    source_region: str | None = Field(default=None)
+    catalog: str | None = Field(default=None, description="Where manifests are committed.")
+    nodes: list[Node] = Field(..., min_length=1)
+    intra_cloud: LinkCost = Field(default=LinkCost(latency_ms=20, egress_usd_per_gb=0.02))
+    links: list[Link] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> Topology:
+        names = [n.name for n in self.nodes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate node names: {', '.join(dupes)}")
+        if self.version != 1:
+            raise ValueError(f"unsupported topology version {self.version}")
+        return self
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise TopologyError(f"no node named {name!r} in the topology")
+
+    @property
+    def clouds(self) -> list[str]:
+        return sorted({n.cloud for n in self.nodes})
+
+    def cost(self, src_cloud: str, src_region: str | None, node: Node) -> LinkCost:
+        """Latency and egress cost of moving data from (cloud, region) to ``node``."""
+        if src_cloud == node.cloud:
+            if src_region is None or src_region == node.region:
+                return LinkCost(latency_ms=1, egress_usd_per_gb=0)
+            return self.intra_cloud
+        for link in self.links:
+            if link.src == src_cloud and link.dst == node.cloud:
+                return link
+        return LinkCost(latency_ms=100, egress_usd_per_gb=0.2)
+
+    def catalog_store(self) -> Store:
+        return Store(self.catalog or get_settings().catalog_url, name="catalog")
+
+
+def _expand(value: Any, home: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{home}", home)
+    if isinstance(value, list):
+        return [_expand(v, home) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, home) for k, v in value.items()}
+    return value
+
+
+def load_topology(path: str | Path | None = None) -> Topology:
+    """Load a topology YAML file, or the embedded default when ``path`` is None."""
+    where = str(path) if path else "embedded default topology"
+    try:
+        if path is None:
+            text = resources.files("blocks").joinpath("default_topology.yaml").read_text()
+        else:
+            text = Path(path).read_text()
+    except OSError as exc:
+        raise TopologyError(f"cannot read topology {where}: {exc}", source=where) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TopologyError(f"topology {where} is not valid YAML: {exc}", source=where) from exc
+    if not isinstance(raw, dict):
+        raise TopologyError(f"topology {where} must be a mapping with 'nodes'", source=where)
+    raw = _expand(raw, str(get_settings().home))
+    try:
+        return Topology.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise TopologyError(f"invalid topology {where}: {problems}", source=where) from None

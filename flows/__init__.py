@@ -1,0 +1,3 @@
+"""Flows: multicloud-pipeline composes the four stages."""
+
+from __future__ import annotations

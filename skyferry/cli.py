@@ -1,0 +1,238 @@
+"""The ``skyferry`` command: a thin layer over the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from skyferry.config import PipelineConfig, get_settings, parse_size
+from skyferry.errors import SkyferryError
+from skyferry.metrics import PipelineResult
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Move ML training data across clouds, replicated and verified.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _prefect_quiet() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _fail(exc: BaseException) -> None:
+    err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+    raise typer.Exit(code=2)
+
+
+def print_summary(result: PipelineResult, rejects: list[dict[str, Any]] | None = None) -> None:
+    status_style = {"completed": "green", "failed": "red"}.get(result.status, "yellow")
+    console.print(f"[bold]{result.dataset}[/] batch [bold]{result.batch_id}[/]: "
+                  f"[{status_style}]{result.status}[/] in {result.duration_s:.1f}s")
+    if result.error:
+        console.print(f"[red]{result.error_stage}: {result.error}[/]")
+        return
+    if not result.stages:
+        return
+    stages = Table(title="stages", title_justify="left")
+    for col in ("stage", "items", "MB", "busy s", "MB/s", "success", "retries"):
+        stages.add_column(col, justify="right" if col != "stage" else "left")
+    for name, m in result.stages.items():
+        stages.add_row(name, str(m.items), f"{m.bytes / 1e6:.1f}", f"{m.duration_s:.2f}",
+                       f"{m.mb_s:.1f}", f"{m.success_rate:.0%}", str(m.retries))
+    console.print(stages)
+    storage = result.stages["storage"]
+    placement = Table(title="replicas", title_justify="left")
+    placement.add_column("node")
+    placement.add_column("chunks", justify="right")
+    for node, count in (storage.by_node or {}).items():
+        placement.add_row(node, str(count))
+    for cloud, count in (storage.by_cloud or {}).items():
+        placement.add_row(f"[bold]{cloud}[/] (cloud)", str(count))
+    console.print(placement)
+    dist = result.stages["distribution"]
+    console.print(f"cross-cloud transfers: {dist.cross_cloud_transfers}   "
+                  f"replica success: {(dist.replica_success_rate or 0):.1%}   "
+                  f"node failures handled: {result.node_failures_handled}   "
+                  f"down: {', '.join(result.down_nodes) or 'none'}")
+    console.print(f"rows: {result.rows_in} in, {result.rows_stored} stored, "
+                  f"{result.rows_rejected} rejected; {result.chunks_processed} chunks processed, "
+                  f"{result.chunks_skipped} resumed")
+    for reject in (rejects or [])[:10]:
+        console.print(f"  rejected: {reject.get('reason')} - {reject.get('text')!s:.80}")
+
+
+def _rejects(result: PipelineResult, topology: str | None) -> list[dict[str, Any]]:
+    from blocks.topology import load_topology
+    from skyferry.manifest import Catalog
+
+    if result.status != "completed" or not result.batch_id:
+        return []
+    catalog = Catalog(load_topology(topology).catalog_store())
+    manifest = catalog.manifest(result.dataset, result.batch_id)
+    found: list[dict[str, Any]] = []
+    for chunk in manifest.chunks:
+        if chunk.rejects_key:
+            found.extend(catalog.load_rejects(chunk.rejects_key))
+    return found
+
+
+@app.command()
+def run(
+    source: Annotated[str, typer.Argument(help="fsspec URL or local path, optional glob")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="dataset name")],
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    batch_id: Annotated[Optional[str], typer.Option("--batch-id", help="batch id")] = None,
+    format: Annotated[str, typer.Option(help="auto|csv|jsonl|parquet|binary")] = "auto",
+    chunk_size: Annotated[str, typer.Option("--chunk-size", help="e.g. 64MB, 65536")] = "64MiB",
+    replicas: Annotated[int, typer.Option(help="replication factor")] = 3,
+    quorum: Annotated[int, typer.Option(help="write quorum")] = 2,
+    transform: Annotated[Optional[list[str]], typer.Option(help="module:function")] = None,
+    schema: Annotated[Optional[str], typer.Option("--schema", help="schema YAML")] = None,
+    source_cloud: Annotated[Optional[str], typer.Option(help="cloud of a local source")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Run the multicloud-pipeline flow on SOURCE."""
+    _prefect_quiet()
+    try:
+        config = PipelineConfig(
+            source=source, dataset=dataset, topology=topology, batch_id=batch_id,
+            format=format, chunk_size=parse_size(chunk_size), replicas=replicas, quorum=quorum,
+            transforms=transform or [], schema_path=schema, source_cloud=source_cloud,
+        )
+    except ValueError as exc:
+        _fail(exc)
+    from flows.pipeline import run_pipeline
+
+    result = run_pipeline(config)
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        print_summary(result, _rejects(result, topology))
+    if result.status == "failed":
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def export(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    to: Annotated[Path, typer.Option("--to", help="output .parquet, .csv or .jsonl")],
+    batch: Annotated[Optional[str], typer.Option("--batch", help="one batch only")] = None,
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+) -> None:
+    """Read a committed dataset back, verifying every chunk, and write it to a file."""
+    from blocks.topology import load_topology
+    from skyferry.export import export_dataset
+
+    try:
+        report = export_dataset(dataset, to, batch_id=batch, topology=load_topology(topology))
+    except SkyferryError as exc:
+        _fail(exc)
+    console.print(f"exported {report.chunks} chunks ({report.rows} rows, "
+                  f"{report.bytes / 1e6:.1f} MB) of {len(report.batches)} batches to {to}")
+    for line in report.failovers:
+        console.print(f"[yellow]failover[/] {line}")
+
+
+@app.command()
+def nodes(
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+) -> None:
+    """Probe every node and show its cloud, region, health and latency."""
+    from blocks.topology import load_topology
+    from skyferry.pipeline import RunContext, probe_nodes_fn
+    from skyferry.manifest import Catalog
+
+    try:
+        topo = load_topology(topology)
+    except SkyferryError as exc:
+        _fail(exc)
+    ctx = RunContext(config=PipelineConfig(source=".", dataset="probe"), settings=get_settings(),
+                     topology=topo, catalog=Catalog(topo.catalog_store()), schema=None,
+                     transforms=[], source_cloud=topo.source_cloud)
+    latencies = probe_nodes_fn(ctx)
+    table = Table(title="nodes", title_justify="left")
+    for col in ("node", "cloud", "region", "health", "latency ms", "url"):
+        table.add_column(col)
+    for node in topo.nodes:
+        state = ctx.health.states.get(node.name, "healthy")
+        latency = latencies.get(node.name)
+        style = "green" if state == "healthy" else "red"
+        table.add_row(node.name, node.cloud, node.region, f"[{style}]{state}[/]",
+                      "-" if latency is None else f"{latency * 1000:.1f}", node.url)
+    console.print(table)
+    for name, reason in ctx.health.reasons.items():
+        console.print(f"[red]{name}[/]: {reason}")
+
+
+@app.command()
+def gc(
+    grace: Annotated[str, typer.Option(help="grace period in seconds, or 1h/1d")] = "1d",
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+) -> None:
+    """Delete objects no manifest claims that are older than the grace period."""
+    from blocks.topology import load_topology
+    from skyferry.gc import collect_garbage
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    grace_s = float(grace[:-1]) * units[grace[-1]] if grace[-1] in units else float(grace)
+    report = collect_garbage(load_topology(topology), grace_s=grace_s, dry_run=dry_run)
+    console.print(f"scanned {report.scanned}, {'would delete' if dry_run else 'deleted'} "
+                  f"{len(report.deleted)}, kept {report.kept_young} inside the grace period")
+    for line in report.deleted[:20]:
+        console.print(f"  {line}")
+
+
+@app.command()
+def demo(
+    size: Annotated[str, typer.Option(help="size of the synthetic CSV")] = "300MB",
+    chunk_size: Annotated[str, typer.Option("--chunk-size")] = "32MiB",
+    out: Annotated[Optional[Path], typer.Option(help="export the dataset here")] = None,
+) -> None:
+    """Generate a synthetic ML dataset, run it through the pipeline, and show what happened."""
+    _prefect_quiet()
+    from importlib import resources
+
+    from flows.pipeline import run_pipeline
+    from skyferry.demo import generate_dataset
+    from skyferry.export import export_dataset
+
+    settings = get_settings()
+    source = settings.home / "demo" / "source"
+    started = time.perf_counter()
+    files = sorted(source.glob("train-*.csv"))
+    if not files:
+        files = generate_dataset(source, total_bytes=parse_size(size))
+    total = sum(p.stat().st_size for p in files)
+    console.print(f"source: {len(files)} CSV files, {total / 1e6:.0f} MB, in "
+                  f"{time.perf_counter() - started:.1f}s under {source}")
+    schema = resources.files("skyferry").joinpath("schemas/demo.yaml")
+    config = PipelineConfig(source=f"{source}/*.csv", dataset="demo-train",
+                            schema_path=str(schema), chunk_size=parse_size(chunk_size))
+    console.print("running multicloud-pipeline (the first flow starts Prefect's ephemeral API)")
+    result = run_pipeline(config)
+    print_summary(result, _rejects(result, None))
+    if result.status == "up_to_date":
+        console.print("the demo files are already committed (incremental run: nothing new); "
+                      f"delete {settings.home} to run it afresh")
+    if result.status == "failed":
+        raise typer.Exit(code=1)
+    target = out or settings.home / "demo" / "export" / "demo-train.parquet"
+    report = export_dataset("demo-train", target, batch_id=result.batch_id)
+    console.print(f"read back {report.chunks} verified chunks, {report.rows} rows -> {target}")
+    console.print(json.dumps({"status": result.status, "rows_stored": result.rows_stored,
+                              "rows_rejected": result.rows_rejected}))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,143 @@
+"""Typed configuration: the environment settings object and the flow's parameters.
+
+Nothing else in skyferry reads ``os.environ``; it asks :func:`get_settings`.
+
+Examples::
+
+    >>> parse_size("64MB")
+    64000000
+    >>> parse_size("1MiB")
+    1048576
+    >>> PipelineConfig(source="data/*.csv", dataset="train").chunk_size
+    67108864
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "Format",
+    "PipelineConfig",
+    "Settings",
+    "get_settings",
+    "parse_size",
+]
+
+Format = Literal["auto", "csv", "jsonl", "parquet", "binary"]
+DEFAULT_CHUNK_SIZE = 64 * 1024 * 1024
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "KB": 1000,
+    "M": 1000**2,
+    "MB": 1000**2,
+    "G": 1000**3,
+    "GB": 1000**3,
+    "T": 1000**4,
+    "TB": 1000**4,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(value: int | str) -> int:
+    """Parse ``65536``, ``"64MB"`` (decimal) or ``"64MiB"`` (binary) into bytes."""
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_RE.match(value)
+        if not match or match.group(2).upper() not in _UNITS:
+            raise ValueError(f"invalid size {value!r}: use bytes or units like 64MB, 64MiB, 1GB")
+        size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
+
+
+class Settings(BaseSettings):
+    """Environment settings (prefix ``SKYFERRY_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SKYFERRY_", extra="ignore")
+
+    home: Path = Field(
+        default_factory=lambda: Path.home() / ".skyferry",
+        description="Data directory: catalog, staging and the default nodes' folders.",
+    )
+    max_workers: int = Field(default=4, ge=1, description="Task runner threads.")
+    max_in_flight: int = Field(
+        default=4, ge=1, description="Chunks in flight at once; bounds memory."
+    )
+    retry_delays: list[float] = Field(
+        default=[1.0, 4.0, 16.0], description="Backoff between retries of I/O tasks."
+    )
+    probe_timeout_s: float = Field(default=5.0, gt=0, description="Node probe timeout.")
+
+    @property
+    def catalog_url(self) -> str:
+        return str(self.home / "catalog")
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.home / "staging"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class PipelineConfig(BaseModel):
+    """Parameters of one run of ``multicloud-pipeline``."""
+
+    source: str = Field(..., description="fsspec URL or local path, with an optional glob.")
+    dataset: str = Field(..., description="Dataset name; the first level of the layout.")
+    topology: str | None = Field(
+        default=None, description="Topology YAML file; the embedded default when unset."
+    )
+    batch_id: str | None = Field(
+        default=None, description="Batch id; derived from the source listing when unset."
+    )
+    format: Format = Field(default="auto", description="Input format; auto uses extensions.")
+    chunk_size: Size = Field(default=DEFAULT_CHUNK_SIZE, description="Target chunk size.")
+    replicas: int = Field(default=3, ge=1, description="Replication factor.")
+    quorum: int = Field(default=2, ge=1, description="Verified replicas a chunk needs.")
+    transforms: list[str] = Field(
+        default_factory=list, description="DataFrame -> DataFrame functions, module:function."
+    )
+    schema_path: str | None = Field(default=None, description="Schema YAML file.")
+    source_cloud: str | None = Field(
+        default=None, description="Cloud of a local source; inferred from the URL otherwise."
+    )
+    source_options: dict[str, object] = Field(
+        default_factory=dict, description="fsspec storage options for the source."
+    )
+
+    @field_validator("transforms")
+    @classmethod
+    def _check_transforms(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if ":" not in item:
+                raise ValueError(f"transform {item!r} must be module:function")
+        return value
+
+    @model_validator(mode="after")
+    def _check_quorum(self) -> PipelineConfig:
+        if self.quorum > self.replicas:
+            raise ValueError(f"quorum {self.quorum} exceeds replicas {self.replicas}")
+        return self

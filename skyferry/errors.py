@@ -1,0 +1,205 @@
+"""skyferry's exceptions.
+
+Every error names the thing that failed and the place it failed. Context is carried as
+keyword-only attributes so callers (and retry conditions) never parse messages.
+
+    SkyferryError
+    ├── ConfigError ................................ TerminalException
+    │   ├── TopologyError            (invalid topology file or block)
+    │   ├── SchemaError              (invalid schema, or data missing a schema column)
+    │   └── TransformError           (a transform that cannot be imported or fails)
+    ├── SourceError ................................ TerminalException
+    │   ├── SourceNotFoundError      (the source URL does not exist)
+    │   ├── EmptySourceError         (the source matches no files)
+    │   ├── ZeroByteFileError        (a source file holds no bytes)
+    │   ├── FormatError              (a file is not in the declared format)
+    │   └── SourceChangedError       (bytes changed between ingest and processing)
+    ├── UnsafeKeyError (ValueError) ................ TerminalException
+    ├── StorageError (OSError)
+    │   ├── ObjectNotFoundError (FileNotFoundError)  TerminalException
+    │   ├── AccessDeniedError (PermissionError) .... TerminalException
+    │   ├── NodeUnavailableError ................... TransientException
+    │   └── ReplicaVerificationError ............... TransientException
+    ├── PlacementError
+    │   ├── InsufficientNodesError   (fewer healthy nodes than the quorum) TerminalException
+    │   └── QuorumNotMetError        (a chunk could not reach W verified replicas) TransientException
+    ├── IntegrityError               (no healthy replica of a chunk is left) TerminalException
+    ├── BatchNotFoundError           (no committed manifest for a dataset/batch)
+    └── StageError                   (wraps any of the above with the stage and batch)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDeniedError",
+    "BatchNotFoundError",
+    "ConfigError",
+    "EmptySourceError",
+    "FormatError",
+    "InsufficientNodesError",
+    "IntegrityError",
+    "NodeUnavailableError",
+    "ObjectNotFoundError",
+    "PlacementError",
+    "QuorumNotMetError",
+    "ReplicaVerificationError",
+    "SchemaError",
+    "SkyferryError",
+    "SourceChangedError",
+    "SourceError",
+    "SourceNotFoundError",
+    "StageError",
+    "StorageError",
+    "TerminalException",
+    "TopologyError",
+    "TransformError",
+    "TransientException",
+    "UnsafeKeyError",
+    "ZeroByteFileError",
+    "is_transient",
+]
+
+
+class TerminalException(Exception):
+    """Marker: retrying will not help."""
+
+
+class TransientException(Exception):
+    """Marker: the same call may succeed if retried."""
+
+
+class SkyferryError(Exception):
+    """Base of every skyferry error."""
+
+
+class ConfigError(SkyferryError, TerminalException):
+    def __init__(self, message: str, *, source: str | None = None) -> None:
+        super().__init__(message)
+        self.source = source
+
+
+class TopologyError(ConfigError):
+    pass
+
+
+class SchemaError(ConfigError):
+    pass
+
+
+class TransformError(ConfigError):
+    def __init__(self, message: str, *, transform: str, source: str | None = None) -> None:
+        super().__init__(message, source=source)
+        self.transform = transform
+
+
+class SourceError(SkyferryError, TerminalException):
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class SourceNotFoundError(SourceError, FileNotFoundError):
+    pass
+
+
+class EmptySourceError(SourceError):
+    pass
+
+
+class ZeroByteFileError(SourceError):
+    pass
+
+
+class FormatError(SourceError):
+    def __init__(self, message: str, *, url: str, fmt: str) -> None:
+        super().__init__(message, url=url)
+        self.fmt = fmt
+
+
+class SourceChangedError(SourceError):
+    pass
+
+
+class UnsafeKeyError(SkyferryError, ValueError, TerminalException):
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class StorageError(SkyferryError, OSError):
+    def __init__(self, message: str, *, node: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+        self.key = key
+
+    def __str__(self) -> str:  # OSError.__str__ would print errno tuples
+        return str(self.args[0]) if self.args else ""
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError, TerminalException):
+    pass
+
+
+class AccessDeniedError(StorageError, PermissionError, TerminalException):
+    pass
+
+
+class NodeUnavailableError(StorageError, TransientException):
+    pass
+
+
+class ReplicaVerificationError(StorageError, TransientException):
+    pass
+
+
+class PlacementError(SkyferryError):
+    pass
+
+
+class InsufficientNodesError(PlacementError, TerminalException):
+    def __init__(self, message: str, *, healthy: int, required: int) -> None:
+        super().__init__(message)
+        self.healthy = healthy
+        self.required = required
+
+
+class QuorumNotMetError(PlacementError, TransientException):
+    def __init__(self, message: str, *, chunk: int, verified: int, quorum: int) -> None:
+        super().__init__(message)
+        self.chunk = chunk
+        self.verified = verified
+        self.quorum = quorum
+
+
+class IntegrityError(SkyferryError, TerminalException):
+    def __init__(self, message: str, *, dataset: str, batch_id: str, chunk: int) -> None:
+        super().__init__(message)
+        self.dataset = dataset
+        self.batch_id = batch_id
+        self.chunk = chunk
+
+
+class BatchNotFoundError(SkyferryError, LookupError, TerminalException):
+    def __init__(self, message: str, *, dataset: str, batch_id: str | None = None) -> None:
+        super().__init__(message)
+        self.dataset = dataset
+        self.batch_id = batch_id
+
+
+class StageError(SkyferryError):
+    """A failure inside a stage, naming the stage and the batch. The cause is chained."""
+
+    def __init__(self, message: str, *, stage: str, batch_id: str, dataset: str) -> None:
+        super().__init__(f"stage {stage} failed for {dataset}/batch={batch_id}: {message}")
+        self.stage = stage
+        self.batch_id = batch_id
+        self.dataset = dataset
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the same call may succeed."""
+    if isinstance(exc, TerminalException):
+        return False
+    if isinstance(exc, TransientException):
+        return True
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError))

@@ -1,0 +1,155 @@
+"""Read a committed dataset back the way a training job would.
+
+Each chunk is read from a healthy replica and checked against its hash; a missing or
+corrupt replica fails over to the next. Only chunks that a committed manifest lists are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from blocks.topology import Topology, load_topology
+from skyferry.errors import IntegrityError, StorageError, TopologyError
+from skyferry.manifest import Catalog, Manifest
+from skyferry.models import StoredChunk
+from skyferry.storage import Store
+
+__all__ = ["ExportReport", "DatasetReader", "export_dataset"]
+
+logger = logging.getLogger("skyferry.export")
+
+
+@dataclass
+class ExportReport:
+    batches: list[str] = field(default_factory=list)
+    chunks: int = 0
+    rows: int = 0
+    bytes: int = 0
+    failovers: list[str] = field(default_factory=list)
+
+
+class DatasetReader:
+    """Iterates a dataset's committed chunks as verified bytes or Arrow tables."""
+
+    def __init__(self, dataset: str, *, topology: Topology | None = None,
+                 batch_id: str | None = None) -> None:
+        self.dataset = dataset
+        self.topology = topology or load_topology()
+        self.catalog = Catalog(self.topology.catalog_store())
+        self.batch_id = batch_id
+        self.report = ExportReport()
+        self._stores: dict[str, Store] = {}
+
+    def manifests(self) -> list[Manifest]:
+        if self.batch_id is not None:
+            return [self.catalog.manifest(self.dataset, self.batch_id)]
+        manifests = self.catalog.manifests(self.dataset)
+        if not manifests:
+            self.catalog.manifest(self.dataset)  # raises BatchNotFoundError
+        return manifests
+
+    def _store(self, node: str) -> Store:
+        if node not in self._stores:
+            self._stores[node] = self.topology.node(node).store()
+        return self._stores[node]
+
+    def chunk_bytes(self, manifest: Manifest, chunk: StoredChunk) -> bytes:
+        """The chunk's bytes from the first replica whose hash matches."""
+        problems = []
+        for replica in chunk.verified:
+            try:
+                data = self._store(replica.node).get(chunk.key)
+            except (StorageError, TopologyError) as exc:
+                problems.append(f"{replica.node}: {exc}")
+                continue
+            if len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256:
+                if problems:
+                    self.report.failovers.append(
+                        f"chunk {chunk.index}: {'; '.join(problems)} -> read {replica.node}")
+                    logger.warning("chunk %d failed over to %s (%s)", chunk.index,
+                                   replica.node, "; ".join(problems))
+                return data
+            problems.append(f"{replica.node}: hash mismatch (replica corrupt)")
+        raise IntegrityError(
+            f"no healthy replica of chunk {chunk.index} of {manifest.dataset}/batch="
+            f"{manifest.batch_id}: {'; '.join(problems) or 'no verified replicas'}",
+            dataset=manifest.dataset, batch_id=manifest.batch_id, chunk=chunk.index)
+
+    def iter_chunks(self) -> Iterator[tuple[Manifest, StoredChunk, bytes]]:
+        for manifest in self.manifests():
+            self.report.batches.append(manifest.batch_id)
+            for chunk in manifest.chunks:
+                data = self.chunk_bytes(manifest, chunk)
+                self.report.chunks += 1
+                self.report.bytes += len(data)
+                yield manifest, chunk, data
+
+    def iter_tables(self) -> Iterator[pa.Table]:
+        for _, chunk, data in self.iter_chunks():
+            if chunk.format == "binary":
+                raise TypeError(f"dataset {self.dataset} holds binary chunks; use iter_files")
+            table = pq.read_table(io.BytesIO(data))
+            self.report.rows += table.num_rows
+            yield table
+
+    def read_table(self) -> pa.Table:
+        tables = list(self.iter_tables())
+        return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _export_binary(reader: DatasetReader, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    opened: dict[str, object] = {}
+    for _, chunk, data in reader.iter_chunks():
+        offset = 0
+        for part in chunk.parts:
+            name = part.source.rstrip("/").rsplit("/", 1)[-1]
+            mode = "r+b" if name in opened else "wb"
+            with open(target / name, mode) as fh:
+                fh.seek(part.start)
+                fh.write(data[offset:offset + part.size])
+            opened[name] = True
+            offset += part.size
+
+
+def export_dataset(dataset: str, to: str | Path, *, batch_id: str | None = None,
+                   topology: Topology | None = None) -> ExportReport:
+    """Write the dataset to ``to``: Parquet, or CSV/JSONL by extension (a folder for binary)."""
+    reader = DatasetReader(dataset, topology=topology, batch_id=batch_id)
+    target = Path(to)
+    manifests = reader.manifests()
+    if manifests and manifests[0].chunks and manifests[0].chunks[0].format == "binary":
+        _export_binary(reader, target)
+        return reader.report
+    suffix = target.suffix.lower()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial")
+    schema: pa.Schema | None = None
+    writer: pq.ParquetWriter | pacsv.CSVWriter | None = None
+    with open(tmp, "wb") as sink:
+        for table in reader.iter_tables():
+            if schema is None:
+                schema = table.schema
+                if suffix == ".csv":
+                    writer = pacsv.CSVWriter(sink, schema)
+                elif suffix not in (".jsonl", ".ndjson", ".json"):
+                    writer = pq.ParquetWriter(sink, schema, compression="zstd")
+            table = table.select(schema.names).cast(schema)
+            if writer is None:
+                text = table.to_pandas().to_json(orient="records", lines=True)
+                sink.write(text.encode() + (b"" if text.endswith("\n") else b"\n"))
+            else:
+                writer.write_table(table)
+        if writer is not None:
+            writer.close()
+    tmp.replace(target)
+    return reader.report

@@ -1,0 +1,209 @@
+"""Store: batch plans, the pending journal, and the manifest that commits a batch.
+
+The catalog layout (all keys relative to the catalog store)::
+
+    manifests/<dataset>/date=<YYYY-MM-DD>/batch=<id>.json   # committed: the commit point
+    pending/<dataset>/batch=<id>/plan.json                  # a batch in progress
+    pending/<dataset>/batch=<id>/chunk-<n>.json             # a chunk whose replicas verified
+    rejects/<dataset>/batch=<id>/chunk-<n>.jsonl            # rejected rows with reasons
+
+Data objects on nodes live at ``<dataset>/date=<date>/batch=<id>/chunk-<n>.<ext>``.
+A reader trusts only what a committed manifest lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from skyferry.errors import BatchNotFoundError, ObjectNotFoundError
+from skyferry.models import ChunkPlan, SourceFile, StoredChunk
+from skyferry.storage import Store, safe_key
+
+__all__ = ["BatchPlan", "Catalog", "Lineage", "Manifest", "chunk_key"]
+
+logger = logging.getLogger("skyferry.store")
+
+MANIFEST_VERSION = 1
+
+
+def chunk_key(dataset: str, date: str, batch_id: str, index: int, fmt: str) -> str:
+    ext = "bin" if fmt == "binary" else "parquet"
+    return safe_key(dataset, f"date={date}", f"batch={batch_id}", f"chunk-{index:05d}.{ext}")
+
+
+class Lineage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    sources: list[SourceFile]
+    code_version: str
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    transforms: list[str]
+    format: str
+    chunk_size: int
+
+
+class BatchPlan(BaseModel):
+    """Everything decided before any byte moves; journaled so a re-run resumes it."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    dataset: str
+    batch_id: str
+    partition_date: str
+    created_at: str
+    replicas: int
+    quorum: int
+    source_cloud: str
+    lineage: Lineage
+    chunks: list[ChunkPlan]
+
+    @property
+    def fingerprint(self) -> str:
+        body = self.model_dump_json(exclude={"created_at", "partition_date"}, by_alias=True)
+        return hashlib.sha256(body.encode()).hexdigest()
+
+    def key(self, chunk: ChunkPlan) -> str:
+        return chunk_key(self.dataset, self.partition_date, self.batch_id, chunk.index,
+                         chunk.format)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    version: int = MANIFEST_VERSION
+    dataset: str
+    batch_id: str
+    partition_date: str
+    created_at: str
+    replication_factor: int
+    write_quorum: int
+    chunks: list[StoredChunk]
+    lineage: Lineage
+    rows_in: int
+    rows_stored: int
+    rows_rejected: int
+    bytes_stored: int
+
+    @classmethod
+    def from_plan(cls, plan: BatchPlan, chunks: list[StoredChunk]) -> Manifest:
+        ordered = sorted(chunks, key=lambda c: c.index)
+        return cls(
+            dataset=plan.dataset,
+            batch_id=plan.batch_id,
+            partition_date=plan.partition_date,
+            created_at=plan.created_at,
+            replication_factor=plan.replicas,
+            write_quorum=plan.quorum,
+            chunks=ordered,
+            lineage=plan.lineage,
+            rows_in=sum(c.rows_in for c in ordered),
+            rows_stored=sum(c.rows_out for c in ordered),
+            rows_rejected=sum(c.rows_rejected for c in ordered),
+            bytes_stored=sum(c.size for c in ordered),
+        )
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=1, by_alias=True).encode()
+
+
+class Catalog:
+    """Manifests, the pending journal and rejects, on the catalog store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # committed manifests -------------------------------------------------------------
+    def manifest_key(self, dataset: str, date: str, batch_id: str) -> str:
+        return safe_key("manifests", dataset, f"date={date}", f"batch={batch_id}.json")
+
+    def commit(self, manifest: Manifest) -> str:
+        """Write the manifest atomically: from here on the batch is visible."""
+        key = self.manifest_key(manifest.dataset, manifest.partition_date, manifest.batch_id)
+        self.store.put(key, manifest.to_json())
+        logger.info("committed %s (%d chunks)", key, len(manifest.chunks))
+        return key
+
+    def manifests(self, dataset: str) -> list[Manifest]:
+        """Every committed manifest of ``dataset``, oldest first."""
+        found = []
+        for info in self.store.list(safe_key("manifests", dataset)):
+            if info.key.endswith(".json") and "/batch=" in info.key:
+                found.append(Manifest.model_validate_json(self.store.get(info.key)))
+        return sorted(found, key=lambda m: (m.created_at, m.batch_id))
+
+    def manifest(self, dataset: str, batch_id: str | None = None) -> Manifest:
+        manifests = self.manifests(dataset)
+        if batch_id is not None:
+            manifests = [m for m in manifests if m.batch_id == batch_id]
+        if not manifests:
+            what = f"batch {batch_id} of dataset {dataset!r}" if batch_id else f"dataset {dataset!r}"
+            raise BatchNotFoundError(f"no committed manifest for {what} in {self.store.url}",
+                                     dataset=dataset, batch_id=batch_id)
+        return manifests[-1]
+
+    def committed_sources(self, dataset: str) -> set[tuple[str, int, str]]:
+        return {(s.url, s.size, s.fingerprint) for m in self.manifests(dataset)
+                for s in m.lineage.sources}
+
+    def datasets(self) -> list[str]:
+        names = set()
+        for info in self.store.list("manifests"):
+            parts = info.key.split("/")
+            if len(parts) > 2:
+                names.add(parts[1])
+        return sorted(names)
+
+    # the pending journal ------------------------------------------------------------------
+    def _pending(self, dataset: str, batch_id: str, name: str) -> str:
+        return safe_key("pending", dataset, f"batch={batch_id}", name)
+
+    def save_plan(self, plan: BatchPlan) -> None:
+        self.store.put(self._pending(plan.dataset, plan.batch_id, "plan.json"),
+                       plan.model_dump_json(by_alias=True).encode())
+
+    def load_plan(self, dataset: str, batch_id: str) -> BatchPlan | None:
+        try:
+            raw = self.store.get(self._pending(dataset, batch_id, "plan.json"))
+        except ObjectNotFoundError:
+            return None
+        return BatchPlan.model_validate_json(raw)
+
+    def record_chunk(self, plan: BatchPlan, chunk: StoredChunk) -> None:
+        self.store.put(self._pending(plan.dataset, plan.batch_id, f"chunk-{chunk.index:05d}.json"),
+                       chunk.model_dump_json().encode())
+
+    def done_chunks(self, dataset: str, batch_id: str) -> dict[int, StoredChunk]:
+        done = {}
+        prefix = safe_key("pending", dataset, f"batch={batch_id}")
+        for info in self.store.list(prefix):
+            if info.key.rsplit("/", 1)[-1].startswith("chunk-"):
+                chunk = StoredChunk.model_validate_json(self.store.get(info.key))
+                done[chunk.index] = chunk
+        return done
+
+    def drop_pending(self, dataset: str, batch_id: str) -> None:
+        for info in list(self.store.list(safe_key("pending", dataset, f"batch={batch_id}"))):
+            self.store.delete(info.key)
+
+    def pending_plans(self) -> list[tuple[BatchPlan, float | None]]:
+        plans = []
+        for info in self.store.list("pending"):
+            if info.key.endswith("/plan.json"):
+                plans.append((BatchPlan.model_validate_json(self.store.get(info.key)), info.mtime))
+        return plans
+
+    # rejects ------------------------------------------------------------------------------
+    def rejects_key(self, dataset: str, batch_id: str, index: int) -> str:
+        return safe_key("rejects", dataset, f"batch={batch_id}", f"chunk-{index:05d}.jsonl")
+
+    def save_rejects(self, key: str, rejects: list[dict[str, Any]]) -> None:
+        body = "".join(json.dumps(r, default=str) + "\n" for r in rejects)
+        self.store.put(key, body.encode())
+
+    def load_rejects(self, key: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.store.get(key).decode().splitlines() if line]

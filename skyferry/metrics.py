@@ -1,0 +1,88 @@
+"""Per-stage metrics and the flow's result."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+__all__ = ["PipelineResult", "StageMetrics", "StageRecorder", "STAGES"]
+
+STAGES = ("ingestion", "processing", "distribution", "storage")
+Status = Literal["completed", "failed", "up_to_date", "already_committed"]
+
+
+class StageMetrics(BaseModel):
+    items: int = 0
+    failed_items: int = 0
+    bytes: int = 0
+    duration_s: float = Field(0.0, description="Summed busy time of the stage's tasks")
+    mb_s: float = 0.0
+    success_rate: float = 1.0
+    retries: int = 0
+    # distribution
+    replica_success_rate: float | None = None
+    cross_cloud_transfers: int | None = None
+    node_failures_handled: int | None = None
+    # storage
+    by_cloud: dict[str, int] | None = None
+    by_node: dict[str, int] | None = None
+
+
+class PipelineResult(BaseModel):
+    status: Status
+    dataset: str
+    batch_id: str | None = None
+    manifest_key: str | None = None
+    duration_s: float = 0.0
+    chunks_processed: int = 0
+    chunks_skipped: int = 0
+    rows_in: int = 0
+    rows_stored: int = 0
+    rows_rejected: int = 0
+    bytes_in: int = 0
+    bytes_stored: int = 0
+    stages: dict[str, StageMetrics] = Field(default_factory=dict)
+    node_failures_handled: int = 0
+    down_nodes: list[str] = Field(default_factory=list)
+    error: str | None = None
+    error_stage: str | None = None
+
+
+@dataclass
+class _Acc:
+    items: int = 0
+    failed: int = 0
+    bytes: int = 0
+    busy: float = 0.0
+    retries: int = 0
+
+
+@dataclass
+class StageRecorder:
+    """Thread-safe accumulator the flow feeds as tasks finish."""
+
+    acc: dict[str, _Acc] = field(default_factory=lambda: {s: _Acc() for s in STAGES})
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, stage: str, *, nbytes: int, seconds: float, attempts: int = 1,
+               ok: bool = True) -> None:
+        with self._lock:
+            a = self.acc[stage]
+            a.items += 1
+            a.failed += 0 if ok else 1
+            a.bytes += nbytes
+            a.busy += seconds
+            a.retries += max(0, attempts - 1)
+
+    def metrics(self) -> dict[str, StageMetrics]:
+        out = {}
+        for stage, a in self.acc.items():
+            rate = (a.items - a.failed) / a.items if a.items else 1.0
+            mb_s = a.bytes / 1e6 / a.busy if a.busy > 0 else 0.0
+            out[stage] = StageMetrics(items=a.items, failed_items=a.failed, bytes=a.bytes,
+                                      duration_s=round(a.busy, 4), mb_s=round(mb_s, 2),
+                                      success_rate=round(rate, 4), retries=a.retries)
+        return out

@@ -1,0 +1,105 @@
+"""Small records that stages hand to each other. They are references, never DataFrames."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ChunkPart",
+    "ChunkPlan",
+    "IngestedChunk",
+    "ProcessedChunk",
+    "ReplicaRecord",
+    "ReplicaState",
+    "SourceFile",
+    "StoredChunk",
+]
+
+ReplicaState = Literal["verified", "hinted"]
+ChunkFormat = Literal["csv", "jsonl", "parquet", "binary"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SourceFile(_Record):
+    url: str
+    size: int
+    fingerprint: str = Field(..., description="etag, or mtime when the store has no etag")
+
+
+class ChunkPart(_Record):
+    """A record-aligned byte range of one source file."""
+
+    source: str
+    start: int
+    end: int
+    header_end: int = Field(0, description="CSV: length of the file's header line(s)")
+    row_groups: tuple[int, ...] = Field((), description="Parquet: row groups in the range")
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+class ChunkPlan(_Record):
+    index: int
+    format: ChunkFormat
+    parts: tuple[ChunkPart, ...]
+    nodes: tuple[str, ...] = Field((), description="Planned replica nodes, best first")
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.parts)
+
+
+class IngestedChunk(_Record):
+    plan: ChunkPlan
+    source_sha256: str
+    bytes_read: int
+    attempts: int = 1
+
+
+class ProcessedChunk(_Record):
+    """Where the processed bytes are (a staged file, or the source ranges for binary)."""
+
+    plan: ChunkPlan
+    source_sha256: str
+    sha256: str
+    size: int
+    staged_path: str | None
+    rows_in: int
+    rows_out: int
+    rows_rejected: int
+    rejects_key: str | None = None
+    attempts: int = 1
+
+
+class ReplicaRecord(_Record):
+    node: str
+    cloud: str
+    state: ReplicaState
+
+
+class StoredChunk(_Record):
+    index: int
+    key: str
+    format: ChunkFormat
+    sha256: str
+    size: int
+    source_sha256: str
+    rows_in: int
+    rows_out: int
+    rows_rejected: int
+    rejects_key: str | None
+    parts: tuple[ChunkPart, ...]
+    replicas: tuple[ReplicaRecord, ...]
+    node_failures: int = 0
+    attempts: int = 1
+
+    @property
+    def verified(self) -> list[ReplicaRecord]:
+        return [r for r in self.replicas if r.state == "verified"]

@@ -1,0 +1,334 @@
+"""The per-run context and the plain functions behind each stage's tasks.
+
+Tasks in ``tasks/`` are thin wrappers over these; they can be tested without Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from blocks.topology import Topology, load_topology
+from skyferry import __version__
+from skyferry.config import PipelineConfig, Settings, get_settings
+from skyferry.errors import (
+    ReplicaVerificationError,
+    SourceChangedError,
+    UnsafeKeyError,
+)
+from skyferry.ingest import iter_part_bytes, plan_chunks, read_chunk_hash, read_range
+from skyferry.listing import list_source, source_cloud
+from skyferry.manifest import BatchPlan, Catalog, Lineage, Manifest
+from skyferry.metrics import PipelineResult, StageRecorder
+from skyferry.models import ChunkPlan, IngestedChunk, ProcessedChunk, SourceFile, StoredChunk
+from skyferry.placement import NodeHealth, Placer
+from skyferry.processing import Transform, load_transforms, process_parts
+from skyferry.replication import ReplicaWriter
+from skyferry.schema import Schema, load_schema
+from skyferry.storage import safe_key
+
+__all__ = [
+    "RunContext",
+    "build_context",
+    "build_plan",
+    "distribute_chunk_fn",
+    "ingest_chunk_fn",
+    "journal_chunk_fn",
+    "new_source_files",
+    "probe_nodes_fn",
+    "process_chunk_fn",
+    "summarize",
+]
+
+logger = logging.getLogger("skyferry.pipeline")
+
+
+@dataclass
+class RunContext:
+    """What every task of one run shares. Lives in the flow's process; never serialized."""
+
+    config: PipelineConfig
+    settings: Settings
+    topology: Topology
+    catalog: Catalog
+    schema: Schema | None
+    transforms: list[tuple[str, Transform]]
+    source_cloud: str
+    health: NodeHealth = field(default_factory=NodeHealth)
+    recorder: StageRecorder = field(default_factory=StageRecorder)
+    plan: BatchPlan | None = None
+    placer: Placer | None = None
+    writer: ReplicaWriter | None = None
+
+    def __hash__(self) -> int:  # tasks may hash their inputs; identity is enough
+        return id(self)
+
+    def staging_path(self, chunk: ChunkPlan) -> Path:
+        assert self.plan is not None
+        key = safe_key(self.plan.dataset, f"batch={self.plan.batch_id}",
+                       f"chunk-{chunk.index:05d}.parquet")
+        return self.settings.staging_dir / key
+
+
+def build_context(config: PipelineConfig, settings: Settings | None = None) -> RunContext:
+    """Load and check the topology, schema and transforms; raises typed config errors."""
+    settings = settings or get_settings()
+    safe_key(config.dataset)  # a dataset name is the first level of every key
+    if "/" in config.dataset:
+        raise UnsafeKeyError(f"dataset name {config.dataset!r} must not contain '/'",
+                             key=config.dataset)
+    if config.batch_id is not None:
+        safe_key(f"batch={config.batch_id}")
+        if "/" in config.batch_id:
+            raise UnsafeKeyError(f"batch id {config.batch_id!r} must not contain '/'",
+                                 key=config.batch_id)
+    topology = load_topology(config.topology)
+    schema = load_schema(config.schema_path) if config.schema_path else None
+    cloud = config.source_cloud or source_cloud(config.source, topology.source_cloud)
+    return RunContext(
+        config=config,
+        settings=settings,
+        topology=topology,
+        catalog=Catalog(topology.catalog_store()),
+        schema=schema,
+        transforms=load_transforms(config.transforms),
+        source_cloud=cloud,
+    )
+
+
+def probe_nodes_fn(ctx: RunContext) -> dict[str, float | None]:
+    """Write/read/delete a sentinel on every node with a timeout; mark health."""
+    timeout = ctx.settings.probe_timeout_s
+    latencies: dict[str, float | None] = {}
+    nodes = list(ctx.topology.nodes)
+    pool = ThreadPoolExecutor(max_workers=max(1, len(nodes)))
+    futures = {n.name: pool.submit(n.store().probe) for n in nodes if n.enabled}
+    for node in nodes:
+        if not node.enabled:
+            ctx.health.mark(node.name, "down", "disabled in the topology")
+            latencies[node.name] = None
+            continue
+        try:
+            latency = futures[node.name].result(timeout=timeout)
+        except FutureTimeout:
+            ctx.health.mark(node.name, "down", f"probe timed out after {timeout}s")
+            latencies[node.name] = None
+            continue
+        except Exception as exc:
+            ctx.health.mark(node.name, "down", f"probe failed: {exc}")
+            latencies[node.name] = None
+            continue
+        ctx.health.mark(node.name, "healthy")
+        ctx.health.latency_s[node.name] = latency
+        latencies[node.name] = latency
+    pool.shutdown(wait=False, cancel_futures=True)
+    return latencies
+
+
+def new_source_files(ctx: RunContext) -> list[SourceFile]:
+    """List the source and keep files that are new or changed since the last commit."""
+    files = list_source(ctx.config.source, ctx.config.source_options)
+    committed = ctx.catalog.committed_sources(ctx.config.dataset)
+    fresh = [f for f in files if (f.url, f.size, f.fingerprint) not in committed]
+    logger.info("%d of %d source files are new or changed", len(fresh), len(files))
+    return fresh
+
+
+def _plan_fingerprint(plan: BatchPlan) -> str:
+    body = plan.model_dump(mode="json", by_alias=True,
+                           exclude={"created_at", "partition_date", "batch_id"})
+    for chunk in body["chunks"]:
+        chunk.pop("nodes", None)
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def build_plan(ctx: RunContext, files: list[SourceFile]) -> tuple[BatchPlan, bool]:
+    """Plan the batch's chunks and replica placement, or resume a journaled plan.
+
+    Returns the plan and whether it was resumed.
+    """
+    config = ctx.config
+    chunks = plan_chunks(files, config.format, config.chunk_size, config.source_options)
+    now = datetime.now(UTC)
+    draft = BatchPlan(
+        dataset=config.dataset,
+        batch_id=config.batch_id or "pending",
+        partition_date=now.strftime("%Y-%m-%d"),
+        created_at=now.isoformat(timespec="seconds"),
+        replicas=config.replicas,
+        quorum=config.quorum,
+        source_cloud=ctx.source_cloud,
+        lineage=Lineage(
+            sources=files,
+            code_version=__version__,
+            schema=ctx.schema.model_dump() if ctx.schema else None,
+            transforms=list(config.transforms),
+            format=config.format,
+            chunk_size=config.chunk_size,
+        ),
+        chunks=chunks,
+    )
+    fingerprint = _plan_fingerprint(draft)
+    batch_id = config.batch_id or fingerprint[:16]
+    ctx.placer = Placer(ctx.topology, ctx.source_cloud, ctx.topology.source_region
+                        if ctx.source_cloud == ctx.topology.source_cloud else None,
+                        config.replicas)
+    pending = ctx.catalog.load_plan(config.dataset, batch_id)
+    if pending is not None and _plan_fingerprint(pending) == fingerprint:
+        logger.info("resuming batch %s of %s", batch_id, config.dataset)
+        plan, resumed = pending, True
+        for chunk in plan.chunks:  # restore the byte load the original placement made
+            for name in chunk.nodes:
+                ctx.placer.load[name] = ctx.placer.load.get(name, 0) + chunk.size
+    else:
+        if pending is not None:
+            logger.warning("batch %s had a different plan; starting it again", batch_id)
+            ctx.catalog.drop_pending(config.dataset, batch_id)
+        nodes = ctx.placer.plan([c.size for c in chunks], ctx.health, config.quorum)
+        placed = [c.model_copy(update={"nodes": tuple(n)}) for c, n in zip(chunks, nodes,
+                                                                            strict=True)]
+        plan = draft.model_copy(update={"batch_id": batch_id, "chunks": placed})
+        ctx.catalog.save_plan(plan)
+        resumed = False
+    ctx.plan = plan
+    ctx.writer = ReplicaWriter(ctx.topology, ctx.health, ctx.placer, ctx.source_cloud)
+    return plan, resumed
+
+
+def ingest_chunk_fn(chunk: ChunkPlan, ctx: RunContext) -> IngestedChunk:
+    digest = read_chunk_hash(chunk, ctx.config.source_options)
+    return IngestedChunk(plan=chunk, source_sha256=digest, bytes_read=chunk.size)
+
+
+def process_chunk_fn(ingested: IngestedChunk, ctx: RunContext) -> ProcessedChunk:
+    chunk, plan = ingested.plan, ctx.plan
+    assert plan is not None
+    if chunk.format == "binary":
+        return ProcessedChunk(plan=chunk, source_sha256=ingested.source_sha256,
+                              sha256=ingested.source_sha256, size=chunk.size, staged_path=None,
+                              rows_in=0, rows_out=0, rows_rejected=0)
+    options = ctx.config.source_options
+    digest = hashlib.sha256()
+    parts = []
+    for part, data in iter_part_bytes(chunk, options):
+        digest.update(data)
+        header = b""
+        if part.start > 0 and part.header_end:
+            header = read_range(part.source, 0, part.header_end, options)
+        parts.append((part, data, header))
+    if digest.hexdigest() != ingested.source_sha256:
+        raise SourceChangedError(
+            f"chunk {chunk.index} of {chunk.parts[0].source} changed since ingest",
+            url=chunk.parts[0].source)
+    where = f"chunk {chunk.index} ({chunk.parts[0].source})"
+    buffer, out = process_parts(parts, chunk.format, ctx.schema, ctx.transforms, where, options)
+    del parts
+    rejects_key = None
+    if out.rejects:
+        rejects_key = ctx.catalog.rejects_key(plan.dataset, plan.batch_id, chunk.index)
+        ctx.catalog.save_rejects(rejects_key, out.rejects)
+    path = ctx.staging_path(chunk)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(buffer)
+    return ProcessedChunk(
+        plan=chunk, source_sha256=ingested.source_sha256,
+        sha256=hashlib.sha256(buffer).hexdigest(), size=buffer.size, staged_path=str(path),
+        rows_in=out.rows_in, rows_out=out.table.num_rows, rows_rejected=out.rows_rejected,
+        rejects_key=rejects_key,
+    )
+
+
+def _processed_bytes(processed: ProcessedChunk, ctx: RunContext) -> bytes:
+    if processed.staged_path is not None:
+        return Path(processed.staged_path).read_bytes()
+    pieces = [data for _, data in iter_part_bytes(processed.plan, ctx.config.source_options)]
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def distribute_chunk_fn(processed: ProcessedChunk, ctx: RunContext) -> StoredChunk:
+    """Write the chunk's replicas concurrently and verify them; W of them must verify."""
+    plan, writer = ctx.plan, ctx.writer
+    assert plan is not None and writer is not None
+    chunk = processed.plan
+    data = _processed_bytes(processed, ctx)
+    if hashlib.sha256(data).hexdigest() != processed.sha256:
+        if processed.staged_path is None:
+            raise SourceChangedError(f"chunk {chunk.index} source bytes changed before "
+                                     "distribution", url=chunk.parts[0].source)
+        raise ReplicaVerificationError(f"staged chunk {processed.staged_path} is corrupt",
+                                       node="staging", key=processed.staged_path)
+    key = plan.key(chunk)
+    outcome = writer.write(chunk.index, key, data, processed.sha256, list(chunk.nodes),
+                           plan.quorum)
+    stored = StoredChunk(
+        index=chunk.index, key=key, format=chunk.format, sha256=processed.sha256,
+        size=processed.size, source_sha256=processed.source_sha256, rows_in=processed.rows_in,
+        rows_out=processed.rows_out, rows_rejected=processed.rows_rejected,
+        rejects_key=processed.rejects_key, parts=chunk.parts,
+        replicas=tuple(outcome.replicas), node_failures=outcome.node_failures,
+    )
+    if processed.staged_path is not None:
+        Path(processed.staged_path).unlink(missing_ok=True)
+    return stored
+
+
+def journal_chunk_fn(ctx: RunContext, stored: StoredChunk) -> None:
+    """Record a chunk whose replicas verified, so a re-run after a crash skips it."""
+    assert ctx.plan is not None
+    started = time.perf_counter()
+    ctx.catalog.record_chunk(ctx.plan, stored)
+    ctx.recorder.record("storage", nbytes=stored.size, seconds=time.perf_counter() - started)
+
+
+def commit_fn(ctx: RunContext, chunks: list[StoredChunk]) -> tuple[Manifest, str]:
+    plan = ctx.plan
+    assert plan is not None
+    manifest = Manifest.from_plan(plan, chunks)
+    key = ctx.catalog.commit(manifest)
+    ctx.catalog.drop_pending(plan.dataset, plan.batch_id)
+    staging = ctx.settings.staging_dir / plan.dataset / f"batch={plan.batch_id}"
+    if staging.exists():
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+    return manifest, key
+
+
+def summarize(ctx: RunContext, manifest: Manifest, key: str, new: list[StoredChunk],
+              skipped: int, started: float) -> PipelineResult:
+    stages = ctx.recorder.metrics()
+    by_cloud: Counter[str] = Counter()
+    by_node: Counter[str] = Counter()
+    verified = failures = cross = 0
+    for chunk in manifest.chunks:
+        for replica in chunk.verified:
+            by_cloud[replica.cloud] += 1
+            by_node[replica.node] += 1
+    for chunk in new:
+        verified += len(chunk.verified)
+        failures += chunk.node_failures
+        cross += sum(1 for r in chunk.verified if r.cloud != ctx.source_cloud)
+    attempts = verified + failures
+    dist = stages["distribution"]
+    dist.replica_success_rate = round(verified / attempts, 4) if attempts else 1.0
+    dist.cross_cloud_transfers = cross
+    dist.node_failures_handled = failures
+    stages["storage"].by_cloud = dict(sorted(by_cloud.items()))
+    stages["storage"].by_node = dict(sorted(by_node.items()))
+    return PipelineResult(
+        status="completed", dataset=manifest.dataset, batch_id=manifest.batch_id,
+        manifest_key=key, duration_s=round(time.perf_counter() - started, 3),
+        chunks_processed=len(new), chunks_skipped=skipped, rows_in=manifest.rows_in,
+        rows_stored=manifest.rows_stored, rows_rejected=manifest.rows_rejected,
+        bytes_in=sum(s.size for s in manifest.lineage.sources),
+        bytes_stored=manifest.bytes_stored, stages=stages, node_failures_handled=failures,
+        down_nodes=ctx.health.down_nodes(),
+    )

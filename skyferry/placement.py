@@ -1,0 +1,96 @@
+"""Network-aware replica placement, and the run's view of node health.
+
+Nodes are ranked by egress cost, then latency from the source, then bytes already placed on
+them (load balance), then name. The first replica takes the best node; the replicas must
+span at least two clouds when two are available (failure domains).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from blocks.topology import Node, Topology
+from skyferry.errors import InsufficientNodesError
+
+__all__ = ["NodeHealth", "Placer", "HealthState"]
+
+logger = logging.getLogger("skyferry.distribute")
+
+HealthState = Literal["healthy", "suspect", "down"]
+
+
+@dataclass
+class NodeHealth:
+    """Thread-safe health of every node during a run."""
+
+    states: dict[str, HealthState] = field(default_factory=dict)
+    latency_s: dict[str, float] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def mark(self, node: str, state: HealthState, reason: str = "") -> None:
+        with self._lock:
+            previous = self.states.get(node)
+            self.states[node] = state
+            if reason:
+                self.reasons[node] = reason
+        if previous != state and state != "healthy":
+            logger.warning("node %s is now %s%s", node, state, f": {reason}" if reason else "")
+
+    def healthy(self, node: str) -> bool:
+        return self.states.get(node, "healthy") == "healthy"
+
+    def down_nodes(self) -> list[str]:
+        return sorted(n for n, s in self.states.items() if s != "healthy")
+
+
+class Placer:
+    """Chooses replica nodes for chunks; deterministic for the same inputs."""
+
+    def __init__(self, topology: Topology, source_cloud: str, source_region: str | None,
+                 replicas: int) -> None:
+        self.topology = topology
+        self.source_cloud = source_cloud
+        self.source_region = source_region
+        self.replicas = replicas
+        self.load: dict[str, int] = {n.name: 0 for n in topology.nodes}
+
+    def rank(self, candidates: Iterable[Node]) -> list[Node]:
+        def key(node: Node) -> tuple[float, float, int, str]:
+            cost = self.topology.cost(self.source_cloud, self.source_region, node)
+            return (cost.egress_usd_per_gb, cost.latency_ms, self.load[node.name], node.name)
+
+        return sorted(candidates, key=key)
+
+    def choose(self, size: int, usable: Sequence[Node], exclude: Iterable[str] = ()) -> list[Node]:
+        """Up to ``replicas`` nodes from ``usable`` (minus ``exclude``), spanning 2+ clouds."""
+        skip = set(exclude)
+        ranked = self.rank(n for n in usable if n.name not in skip)
+        chosen: list[Node] = []
+        clouds_available = {n.cloud for n in ranked}
+        for node in ranked:
+            if len(chosen) == self.replicas:
+                break
+            clouds = {n.cloud for n in chosen}
+            last_slot = len(chosen) == self.replicas - 1
+            if last_slot and len(clouds) == 1 and node.cloud in clouds and len(
+                    clouds_available) > 1:
+                continue  # keep the last slot for another failure domain
+            chosen.append(node)
+        for node in chosen:
+            self.load[node.name] += size
+        return chosen
+
+    def plan(self, sizes: Sequence[int], health: NodeHealth, quorum: int) -> list[list[str]]:
+        usable = [n for n in self.topology.nodes if health.healthy(n.name)]
+        if len(usable) < quorum:
+            raise InsufficientNodesError(
+                f"only {len(usable)} healthy nodes ({', '.join(n.name for n in usable) or 'none'})"
+                f" for a write quorum of {quorum}; down: {', '.join(health.down_nodes())}",
+                healthy=len(usable), required=quorum,
+            )
+        return [[n.name for n in self.choose(size, usable)] for size in sizes]

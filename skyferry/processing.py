@@ -1,0 +1,290 @@
+"""Process: decode a chunk, validate it against a schema, apply transforms, encode Parquet.
+
+Invalid rows are never dropped silently: each becomes a reject with its reason, its source
+and its row. For every chunk ``rows_in == rows_out + rows_rejected``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from skyferry.errors import FormatError, SchemaError, TransformError
+from skyferry.models import ChunkPart
+from skyferry.schema import Schema
+from skyferry.storage import open_url
+
+__all__ = ["ProcessOutput", "Transform", "decode_parts", "encode_parquet", "load_transforms",
+           "process_parts"]
+
+logger = logging.getLogger("skyferry.process")
+
+Transform = Callable[[pd.DataFrame], pd.DataFrame]
+
+
+@dataclass
+class ProcessOutput:
+    table: pa.Table
+    rows_in: int
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rows_rejected(self) -> int:
+        return sum(int(r.get("count", 1)) for r in self.rejects)
+
+
+def load_transforms(names: Sequence[str]) -> list[tuple[str, Transform]]:
+    loaded = []
+    for name in names:
+        module_name, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise TransformError(f"cannot import transform {name!r}: {exc}",
+                                 transform=name) from exc
+        if not callable(fn):
+            raise TransformError(f"transform {name!r} is not callable", transform=name)
+        loaded.append((name, fn))
+    return loaded
+
+
+def _reject(part: ChunkPart, row: int | None, reason: str, text: str | None) -> dict[str, Any]:
+    return {"source": part.source, "offset": part.start, "row": row, "reason": reason,
+            "text": text}
+
+
+def _coerce(table: pa.Table, schema: Schema, part: ChunkPart, rejects: list[dict[str, Any]],
+            raw: pa.Table | None = None) -> pa.Table:
+    """Cast ``table`` to the schema; rows with values that do not convert become rejects."""
+    missing = [c for c in schema.columns if c not in table.column_names]
+    if missing:
+        raise SchemaError(
+            f"{part.source} lacks schema columns {missing}; it has {table.column_names}",
+            source=part.source,
+        )
+    bad = pa.array([False] * table.num_rows)
+    reasons: list[str | None] = [None] * table.num_rows
+    columns = {}
+    for name, col in schema.columns.items():
+        values = table.column(name)
+        if values.type == col.arrow_type:
+            columns[name] = values
+            continue
+        try:
+            columns[name] = pc.cast(values, col.arrow_type)
+            continue
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+        series = values.to_pandas()
+        if col.type in ("int64", "float64"):
+            converted = pd.to_numeric(series, errors="coerce")
+        elif col.type == "timestamp":
+            converted = pd.to_datetime(series, errors="coerce")
+        elif col.type == "bool":
+            lowered = series.astype("string").str.strip().str.lower()
+            converted = lowered.map({"true": True, "false": False, "1": True, "0": False})
+        else:
+            converted = series.astype("string")
+        failed = converted.isna() & series.notna() & (series.astype("string").str.len() > 0)
+        for i in failed[failed].index:
+            if reasons[i] is None:
+                reasons[i] = f"column {name!r}: {series.iloc[i]!r} is not {col.type}"
+        failed_arr = pa.array(failed.to_numpy())
+        bad = pc.or_(bad, failed_arr)
+        if col.type == "int64":
+            converted = converted.where(~failed, None)
+            whole = converted.dropna()
+            if len(whole) and not (whole == whole.round()).all():
+                frac = converted.notna() & (converted != converted.round())
+                for i in frac[frac].index:
+                    reasons[i] = reasons[i] or f"column {name!r}: {series.iloc[i]!r} is not int64"
+                bad = pc.or_(bad, pa.array(frac.to_numpy()))
+                converted = converted.where(~frac, None)
+            columns[name] = pa.array(converted.astype("Int64"), type=pa.int64())
+        else:
+            columns[name] = pa.array(converted, type=col.arrow_type, from_pandas=True)
+    for name in table.column_names:
+        if name not in columns:
+            columns[name] = table.column(name)
+    typed = pa.table({n: columns[n] for n in table.column_names})
+    typed = typed.select(table.column_names)
+    if pc.any(bad).as_py():
+        texts = raw if raw is not None else table
+        for i in pc.indices_nonzero(bad).to_pylist():
+            row = {n: texts.column(n)[i].as_py() for n in texts.column_names}
+            rejects.append(_reject(part, i + 1, reasons[i] or "invalid value",
+                                   json.dumps(row, default=str)))
+        typed = typed.filter(pc.invert(bad))
+    return typed
+
+
+def _apply_constraints(table: pa.Table, schema: Schema, part: ChunkPart,
+                       rejects: list[dict[str, Any]]) -> pa.Table:
+    bad = None
+    reason_for: dict[int, str] = {}
+    for reason, mask in schema.constraint_masks(table):
+        if not pc.any(mask).as_py():
+            continue
+        for i in pc.indices_nonzero(mask).to_pylist():
+            reason_for.setdefault(i, reason)
+        bad = mask if bad is None else pc.or_(bad, mask)
+    if bad is None:
+        return table
+    for i in sorted(reason_for):
+        row = {n: table.column(n)[i].as_py() for n in table.column_names}
+        rejects.append(_reject(part, None, reason_for[i], json.dumps(row, default=str)))
+    return table.filter(pc.invert(bad))
+
+
+def _decode_csv(part: ChunkPart, data: bytes, header: bytes, schema: Schema | None,
+                rejects: list[dict[str, Any]]) -> tuple[pa.Table, int]:
+    invalid: list[Any] = []
+
+    def on_invalid(row: Any) -> str:
+        invalid.append(row)
+        return "skip"
+
+    parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid)
+    convert = pacsv.ConvertOptions(strings_can_be_null=True)
+    if schema is not None:
+        convert = pacsv.ConvertOptions(column_types=schema.arrow_types(),
+                                       strings_can_be_null=True)
+    payload = header + data if header else data
+    raw: pa.Table | None = None
+    try:
+        table = pacsv.read_csv(io.BytesIO(payload), parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        if schema is None or "conversion error" not in str(exc).lower():
+            raise FormatError(f"{part.source} [{part.start}:{part.end}] is not valid CSV: {exc}",
+                              url=part.source, fmt="csv") from exc
+        invalid.clear()
+        as_text = pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in schema.columns}, strings_can_be_null=True
+        )
+        raw = pacsv.read_csv(io.BytesIO(payload), parse_options=parse, convert_options=as_text)
+        table = raw
+    for row in invalid:
+        rejects.append(_reject(
+            part, row.number,
+            f"expected {row.expected_columns} columns, found {row.actual_columns}", row.text,
+        ))
+    rows_in = table.num_rows + len(invalid)
+    if schema is not None:
+        table = _coerce(table, schema, part, rejects, raw)
+    return table, rows_in
+
+
+def _decode_jsonl(part: ChunkPart, data: bytes, rejects: list[dict[str, Any]]) -> tuple[
+        pa.Table, int]:
+    try:
+        table = pajson.read_json(io.BytesIO(data))
+        return table, table.num_rows
+    except pa.ArrowInvalid:
+        pass
+    records = []
+    rows_in = 0
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        rows_in += 1
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            rejects.append(_reject(part, number, f"invalid JSON: {exc}",
+                                   line.decode("utf-8", "replace")))
+            continue
+        if not isinstance(value, dict):
+            rejects.append(_reject(part, number, "a JSONL row must be an object",
+                                   line.decode("utf-8", "replace")))
+            continue
+        records.append(value)
+    return pa.Table.from_pylist(records), rows_in
+
+
+def decode_parts(parts: Iterable[tuple[ChunkPart, bytes, bytes]], fmt: str,
+                 schema: Schema | None, options: Mapping[str, Any] | None = None
+                 ) -> ProcessOutput:
+    """Decode ``(part, data, header)`` triples into one table, collecting rejects.
+
+    Parquet parts are read by row group straight from the source (pyarrow's ranged reads).
+    """
+    tables, rejects, rows_in = [], [], 0
+    for part, data, header in parts:
+        if fmt == "csv":
+            table, n = _decode_csv(part, data, header, schema, rejects)
+        elif fmt == "jsonl":
+            table, n = _decode_jsonl(part, data, rejects)
+            if schema is not None:
+                table = _coerce(table, schema, part, rejects)
+        elif fmt == "parquet":
+            try:
+                fs, path = open_url(part.source, options)
+                with fs.open(path, "rb") as fh:
+                    table = pq.ParquetFile(fh).read_row_groups(list(part.row_groups))
+            except Exception as exc:
+                raise FormatError(f"{part.source} row groups {part.row_groups} unreadable: "
+                                  f"{exc}", url=part.source, fmt="parquet") from exc
+            n = table.num_rows
+            if schema is not None:
+                table = _coerce(table, schema, part, rejects)
+        else:
+            raise FormatError(f"cannot decode format {fmt!r}", url=part.source, fmt=fmt)
+        if schema is not None:
+            table = _apply_constraints(table, schema, part, rejects)
+        tables.append(table)
+        rows_in += n
+    if len(tables) == 1:
+        combined = tables[0]
+    else:
+        combined = pa.concat_tables(tables, promote_options="permissive")
+    return ProcessOutput(table=combined, rows_in=rows_in, rejects=rejects)
+
+
+def apply_transforms(out: ProcessOutput, transforms: Sequence[tuple[str, Transform]],
+                     where: str) -> ProcessOutput:
+    if not transforms:
+        return out
+    frame = out.table.to_pandas()
+    for name, fn in transforms:
+        before = len(frame)
+        try:
+            result = fn(frame)
+        except Exception as exc:
+            raise TransformError(f"transform {name} failed on {where}: {exc}",
+                                 transform=name, source=where) from exc
+        if not isinstance(result, pd.DataFrame):
+            raise TransformError(f"transform {name} returned {type(result).__name__}, "
+                                 "not a DataFrame", transform=name, source=where)
+        dropped = before - len(result)
+        if dropped > 0:
+            out.rejects.append({"source": where, "offset": None, "row": None, "count": dropped,
+                                "reason": f"dropped by transform {name}", "text": None})
+        frame = result
+    out.table = pa.Table.from_pandas(frame, preserve_index=False)
+    return out
+
+
+def encode_parquet(table: pa.Table) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def process_parts(parts: Iterable[tuple[ChunkPart, bytes, bytes]], fmt: str,
+                  schema: Schema | None, transforms: Sequence[tuple[str, Transform]],
+                  where: str, options: Mapping[str, Any] | None = None
+                  ) -> tuple[pa.Buffer, ProcessOutput]:
+    out = apply_transforms(decode_parts(parts, fmt, schema, options), transforms, where)
+    return encode_parquet(out.table), out

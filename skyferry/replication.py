@@ -1,0 +1,128 @@
+"""Distribute: write a chunk's replicas concurrently, verify each, and reach the quorum.
+
+A failed replica marks its node down for the run and moves to the next ranked node. A
+replica that no node can take now becomes a hint that a later repair completes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from blocks.topology import Node, Topology
+from skyferry.errors import QuorumNotMetError, ReplicaVerificationError, StorageError
+from skyferry.models import ReplicaRecord
+from skyferry.placement import NodeHealth, Placer
+from skyferry.storage import Store
+
+__all__ = ["ReplicaWriter", "WriteOutcome", "verify_replica"]
+
+logger = logging.getLogger("skyferry.distribute")
+
+
+def verify_replica(store: Store, key: str, sha256: str, size: int) -> None:
+    """Read the replica back and compare its size and hash with the content's."""
+    data = store.get(key)
+    if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+        raise ReplicaVerificationError(
+            f"replica {key!r} on node {store.name} does not match its content hash",
+            node=store.name, key=key,
+        )
+
+
+@dataclass
+class WriteOutcome:
+    replicas: list[ReplicaRecord]
+    node_failures: int
+    cross_cloud: int
+    errors: list[str] = field(default_factory=list)
+
+
+class ReplicaWriter:
+    """Writes replicas for one run; shares node stores and health across chunks."""
+
+    def __init__(self, topology: Topology, health: NodeHealth, placer: Placer,
+                 source_cloud: str) -> None:
+        self.topology = topology
+        self.health = health
+        self.placer = placer
+        self.source_cloud = source_cloud
+        self._stores: dict[str, Store] = {}
+        self._lock = threading.Lock()
+
+    def store(self, node: Node) -> Store:
+        with self._lock:
+            if node.name not in self._stores:
+                self._stores[node.name] = node.store()
+            return self._stores[node.name]
+
+    def _write_one(self, node: Node, key: str, data: bytes | memoryview, sha256: str) -> None:
+        store = self.store(node)
+        store.put(key, bytes(data) if isinstance(data, memoryview) else data)
+        verify_replica(store, key, sha256, len(data))
+
+    def write(self, chunk: int, key: str, data: bytes | memoryview, sha256: str,
+              planned: list[str], quorum: int) -> WriteOutcome:
+        """Write ``data`` to the planned nodes (or replacements) and verify every replica."""
+        wanted = len(planned)
+        nodes = [self.topology.node(n) for n in planned]
+        failures = 0
+        used: set[str] = set()
+        targets: list[Node] = []
+        for node in nodes:
+            used.add(node.name)
+            if self.health.healthy(node.name):
+                targets.append(node)
+            else:
+                failures += 1
+        verified: list[Node] = []
+        errors: list[str] = []
+        while True:
+            missing = wanted - len(verified) - len(targets)
+            if missing > 0:
+                usable = [n for n in self.topology.nodes if self.health.healthy(n.name)]
+                current = verified + targets
+                spare = self.placer.rank(n for n in usable if n.name not in used)
+                clouds = {n.cloud for n in current}
+                if len(clouds) < 2:
+                    spare.sort(key=lambda n: n.cloud in clouds)  # stable: other clouds first
+                for node in spare[:missing]:
+                    used.add(node.name)
+                    targets.append(node)
+            if not targets:
+                break
+            with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+                futures = {n.name: pool.submit(self._write_one, n, key, data, sha256)
+                           for n in targets}
+            failed = []
+            for node in targets:
+                exc = futures[node.name].exception()
+                if exc is None:
+                    verified.append(node)
+                    continue
+                if not isinstance(exc, (StorageError, OSError)):
+                    raise exc
+                failures += 1
+                failed.append(node)
+                errors.append(str(exc))
+                self.health.mark(node.name, "down", str(exc))
+            targets = []
+            if not failed:
+                break
+        replicas = [ReplicaRecord(node=n.name, cloud=n.cloud, state="verified") for n in verified]
+        hinted = [n for n in planned if n not in {v.name for v in verified}]
+        for name in hinted[: max(0, wanted - len(verified))]:
+            node = self.topology.node(name)
+            replicas.append(ReplicaRecord(node=node.name, cloud=node.cloud, state="hinted"))
+        if len(verified) < quorum:
+            raise QuorumNotMetError(
+                f"chunk {chunk} reached {len(verified)} verified replicas of a quorum of "
+                f"{quorum}: {'; '.join(errors) or 'no healthy nodes left'}",
+                chunk=chunk, verified=len(verified), quorum=quorum,
+            )
+        cross = sum(1 for n in verified if n.cloud != self.source_cloud)
+        return WriteOutcome(replicas=replicas, node_failures=failures, cross_cloud=cross,
+                            errors=errors)

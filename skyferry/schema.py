@@ -1,0 +1,96 @@
+"""Dataset schemas: column types and constraints, loaded from YAML.
+
+Example (``skyferry/schemas/demo.yaml``)::
+
+    columns:
+      id:       {type: int64, nullable: false}
+      f0:       {type: float64, min: -1000, max: 1000}
+      category: {type: string, allowed: [a, b, c]}
+      label:    {type: int64, allowed: [0, 1]}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from skyferry.errors import SchemaError
+
+__all__ = ["Column", "Schema", "load_schema"]
+
+ColumnType = Literal["int64", "float64", "string", "bool", "timestamp"]
+_ARROW = {
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "string": pa.string(),
+    "bool": pa.bool_(),
+    "timestamp": pa.timestamp("us"),
+}
+
+
+class Column(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: ColumnType
+    nullable: bool = True
+    min: float | None = None
+    max: float | None = None
+    allowed: list[Any] | None = None
+
+    @property
+    def arrow_type(self) -> pa.DataType:
+        return _ARROW[self.type]
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    columns: dict[str, Column] = Field(..., min_length=1)
+
+    def arrow_types(self) -> dict[str, pa.DataType]:
+        return {name: col.arrow_type for name, col in self.columns.items()}
+
+    def constraint_masks(self, table: pa.Table) -> list[tuple[str, pa.ChunkedArray]]:
+        """``(reason, mask)`` pairs; a True in a mask rejects that row."""
+        masks = []
+        for name, col in self.columns.items():
+            values = table.column(name)
+            if not col.nullable:
+                masks.append((f"column {name!r} is null", pc.is_null(values)))
+            if col.min is not None:
+                masks.append(
+                    (f"column {name!r} is below {col.min}",
+                     pc.fill_null(pc.less(values, col.min), False))
+                )
+            if col.max is not None:
+                masks.append(
+                    (f"column {name!r} is above {col.max}",
+                     pc.fill_null(pc.greater(values, col.max), False))
+                )
+            if col.allowed is not None:
+                allowed = pa.array(col.allowed, type=col.arrow_type)
+                masks.append(
+                    (f"column {name!r} is not one of {col.allowed}",
+                     pc.fill_null(pc.invert(pc.is_in(values, value_set=allowed)), False))
+                )
+        return masks
+
+
+def load_schema(path: str | Path) -> Schema:
+    where = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SchemaError(f"cannot read schema {where}: {exc}", source=where) from exc
+    try:
+        return Schema.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise SchemaError(f"invalid schema {where}: {problems}", source=where) from None

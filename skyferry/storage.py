@@ -1,0 +1,194 @@
+"""The one way skyferry reaches storage: a :class:`Store` rooted at an fsspec URL.
+
+Every key is checked by :func:`safe_key` before it touches a backend, so no key can escape
+its store's root. Backend errors are translated into the :class:`~skyferry.errors.StorageError`
+family, naming the node and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from skyferry.errors import (
+    AccessDeniedError,
+    NodeUnavailableError,
+    ObjectNotFoundError,
+    StorageError,
+    UnsafeKeyError,
+)
+
+__all__ = ["ObjectInfo", "Store", "open_url", "safe_key", "sha256_hex"]
+
+logger = logging.getLogger("skyferry.storage")
+
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def safe_key(*parts: str) -> str:
+    """Join key parts with ``/`` and refuse anything that could leave the store's root.
+
+    >>> safe_key("train", "date=2026-01-01", "chunk-00000.parquet")
+    'train/date=2026-01-01/chunk-00000.parquet'
+    """
+    key = "/".join(p for p in parts if p)
+    segments = key.split("/")
+    if (
+        not key
+        or any(s in ("", ".", "..") for s in segments)
+        or _BAD_CHARS.search(key)
+        or ":" in segments[0]
+    ):
+        raise UnsafeKeyError(f"unsafe object key {key!r}: it must stay inside its prefix", key=key)
+    return key
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
+    """Resolve a URL or local path to ``(filesystem, path)`` through ``fsspec.url_to_fs``."""
+    fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    return fs, path
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float | None
+
+
+class Store:
+    """A node, catalog or staging area: an fsspec filesystem plus a root path."""
+
+    def __init__(
+        self, url: str, storage_options: Mapping[str, Any] | None = None, *, name: str
+    ) -> None:
+        self.url = url
+        self.name = name
+        self.fs, root = open_url(url, storage_options)
+        self.root = root.rstrip("/")
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"Store(name={self.name!r}, url={self.url!r})"
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{safe_key(key)}"
+
+    def _translate(self, exc: BaseException, key: str | None, action: str) -> StorageError:
+        where = f"{action} {key!r} on node {self.name}" if key else f"{action} on node {self.name}"
+        if isinstance(exc, StorageError):
+            return exc
+        if isinstance(exc, FileNotFoundError):
+            return ObjectNotFoundError(f"not found: {where}", node=self.name, key=key)
+        if isinstance(exc, PermissionError):
+            return AccessDeniedError(f"access denied: {where}: {exc}", node=self.name, key=key)
+        return NodeUnavailableError(
+            f"failed to {where}: {type(exc).__name__}: {exc}", node=self.name, key=key
+        )
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write ``data`` under ``key``; atomic (temp file + rename) on local disks."""
+        path = self.path(key)
+        try:
+            if self.is_local:
+                parent = posixpath.dirname(path)
+                self.fs.makedirs(parent, exist_ok=True)
+                tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
+                try:
+                    with open(tmp, "wb") as fh:
+                        fh.write(data)
+                    self.fs.mv(tmp, path)
+                finally:
+                    if self.fs.exists(tmp):
+                        self.fs.rm(tmp)
+            else:
+                self.fs.pipe_file(path, data)
+        except Exception as exc:
+            raise self._translate(exc, key, "write") from exc
+
+    def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        try:
+            data: bytes = self.fs.cat_file(self.path(key), start=start, end=end)
+            return data
+        except Exception as exc:
+            raise self._translate(exc, key, "read") from exc
+
+    def size(self, key: str) -> int:
+        try:
+            return int(self.fs.size(self.path(key)))
+        except Exception as exc:
+            raise self._translate(exc, key, "stat") from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            return bool(self.fs.exists(self.path(key)))
+        except Exception as exc:
+            raise self._translate(exc, key, "check") from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self.fs.rm_file(self.path(key))
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            raise self._translate(exc, key, "delete") from exc
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object below ``prefix`` (recursive), with its size and mtime."""
+        base = self.path(prefix) if prefix else self.root
+        try:
+            self.fs.invalidate_cache()
+            if not self.fs.exists(base):
+                return
+            found = self.fs.find(base, detail=True)
+        except Exception as exc:
+            raise self._translate(exc, prefix, "list") from exc
+        root_len = len(self.root) + 1
+        for path, info in sorted(found.items()):
+            if info.get("type") == "directory":
+                continue
+            yield ObjectInfo(
+                key=path[root_len:] if path.startswith(self.root) else path,
+                size=int(info.get("size") or 0),
+                mtime=_mtime(info),
+            )
+
+    def probe(self) -> float:
+        """Write, read back and delete a sentinel object; return the round trip in seconds."""
+        import time
+
+        key = f"_probe/{uuid.uuid4().hex}"
+        payload = uuid.uuid4().bytes
+        started = time.perf_counter()
+        self.put(key, payload)
+        if self.get(key) != payload:
+            raise NodeUnavailableError(
+                f"probe of node {self.name} read back different bytes", node=self.name, key=key
+            )
+        self.delete(key)
+        return time.perf_counter() - started
+
+
+def _mtime(info: Mapping[str, Any]) -> float | None:
+    for field in ("mtime", "LastModified", "updated", "last_modified"):
+        value = info.get(field)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if hasattr(value, "timestamp"):
+            return float(value.timestamp())
+    return None

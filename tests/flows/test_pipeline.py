@@ -1,0 +1,222 @@
+"""multicloud-pipeline end to end on the embedded default (ephemeral Prefect, local nodes)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from flows.pipeline import run_pipeline
+from skyferry.config import PipelineConfig
+from skyferry.errors import IntegrityError
+from skyferry.export import DatasetReader, export_dataset
+from skyferry.gc import collect_garbage
+from skyferry.manifest import Manifest
+from sf_data import replica_digest, write_ml_csv
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
+
+Committed = Callable[[str], list[Manifest]]
+
+
+def _valid_source_rows(paths: list[Path]) -> pd.DataFrame:
+    frames = [pd.read_csv(p, on_bad_lines="skip") for p in paths]
+    df = pd.concat(frames)
+    df = df[pd.to_numeric(df["f0"], errors="coerce").notna()].dropna().astype({"f0": float})
+    return df.sort_values("id").reset_index(drop=True)
+
+
+def test_csv_rows_survive_every_stage(home: Path, tmp_path: Path, schema_file: Path,
+                                      committed: Committed) -> None:
+    src = tmp_path / "src"
+    paths = [src / "a.csv", src / "b.csv"]
+    write_ml_csv(paths[0], 3000, seed=1)
+    write_ml_csv(paths[1], 2000, seed=2, start_id=10_000, bad_rows=True)
+    result = run_pipeline(PipelineConfig(source=f"{src}/*.csv", dataset="train",
+                                         chunk_size="40KB", schema_path=str(schema_file)))
+    assert result.status == "completed", result.error
+    assert result.rows_in == 5002 and result.rows_stored == 5000 and result.rows_rejected == 2
+    assert result.rows_in == result.rows_stored + result.rows_rejected
+    assert result.chunks_processed > 4
+    for stage in ("ingestion", "processing", "distribution", "storage"):
+        assert result.stages[stage].success_rate == 1.0
+        assert result.stages[stage].items >= result.chunks_processed
+    (manifest,) = committed("train")
+    assert manifest.rows_stored == 5000
+    assert sum(c.rows_out for c in manifest.chunks) == 5000
+
+    out = tmp_path / "export.parquet"
+    export_dataset("train", out)
+    exported = pq.read_table(out).to_pandas().sort_values("id").reset_index(drop=True)
+    expected = _valid_source_rows(paths)
+    pd.testing.assert_frame_equal(exported, expected, check_dtype=False)
+
+    reasons = Counter()
+    from skyferry.manifest import Catalog
+    from blocks.topology import load_topology
+    catalog = Catalog(load_topology().catalog_store())
+    for chunk in manifest.chunks:
+        if chunk.rejects_key:
+            for r in catalog.load_rejects(chunk.rejects_key):
+                reasons[r["reason"].split(":")[0]] += 1
+                assert r["source"].endswith("b.csv")
+    assert sum(reasons.values()) == 2
+
+
+def test_binary_bytes_round_trip_through_three_clouds(home: Path, tmp_path: Path,
+                                                     committed: Committed) -> None:
+    import numpy as np
+
+    src = tmp_path / "blobs"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    originals = {f"img-{i}.bin": rng.bytes(size) for i, size in enumerate([250_000, 7, 90_001])}
+    for name, data in originals.items():
+        (src / name).write_bytes(data)
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="blobs", chunk_size=100_000))
+    assert result.status == "completed", result.error
+    (manifest,) = committed("blobs")
+    assert sum(c.size for c in manifest.chunks) == sum(len(d) for d in originals.values())
+    for chunk in manifest.chunks:
+        clouds = [r.cloud for r in chunk.verified]
+        assert len(chunk.verified) == 3
+        assert clouds.count("aws") >= 2 and any(c != "aws" for c in clouds)
+        for replica in chunk.verified:
+            assert replica_digest(home, replica.node, chunk.key) == chunk.sha256
+    assert result.stages["distribution"].cross_cloud_transfers == len(manifest.chunks)
+    assert set(result.stages["storage"].by_cloud or {}) == {"aws", "gcp"}
+
+    out = tmp_path / "restored"
+    export_dataset("blobs", out)
+    for name, data in originals.items():
+        assert (out / name).read_bytes() == data
+
+
+def test_a_node_that_dies_mid_run_is_routed_around(home: Path, tmp_path: Path,
+                                                  helpers_on_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  committed: Committed) -> None:
+    import sf_faults
+
+    sf_faults.reset()
+    monkeypatch.setenv("SF_BREAK_NODE", "aws-node-2")
+    src = tmp_path / "src"
+    write_ml_csv(src / "a.csv", 6000, seed=4)
+    result = run_pipeline(PipelineConfig(
+        source=str(src), dataset="failover", chunk_size="30KB",
+        transforms=["sf_faults:break_node_on_second_chunk"]))
+    assert result.status == "completed", result.error
+    assert "aws-node-2" in result.down_nodes
+    assert result.node_failures_handled >= 1
+    assert result.stages["distribution"].node_failures_handled == result.node_failures_handled
+    assert result.stages["distribution"].replica_success_rate < 1.0
+    (manifest,) = committed("failover")
+    assert len(manifest.chunks) >= 6
+    late = [c for c in manifest.chunks if c.node_failures]
+    assert late, "some chunk must have lost its planned replica on aws-node-2"
+    for chunk in manifest.chunks:
+        good = [r for r in chunk.verified
+                if replica_digest(home, r.node, chunk.key) == chunk.sha256]
+        assert len(good) == len(chunk.verified) >= 2
+        assert len({r.cloud for r in chunk.verified}) >= 2
+    for chunk in late:
+        assert "aws-node-2" not in {r.node for r in chunk.verified}
+        assert len(chunk.verified) == 3  # re-placed on another node, not just hinted
+
+
+def test_a_node_disabled_in_the_topology_is_never_used(home: Path, tmp_path: Path,
+                                                      committed: Committed) -> None:
+    topo = tmp_path / "topo.yaml"
+    topo.write_text(f"""
+nodes:
+  - {{name: a1, cloud: aws, region: r1, url: "{home}/nodes/a1"}}
+  - {{name: a2, cloud: aws, region: r1, url: "{home}/nodes/a2", enabled: false}}
+  - {{name: g1, cloud: gcp, region: r1, url: "{home}/nodes/g1"}}
+catalog: "{home}/catalog"
+""")
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 1000)
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="d", topology=str(topo),
+                                         chunk_size=300))
+    assert result.status == "completed", result.error
+    assert result.down_nodes == ["a2"]
+    assert not (home / "nodes" / "a2").exists()
+    assert result.stages["storage"].by_node == {"a1": 4, "g1": 4}
+
+
+def test_reruns_are_idempotent_and_incremental(home: Path, tmp_path: Path,
+                                              committed: Committed) -> None:
+    src = tmp_path / "src"
+    write_ml_csv(src / "a.csv", 500, seed=5)
+    config = PipelineConfig(source=str(src), dataset="inc", chunk_size="8KB")
+    first = run_pipeline(config)
+    assert first.status == "completed"
+    node_files = sorted(p.relative_to(home) for p in (home / "nodes").rglob("*") if p.is_file())
+
+    again = run_pipeline(config)
+    assert again.status == "up_to_date"
+    named = run_pipeline(config.model_copy(update={"batch_id": first.batch_id}))
+    assert named.status == "already_committed"
+    assert sorted(p.relative_to(home) for p in (home / "nodes").rglob("*")
+                  if p.is_file()) == node_files
+    assert len(committed("inc")) == 1
+
+    write_ml_csv(src / "b.csv", 200, seed=6, start_id=1000)
+    second = run_pipeline(config)
+    assert second.status == "completed" and second.batch_id != first.batch_id
+    assert second.rows_stored == 200
+    assert [s.url.rsplit("/", 1)[-1] for m in committed("inc")[1:] for s in m.lineage.sources] \
+        == ["b.csv"]
+
+
+def test_export_fails_over_from_a_corrupt_replica(home: Path, tmp_path: Path,
+                                                 committed: Committed) -> None:
+    src = tmp_path / "src"
+    write_ml_csv(src / "a.csv", 1000, seed=7)
+    assert run_pipeline(PipelineConfig(source=str(src), dataset="c",
+                                       chunk_size="20KB")).status == "completed"
+    (manifest,) = committed("c")
+    clean = DatasetReader("c").read_table()
+    victim = manifest.chunks[0]
+    first = victim.verified[0].node
+    (home / "nodes" / first / victim.key).write_bytes(b"bit rot")
+    second = victim.verified[1].node
+    (home / "nodes" / second / victim.key).unlink()
+    reader = DatasetReader("c")
+    assert reader.read_table().equals(clean)
+    assert len(reader.report.failovers) == 1 and first in reader.report.failovers[0]
+
+    (home / "nodes" / victim.verified[2].node / victim.key).write_bytes(b"also rotten")
+    with pytest.raises(IntegrityError) as info:
+        DatasetReader("c").read_table()
+    assert info.value.chunk == victim.index and "hash mismatch" in str(info.value)
+
+
+def test_gc_removes_only_unclaimed_objects_past_the_grace_period(home: Path, tmp_path: Path,
+                                                                committed: Committed) -> None:
+    from blocks.topology import load_topology
+
+    src = tmp_path / "x.bin"
+    src.write_bytes(os.urandom(5000))
+    assert run_pipeline(PipelineConfig(source=str(src), dataset="g",
+                                       chunk_size=2000)).status == "completed"
+    orphan = home / "nodes" / "gcp-node-2" / "g" / "date=2020-01-01" / "batch=dead" / "c.bin"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"left by a crashed run")
+    young = orphan.with_name("young.bin")
+    young.write_bytes(b"a run in progress")
+    old = time.time() - 7200
+    os.utime(orphan, (old, old))
+    report = collect_garbage(load_topology(), grace_s=3600)
+    assert report.deleted == ["gcp-node-2:g/date=2020-01-01/batch=dead/c.bin"]
+    assert not orphan.exists() and young.exists()
+    (manifest,) = committed("g")
+    for chunk in manifest.chunks:
+        for r in chunk.verified:
+            assert replica_digest(home, r.node, chunk.key) == chunk.sha256

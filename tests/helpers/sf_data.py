@@ -1,0 +1,44 @@
+"""Test data helpers shared by the integration suites."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+def write_ml_csv(path: Path, rows: int, *, seed: int, start_id: int = 0,
+                 bad_rows: bool = False) -> int:
+    """A CSV of float features, a category and a label; returns the valid rows written."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "f0", "f1", "category", "label"])
+        for i in range(rows):
+            writer.writerow([start_id + i, round(float(rng.normal()), 6),
+                             round(float(rng.normal()), 6),
+                             ["cat", "dog", "bird"][i % 3], int(rng.integers(0, 2))])
+        if bad_rows:
+            fh.write("999999,1.0\n")                   # too few columns
+            fh.write("999998,abc,1.0,dog,1\n")         # not a float
+    return rows
+
+
+SCHEMA_YAML = """
+columns:
+  id: {type: int64, nullable: false}
+  f0: {type: float64, nullable: false}
+  f1: {type: float64, nullable: false}
+  category: {type: string, allowed: [cat, dog, bird]}
+  label: {type: int64, allowed: [0, 1]}
+"""
+
+
+def replica_digest(home: Path, node: str, key: str) -> str | None:
+    """sha256 of a replica read straight from the node's folder (not through skyferry)."""
+    path = home / "nodes" / node / key
+    if not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()

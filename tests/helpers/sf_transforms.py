@@ -1,0 +1,19 @@
+"""Transforms the tests name by import path (tests/helpers is put on sys.path)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+
+def add_feature_sum(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.copy()
+    out["feature_sum"] = out["f0"] + out["f1"]
+    return out
+
+
+def drop_negative_f0(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["f0"] >= 0]
+
+
+def not_a_frame(df: pd.DataFrame) -> int:
+    return 3

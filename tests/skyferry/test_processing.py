@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from skyferry.errors import SchemaError, TransformError
+from skyferry.models import ChunkPart
+from skyferry.processing import load_transforms, process_parts
+from skyferry.schema import Schema
+
+SCHEMA = Schema.model_validate({"columns": {
+    "id": {"type": "int64", "nullable": False},
+    "f0": {"type": "float64", "min": -10, "max": 10},
+    "f1": {"type": "float64"},
+    "label": {"type": "int64", "allowed": [0, 1]},
+}})
+CSV = (b"id,f0,f1,label\n"
+       b"1,0.5,1.0,0\n"
+       b"2,-0.5,2.0,1\n"
+       b"3,oops,3.0,1\n"          # not a float
+       b"4,0.1,4.0\n"             # too few columns
+       b"5,0.2,5.0,7\n"           # label not allowed
+       b"6,99,6.0,1\n"            # f0 above max
+       b",0.3,7.0,0\n"            # id null
+       b"8,0.4,8.0,1\n")
+PART = ChunkPart(source="file:///data/train.csv", start=0, end=len(CSV))
+
+
+def _run(data: bytes, schema: Schema | None, transforms: list[str] = ()):  # type: ignore[no-untyped-def]
+    buffer, out = process_parts([(PART, data, b"")], "csv", schema, load_transforms(transforms),
+                                "test")
+    return pq.read_table(io.BytesIO(buffer.to_pybytes())), out
+
+
+def test_invalid_rows_are_rejected_with_reasons_and_none_is_lost() -> None:
+    table, out = _run(CSV, SCHEMA)
+    assert table.column("id").to_pylist() == [1, 2, 8]
+    assert out.rows_in == 8
+    assert out.rows_in == table.num_rows + out.rows_rejected
+    reasons = sorted(r["reason"] for r in out.rejects)
+    assert any("'f0'" in r and "not float64" in r for r in reasons)
+    assert any("expected 4 columns, found 3" in r for r in reasons)
+    assert any("'label' is not one of" in r for r in reasons)
+    assert any("'f0' is above 10" in r for r in reasons)
+    assert any("'id' is null" in r for r in reasons)
+    assert all(r["source"] == PART.source for r in out.rejects)
+    assert str(table.schema.field("f0").type) == "double"
+
+
+def test_without_a_schema_only_malformed_rows_are_rejected() -> None:
+    table, out = _run(CSV, None)
+    assert table.num_rows == 7 and out.rows_rejected == 1
+
+
+def test_header_is_prepended_for_a_later_part() -> None:
+    body = b"9,0.9,9.0,1\n"
+    buffer, out = process_parts([(PART, body, b"id,f0,f1,label\n")], "csv", SCHEMA, [], "t")
+    table = pq.read_table(io.BytesIO(buffer.to_pybytes()))
+    assert table.to_pylist() == [{"id": 9, "f0": 0.9, "f1": 9.0, "label": 1}]
+
+
+def test_transforms_apply_and_dropped_rows_are_counted(helpers_on_path: Path) -> None:
+    table, out = _run(CSV, SCHEMA, ["sf_transforms:add_feature_sum",
+                                    "sf_transforms:drop_negative_f0"])
+    assert table.column("id").to_pylist() == [1, 8]
+    assert table.column("feature_sum").to_pylist() == pytest.approx([1.5, 8.4])
+    assert out.rows_in == table.num_rows + out.rows_rejected
+    assert any(r["reason"] == "dropped by transform sf_transforms:drop_negative_f0"
+               and r["count"] == 1 for r in out.rejects)
+
+
+def test_bad_transforms_are_typed_errors(helpers_on_path: Path) -> None:
+    with pytest.raises(TransformError, match="cannot import"):
+        load_transforms(["no_such_module_xyz:fn"])
+    with pytest.raises(TransformError, match="returned int"):
+        _run(CSV, SCHEMA, ["sf_transforms:not_a_frame"])
+
+
+def test_missing_schema_column_names_the_file() -> None:
+    with pytest.raises(SchemaError, match="train.csv lacks schema columns"):
+        _run(b"id,f0\n1,0.5\n", SCHEMA)
+
+
+def test_jsonl_bad_lines_are_rejected() -> None:
+    data = b'{"a": 1}\n{"a": 2\n{"a": 3}\n[1]\n'
+    part = ChunkPart(source="file:///x.jsonl", start=0, end=len(data))
+    buffer, out = process_parts([(part, data, b"")], "jsonl", None, [], "t")
+    table = pq.read_table(io.BytesIO(buffer.to_pybytes()))
+    assert table.column("a").to_pylist() == [1, 3]
+    assert out.rows_in == 4 and out.rows_rejected == 2
