@@ -20,6 +20,8 @@ demo: setup
 	$(BIN)/skyferry demo
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy skyferry flows tasks blocks
 	$(BIN)/python -m pytest -q
 
 test-slow: setup

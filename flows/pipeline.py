@@ -11,6 +11,7 @@ import logging
 import time
 from collections import deque
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -29,8 +30,10 @@ from tasks.store import commit_manifest
 
 __all__ = ["multicloud_pipeline", "run_pipeline"]
 
-_NEXT = {"ingestion": ("processing", process_chunk), "processing": ("distribution",
-                                                                   distribute_chunk)}
+_NEXT: dict[str, tuple[str, Any]] = {
+    "ingestion": ("processing", process_chunk),
+    "processing": ("distribution", distribute_chunk),
+}
 
 
 def _fail(stage: str, ctx: RunContext, exc: BaseException) -> StageError:
@@ -85,7 +88,7 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext, *, total: int,
         done = already_done + len(stored)
         logger.info("chunk %s stored on %s (%d/%d)", index,
                     ",".join(r.node for r in value.verified), done, total)
-        if progress_id is not None:
+        if isinstance(progress_id, UUID):
             update_progress_artifact(progress_id, progress=100.0 * done / max(total, 1))
         if queue and failure is None:
             admit()
@@ -146,7 +149,7 @@ def run_pipeline(config: PipelineConfig, settings: Settings | None = None) -> Pi
     A failed run returns ``status="failed"`` with the error and the stage it failed in.
     """
     settings = settings or get_settings()
-    runner = ThreadPoolTaskRunner(max_workers=settings.max_workers)
+    runner: Any = ThreadPoolTaskRunner(max_workers=settings.max_workers)
     state = multicloud_pipeline.with_options(task_runner=runner)(config=config,
                                                                  return_state=True)
     try:

@@ -143,7 +143,8 @@ def pack_segments(
         nonlocal parts, filled
         if parts:
             plans.append(
-                ChunkPlan(index=first_index + len(plans), format=current_fmt, parts=tuple(parts))  # type: ignore[arg-type]
+                ChunkPlan(index=first_index + len(plans), format=current_fmt,  # type: ignore[arg-type]
+                          parts=tuple(parts), nodes=())
             )
         parts, filled = [], 0
 

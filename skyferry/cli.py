@@ -106,7 +106,8 @@ def run(
     try:
         config = PipelineConfig(
             source=source, dataset=dataset, topology=topology, batch_id=batch_id,
-            format=format, chunk_size=parse_size(chunk_size), replicas=replicas, quorum=quorum,
+            format=format,  # type: ignore[arg-type]  # pydantic validates the literal
+            chunk_size=parse_size(chunk_size), replicas=replicas, quorum=quorum,
             transforms=transform or [], schema_path=schema, source_cloud=source_cloud,
         )
     except ValueError as exc:
@@ -149,8 +150,8 @@ def nodes(
 ) -> None:
     """Probe every node and show its cloud, region, health and latency."""
     from blocks.topology import load_topology
-    from skyferry.pipeline import RunContext, probe_nodes_fn
     from skyferry.manifest import Catalog
+    from skyferry.pipeline import RunContext, probe_nodes_fn
 
     try:
         topo = load_topology(topology)

@@ -35,7 +35,8 @@ def _table(rng: np.random.Generator, start: int, rows: int) -> pa.Table:
     return pa.table(columns)
 
 
-def generate_dataset(target: Path, *, total_bytes: int, files: int = 4, seed: int = 7) -> list[Path]:
+def generate_dataset(target: Path, *, total_bytes: int, files: int = 4,
+                     seed: int = 7) -> list[Path]:
     """Write ``files`` CSV files of about ``total_bytes`` in all; the last holds bad rows."""
     target.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -22,7 +22,7 @@ keyword-only attributes so callers (and retry conditions) never parse messages.
     │   └── ReplicaVerificationError ............... TransientException
     ├── PlacementError
     │   ├── InsufficientNodesError   (fewer healthy nodes than the quorum) TerminalException
-    │   └── QuorumNotMetError        (a chunk could not reach W verified replicas) TransientException
+    │   └── QuorumNotMetError        (a chunk reached < W verified replicas) TransientException
     ├── IntegrityError               (no healthy replica of a chunk is left) TerminalException
     ├── BatchNotFoundError           (no committed manifest for a dataset/batch)
     └── StageError                   (wraps any of the above with the stage and batch)

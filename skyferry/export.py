@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +93,24 @@ class DatasetReader:
                 self.report.bytes += len(data)
                 yield manifest, chunk, data
 
+    def chunk_schemas(self) -> Iterator[pa.Schema]:
+        """Each chunk's Arrow schema, from its Parquet footer (a small ranged read)."""
+        for manifest in self.manifests():
+            for chunk in manifest.chunks:
+                for replica in chunk.verified:
+                    try:
+                        store = self._store(replica.node)
+                        with store.fs.open(store.path(chunk.key), "rb") as fh:
+                            yield pq.read_schema(fh)
+                        break
+                    except Exception as exc:  # a bad replica: the next one may do
+                        logger.warning("cannot read the schema of chunk %d on %s: %s",
+                                       chunk.index, replica.node, exc)
+                else:
+                    raise IntegrityError(
+                        f"no readable replica of chunk {chunk.index} of {manifest.dataset}",
+                        dataset=manifest.dataset, batch_id=manifest.batch_id, chunk=chunk.index)
+
     def iter_tables(self) -> Iterator[pa.Table]:
         for _, chunk, data in self.iter_chunks():
             if chunk.format == "binary":
@@ -103,7 +121,40 @@ class DatasetReader:
 
     def read_table(self) -> pa.Table:
         tables = list(self.iter_tables())
-        return pa.concat_tables(tables, promote_options="permissive")
+        schema = unify(t.schema for t in tables)
+        return pa.concat_tables([conform(t, schema) for t in tables])
+
+
+def unify(schemas: Iterable[pa.Schema]) -> pa.Schema:
+    """One schema for chunks that were typed independently (datasets without a schema).
+
+    Types are promoted where Arrow can (int -> double); a column whose chunks disagree
+    otherwise (double in one, string in another) becomes string, so no value is lost.
+    """
+    fields: dict[str, pa.Field] = {}
+    for schema in schemas:
+        for f in schema:
+            seen = fields.get(f.name)
+            if seen is None or seen.type == f.type:
+                fields[f.name] = f if seen is None else seen
+                continue
+            try:
+                merged = pa.unify_schemas([pa.schema([seen]), pa.schema([f])],
+                                          promote_options="permissive")
+                fields[f.name] = merged.field(f.name)
+            except (pa.ArrowTypeError, pa.ArrowInvalid):
+                fields[f.name] = pa.field(f.name, pa.string())
+    return pa.schema(list(fields.values()))
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    columns = []
+    for f in schema:
+        if f.name in table.column_names:
+            columns.append(table.column(f.name).cast(f.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, type=f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _export_binary(reader: DatasetReader, target: Path) -> None:
@@ -133,17 +184,15 @@ def export_dataset(dataset: str, to: str | Path, *, batch_id: str | None = None,
     suffix = target.suffix.lower()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.partial")
-    schema: pa.Schema | None = None
+    schema = unify(reader.chunk_schemas())
     writer: pq.ParquetWriter | pacsv.CSVWriter | None = None
     with open(tmp, "wb") as sink:
+        if suffix == ".csv":
+            writer = pacsv.CSVWriter(sink, schema)
+        elif suffix not in (".jsonl", ".ndjson", ".json"):
+            writer = pq.ParquetWriter(sink, schema, compression="zstd")
         for table in reader.iter_tables():
-            if schema is None:
-                schema = table.schema
-                if suffix == ".csv":
-                    writer = pacsv.CSVWriter(sink, schema)
-                elif suffix not in (".jsonl", ".ndjson", ".json"):
-                    writer = pq.ParquetWriter(sink, schema, compression="zstd")
-            table = table.select(schema.names).cast(schema)
+            table = conform(table, schema)
             if writer is None:
                 text = table.to_pandas().to_json(orient="records", lines=True)
                 sink.write(text.encode() + (b"" if text.endswith("\n") else b"\n"))

@@ -141,7 +141,9 @@ class Catalog:
         if batch_id is not None:
             manifests = [m for m in manifests if m.batch_id == batch_id]
         if not manifests:
-            what = f"batch {batch_id} of dataset {dataset!r}" if batch_id else f"dataset {dataset!r}"
+            what = f"dataset {dataset!r}"
+            if batch_id:
+                what = f"batch {batch_id} of {what}"
             raise BatchNotFoundError(f"no committed manifest for {what} in {self.store.url}",
                                      dataset=dataset, batch_id=batch_id)
         return manifests[-1]

@@ -220,7 +220,9 @@ def decode_parts(parts: Iterable[tuple[ChunkPart, bytes, bytes]], fmt: str,
 
     Parquet parts are read by row group straight from the source (pyarrow's ranged reads).
     """
-    tables, rejects, rows_in = [], [], 0
+    tables: list[pa.Table] = []
+    rejects: list[dict[str, Any]] = []
+    rows_in = 0
     for part, data, header in parts:
         if fmt == "csv":
             table, n = _decode_csv(part, data, header, schema, rejects)

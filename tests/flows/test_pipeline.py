@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from sf_data import replica_digest, write_ml_csv
 
 from flows.pipeline import run_pipeline
 from skyferry.config import PipelineConfig
@@ -18,7 +19,6 @@ from skyferry.errors import IntegrityError
 from skyferry.export import DatasetReader, export_dataset
 from skyferry.gc import collect_garbage
 from skyferry.manifest import Manifest
-from sf_data import replica_digest, write_ml_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -58,8 +58,8 @@ def test_csv_rows_survive_every_stage(home: Path, tmp_path: Path, schema_file: P
     pd.testing.assert_frame_equal(exported, expected, check_dtype=False)
 
     reasons = Counter()
-    from skyferry.manifest import Catalog
     from blocks.topology import load_topology
+    from skyferry.manifest import Catalog
     catalog = Catalog(load_topology().catalog_store())
     for chunk in manifest.chunks:
         if chunk.rejects_key:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def write_ml_csv(path: Path, rows: int, *, seed: int, start_id: int = 0,
                  bad_rows: bool = False) -> int:
     """A CSV of float features, a category and a label; returns the valid rows written."""

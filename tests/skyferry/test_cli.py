@@ -1,0 +1,57 @@
+"""The skyferry command as a person uses it (typer's runner, real flows, ephemeral Prefect)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from sf_data import write_ml_csv
+from typer.testing import CliRunner
+
+from skyferry.cli import app
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
+runner = CliRunner()
+
+
+def test_run_json_then_export_then_nodes(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_ml_csv(src / "a.csv", 800, seed=2, bad_rows=True)
+    out = runner.invoke(app, ["run", f"{src}/*.csv", "--dataset", "cli", "--chunk-size", "10KB",
+                              "--replicas", "3", "--quorum", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output)
+    assert result["status"] == "completed"
+    # no schema: only the short row is malformed; "abc" in a float column is kept
+    assert result["rows_stored"] == 801 and result["rows_rejected"] == 1
+    assert set(result["stages"]) == {"ingestion", "processing", "distribution", "storage"}
+
+    target = tmp_path / "out.parquet"
+    out = runner.invoke(app, ["export", "cli", "--to", str(target)])
+    assert out.exit_code == 0, out.output
+    exported = pq.read_table(target)
+    assert exported.num_rows == 801
+    assert "abc" in exported.column("f0").to_pylist()  # the disagreeing chunk made it string
+
+    csv_target = tmp_path / "out.csv"
+    assert runner.invoke(app, ["export", "cli", "--to", str(csv_target)]).exit_code == 0
+    assert len(csv_target.read_text().splitlines()) == 802
+
+    out = runner.invoke(app, ["nodes"])
+    assert out.exit_code == 0, out.output
+    for name in ("aws-node-1", "aws-node-2", "gcp-node-1", "gcp-node-2", "azure-node-1"):
+        assert name in out.output
+    assert out.output.count("healthy") == 5
+
+
+def test_run_reports_a_failure_with_its_stage(home: Path, tmp_path: Path) -> None:
+    out = runner.invoke(app, ["run", str(tmp_path / "missing"), "--dataset", "x"])
+    assert out.exit_code == 1
+    assert "ingestion" in out.output and "source not found" in out.output
+
+
+def test_bad_chunk_size_is_refused(home: Path) -> None:
+    out = runner.invoke(app, ["run", ".", "--dataset", "x", "--chunk-size", "lots"])
+    assert out.exit_code == 2
