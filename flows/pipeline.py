@@ -1,5 +1,8 @@
 """The ``multicloud-pipeline`` flow: ingest, process, distribute and store, mapped over chunks.
 
+Task arguments are wrapped in ``quote()``: they are in-process references, and Prefect would
+otherwise walk every field of every record on each submission.
+
 Chunks move through the stages in a bounded window (``max_in_flight``): as soon as a chunk
 leaves one stage its next task is submitted, and a new chunk enters only when one is stored.
 Memory is bounded by the window times the chunk size, whatever the dataset's size.
@@ -17,6 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.errors import SkyferryError, StageError
@@ -59,7 +63,7 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext, *, total: int,
 
     def admit() -> None:
         chunk = queue.popleft()
-        active[ingest_chunk.submit(chunk, ctx)] = ("ingestion", chunk.index)
+        active[ingest_chunk.submit(quote(chunk), quote(ctx))] = ("ingestion", chunk.index)
 
     while queue and len(active) < window:
         admit()
@@ -76,7 +80,7 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext, *, total: int,
             continue
         if stage in _NEXT:
             next_stage, next_task = _NEXT[stage]
-            active[next_task.submit(value, ctx)] = (next_stage, index)
+            active[next_task.submit(quote(value), quote(ctx))] = (next_stage, index)
             continue
         try:
             journal_chunk_fn(ctx, value)
@@ -109,7 +113,7 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
                          dataset=config.dataset) from exc
     stage = "ingestion"
     try:
-        latencies = probe_nodes(ctx)
+        latencies = probe_nodes(quote(ctx))
         logger.info("nodes: %s", {n: ("down" if v is None else f"{v * 1000:.1f} ms")
                                   for n, v in latencies.items()})
         if config.batch_id is not None:
@@ -120,19 +124,19 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
                                           batch_id=config.batch_id,
                                           chunks_skipped=len(manifest.chunks),
                                           duration_s=round(time.perf_counter() - started, 3))
-        files = list_new_files(ctx)
+        files = list_new_files(quote(ctx))
         if not files:
             logger.info("no new or changed files under %s", config.source)
             return PipelineResult(status="up_to_date", dataset=config.dataset,
                                   duration_s=round(time.perf_counter() - started, 3))
-        plan, resumed = plan_batch(ctx, files)
+        plan, resumed = plan_batch(quote(ctx), quote(files))
         done = ctx.catalog.done_chunks(plan.dataset, plan.batch_id) if resumed else {}
         todo = [c for c in plan.chunks if c.index not in done]
         logger.info("batch %s: %d chunks, %d to do, %d already stored", plan.batch_id,
                     len(plan.chunks), len(todo), len(done))
         new = run_chunk_stages(todo, ctx, total=len(plan.chunks), already_done=len(done))
         stage = "storage"
-        manifest, key = commit_manifest(ctx, list(done.values()) + new)
+        manifest, key = commit_manifest(quote(ctx), quote(list(done.values()) + new))
     except StageError:
         raise
     except Exception as exc:

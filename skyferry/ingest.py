@@ -99,9 +99,11 @@ def iter_part_bytes(
         yield part, read_range(part.source, part.start, part.end, options)
 
 
-def read_chunk_hash(plan: ChunkPlan, options: Mapping[str, Any] | None = None) -> str:
-    """Ranged-read every part of a chunk and return the sha256 of its source bytes."""
+def read_chunk_hash(plan: ChunkPlan, options: Mapping[str, Any] | None = None,
+                    *, block: int = 8 << 20) -> str:
+    """Ranged-read every part of a chunk in ``block``-sized reads; sha256 of the bytes."""
     digest = hashlib.sha256()
-    for _, data in iter_part_bytes(plan, options):
-        digest.update(data)
+    for part in plan.parts:
+        for start in range(part.start, part.end, block):
+            digest.update(read_range(part.source, start, min(start + block, part.end), options))
     return digest.hexdigest()

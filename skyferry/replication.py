@@ -6,7 +6,6 @@ replica that no node can take now becomes a hint that a later repair completes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +23,9 @@ logger = logging.getLogger("skyferry.distribute")
 
 
 def verify_replica(store: Store, key: str, sha256: str, size: int) -> None:
-    """Read the replica back and compare its size and hash with the content's."""
-    data = store.get(key)
-    if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+    """Read the replica back (streamed) and compare its size and hash with the content's."""
+    digest, found = store.sha256(key)
+    if found != size or digest != sha256:
         raise ReplicaVerificationError(
             f"replica {key!r} on node {store.name} does not match its content hash",
             node=store.name, key=key,

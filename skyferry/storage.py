@@ -126,6 +126,19 @@ class Store:
         except Exception as exc:
             raise self._translate(exc, key, "read") from exc
 
+    def sha256(self, key: str, *, block: int = 8 << 20) -> tuple[str, int]:
+        """Stream an object through sha256 in ``block``-sized reads: ``(hexdigest, size)``."""
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with self.fs.open(self.path(key), "rb", block_size=block) as fh:
+                while data := fh.read(block):
+                    digest.update(data)
+                    size += len(data)
+        except Exception as exc:
+            raise self._translate(exc, key, "read") from exc
+        return digest.hexdigest(), size
+
     def size(self, key: str) -> int:
         try:
             return int(self.fs.size(self.path(key)))

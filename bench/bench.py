@@ -1,0 +1,303 @@
+"""skyferry's benchmark: per-stage figures, each a ratio to a baseline measured in the same run.
+
+Run with ``make bench``. Prints a line per figure, then one JSON line. These machines are
+noisy, so each figure is a ratio to a baseline measured seconds before or after it.
+
+Environment: BENCH_DIR (default: a temp dir), BENCH_GIB (default 1), BENCH_BIG_GIB (default 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
+
+GIB = 1 << 30
+MIB = 1 << 20
+ROOT = Path(os.environ.get("BENCH_DIR") or tempfile.mkdtemp(prefix="skyferry-bench-"))
+SIZE = int(float(os.environ.get("BENCH_GIB", "1")) * GIB)
+BIG = int(float(os.environ.get("BENCH_BIG_GIB", "4")) * GIB)
+CHUNK = 64 * MIB
+figures: dict[str, float | str | None] = {}
+
+
+def say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def sync() -> None:
+    os.sync()
+
+
+def write_random(path: Path, size: int, seed: int) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            n = min(left, 64 * MIB)
+            fh.write(rng.bytes(n))
+            left -= n
+
+
+def write_csv(path: Path, size: int) -> None:
+    from skyferry.demo import generate_dataset
+
+    generate_dataset(path, total_bytes=size, files=1)
+    for bad in path.glob("train-*.csv"):
+        # the benchmark compares against a bare conversion: keep the rows well-formed
+        data_end = bad.stat().st_size
+        with open(bad, "rb+") as fh:
+            fh.seek(max(0, data_end - 4096))
+            tail = fh.read()
+            keep = tail.find(b"999999991,")
+            if keep >= 0:
+                fh.truncate(max(0, data_end - 4096) + keep)
+
+
+def fresh_home(name: str) -> Path:
+    home = ROOT / "homes" / name
+    shutil.rmtree(home, ignore_errors=True)
+    os.environ["SKYFERRY_HOME"] = str(home)
+    from skyferry.config import get_settings
+
+    get_settings.cache_clear()
+    return home
+
+
+def run_skyferry(source: str, dataset: str, **extra: object) -> tuple[float, object]:
+    from flows.pipeline import run_pipeline
+    from skyferry.config import PipelineConfig
+
+    config = PipelineConfig(source=source, dataset=dataset, chunk_size=CHUNK, **extra)
+    started = time.perf_counter()
+    result = run_pipeline(config)
+    sync()
+    elapsed = time.perf_counter() - started
+    if result.status != "completed":
+        raise SystemExit(f"benchmark run failed: {result.error}")
+    return elapsed, result
+
+
+def floor_copy(src: Path, targets: list[Path]) -> None:
+    """The machine's floor: hash the file once, write 3 copies, sync."""
+    digest = hashlib.sha256()
+    handles = []
+    for t in targets:
+        t.parent.mkdir(parents=True, exist_ok=True)
+        handles.append(open(t, "wb"))
+    with open(src, "rb") as fh:
+        while block := fh.read(16 * MIB):
+            digest.update(block)
+            for h in handles:
+                h.write(block)
+    for h in handles:
+        h.close()
+    sync()
+
+
+def bare_pyarrow(src: Path, dst: Path) -> None:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pacsv.read_csv(src)
+    pq.write_table(table, dst, compression="zstd")
+
+
+def plain_pipeline(source: str, dataset: str) -> float:
+    """The same stage functions without Prefect: a plain thread pool, same parallelism."""
+    from skyferry.config import PipelineConfig
+    from skyferry.pipeline import (
+        build_context,
+        build_plan,
+        commit_fn,
+        distribute_chunk_fn,
+        ingest_chunk_fn,
+        journal_chunk_fn,
+        new_source_files,
+        probe_nodes_fn,
+        process_chunk_fn,
+    )
+
+    started = time.perf_counter()
+    ctx = build_context(PipelineConfig(source=source, dataset=dataset, chunk_size=CHUNK))
+    probe_nodes_fn(ctx)
+    plan, _ = build_plan(ctx, new_source_files(ctx))
+
+    def one(chunk):  # type: ignore[no-untyped-def]
+        return distribute_chunk_fn(process_chunk_fn(ingest_chunk_fn(chunk, ctx), ctx), ctx)
+
+    with ThreadPoolExecutor(max_workers=ctx.settings.max_in_flight) as pool:
+        stored = list(pool.map(one, plan.chunks))
+    for chunk in stored:
+        journal_chunk_fn(ctx, chunk)
+    commit_fn(ctx, stored)
+    sync()
+    return time.perf_counter() - started
+
+
+def child_peak_rss(source: str, dataset: str) -> tuple[float, float]:
+    """Run the CLI in a child; return (its flow duration, peak RSS of any of its processes)."""
+    cmd = [sys.executable, "-m", "skyferry.cli", "run", source, "--dataset", dataset,
+           "--chunk-size", str(CHUNK), "--json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
+    result = json.loads(out.stdout)
+    rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return float(result["duration_s"]), rss_kb / 1024
+
+
+def main() -> None:
+    say(f"bench dir {ROOT}; {SIZE / GIB:.1f} GiB runs, {BIG / GIB:.1f} GiB memory run")
+    data = ROOT / "data"
+    blob = data / "blob" / "one.bin"
+    write_random(blob, SIZE, seed=1)
+    csv_dir = data / "csv"
+    write_csv(csv_dir, SIZE)
+    csv_file = next(csv_dir.glob("*.csv"))
+    sync()
+
+    # Prefect's one-time start-up, on its own
+    fresh_home("startup")
+    tiny = data / "tiny" / "t.bin"
+    write_random(tiny, 1024, seed=2)
+    figures["startup_s"] = round(run_skyferry(str(tiny), "tiny")[0], 2)
+    say(f"startup_s               {figures['startup_s']}  (ephemeral API + first flow run)")
+
+    # 1 GiB binary vs the I/O floor
+    floor_dir = ROOT / "floor"
+    floor_s = timed(lambda: floor_copy(blob, [floor_dir / f"n{i}" / "one.bin" for i in range(3)]))
+    shutil.rmtree(floor_dir)
+    sync()
+    fresh_home("binary")
+    sky_s, result = run_skyferry(str(blob), "blob")
+    figures["binary_ratio_to_floor"] = round(sky_s / floor_s, 3)
+    say(f"binary_ratio_to_floor   {figures['binary_ratio_to_floor']}  "
+        f"(skyferry {sky_s:.1f}s vs floor {floor_s:.1f}s; target <= 1.2)")
+    _stage_lines(result)
+    shutil.rmtree(ROOT / "homes" / "binary")
+
+    rclone = shutil.which("rclone")
+    if rclone:
+        targets = [ROOT / "rclone" / f"n{i}" for i in range(3)]
+
+        def rclone_copy() -> None:
+            procs = [subprocess.Popen([rclone, "copy", "--checksum", str(blob.parent), str(t)])
+                     for t in targets]
+            for p in procs:
+                p.wait()
+            sync()
+
+        rclone_s = timed(rclone_copy)
+        shutil.rmtree(ROOT / "rclone")
+        figures["rclone_ratio"] = round(sky_s / rclone_s, 3)
+        say(f"rclone_ratio            {figures['rclone_ratio']}  (rclone {rclone_s:.1f}s; "
+            "target < 1)")
+    else:
+        figures["rclone_ratio"] = None
+        say("rclone_ratio            n/a (rclone is not installed)")
+
+    # 1 GiB CSV -> zstd Parquet vs bare pyarrow
+    bare_s = timed(lambda: bare_pyarrow(csv_file, ROOT / "bare.parquet"))
+    (ROOT / "bare.parquet").unlink()
+    fresh_home("csv")
+    csv_s, result = run_skyferry(str(csv_file), "csv")
+    csv_bytes = csv_file.stat().st_size
+    figures["csv_ratio_to_pyarrow"] = round(bare_s / csv_s, 3)
+    figures["csv_mb_s"] = round(csv_bytes / 1e6 / csv_s, 1)
+    say(f"csv_ratio_to_pyarrow    {figures['csv_ratio_to_pyarrow']}  (skyferry {csv_s:.1f}s, "
+        f"bare pyarrow {bare_s:.1f}s; target >= 0.9); csv_mb_s {figures['csv_mb_s']}")
+    _stage_lines(result)
+    shutil.rmtree(ROOT / "homes" / "csv")
+
+    # ingestion alone: list, plan (quote-aware scan), ranged reads + hashing
+    from skyferry.ingest import plan_chunks, read_chunk_hash
+    from skyferry.listing import list_source
+
+    def ingest() -> None:
+        plans = plan_chunks(list_source(str(csv_file)), "auto", CHUNK)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(read_chunk_hash, plans))
+
+    ingest_s = timed(ingest)
+    figures["ingest_mb_s"] = round(csv_bytes / 1e6 / ingest_s, 1)
+    say(f"ingest_mb_s             {figures['ingest_mb_s']}  (target >= 200)")
+
+    # small files vs one file
+    small_dir = data / "small"
+    count = 10_000
+    each = SIZE // count
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    small_dir.mkdir(parents=True, exist_ok=True)
+    payload = rng.bytes(each + 4096)
+    for i in range(count):
+        (small_dir / f"f{i:05d}.bin").write_bytes(payload[i % 4096:i % 4096 + each])
+    sync()
+    fresh_home("one")
+    one_s, _ = run_skyferry(str(blob), "one")
+    shutil.rmtree(ROOT / "homes" / "one")
+    fresh_home("small")
+    small_s, _ = run_skyferry(str(small_dir), "small")
+    shutil.rmtree(ROOT / "homes" / "small")
+    figures["small_files_ratio"] = round(small_s / one_s, 3)
+    say(f"small_files_ratio       {figures['small_files_ratio']}  ({count} files {small_s:.1f}s "
+        f"vs one file {one_s:.1f}s; target <= 2)")
+    shutil.rmtree(small_dir)
+
+    # 4 GiB: peak memory in a child, and Prefect's share of the wall time
+    big = data / "big" / "big.bin"
+    write_random(big, BIG, seed=4)
+    sync()
+    fresh_home("big")
+    prefect_s, rss = child_peak_rss(str(big), "big")
+    shutil.rmtree(ROOT / "homes" / "big")
+    sync()
+    figures["peak_rss_mb"] = round(rss, 1)
+    say(f"peak_rss_mb             {figures['peak_rss_mb']}  ({BIG / GIB:.0f} GiB, 64 MiB chunks; "
+        "target < 1024)")
+    fresh_home("big-plain")
+    plain_s = plain_pipeline(str(big), "big")
+    shutil.rmtree(ROOT / "homes" / "big-plain")
+    share = max(0.0, (prefect_s - plain_s) / prefect_s)
+    figures["overhead_share"] = round(share, 4)
+    say(f"overhead_share          {figures['overhead_share']}  (flow {prefect_s:.1f}s vs the "
+        f"same functions without Prefect {plain_s:.1f}s; target < 0.05)")
+    shutil.rmtree(big.parent)
+
+    say(json.dumps(figures, sort_keys=True))
+
+
+def _stage_lines(result: object) -> None:
+    for name, m in result.stages.items():  # type: ignore[attr-defined]
+        say(f"    {name:<13} items {m.items:>4}  {m.bytes / 1e6:>8.1f} MB  busy {m.duration_s:>6.2f}s"
+            f"  {m.mb_s:>7.1f} MB/s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        if not os.environ.get("BENCH_DIR"):
+            shutil.rmtree(ROOT, ignore_errors=True)
