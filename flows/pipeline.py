@@ -40,6 +40,11 @@ _NEXT: dict[str, tuple[str, Any]] = {
 }
 
 
+def _ref(value: Any) -> Any:
+    """Hand an in-process reference to a task without Prefect walking its fields."""
+    return quote(value)
+
+
 def _fail(stage: str, ctx: RunContext, exc: BaseException) -> StageError:
     batch = ctx.plan.batch_id if ctx.plan else (ctx.config.batch_id or "unplanned")
     error = StageError(str(exc), stage=stage, batch_id=batch, dataset=ctx.config.dataset)
@@ -63,7 +68,7 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext, *, total: int,
 
     def admit() -> None:
         chunk = queue.popleft()
-        active[ingest_chunk.submit(quote(chunk), quote(ctx))] = ("ingestion", chunk.index)
+        active[ingest_chunk.submit(_ref(chunk), _ref(ctx))] = ("ingestion", chunk.index)
 
     while queue and len(active) < window:
         admit()
@@ -80,7 +85,7 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext, *, total: int,
             continue
         if stage in _NEXT:
             next_stage, next_task = _NEXT[stage]
-            active[next_task.submit(quote(value), quote(ctx))] = (next_stage, index)
+            active[next_task.submit(_ref(value), _ref(ctx))] = (next_stage, index)
             continue
         try:
             journal_chunk_fn(ctx, value)
@@ -113,7 +118,7 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
                          dataset=config.dataset) from exc
     stage = "ingestion"
     try:
-        latencies = probe_nodes(quote(ctx))
+        latencies = probe_nodes(_ref(ctx))
         logger.info("nodes: %s", {n: ("down" if v is None else f"{v * 1000:.1f} ms")
                                   for n, v in latencies.items()})
         if config.batch_id is not None:
@@ -124,19 +129,19 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
                                           batch_id=config.batch_id,
                                           chunks_skipped=len(manifest.chunks),
                                           duration_s=round(time.perf_counter() - started, 3))
-        files = list_new_files(quote(ctx))
+        files = list_new_files(_ref(ctx))
         if not files:
             logger.info("no new or changed files under %s", config.source)
             return PipelineResult(status="up_to_date", dataset=config.dataset,
                                   duration_s=round(time.perf_counter() - started, 3))
-        plan, resumed = plan_batch(quote(ctx), quote(files))
+        plan, resumed = plan_batch(_ref(ctx), _ref(files))
         done = ctx.catalog.done_chunks(plan.dataset, plan.batch_id) if resumed else {}
         todo = [c for c in plan.chunks if c.index not in done]
         logger.info("batch %s: %d chunks, %d to do, %d already stored", plan.batch_id,
                     len(plan.chunks), len(todo), len(done))
         new = run_chunk_stages(todo, ctx, total=len(plan.chunks), already_done=len(done))
         stage = "storage"
-        manifest, key = commit_manifest(quote(ctx), quote(list(done.values()) + new))
+        manifest, key = commit_manifest(_ref(ctx), _ref(list(done.values()) + new))
     except StageError:
         raise
     except Exception as exc:

@@ -74,7 +74,7 @@ class Settings(BaseSettings):
 
     home: Path = Field(
         default_factory=lambda: Path.home() / ".skyferry",
-        description="Data directory: catalog, staging and the default nodes' folders.",
+        description="Data directory: the catalog and the default nodes' folders.",
     )
     max_workers: int = Field(default=4, ge=1, description="Task runner threads.")
     max_in_flight: int = Field(
@@ -88,10 +88,6 @@ class Settings(BaseSettings):
     @property
     def catalog_url(self) -> str:
         return str(self.home / "catalog")
-
-    @property
-    def staging_dir(self) -> Path:
-        return self.home / "staging"
 
 
 @lru_cache(maxsize=1)

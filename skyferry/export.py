@@ -6,7 +6,6 @@ corrupt replica fails over to the next. Only chunks that a committed manifest li
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from collections.abc import Iterable, Iterator
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 
 from blocks.topology import Topology, load_topology
 from skyferry.errors import IntegrityError, StorageError, TopologyError
+from skyferry.hashing import content_hash
 from skyferry.manifest import Catalog, Manifest
 from skyferry.models import StoredChunk
 from skyferry.storage import Store
@@ -71,7 +71,7 @@ class DatasetReader:
             except (StorageError, TopologyError) as exc:
                 problems.append(f"{replica.node}: {exc}")
                 continue
-            if len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256:
+            if len(data) == chunk.size and content_hash(data) == chunk.digest:
                 if problems:
                     self.report.failovers.append(
                         f"chunk {chunk.index}: {'; '.join(problems)} -> read {replica.node}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -11,6 +10,7 @@ import pyarrow.parquet as pq
 
 from skyferry.chunking import binary_segments, pack_segments, parquet_segments, text_segments
 from skyferry.errors import FormatError, SourceChangedError, SourceError, SourceNotFoundError
+from skyferry.hashing import new_hasher
 from skyferry.listing import check_format, detect_format
 from skyferry.models import ChunkPart, ChunkPlan, SourceFile
 from skyferry.storage import open_url
@@ -101,8 +101,8 @@ def iter_part_bytes(
 
 def read_chunk_hash(plan: ChunkPlan, options: Mapping[str, Any] | None = None,
                     *, block: int = 8 << 20) -> str:
-    """Ranged-read every part of a chunk in ``block``-sized reads; sha256 of the bytes."""
-    digest = hashlib.sha256()
+    """Ranged-read every part of a chunk in ``block``-sized reads; digest of the bytes."""
+    digest = new_hasher()
     for part in plan.parts:
         for start in range(part.start, part.end, block):
             digest.update(read_range(part.source, start, min(start + block, part.end), options))

@@ -13,7 +13,6 @@ A reader trusts only what a committed manifest lists.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from skyferry.errors import BatchNotFoundError, ObjectNotFoundError
+from skyferry.hashing import HASH_ALGORITHM
 from skyferry.models import ChunkPlan, SourceFile, StoredChunk
 from skyferry.storage import Store, safe_key
 
@@ -62,11 +62,6 @@ class BatchPlan(BaseModel):
     lineage: Lineage
     chunks: list[ChunkPlan]
 
-    @property
-    def fingerprint(self) -> str:
-        body = self.model_dump_json(exclude={"created_at", "partition_date"}, by_alias=True)
-        return hashlib.sha256(body.encode()).hexdigest()
-
     def key(self, chunk: ChunkPlan) -> str:
         return chunk_key(self.dataset, self.partition_date, self.batch_id, chunk.index,
                          chunk.format)
@@ -76,6 +71,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True)
 
     version: int = MANIFEST_VERSION
+    hash_algorithm: str = HASH_ALGORITHM
     dataset: str
     batch_id: str
     partition_date: str

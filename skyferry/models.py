@@ -58,19 +58,20 @@ class ChunkPlan(_Record):
 
 class IngestedChunk(_Record):
     plan: ChunkPlan
-    source_sha256: str
+    source_digest: str
     bytes_read: int
     attempts: int = 1
 
 
 class ProcessedChunk(_Record):
-    """Where the processed bytes are (a staged file, or the source ranges for binary)."""
+    """Where the processed bytes are: the run's in-memory staging area (keyed by the chunk's
+    index), or, for binary chunks, the source ranges themselves."""
 
     plan: ChunkPlan
-    source_sha256: str
-    sha256: str
+    source_digest: str
+    digest: str
     size: int
-    staged_path: str | None
+    staged: bool
     rows_in: int
     rows_out: int
     rows_rejected: int
@@ -88,9 +89,9 @@ class StoredChunk(_Record):
     index: int
     key: str
     format: ChunkFormat
-    sha256: str
+    digest: str
     size: int
-    source_sha256: str
+    source_digest: str
     rows_in: int
     rows_out: int
     rows_rejected: int

@@ -8,13 +8,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+
+import pyarrow as pa
 
 from blocks.topology import Topology, load_topology
 from skyferry import __version__
@@ -24,6 +26,7 @@ from skyferry.errors import (
     SourceChangedError,
     UnsafeKeyError,
 )
+from skyferry.hashing import content_hash, new_hasher
 from skyferry.ingest import iter_part_bytes, plan_chunks, read_chunk_hash, read_range
 from skyferry.listing import list_source, source_cloud
 from skyferry.manifest import BatchPlan, Catalog, Lineage, Manifest
@@ -67,15 +70,24 @@ class RunContext:
     plan: BatchPlan | None = None
     placer: Placer | None = None
     writer: ReplicaWriter | None = None
+    _staged: dict[int, pa.Buffer] = field(default_factory=dict, repr=False)
+    _staging_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __hash__(self) -> int:  # tasks may hash their inputs; identity is enough
         return id(self)
 
-    def staging_path(self, chunk: ChunkPlan) -> Path:
-        assert self.plan is not None
-        key = safe_key(self.plan.dataset, f"batch={self.plan.batch_id}",
-                       f"chunk-{chunk.index:05d}.parquet")
-        return self.settings.staging_dir / key
+    def stage(self, index: int, buffer: pa.Buffer) -> None:
+        """Hold a processed chunk until its replicas are written (bounded by the window)."""
+        with self._staging_lock:
+            self._staged[index] = buffer
+
+    def staged(self, index: int) -> pa.Buffer:
+        with self._staging_lock:
+            return self._staged[index]
+
+    def unstage(self, index: int) -> None:
+        with self._staging_lock:
+            self._staged.pop(index, None)
 
 
 def build_context(config: PipelineConfig, settings: Settings | None = None) -> RunContext:
@@ -205,26 +217,26 @@ def build_plan(ctx: RunContext, files: list[SourceFile]) -> tuple[BatchPlan, boo
 
 def ingest_chunk_fn(chunk: ChunkPlan, ctx: RunContext) -> IngestedChunk:
     digest = read_chunk_hash(chunk, ctx.config.source_options)
-    return IngestedChunk(plan=chunk, source_sha256=digest, bytes_read=chunk.size)
+    return IngestedChunk(plan=chunk, source_digest=digest, bytes_read=chunk.size)
 
 
 def process_chunk_fn(ingested: IngestedChunk, ctx: RunContext) -> ProcessedChunk:
     chunk, plan = ingested.plan, ctx.plan
     assert plan is not None
     if chunk.format == "binary":
-        return ProcessedChunk(plan=chunk, source_sha256=ingested.source_sha256,
-                              sha256=ingested.source_sha256, size=chunk.size, staged_path=None,
+        return ProcessedChunk(plan=chunk, source_digest=ingested.source_digest,
+                              digest=ingested.source_digest, size=chunk.size, staged=False,
                               rows_in=0, rows_out=0, rows_rejected=0)
     options = ctx.config.source_options
-    digest = hashlib.sha256()
+    hasher = new_hasher()
     parts = []
     for part, data in iter_part_bytes(chunk, options):
-        digest.update(data)
+        hasher.update(data)
         header = b""
         if part.start > 0 and part.header_end:
             header = read_range(part.source, 0, part.header_end, options)
         parts.append((part, data, header))
-    if digest.hexdigest() != ingested.source_sha256:
+    if hasher.hexdigest() != ingested.source_digest:
         raise SourceChangedError(
             f"chunk {chunk.index} of {chunk.parts[0].source} changed since ingest",
             url=chunk.parts[0].source)
@@ -235,21 +247,18 @@ def process_chunk_fn(ingested: IngestedChunk, ctx: RunContext) -> ProcessedChunk
     if out.rejects:
         rejects_key = ctx.catalog.rejects_key(plan.dataset, plan.batch_id, chunk.index)
         ctx.catalog.save_rejects(rejects_key, out.rejects)
-    path = ctx.staging_path(chunk)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:
-        fh.write(buffer)
+    ctx.stage(chunk.index, buffer)
     return ProcessedChunk(
-        plan=chunk, source_sha256=ingested.source_sha256,
-        sha256=hashlib.sha256(buffer).hexdigest(), size=buffer.size, staged_path=str(path),
+        plan=chunk, source_digest=ingested.source_digest,
+        digest=content_hash(buffer), size=buffer.size, staged=True,
         rows_in=out.rows_in, rows_out=out.table.num_rows, rows_rejected=out.rows_rejected,
         rejects_key=rejects_key,
     )
 
 
-def _processed_bytes(processed: ProcessedChunk, ctx: RunContext) -> bytes:
-    if processed.staged_path is not None:
-        return Path(processed.staged_path).read_bytes()
+def _processed_bytes(processed: ProcessedChunk, ctx: RunContext) -> bytes | memoryview:
+    if processed.staged:
+        return memoryview(ctx.staged(processed.plan.index))
     pieces = [data for _, data in iter_part_bytes(processed.plan, ctx.config.source_options)]
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -260,24 +269,23 @@ def distribute_chunk_fn(processed: ProcessedChunk, ctx: RunContext) -> StoredChu
     assert plan is not None and writer is not None
     chunk = processed.plan
     data = _processed_bytes(processed, ctx)
-    if hashlib.sha256(data).hexdigest() != processed.sha256:
-        if processed.staged_path is None:
+    if content_hash(data) != processed.digest:
+        if not processed.staged:
             raise SourceChangedError(f"chunk {chunk.index} source bytes changed before "
                                      "distribution", url=chunk.parts[0].source)
-        raise ReplicaVerificationError(f"staged chunk {processed.staged_path} is corrupt",
-                                       node="staging", key=processed.staged_path)
+        raise ReplicaVerificationError(f"staged chunk {chunk.index} is corrupt in memory",
+                                       node="staging", key=str(chunk.index))
     key = plan.key(chunk)
-    outcome = writer.write(chunk.index, key, data, processed.sha256, list(chunk.nodes),
+    outcome = writer.write(chunk.index, key, data, processed.digest, list(chunk.nodes),
                            plan.quorum)
     stored = StoredChunk(
-        index=chunk.index, key=key, format=chunk.format, sha256=processed.sha256,
-        size=processed.size, source_sha256=processed.source_sha256, rows_in=processed.rows_in,
+        index=chunk.index, key=key, format=chunk.format, digest=processed.digest,
+        size=processed.size, source_digest=processed.source_digest, rows_in=processed.rows_in,
         rows_out=processed.rows_out, rows_rejected=processed.rows_rejected,
         rejects_key=processed.rejects_key, parts=chunk.parts,
         replicas=tuple(outcome.replicas), node_failures=outcome.node_failures,
     )
-    if processed.staged_path is not None:
-        Path(processed.staged_path).unlink(missing_ok=True)
+    ctx.unstage(chunk.index)
     return stored
 
 
@@ -295,11 +303,6 @@ def commit_fn(ctx: RunContext, chunks: list[StoredChunk]) -> tuple[Manifest, str
     manifest = Manifest.from_plan(plan, chunks)
     key = ctx.catalog.commit(manifest)
     ctx.catalog.drop_pending(plan.dataset, plan.batch_id)
-    staging = ctx.settings.staging_dir / plan.dataset / f"batch={plan.batch_id}"
-    if staging.exists():
-        for leftover in staging.iterdir():
-            leftover.unlink()
-        staging.rmdir()
     return manifest, key
 
 

@@ -156,15 +156,29 @@ def _decode_csv(part: ChunkPart, data: bytes, header: bytes, schema: Schema | No
         invalid.append(row)
         return "skip"
 
-    parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid)
     convert = pacsv.ConvertOptions(strings_can_be_null=True)
     if schema is not None:
         convert = pacsv.ConvertOptions(column_types=schema.arrow_types(),
                                        strings_can_be_null=True)
     payload = header + data if header else data
     raw: pa.Table | None = None
+    # Fast path: most data has no newline inside a quoted field, and pyarrow parses ~20%
+    # faster without `newlines_in_values`. A quoted newline shows up as a broken row that
+    # holds a quote (or a parse error); then the chunk is parsed again with it.
+    parse = pacsv.ParseOptions(newlines_in_values=False, invalid_row_handler=on_invalid)
     try:
         table = pacsv.read_csv(io.BytesIO(payload), parse_options=parse, convert_options=convert)
+        retry = any('"' in row.text for row in invalid) or (
+            table.num_columns <= 1 and b'"' in payload)  # one column: no row looks broken
+    except pa.ArrowInvalid:
+        retry = True
+    if retry:
+        invalid.clear()
+        parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid)
+    try:
+        if retry:
+            table = pacsv.read_csv(io.BytesIO(payload), parse_options=parse,
+                                   convert_options=convert)
     except pa.ArrowInvalid as exc:
         if schema is None or "conversion error" not in str(exc).lower():
             raise FormatError(f"{part.source} [{part.start}:{part.end}] is not valid CSV: {exc}",

@@ -22,10 +22,10 @@ __all__ = ["ReplicaWriter", "WriteOutcome", "verify_replica"]
 logger = logging.getLogger("skyferry.distribute")
 
 
-def verify_replica(store: Store, key: str, sha256: str, size: int) -> None:
+def verify_replica(store: Store, key: str, digest: str, size: int) -> None:
     """Read the replica back (streamed) and compare its size and hash with the content's."""
-    digest, found = store.sha256(key)
-    if found != size or digest != sha256:
+    digest, found = store.digest_of(key)
+    if found != size or digest != digest:
         raise ReplicaVerificationError(
             f"replica {key!r} on node {store.name} does not match its content hash",
             node=store.name, key=key,
@@ -58,12 +58,12 @@ class ReplicaWriter:
                 self._stores[node.name] = node.store()
             return self._stores[node.name]
 
-    def _write_one(self, node: Node, key: str, data: bytes | memoryview, sha256: str) -> None:
+    def _write_one(self, node: Node, key: str, data: bytes | memoryview, digest: str) -> None:
         store = self.store(node)
-        store.put(key, bytes(data) if isinstance(data, memoryview) else data)
-        verify_replica(store, key, sha256, len(data))
+        store.put(key, data)
+        verify_replica(store, key, digest, len(data))
 
-    def write(self, chunk: int, key: str, data: bytes | memoryview, sha256: str,
+    def write(self, chunk: int, key: str, data: bytes | memoryview, digest: str,
               planned: list[str], quorum: int) -> WriteOutcome:
         """Write ``data`` to the planned nodes (or replacements) and verify every replica."""
         wanted = len(planned)
@@ -94,7 +94,7 @@ class ReplicaWriter:
             if not targets:
                 break
             with ThreadPoolExecutor(max_workers=len(targets)) as pool:
-                futures = {n.name: pool.submit(self._write_one, n, key, data, sha256)
+                futures = {n.name: pool.submit(self._write_one, n, key, data, digest)
                            for n in targets}
             failed = []
             for node in targets:

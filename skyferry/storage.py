@@ -7,7 +7,6 @@ family, naming the node and the key.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import posixpath
 import re
@@ -26,8 +25,9 @@ from skyferry.errors import (
     StorageError,
     UnsafeKeyError,
 )
+from skyferry.hashing import new_hasher
 
-__all__ = ["ObjectInfo", "Store", "open_url", "safe_key", "sha256_hex"]
+__all__ = ["ObjectInfo", "Store", "open_url", "safe_key"]
 
 logger = logging.getLogger("skyferry.storage")
 
@@ -50,10 +50,6 @@ def safe_key(*parts: str) -> str:
     ):
         raise UnsafeKeyError(f"unsafe object key {key!r}: it must stay inside its prefix", key=key)
     return key
-
-
-def sha256_hex(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
@@ -99,7 +95,7 @@ class Store:
             f"failed to {where}: {type(exc).__name__}: {exc}", node=self.name, key=key
         )
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         """Write ``data`` under ``key``; atomic (temp file + rename) on local disks."""
         path = self.path(key)
         try:
@@ -115,7 +111,7 @@ class Store:
                     if self.fs.exists(tmp):
                         self.fs.rm(tmp)
             else:
-                self.fs.pipe_file(path, data)
+                self.fs.pipe_file(path, bytes(data) if isinstance(data, memoryview) else data)
         except Exception as exc:
             raise self._translate(exc, key, "write") from exc
 
@@ -126,9 +122,12 @@ class Store:
         except Exception as exc:
             raise self._translate(exc, key, "read") from exc
 
-    def sha256(self, key: str, *, block: int = 8 << 20) -> tuple[str, int]:
-        """Stream an object through sha256 in ``block``-sized reads: ``(hexdigest, size)``."""
-        digest = hashlib.sha256()
+    def digest_of(self, key: str, *, block: int = 8 << 20) -> tuple[str, int]:
+        """Stream an object through the content hash in ``block``-sized reads.
+
+        Returns ``(hexdigest, size)``; memory stays at one block whatever the object's size.
+        """
+        digest = new_hasher()
         size = 0
         try:
             with self.fs.open(self.path(key), "rb", block_size=block) as fh:

@@ -82,6 +82,6 @@ def test_kill_9_then_rerun_matches_a_clean_run(tmp_path: Path, monkeypatch: pyte
     assert _comparable(crash_manifest) == _comparable(clean_manifest)
     for chunk in crash_manifest.chunks:
         for replica in chunk.verified:
-            assert replica_digest(crash_home, replica.node, chunk.key) == chunk.sha256
-            assert replica_digest(clean_home, replica.node, chunk.key) == chunk.sha256
+            assert replica_digest(crash_home, replica.node, chunk.key) == chunk.digest
+            assert replica_digest(clean_home, replica.node, chunk.key) == chunk.digest
     assert not list((crash_home / "catalog" / "pending").rglob("*.json"))

@@ -36,7 +36,7 @@ def test_one_gigabyte_binary_end_to_end(home: Path, tmp_path: Path) -> None:
     for chunk in manifest.chunks:
         assert len(chunk.verified) == 3
         for r in chunk.verified:
-            assert replica_digest(home, r.node, chunk.key) == chunk.sha256
+            assert replica_digest(home, r.node, chunk.key) == chunk.digest
     out = tmp_path / "restored"
     export_dataset("big", out)
     restored = hashlib.sha256()
@@ -51,7 +51,7 @@ def test_one_gigabyte_csv_end_to_end(home: Path, tmp_path: Path) -> None:
 
     from skyferry.demo import BAD_ROWS, generate_dataset
 
-    files = generate_dataset(tmp_path / "csv", total_bytes=1_000_000_000, files=4)
+    generate_dataset(tmp_path / "csv", total_bytes=1_000_000_000, files=4)
     schema = resources.files("skyferry").joinpath("schemas/demo.yaml")
     result = run_pipeline(PipelineConfig(source=f"{tmp_path}/csv/*.csv", dataset="big-csv",
                                          chunk_size="64MB", schema_path=str(schema)))

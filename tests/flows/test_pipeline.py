@@ -88,7 +88,7 @@ def test_binary_bytes_round_trip_through_three_clouds(home: Path, tmp_path: Path
         assert len(chunk.verified) == 3
         assert clouds.count("aws") >= 2 and any(c != "aws" for c in clouds)
         for replica in chunk.verified:
-            assert replica_digest(home, replica.node, chunk.key) == chunk.sha256
+            assert replica_digest(home, replica.node, chunk.key) == chunk.digest
     assert result.stages["distribution"].cross_cloud_transfers == len(manifest.chunks)
     assert set(result.stages["storage"].by_cloud or {}) == {"aws", "gcp"}
 
@@ -122,7 +122,7 @@ def test_a_node_that_dies_mid_run_is_routed_around(home: Path, tmp_path: Path,
     assert late, "some chunk must have lost its planned replica on aws-node-2"
     for chunk in manifest.chunks:
         good = [r for r in chunk.verified
-                if replica_digest(home, r.node, chunk.key) == chunk.sha256]
+                if replica_digest(home, r.node, chunk.key) == chunk.digest]
         assert len(good) == len(chunk.verified) >= 2
         assert len({r.cloud for r in chunk.verified}) >= 2
     for chunk in late:
@@ -219,4 +219,25 @@ def test_gc_removes_only_unclaimed_objects_past_the_grace_period(home: Path, tmp
     (manifest,) = committed("g")
     for chunk in manifest.chunks:
         for r in chunk.verified:
-            assert replica_digest(home, r.node, chunk.key) == chunk.sha256
+            assert replica_digest(home, r.node, chunk.key) == chunk.digest
+
+
+def test_parquet_and_jsonl_sources(home: Path, tmp_path: Path) -> None:
+    import json
+
+    import pyarrow as pa
+
+    src = tmp_path / "mixed"
+    src.mkdir()
+    table = pa.table({"id": list(range(5000)), "x": [i * 0.5 for i in range(5000)]})
+    pq.write_table(table, src / "part.parquet", row_group_size=500)
+    with open(src / "events.jsonl", "w") as fh:
+        for i in range(300):
+            fh.write(json.dumps({"id": 10_000 + i, "x": i * 0.25}) + "\n")
+        fh.write('{"id": 1, "x": \n')  # a truncated line
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="mixed", chunk_size="8KB"))
+    assert result.status == "completed", result.error
+    assert result.rows_stored == 5300 and result.rows_rejected == 1
+    got = DatasetReader("mixed").read_table().to_pandas().sort_values("id")
+    assert got["id"].tolist() == list(range(5000)) + list(range(10_000, 10_300))
+    assert got["x"].tolist() == [i * 0.5 for i in range(5000)] + [i * 0.25 for i in range(300)]

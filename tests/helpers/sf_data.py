@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 from pathlib import Path
 
+import blake3
 import numpy as np
 
 
@@ -38,8 +38,8 @@ columns:
 
 
 def replica_digest(home: Path, node: str, key: str) -> str | None:
-    """sha256 of a replica read straight from the node's folder (not through skyferry)."""
+    """BLAKE3 of a replica read straight from the node's folder (not through skyferry)."""
     path = home / "nodes" / node / key
     if not path.is_file():
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return str(blake3.blake3(path.read_bytes()).hexdigest())

@@ -24,8 +24,8 @@ def _plan() -> BatchPlan:
 
 def _stored(plan: BatchPlan, i: int) -> StoredChunk:
     c = plan.chunks[i]
-    return StoredChunk(index=i, key=plan.key(c), format="csv", sha256=f"{i:064d}", size=100 + i,
-                       source_sha256="0" * 64, rows_in=10, rows_out=9, rows_rejected=1,
+    return StoredChunk(index=i, key=plan.key(c), format="csv", digest=f"{i:064d}", size=100 + i,
+                       source_digest="0" * 64, rows_in=10, rows_out=9, rows_rejected=1,
                        rejects_key=None, parts=c.parts,
                        replicas=(ReplicaRecord(node="n1", cloud="aws", state="verified"),
                                  ReplicaRecord(node="n2", cloud="gcp", state="verified")))

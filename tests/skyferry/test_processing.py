@@ -91,3 +91,21 @@ def test_jsonl_bad_lines_are_rejected() -> None:
     table = pq.read_table(io.BytesIO(buffer.to_pybytes()))
     assert table.column("a").to_pylist() == [1, 3]
     assert out.rows_in == 4 and out.rows_rejected == 2
+
+
+@pytest.mark.parametrize("columns", [1, 2, 3])
+def test_quoted_newlines_decode_to_whole_values(columns: int) -> None:
+    import csv as pycsv
+
+    rows = [[f"c{i}" for i in range(columns)]]
+    for n in range(4):
+        rows.append([f"v{n}\nline two" if i == n % columns else f"{n}{i}"
+                     for i in range(columns)])
+    buf = io.StringIO()
+    pycsv.writer(buf, lineterminator="\n").writerows(rows)
+    data = buf.getvalue().encode()
+    part = ChunkPart(source="file:///q.csv", start=0, end=len(data))
+    buffer, out = process_parts([(part, data, b"")], "csv", None, [], "t")
+    table = pq.read_table(io.BytesIO(buffer.to_pybytes()))
+    assert out.rows_rejected == 0
+    assert [[str(v) for v in r.values()] for r in table.to_pylist()] == rows[1:]
