@@ -163,17 +163,42 @@ def child_peak_rss(source: str, dataset: str) -> tuple[float, float]:
     cmd = [sys.executable, "-m", "skyferry.cli", "run", source, "--dataset", dataset,
            "--chunk-size", str(CHUNK), "--json"]
     out_path = ROOT / "child.json"
-    # posix_spawn (vfork): a forked child would inherit this process's RSS as its high-water
-    # mark, and ru_maxrss survives exec.
-    with open(out_path, "w") as out, open(os.devnull, "w") as null:
-        pid = os.posix_spawn(sys.executable, cmd, dict(os.environ), file_actions=[
-            (os.POSIX_SPAWN_DUP2, out.fileno(), 1), (os.POSIX_SPAWN_DUP2, null.fileno(), 2)])
-        _, status, usage = os.wait4(pid, 0)
-    if status != 0:
-        raise SystemExit(f"the benchmark child failed with status {status}")
+    # ru_maxrss is no use here: a child inherits this process's high-water mark through
+    # fork/vfork, and it survives exec. VmHWM of the child's own (new) address space is
+    # exact and monotonic, so sampling it, and its children's, finds the peak.
+    peak_kb = 0
+    with open(out_path, "w") as out:
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env=os.environ)
+        while True:
+            try:
+                child.wait(timeout=0.25)
+                break
+            except subprocess.TimeoutExpired:
+                peak_kb = max(peak_kb, _tree_hwm_kb(child.pid))
+    if child.returncode != 0:
+        raise SystemExit(f"the benchmark child failed with status {child.returncode}")
     result = json.loads(out_path.read_text())
     sync()
-    return float(result["duration_s"]), usage.ru_maxrss / 1024
+    return float(result["duration_s"]), peak_kb / 1024
+
+
+def _tree_hwm_kb(pid: int) -> int:
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    peak = 0
+    for proc in procs:
+        try:
+            with open(f"/proc/{proc.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+        except OSError:
+            continue
+    return peak
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from blocks.credentials import options_from_block, protocol_of, with_timeouts
 from skyferry.config import get_settings
 from skyferry.errors import TopologyError
 from skyferry.storage import Store
@@ -43,15 +44,35 @@ class Node(BaseModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec storage options (never logged)."
     )
+    credentials: str | None = Field(
+        default=None,
+        description="A saved credentials block, '<block-type-slug>/<name>', e.g. "
+        "'aws-credentials/prod'. Its options are merged over storage_options.",
+    )
+    timeout_s: float = Field(
+        default=5.0, gt=0,
+        description="Backend call timeout; a write gets this plus 1 s per 4 MB before its "
+        "node is marked down.")
     work_pool: str | None = Field(default=None, description="Work pool that computes near it.")
     enabled: bool = Field(default=True, description="false marks the node down.")
 
     def store(self) -> Store:
-        return Store(self.url, self.storage_options, name=self.name)
+        protocol = protocol_of(self.url)
+        options = dict(self.storage_options)
+        if self.credentials:
+            options.update(options_from_block(self.credentials, node=self.name))
+        options = with_timeouts(protocol, options, self.timeout_s)
+        return Store(self.url, options, name=self.name, timeout_s=self.timeout_s)
 
     def public_dict(self) -> dict[str, Any]:
         """The node without its credentials, safe to log or put in an artifact."""
         return self.model_dump(exclude={"storage_options"})
+
+    def __repr__(self) -> str:  # never print storage options: they may hold secrets
+        return (f"Node(name={self.name!r}, cloud={self.cloud!r}, region={self.region!r}, "
+                f"url={self.url!r})")
+
+    __str__ = __repr__
 
 
 class LinkCost(BaseModel):

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from blocks.topology import Node, Topology
-from skyferry.errors import QuorumNotMetError, ReplicaVerificationError, StorageError
+from skyferry.errors import (
+    NodeUnavailableError,
+    QuorumNotMetError,
+    ReplicaVerificationError,
+    StorageError,
+)
 from skyferry.models import ReplicaRecord
 from skyferry.placement import NodeHealth, Placer
 from skyferry.storage import Store
@@ -51,6 +58,11 @@ class ReplicaWriter:
         self.source_cloud = source_cloud
         self._stores: dict[str, Store] = {}
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _deadline(node: Node, size: int) -> float:
+        """The node's timeout, plus the time to move ``size`` bytes at 4 MB/s."""
+        return node.timeout_s + size / 4e6
 
     def store(self, node: Node) -> Store:
         with self._lock:
@@ -93,12 +105,20 @@ class ReplicaWriter:
                     targets.append(node)
             if not targets:
                 break
-            with ThreadPoolExecutor(max_workers=len(targets)) as pool:
-                futures = {n.name: pool.submit(self._write_one, n, key, data, digest)
-                           for n in targets}
+            pool = ThreadPoolExecutor(max_workers=len(targets))
+            started = time.monotonic()
+            futures = {n.name: pool.submit(self._write_one, n, key, data, digest)
+                       for n in targets}
             failed = []
             for node in targets:
-                exc = futures[node.name].exception()
+                deadline = self._deadline(node, len(data))
+                try:
+                    left = max(0.0, started + deadline - time.monotonic())
+                    exc = futures[node.name].exception(timeout=left)
+                except FutureTimeout:
+                    exc = NodeUnavailableError(
+                        f"node {node.name} did not finish writing {key!r} within "
+                        f"{deadline:.1f}s: it is hung or too slow", node=node.name, key=key)
                 if exc is None:
                     verified.append(node)
                     continue
@@ -108,6 +128,7 @@ class ReplicaWriter:
                 failed.append(node)
                 errors.append(str(exc))
                 self.health.mark(node.name, "down", str(exc))
+            pool.shutdown(wait=False)  # a hung write keeps its thread; the run moves on
             targets = []
             if not failed:
                 break

@@ -69,10 +69,16 @@ class Store:
     """A node, catalog or staging area: an fsspec filesystem plus a root path."""
 
     def __init__(
-        self, url: str, storage_options: Mapping[str, Any] | None = None, *, name: str
+        self,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        name: str,
+        timeout_s: float | None = None,
     ) -> None:
         self.url = url
         self.name = name
+        self.timeout_s = timeout_s
         self.fs, root = open_url(url, storage_options)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)

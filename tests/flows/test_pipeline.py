@@ -241,3 +241,34 @@ def test_parquet_and_jsonl_sources(home: Path, tmp_path: Path) -> None:
     got = DatasetReader("mixed").read_table().to_pandas().sort_values("id")
     assert got["id"].tolist() == list(range(5000)) + list(range(10_000, 10_300))
     assert got["x"].tolist() == [i * 0.5 for i in range(5000)] + [i * 0.25 for i in range(300)]
+
+
+def test_a_replica_no_node_can_take_becomes_a_hint(home: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  committed: Committed) -> None:
+    import sf_faults
+
+    sf_faults.reset()
+    monkeypatch.setenv("SF_BREAK_NODE", "g1")
+    topo = tmp_path / "topo.yaml"
+    topo.write_text(f"""
+catalog: "{home}/catalog"
+nodes:
+  - {{name: a1, cloud: aws, region: r, url: "{home}/nodes/a1"}}
+  - {{name: a2, cloud: aws, region: r, url: "{home}/nodes/a2"}}
+  - {{name: g1, cloud: gcp, region: r, url: "{home}/nodes/g1"}}
+""")
+    src = tmp_path / "src"
+    write_ml_csv(src / "a.csv", 3000, seed=9)
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="h", topology=str(topo),
+                                         chunk_size="20KB",
+                                         transforms=["sf_faults:break_node_on_second_chunk"]))
+    assert result.status == "completed", result.error
+    (manifest,) = committed("h")
+    hinted = [c for c in manifest.chunks if any(r.state == "hinted" for r in c.replicas)]
+    assert hinted, "chunks written after g1 died must carry a hint for it"
+    for chunk in hinted:
+        assert [r.node for r in chunk.replicas if r.state == "hinted"] == ["g1"]
+        assert {r.node for r in chunk.verified} == {"a1", "a2"}
+        for r in chunk.verified:
+            assert replica_digest(home, r.node, chunk.key) == chunk.digest
