@@ -8,10 +8,11 @@ export PREFECT_LOGGING_LEVEL ?= WARNING
 
 .PHONY: setup demo test test-slow bench lint clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt tools/package.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[cloud,test]"
+	cd tools && npm install --no-audit --no-fund --loglevel=error
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -47,6 +47,7 @@ class PipelineResult(BaseModel):
     stages: dict[str, StageMetrics] = Field(default_factory=dict)
     node_failures_handled: int = 0
     down_nodes: list[str] = Field(default_factory=list)
+    down_reasons: dict[str, str] = Field(default_factory=dict)
     error: str | None = None
     error_stage: str | None = None
 

@@ -135,7 +135,7 @@ def probe_nodes_fn(ctx: RunContext) -> dict[str, float | None]:
             latencies[node.name] = None
             continue
         except Exception as exc:
-            ctx.health.mark(node.name, "down", f"probe failed: {exc}")
+            ctx.health.mark(node.name, "down", f"probe failed: {type(exc).__name__}: {exc}")
             latencies[node.name] = None
             continue
         ctx.health.mark(node.name, "healthy")
@@ -335,4 +335,5 @@ def summarize(ctx: RunContext, manifest: Manifest, key: str, new: list[StoredChu
         bytes_in=sum(s.size for s in manifest.lineage.sources),
         bytes_stored=manifest.bytes_stored, stages=stages, node_failures_handled=failures,
         down_nodes=ctx.health.down_nodes(),
+        down_reasons={n: ctx.health.reasons.get(n, "") for n in ctx.health.down_nodes()},
     )

@@ -88,9 +88,11 @@ class Placer:
     def plan(self, sizes: Sequence[int], health: NodeHealth, quorum: int) -> list[list[str]]:
         usable = [n for n in self.topology.nodes if health.healthy(n.name)]
         if len(usable) < quorum:
+            down = "; ".join(f"{n} ({health.reasons.get(n, 'down')})"
+                             for n in health.down_nodes())
             raise InsufficientNodesError(
                 f"only {len(usable)} healthy nodes ({', '.join(n.name for n in usable) or 'none'})"
-                f" for a write quorum of {quorum}; down: {', '.join(health.down_nodes())}",
+                f" for a write quorum of {quorum}; down: {down}",
                 healthy=len(usable), required=quorum,
             )
         return [[n.name for n in self.choose(size, usable)] for size in sizes]

@@ -1,7 +1,8 @@
 """Distribute: write a chunk's replicas concurrently, verify each, and reach the quorum.
 
-A failed replica marks its node down for the run and moves to the next ranked node. A
-replica that no node can take now becomes a hint that a later repair completes.
+A failed replica marks its node down for the run and moves to the next ranked node. Every
+planned node that did not get its replica is recorded as a hint, so a later repair can put
+the replica where placement wanted it (or complete it, when no node could take it).
 """
 
 from __future__ import annotations
@@ -133,8 +134,10 @@ class ReplicaWriter:
             if not failed:
                 break
         replicas = [ReplicaRecord(node=n.name, cloud=n.cloud, state="verified") for n in verified]
+        # A hint for every planned node that did not get its replica (hinted handoff): a
+        # repair can move the replica back where placement wanted it once the node is up.
         hinted = [n for n in planned if n not in {v.name for v in verified}]
-        for name in hinted[: max(0, wanted - len(verified))]:
+        for name in hinted:
             node = self.topology.node(name)
             replicas.append(ReplicaRecord(node=node.name, cloud=node.cloud, state="hinted"))
         if len(verified) < quorum:

@@ -32,6 +32,9 @@ __all__ = ["ObjectInfo", "Store", "open_url", "safe_key"]
 logger = logging.getLogger("skyferry.storage")
 
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+_DENIED_CODES = ("AccessDenied", "AuthorizationFailure", "AuthenticationFailed",
+                 "AuthorizationPermissionMismatch", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                 "Forbidden")
 
 
 def safe_key(*parts: str) -> str:
@@ -90,16 +93,26 @@ class Store:
         return f"{self.root}/{safe_key(key)}"
 
     def _translate(self, exc: BaseException, key: str | None, action: str) -> StorageError:
+        """Map a backend's error into the StorageError family, naming the node and the key.
+
+        s3fs, gcsfs and adlfs raise different types for the same failure; the HTTP status
+        and the cloud's error code tell them apart. Only the first line of the backend's
+        message is kept: enough to act on, and no request dumps.
+        """
         where = f"{action} {key!r} on node {self.name}" if key else f"{action} on node {self.name}"
         if isinstance(exc, StorageError):
             return exc
-        if isinstance(exc, FileNotFoundError):
-            return ObjectNotFoundError(f"not found: {where}", node=self.name, key=key)
-        if isinstance(exc, PermissionError):
-            return AccessDeniedError(f"access denied: {where}: {exc}", node=self.name, key=key)
-        return NodeUnavailableError(
-            f"failed to {where}: {type(exc).__name__}: {exc}", node=self.name, key=key
-        )
+        detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}" if str(
+            exc).strip() else type(exc).__name__
+        status = getattr(exc, "status_code", None) or getattr(
+            getattr(exc, "response", None), "status_code", None)
+        if isinstance(exc, PermissionError) or status in (401, 403) or any(
+                code in str(exc) for code in _DENIED_CODES):
+            return AccessDeniedError(f"access denied: {where}: {detail}", node=self.name,
+                                     key=key)
+        if isinstance(exc, FileNotFoundError) or status == 404 or "NoSuchBucket" in str(exc):
+            return ObjectNotFoundError(f"not found: {where}: {detail}", node=self.name, key=key)
+        return NodeUnavailableError(f"failed to {where}: {detail}", node=self.name, key=key)
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         """Write ``data`` under ``key``; atomic (temp file + rename) on local disks."""

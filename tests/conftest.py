@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,9 @@ sys.path.insert(0, str(HELPERS))  # test-only modules: data builders, faults, tr
 os.environ.setdefault("SKYFERRY_RETRY_DELAYS", "[0.05, 0.05]")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# gcsfs probes for hierarchical namespaces over gRPC, which the GCS emulator lacks: each call
+# would wait ~55 s. Must be set before gcsfs is imported (shared/EMULATORS.md).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 from skyferry.config import get_settings  # noqa: E402
 
@@ -42,3 +46,33 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 def helpers_on_path() -> Path:
     """tests/helpers is importable, so transforms can be named as module:function."""
     return HELPERS
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """moto (S3), gcp-storage-emulator (GCS) and Azurite (Azure Blob), once per session."""
+    import sf_servers
+
+    logs = tmp_path_factory.mktemp("server-logs")
+    started = {
+        "s3": sf_servers.moto(logs),
+        "gs": sf_servers.gcs(logs),
+        "az": sf_servers.azurite(logs, tmp_path_factory.mktemp("azurite")),
+    }
+    try:
+        for server in started.values():
+            server.start()
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.fixture
+def clouds(servers: dict[str, Any]) -> Iterator[Any]:
+    """Fresh buckets/containers on every server for one test, and a way to reach them."""
+    import sf_servers
+
+    env = sf_servers.CloudEnv(servers)
+    env.reset()
+    yield env

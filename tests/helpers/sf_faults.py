@@ -44,3 +44,12 @@ def block_on_sixth_chunk(df: pd.DataFrame) -> pd.DataFrame:
         Path(marker).write_text("blocked")
         threading.Event().wait()
     return df
+
+
+def signal_server_on_second_chunk(df: pd.DataFrame) -> pd.DataFrame:
+    """On the 2nd chunk, send $SF_SIGNAL (SIGKILL, SIGSTOP) to the server group $SF_SIGNAL_PID."""
+    import signal
+
+    if _count() == 2:
+        os.killpg(int(os.environ["SF_SIGNAL_PID"]), getattr(signal, os.environ["SF_SIGNAL"]))
+    return df

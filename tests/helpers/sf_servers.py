@@ -115,12 +115,65 @@ def azurite(logs: Path, data: Path) -> Server:
     port = free_port()
     if not AZURITE.exists():
         raise RuntimeError(f"Azurite is not installed at {AZURITE}: run `make setup`")
+    # --location keeps its debug files out of the work tree; blobs stay on that temp disk
     return Server("azurite", [str(AZURITE), "--blobHost", "127.0.0.1", "--blobPort", str(port),
                               "--location", str(data), "--skipApiVersionCheck",
-                              "--disableTelemetry", "--silent", "--inMemoryPersistence"],
+                              "--disableTelemetry", "--silent"],
                   port, "/devstoreaccount1?comp=list", logs / "azurite.log")
 
 
 def azure_connection_string(server: Server) -> str:
     return ("DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
             f"AccountKey={AZURITE_KEY};BlobEndpoint={server.endpoint}/devstoreaccount1;")
+
+
+class CloudEnv:
+    """Buckets and containers on the three servers, with the storage options to reach them."""
+
+    def __init__(self, servers: dict[str, Server]) -> None:
+        self.servers = servers
+        self.s3 = servers["s3"]
+        self.gs = servers["gs"]
+        self.az = servers["az"]
+        self.az_connection_string = azure_connection_string(self.az)
+
+    def options(self, protocol: str) -> dict[str, object]:
+        if protocol == "s3":
+            return {"key": S3_KEY, "secret": S3_SECRET, "endpoint_url": self.s3.endpoint}
+        if protocol == "gs":
+            return {"token": "anon", "endpoint_url": self.gs.endpoint}
+        return {"connection_string": self.az_connection_string}
+
+    def reset(self) -> None:
+        """Wipe the servers' state (moto and GCS have reset calls; Azure containers are
+        deleted) and make the buckets the tests use."""
+        for server in self.servers.values():
+            if server.proc is None or server.proc.poll() is not None:
+                server.start()
+        urllib.request.urlopen(urllib.request.Request(self.s3.endpoint + "/moto-api/reset",
+                                                      method="POST"), timeout=10).close()
+        urllib.request.urlopen(self.gs.endpoint + "/wipe", timeout=10).close()
+        from azure.storage.blob import BlobServiceClient
+
+        service = BlobServiceClient.from_connection_string(self.az_connection_string)
+        for container in service.list_containers():
+            service.delete_container(container.name)
+
+    def make_bucket(self, protocol: str, name: str) -> None:
+        import fsspec
+
+        fs = fsspec.filesystem(protocol if protocol != "az" else "az",
+                               **self.options(protocol), skip_instance_cache=True)
+        fs.mkdir(name)
+
+    def read_only_connection_string(self, container: str) -> str:
+        """A connection string with a read/list-only SAS for ``container``: writes are refused."""
+        from datetime import UTC, datetime, timedelta
+
+        from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+        sas = generate_container_sas("devstoreaccount1", container, account_key=AZURITE_KEY,
+                                     permission=ContainerSasPermissions(read=True, list=True),
+                                     expiry=datetime.now(UTC) + timedelta(hours=1))
+        return (f"BlobEndpoint={self.az.endpoint}/devstoreaccount1;"
+                f"SharedAccessSignature={sas}")

@@ -12,10 +12,18 @@ from skyferry.errors import ObjectNotFoundError, UnsafeKeyError
 from skyferry.storage import Store, safe_key
 
 
-@pytest.fixture(params=["file", "memory"])
+@pytest.fixture(params=["file", "memory", "s3", "gs", "az"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The same store contract on every backend; s3/gs/az are real local servers."""
     if request.param == "file":
         yield Store(f"file://{tmp_path}/node", name="local-node")
+    elif request.param in ("s3", "gs", "az"):
+        clouds = request.getfixturevalue("clouds")
+        clouds.make_bucket(request.param, "contract")
+        options = {**clouds.options(request.param), "skip_instance_cache": True}
+        store = Store(f"{request.param}://contract/node", options,
+                      name=f"{request.param}-node")
+        yield store
     else:
         root = f"memory://skyferry-test-{uuid.uuid4().hex}"
         s = Store(root, name="memory-node")

@@ -1,0 +1,296 @@
+"""Real clouds' APIs: S3 (moto), GCS (gcp-storage-emulator) and Azure Blob (Azurite) servers.
+
+Replicas are checked with each cloud's own SDK, not with fsspec.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import blake3
+import pytest
+import sf_servers
+from sf_data import write_ml_csv
+
+from blocks.topology import load_topology
+from flows.pipeline import run_pipeline
+from skyferry.config import PipelineConfig
+from skyferry.export import DatasetReader, export_dataset
+from skyferry.manifest import Catalog, Manifest
+
+pytestmark = [pytest.mark.integration, pytest.mark.clouds,
+              pytest.mark.usefixtures("prefect_harness")]
+
+NODES = {"aws-node-1": ("s3", "aws", "us-east-1"), "aws-node-2": ("s3", "aws", "us-west-2"),
+         "gcp-node-1": ("gs", "gcp", "us-east1"), "gcp-node-2": ("gs", "gcp", "europe-west1"),
+         "azure-node-1": ("az", "azure", "eastus")}
+BLOCK = "aws-credentials/skyferry-moto"
+
+
+@pytest.fixture
+def topology(clouds: sf_servers.CloudEnv, home: Path, tmp_path: Path) -> Iterator[Path]:
+    """Five nodes over the three servers. Azure is the cheapest cloud from aws here, so the
+    third replica of each chunk goes there. aws-node-1 takes its keys from a saved
+    prefect-aws AwsCredentials block."""
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    AwsCredentials(aws_access_key_id=sf_servers.S3_KEY,
+                   aws_secret_access_key=sf_servers.S3_SECRET,
+                   aws_client_parameters=AwsClientParameters(endpoint_url=clouds.s3.endpoint),
+                   ).save(BLOCK.split("/")[1], overwrite=True)
+    lines = [f'catalog: "{home}/catalog"', "nodes:"]
+    for name, (protocol, cloud, region) in NODES.items():
+        clouds.make_bucket(protocol, name)
+        if name == "aws-node-1":
+            extra = f"credentials: {BLOCK}"
+        else:
+            extra = f"storage_options: {_flow_map(clouds.options(protocol))}"
+        lines.append(f"  - {{name: {name}, cloud: {cloud}, region: {region}, "
+                     f"url: \"{protocol}://{name}/data\", timeout_s: 4, {extra}}}")
+    lines += ["links:",
+              "  - {from: aws, to: azure, latency_ms: 30, egress_usd_per_gb: 0.05}",
+              "  - {from: aws, to: gcp, latency_ms: 35, egress_usd_per_gb: 0.09}"]
+    path = tmp_path / "clouds.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    yield path
+
+
+def _flow_map(options: dict[str, object]) -> str:
+    return "{" + ", ".join(f'{k}: "{v}"' for k, v in options.items()) + "}"
+
+
+def _source(clouds: sf_servers.CloudEnv, tmp_path: Path, rows: int) -> str:
+    import boto3
+
+    local = tmp_path / "train.csv"
+    write_ml_csv(local, rows, seed=21)
+    s3 = boto3.client("s3", endpoint_url=clouds.s3.endpoint, aws_access_key_id=sf_servers.S3_KEY,
+                      aws_secret_access_key=sf_servers.S3_SECRET, region_name="us-east-1")
+    s3.create_bucket(Bucket="raw")
+    s3.upload_file(str(local), "raw", "train/train.csv")
+    return "s3://raw/train/*.csv"
+
+
+def _sdk_get(clouds: sf_servers.CloudEnv, node: str, key: str) -> bytes | None:
+    """Read a replica with the cloud's own SDK (boto3, google-cloud-storage, azure-storage-blob)."""
+    protocol = NODES[node][0]
+    path = f"data/{key}"
+    try:
+        if protocol == "s3":
+            import boto3
+
+            s3 = boto3.client("s3", endpoint_url=clouds.s3.endpoint, region_name="us-east-1",
+                              aws_access_key_id=sf_servers.S3_KEY,
+                              aws_secret_access_key=sf_servers.S3_SECRET)
+            return bytes(s3.get_object(Bucket=node, Key=path)["Body"].read())
+        if protocol == "gs":
+            from google.auth.credentials import AnonymousCredentials
+            from google.cloud import storage
+
+            client = storage.Client(credentials=AnonymousCredentials(), project="test",
+                                    client_options={"api_endpoint": clouds.gs.endpoint})
+            return bytes(client.bucket(node).blob(path).download_as_bytes())
+        from azure.storage.blob import BlobServiceClient
+
+        service = BlobServiceClient.from_connection_string(clouds.az_connection_string)
+        return bytes(service.get_blob_client(node, path).download_blob().readall())
+    except Exception as exc:  # missing on this node
+        logging.getLogger(__name__).info("replica %s on %s unreadable: %s", key, node, exc)
+        return None
+
+
+def _manifest(dataset: str) -> Manifest:
+    return Catalog(load_topology().catalog_store()).manifest(dataset)
+
+
+def _config(source: str, topology: Path, dataset: str, **extra: Any) -> PipelineConfig:
+    return PipelineConfig(source=source, dataset=dataset, topology=str(topology),
+                          chunk_size="30KB", source_options=_s3_source_options(), **extra)
+
+
+def _s3_source_options() -> dict[str, object]:
+    return {"key": sf_servers.S3_KEY, "secret": sf_servers.S3_SECRET,
+            "endpoint_url": os.environ["SF_S3_ENDPOINT"], "skip_instance_cache": True}
+
+
+@pytest.fixture(autouse=True)
+def _s3_endpoint(clouds: sf_servers.CloudEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SF_S3_ENDPOINT", clouds.s3.endpoint)
+
+
+def test_cross_cloud_run_checked_with_each_clouds_sdk(
+        clouds: sf_servers.CloudEnv, topology: Path, home: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    caplog.set_level(logging.DEBUG)
+    source = _source(clouds, tmp_path, 4000)
+    result = run_pipeline(_config(source, topology, "xc"))
+    assert result.status == "completed", result.error
+    manifest = _manifest("xc")
+    assert len(manifest.chunks) >= 5
+    clouds_used = set()
+    for chunk in manifest.chunks:
+        good = []
+        for replica in chunk.verified:
+            data = _sdk_get(clouds, replica.node, chunk.key)
+            assert data is not None, f"{chunk.key} missing on {replica.node}"
+            assert str(blake3.blake3(data).hexdigest()) == chunk.digest
+            good.append(replica)
+        assert len(good) >= manifest.write_quorum
+        assert len({r.cloud for r in good}) >= 2
+        clouds_used |= {r.cloud for r in good}
+    assert clouds_used == {"aws", "azure"}
+    assert result.stages["distribution"].cross_cloud_transfers == len(manifest.chunks)
+
+    out = tmp_path / "back.csv"
+    export_dataset("xc", out, topology=load_topology(str(topology)))
+    exported = sorted(out.read_text().splitlines()[1:])
+    original = (tmp_path / "train.csv").read_text().splitlines()[1:]
+    assert len(exported) == len(original) == 4000
+
+    # the S3 secret is nowhere: not in logs, output, the manifest, the catalog or artifacts
+    secret = sf_servers.S3_SECRET
+    out_err = capfd.readouterr()
+    assert secret not in caplog.text and secret not in out_err.out + out_err.err
+    for path in (home / "catalog").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in _artifacts_text()
+    assert secret not in repr(result) and secret not in result.model_dump_json()
+
+
+def _artifacts_text() -> str:
+    """Every artifact in the Prefect API, as text (through REST: the 3.8.8 client's
+    read_artifacts sends a body this fastapi pin rejects)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    response = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter",
+                          json={"limit": 200, "sort": "CREATED_DESC"}, timeout=30)
+    response.raise_for_status()
+    artifacts = response.json()
+    assert artifacts, "the run made no artifacts to check"
+    return "\n".join(str(a.get("data")) + str(a.get("description")) for a in artifacts)
+
+
+def test_azure_killed_mid_run(clouds: sf_servers.CloudEnv, topology: Path, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import sf_faults
+
+    sf_faults.reset()
+    assert clouds.az.proc is not None
+    monkeypatch.setenv("SF_SIGNAL_PID", str(clouds.az.proc.pid))
+    monkeypatch.setenv("SF_SIGNAL", "SIGKILL")
+    source = _source(clouds, tmp_path, 6000)
+    result = run_pipeline(_config(source, topology, "killed",
+                                  transforms=["sf_faults:signal_server_on_second_chunk"]))
+    assert result.status == "completed", result.error
+    assert "azure-node-1" in result.down_nodes
+    assert result.node_failures_handled >= 1
+    manifest = _manifest("killed")
+    hinted = [c for c in manifest.chunks if any(r.state == "hinted" for r in c.replicas)]
+    assert hinted, "replicas meant for the dead node must be recorded as hints"
+    for chunk in manifest.chunks:
+        ok = [r for r in chunk.verified if r.node != "azure-node-1"
+              and str(blake3.blake3(_sdk_get(clouds, r.node, chunk.key) or b"").hexdigest())
+              == chunk.digest]
+        assert len(ok) >= 2
+    for chunk in hinted:
+        assert [r.node for r in chunk.replicas if r.state == "hinted"] == ["azure-node-1"]
+        assert "azure-node-1" not in {r.node for r in chunk.verified}
+        assert len({r.cloud for r in chunk.verified}) >= 2
+
+
+def test_a_hung_server_is_routed_around(clouds: sf_servers.CloudEnv, topology: Path,
+                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sf_faults
+
+    sf_faults.reset()
+    assert clouds.az.proc is not None
+    monkeypatch.setenv("SF_SIGNAL_PID", str(clouds.az.proc.pid))
+    monkeypatch.setenv("SF_SIGNAL", "SIGSTOP")
+    source = _source(clouds, tmp_path, 4000)
+    try:
+        result = run_pipeline(_config(source, topology, "hung",
+                                      transforms=["sf_faults:signal_server_on_second_chunk"]))
+    finally:
+        clouds.az.signal(signal.SIGCONT)
+    assert result.status == "completed", result.error
+    assert "azure-node-1" in result.down_nodes
+    manifest = _manifest("hung")
+    for chunk in manifest.chunks:
+        assert len([r for r in chunk.verified if r.node != "azure-node-1"]) >= 2
+    reason = result.down_reasons["azure-node-1"]
+    match = re.search(r"within ([0-9.]+)s", reason)
+    assert match and float(match.group(1)) <= 5.0, reason  # detected by a 5 s timeout
+
+
+def test_export_fails_over_from_a_replica_corrupted_on_the_server(
+        clouds: sf_servers.CloudEnv, topology: Path, tmp_path: Path) -> None:
+    source = _source(clouds, tmp_path, 1500)
+    assert run_pipeline(_config(source, topology, "rot")).status == "completed"
+    manifest = _manifest("rot")
+    topo = load_topology(str(topology))
+    clean = DatasetReader("rot", topology=topo).read_table()
+    chunk = manifest.chunks[0]
+    first = chunk.verified[0].node
+    import boto3
+
+    assert NODES[first][0] == "s3"
+    boto3.client("s3", endpoint_url=clouds.s3.endpoint, region_name="us-east-1",
+                 aws_access_key_id=sf_servers.S3_KEY,
+                 aws_secret_access_key=sf_servers.S3_SECRET).put_object(
+        Bucket=first, Key=f"data/{chunk.key}", Body=b"corrupted on the server")
+    reader = DatasetReader("rot", topology=topo)
+    assert reader.read_table().equals(clean)
+    assert reader.report.failovers and first in reader.report.failovers[0]
+
+
+def _two_node_topology(home: Path, tmp_path: Path, good: str, bad: str) -> Path:
+    path = tmp_path / "two.yaml"
+    path.write_text(f'catalog: "{home}/catalog"\nnodes:\n{good}\n{bad}\n')
+    return path
+
+
+@pytest.mark.parametrize("case", ["wrong-credentials", "missing-bucket", "unreachable",
+                                  "refused-write"])
+def test_bad_node_configuration_is_a_typed_error_naming_the_node(
+        case: str, clouds: sf_servers.CloudEnv, home: Path, tmp_path: Path) -> None:
+    clouds.make_bucket("s3", "good")
+    good = (f'  - {{name: good, cloud: aws, region: r, url: "s3://good/x", '
+            f'storage_options: {_flow_map(clouds.options("s3"))}}}')
+    if case == "wrong-credentials":
+        clouds.make_bucket("az", "bad")
+        conn = clouds.az_connection_string.replace("AccountKey=Eby8", "AccountKey=AAAA")
+        bad = f'  - {{name: bad, cloud: azure, region: r, url: "az://bad/x", storage_options: {{connection_string: "{conn}"}}}}'  # noqa: E501
+        expect = "AccessDeniedError"
+    elif case == "missing-bucket":
+        bad = (f'  - {{name: bad, cloud: gcp, region: r, url: "gs://no-such-bucket/x", '
+               f'storage_options: {_flow_map(clouds.options("gs"))}}}')
+        expect = "ObjectNotFoundError"
+    elif case == "unreachable":
+        port = sf_servers.free_port()
+        bad = (f'  - {{name: bad, cloud: gcp, region: r, url: "s3://good/x", timeout_s: 2, '
+               f'storage_options: {{key: k, secret: s, endpoint_url: "http://127.0.0.1:{port}"}}}}')
+        expect = "NodeUnavailableError"
+    else:
+        clouds.make_bucket("az", "readonly")
+        conn = clouds.read_only_connection_string("readonly")
+        bad = f'  - {{name: bad, cloud: azure, region: r, url: "az://readonly/x", storage_options: {{connection_string: "{conn}"}}}}'  # noqa: E501
+        expect = "AccessDeniedError"
+    topo = _two_node_topology(home, tmp_path, good, bad)
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"payload" * 100)
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="bad", topology=str(topo),
+                                         replicas=2, quorum=2))
+    assert result.status == "failed" and result.error_stage == "ingestion"
+    assert "bad (" in (result.error or ""), result.error
+    assert expect in (result.error or ""), result.error
+    assert "AccountKey" not in (result.error or "") and "sig=" not in (result.error or "")
+    assert not (home / "catalog" / "manifests").exists()
