@@ -29,7 +29,7 @@ ROOT = Path(os.environ.get("BENCH_DIR") or tempfile.mkdtemp(prefix="skyferry-ben
 SIZE = int(float(os.environ.get("BENCH_GIB", "1")) * GIB)
 BIG = int(float(os.environ.get("BENCH_BIG_GIB", "4")) * GIB)
 CHUNK = 64 * MIB
-figures: dict[str, float | str | None] = {}
+figures: dict[str, object] = {}
 
 
 def say(text: str) -> None:
@@ -346,6 +346,12 @@ def main() -> None:
     say(f"overhead_vs_plain       {figures['overhead_vs_plain']}  (the same stage functions in a "
         f"plain thread pool: {plain_s:.1f}s; disk-bound, so noisy)")
     shutil.rmtree(big.parent)
+
+    # the clouds: local S3/GCS/Azure servers, against a direct fsspec copy
+    sys.path.insert(0, str(Path(__file__).parent))
+    import cloud_bench
+
+    figures.update(cloud_bench.main())
 
     say(json.dumps(figures, sort_keys=True))
 

@@ -7,6 +7,7 @@ the replica where placement wanted it (or complete it, when no node could take i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -30,14 +31,28 @@ __all__ = ["ReplicaWriter", "WriteOutcome", "verify_replica"]
 logger = logging.getLogger("skyferry.distribute")
 
 
-def verify_replica(store: Store, key: str, digest: str, size: int) -> None:
-    """Read the replica back (streamed) and compare its size and hash with the content's."""
-    digest, found = store.digest_of(key)
-    if found != size or digest != digest:
+def verify_replica(store: Store, key: str, digest: str, size: int,
+                   md5: str | None = None) -> str:
+    """Check a written replica; return how: ``"checksum"`` or ``"read-back"``.
+
+    A remote store that computed an MD5 on upload is checked against ``md5`` (no second
+    transfer); anything else is read back, streamed, and compared by content hash.
+    """
+    if md5 is not None and not store.is_local:
+        found_size, stored = store.stored_md5(key)
+        if stored is not None:
+            if found_size != size or stored != md5:
+                raise ReplicaVerificationError(
+                    f"replica {key!r} on node {store.name}: the store's checksum does not "
+                    "match the content", node=store.name, key=key)
+            return "checksum"
+    found_digest, found = store.digest_of(key)
+    if found != size or found_digest != digest:
         raise ReplicaVerificationError(
             f"replica {key!r} on node {store.name} does not match its content hash",
             node=store.name, key=key,
         )
+    return "read-back"
 
 
 @dataclass
@@ -71,10 +86,11 @@ class ReplicaWriter:
                 self._stores[node.name] = node.store()
             return self._stores[node.name]
 
-    def _write_one(self, node: Node, key: str, data: bytes | memoryview, digest: str) -> None:
+    def _write_one(self, node: Node, key: str, data: bytes | memoryview, digest: str,
+                   md5: str | None) -> None:
         store = self.store(node)
         store.put(key, data)
-        verify_replica(store, key, digest, len(data))
+        verify_replica(store, key, digest, len(data), md5)
 
     def write(self, chunk: int, key: str, data: bytes | memoryview, digest: str,
               planned: list[str], quorum: int) -> WriteOutcome:
@@ -92,6 +108,7 @@ class ReplicaWriter:
                 failures += 1
         verified: list[Node] = []
         errors: list[str] = []
+        md5: str | None = None  # for stores that checksum uploads; computed once, if needed
         while True:
             missing = wanted - len(verified) - len(targets)
             if missing > 0:
@@ -106,9 +123,11 @@ class ReplicaWriter:
                     targets.append(node)
             if not targets:
                 break
+            if md5 is None and any(not self.store(n).is_local for n in targets):
+                md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
             pool = ThreadPoolExecutor(max_workers=len(targets))
             started = time.monotonic()
-            futures = {n.name: pool.submit(self._write_one, n, key, data, digest)
+            futures = {n.name: pool.submit(self._write_one, n, key, data, digest, md5)
                        for n in targets}
             failed = []
             for node in targets:

@@ -7,6 +7,7 @@ family, naming the node and the key.
 
 from __future__ import annotations
 
+import base64
 import logging
 import posixpath
 import re
@@ -156,6 +157,33 @@ class Store:
         except Exception as exc:
             raise self._translate(exc, key, "read") from exc
         return digest.hexdigest(), size
+
+    def stored_md5(self, key: str) -> tuple[int, str | None]:
+        """``(size, md5 hex)`` as the store itself computed them on upload.
+
+        S3 reports it as the ETag of a single-part upload, GCS as ``md5Hash``, Azure as
+        ``content_md5`` of a single-shot upload. ``None`` when the store has no such checksum
+        (local disks, multipart uploads): then a replica must be read back to be verified.
+        """
+        path = self.path(key)
+        try:
+            self.fs.invalidate_cache(path)
+            info = self.fs.info(path)
+        except Exception as exc:
+            raise self._translate(exc, key, "stat") from exc
+        size = int(info.get("size") or 0)
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        if self.fs.protocol[0] in ("s3", "s3a") and etag and "-" not in etag:
+            return size, etag.lower()
+        md5_b64 = info.get("md5Hash")
+        if md5_b64:
+            return size, base64.b64decode(md5_b64).hex()
+        settings = info.get("content_settings") or {}
+        md5_raw = settings.get("content_md5") if isinstance(settings, dict) else getattr(
+            settings, "content_md5", None)
+        if md5_raw:
+            return size, bytes(md5_raw).hex()
+        return size, None
 
     def size(self, key: str) -> int:
         try:

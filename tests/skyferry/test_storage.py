@@ -70,6 +70,19 @@ class TestStoreContract:
         with pytest.raises(UnsafeKeyError):
             store.put(key, b"x")
 
+    def test_stored_checksum_is_the_md5_of_the_bytes_where_the_store_keeps_one(
+            self, store: Store) -> None:
+        import hashlib
+
+        data = b"checksum me " * 1000
+        store.put("sum/x", data)
+        size, md5 = store.stored_md5("sum/x")
+        assert size == len(data)
+        if store.url.startswith(("s3://", "gs://", "az://")):
+            assert md5 == hashlib.md5(data).hexdigest()
+        else:
+            assert md5 is None  # local stores are verified by reading back
+
     def test_probe_round_trips(self, store: Store) -> None:
         assert store.probe() >= 0
         assert [o for o in store.list("_probe")] == []

@@ -1,0 +1,140 @@
+"""Cloud figures for ``make bench``: skyferry against a direct fsspec copy to the same nodes.
+
+Starts the local S3 (moto), GCS (gcp-storage-emulator) and Azure (Azurite) servers, then
+times, in one run:
+- a direct fsspec copy of the same bytes to one node in each cloud, the three at once;
+- skyferry's pipeline, three replicas (one per cloud), verified;
+- rclone pointed at the S3 server, when rclone is installed.
+
+Environment: BENCH_CLOUD_MIB (default 192), BENCH_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
+
+import sf_servers  # noqa: E402
+
+MIB = 1 << 20
+SIZE = int(os.environ.get("BENCH_CLOUD_MIB", "192")) * MIB
+CHUNK = 16 * MIB
+NODES = {"aws": "s3", "gcp": "gs", "azure": "az"}
+
+
+def say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def main() -> dict[str, Any]:
+    root = Path(os.environ.get("BENCH_DIR") or tempfile.mkdtemp(prefix="skyferry-cloud-"))
+    root.mkdir(parents=True, exist_ok=True)
+    logs = root / "server-logs"
+    servers = {"s3": sf_servers.moto(logs), "gs": sf_servers.gcs(logs),
+               "az": sf_servers.azurite(logs, root / "azurite")}
+    figures: dict[str, Any] = {}
+    try:
+        for server in servers.values():
+            server.start()
+        env = sf_servers.CloudEnv(servers)
+        env.reset()
+        src = root / "cloud-src" / "blob.bin"
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_bytes(os.urandom(SIZE))
+
+        # direct fsspec copies: each cloud alone (MB/s per cloud), then all three at once
+        import fsspec
+
+        def direct(protocol: str, bucket: str) -> float:
+            fs = fsspec.filesystem(protocol, **env.options(protocol), skip_instance_cache=True)
+            started = time.perf_counter()
+            with open(src, "rb") as fh:
+                for n in range((SIZE + CHUNK - 1) // CHUNK):
+                    fs.pipe_file(f"{bucket}/direct/part-{n:05d}", fh.read(CHUNK))
+            return time.perf_counter() - started
+
+        per_cloud = {}
+        for cloud, protocol in NODES.items():
+            env.make_bucket(protocol, f"{cloud}-solo")
+            per_cloud[cloud] = round(SIZE / 1e6 / direct(protocol, f"{cloud}-solo"), 1)
+        figures["direct_mb_s_per_cloud"] = per_cloud
+        say(f"direct fsspec MB/s per cloud: {per_cloud}")
+        for cloud, protocol in NODES.items():
+            env.make_bucket(protocol, f"{cloud}-direct")
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            list(pool.map(lambda item: direct(item[1], f"{item[0]}-direct"), NODES.items()))
+        direct_s = time.perf_counter() - started
+
+        # skyferry: one node per cloud, three replicas, every one verified
+        home = root / "cloud-home"
+        shutil.rmtree(home, ignore_errors=True)
+        os.environ["SKYFERRY_HOME"] = str(home)
+        from skyferry.config import get_settings
+
+        get_settings.cache_clear()
+        lines = [f'catalog: "{home}/catalog"', "nodes:"]
+        for cloud, protocol in NODES.items():
+            env.make_bucket(protocol, f"{cloud}-sky")
+            opts = ", ".join(f'{k}: "{v}"' for k, v in env.options(protocol).items())
+            lines.append(f'  - {{name: {cloud}-node, cloud: {cloud}, region: r, '
+                         f'url: "{protocol}://{cloud}-sky/x", storage_options: {{{opts}}}}}')
+        topo = root / "cloud-topology.yaml"
+        topo.write_text("\n".join(lines) + "\n")
+        from flows.pipeline import run_pipeline
+        from skyferry.config import PipelineConfig
+
+        run_pipeline(PipelineConfig(source=str(src), dataset="warm", topology=str(topo),
+                                    chunk_size=SIZE))  # Prefect's start-up, not timed
+        started = time.perf_counter()
+        result = run_pipeline(PipelineConfig(source=str(src), dataset="cloud",
+                                             topology=str(topo), chunk_size=CHUNK))
+        sky_s = time.perf_counter() - started
+        assert result.status == "completed", result.error
+        figures["cloud_ratio_to_direct"] = round(direct_s / sky_s, 3)
+        figures["cloud_skyferry_mb_s"] = round(SIZE / 1e6 / sky_s, 1)
+        say(f"cloud_ratio_to_direct   {figures['cloud_ratio_to_direct']}  (skyferry {sky_s:.1f}s "
+            f"vs direct {direct_s:.1f}s to the same 3 nodes; target >= 0.9)")
+
+        rclone = shutil.which("rclone")
+        if rclone:
+            env.make_bucket("s3", "rclone")
+            rc_env = dict(os.environ, RCLONE_CONFIG_MOTO_TYPE="s3",
+                          RCLONE_CONFIG_MOTO_PROVIDER="Other",
+                          RCLONE_CONFIG_MOTO_ACCESS_KEY_ID=sf_servers.S3_KEY,
+                          RCLONE_CONFIG_MOTO_SECRET_ACCESS_KEY=sf_servers.S3_SECRET,
+                          RCLONE_CONFIG_MOTO_ENDPOINT=env.s3.endpoint)
+            started = time.perf_counter()
+            subprocess.run([rclone, "copy", "--checksum", str(src.parent), "moto:rclone/"],
+                           env=rc_env, check=True, capture_output=True)
+            rclone_s = time.perf_counter() - started
+            figures["rclone_s3_mb_s"] = round(SIZE / 1e6 / rclone_s, 1)
+            say(f"rclone to the S3 server: {figures['rclone_s3_mb_s']} MB/s "
+                f"(direct fsspec: {per_cloud['aws']} MB/s)")
+        else:
+            figures["rclone_s3_mb_s"] = None
+            say("rclone to the S3 server: n/a (rclone is not installed)")
+    finally:
+        for server in servers.values():
+            server.stop()
+        if not os.environ.get("BENCH_DIR"):
+            shutil.rmtree(root, ignore_errors=True)
+    return figures
+
+
+if __name__ == "__main__":
+    say(json.dumps(main(), sort_keys=True))
