@@ -6,7 +6,7 @@ times, in one run:
 - skyferry's pipeline, three replicas (one per cloud), verified;
 - rclone pointed at the S3 server, when rclone is installed.
 
-Environment: BENCH_CLOUD_MIB (default 192), BENCH_DIR.
+Environment: BENCH_CLOUD_MIB (default 384), BENCH_DIR.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"
 import sf_servers  # noqa: E402
 
 MIB = 1 << 20
-SIZE = int(os.environ.get("BENCH_CLOUD_MIB", "192")) * MIB
+SIZE = int(os.environ.get("BENCH_CLOUD_MIB", "384")) * MIB
 CHUNK = 16 * MIB
 NODES = {"aws": "s3", "gcp": "gs", "azure": "az"}
 
@@ -117,7 +117,9 @@ def main() -> dict[str, Any]:
                           RCLONE_CONFIG_MOTO_PROVIDER="Other",
                           RCLONE_CONFIG_MOTO_ACCESS_KEY_ID=sf_servers.S3_KEY,
                           RCLONE_CONFIG_MOTO_SECRET_ACCESS_KEY=sf_servers.S3_SECRET,
-                          RCLONE_CONFIG_MOTO_ENDPOINT=env.s3.endpoint)
+                          RCLONE_CONFIG_MOTO_ENDPOINT=env.s3.endpoint,
+                          RCLONE_CONFIG_MOTO_REGION="us-east-1")
+            rc_env.pop("AWS_CA_BUNDLE", None)  # rclone cannot use a CA bundle over plain http
             started = time.perf_counter()
             subprocess.run([rclone, "copy", "--checksum", str(src.parent), "moto:rclone/"],
                            env=rc_env, check=True, capture_output=True)
