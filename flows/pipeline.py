@@ -17,8 +17,14 @@ from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
@@ -33,6 +39,7 @@ from skyferry.pipeline import (
     process_chunk_fn,
     summarize,
 )
+from skyferry.report import placement_markdown, stage_breakdown
 from tasks.distribute import distribute_chunk, probe_nodes
 from tasks.ingest import ingest_chunk, list_new_files, plan_batch
 from tasks.process import process_chunk
@@ -49,6 +56,12 @@ _NEXT: dict[str, tuple[str, Any]] = {
 def _ref(value: Any) -> Any:
     """Hand an in-process reference to a task without Prefect walking its fields."""
     return quote(value)
+
+
+def _event(ctx: RunContext, stage: str, chunk: int | None = None) -> dict[str, Any]:
+    """Structured fields for a log event: the batch, the stage and the chunk."""
+    batch = ctx.plan.batch_id if ctx.plan else ctx.config.batch_id
+    return {"dataset": ctx.config.dataset, "batch": batch, "stage": stage, "chunk": chunk}
 
 
 def _fail(stage: str, ctx: RunContext, exc: BaseException) -> StageError:
@@ -86,7 +99,8 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext, *, total: int,
         try:
             value = future.result()
         except Exception as exc:
-            logger.error("chunk %s failed in %s: %s", index, stage, exc)
+            logger.error("chunk %s failed in %s: %s", index, stage, exc,
+                         extra=_event(ctx, stage, index))
             if failure is None:
                 failure = (stage, exc)
             queue.clear()
@@ -109,7 +123,8 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext, *, total: int,
         stored.append(value)
         done = already_done + len(stored)
         logger.info("chunk %s stored on %s (%d/%d)", index,
-                    ",".join(r.node for r in value.verified), done, total)
+                    ",".join(r.node for r in value.verified), done, total,
+                    extra=_event(ctx, "storage", index))
         now = time.monotonic()
         if isinstance(progress_id, UUID) and (now - last_update >= 1.0 or done == total):
             # each update is an API call (~50 ms on the ephemeral server): at most once a second
@@ -154,7 +169,7 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
         done = ctx.catalog.done_chunks(plan.dataset, plan.batch_id) if resumed else {}
         todo = [c for c in plan.chunks if c.index not in done]
         logger.info("batch %s: %d chunks, %d to do, %d already stored", plan.batch_id,
-                    len(plan.chunks), len(todo), len(done))
+                    len(plan.chunks), len(todo), len(done), extra=_event(ctx, "ingestion"))
         new = run_chunk_stages(todo, ctx, total=len(plan.chunks), already_done=len(done))
         stage = "storage"
         manifest, key = commit_manifest(_ref(ctx), _ref(list(done.values()) + new))
@@ -163,9 +178,21 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
     except Exception as exc:
         raise _fail(stage, ctx, exc) from exc
     result = summarize(ctx, manifest, key, new, len(done), started)
+    result.flow_run_id = str(flow_run.id) if flow_run.id else None
+    publish_artifacts(result)
     logger.info("committed %s: %d chunks, %d rows stored, %d rejected", key,
-                len(manifest.chunks), result.rows_stored, result.rows_rejected)
+                len(manifest.chunks), result.rows_stored, result.rows_rejected,
+                extra=_event(ctx, "storage"))
     return result
+
+
+def publish_artifacts(result: PipelineResult) -> None:
+    """The stage breakdown (bottleneck flagged) and the placement summary, in the Prefect UI."""
+    slug = "".join(c if c.isalnum() else "-" for c in result.dataset.lower()).strip("-")
+    create_table_artifact(table=stage_breakdown(result), key=f"{slug}-stage-breakdown",
+                          description=f"Stages of {result.dataset} batch {result.batch_id}")
+    create_markdown_artifact(markdown=placement_markdown(result), key=f"{slug}-placement",
+                             description=f"Where the replicas of batch {result.batch_id} went")
 
 
 def run_pipeline(config: PipelineConfig, settings: Settings | None = None) -> PipelineResult:

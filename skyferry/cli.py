@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ err = Console(stderr=True)
 def _prefect_quiet() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Logging is Prefect's to configure (its default, or PREFECT_LOGGING_SETTINGS_PATH).
 
 
 def _fail(exc: BaseException) -> None:

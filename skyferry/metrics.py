@@ -36,6 +36,7 @@ class PipelineResult(BaseModel):
     dataset: str
     batch_id: str | None = None
     manifest_key: str | None = None
+    flow_run_id: str | None = None
     duration_s: float = 0.0
     chunks_processed: int = 0
     chunks_skipped: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -272,3 +273,27 @@ nodes:
         assert {r.node for r in chunk.verified} == {"a1", "a2"}
         for r in chunk.verified:
             assert replica_digest(home, r.node, chunk.key) == chunk.digest
+
+
+def test_every_run_publishes_progress_breakdown_and_placement(home: Path,
+                                                             tmp_path: Path) -> None:
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    src = tmp_path / "src"
+    write_ml_csv(src / "a.csv", 2000, seed=12)
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="Art Set", chunk_size="20KB"))
+    assert result.status == "completed" and result.flow_run_id
+    response = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", timeout=30, json={
+        "flow_runs": {"id": {"any_": [result.flow_run_id]}}, "limit": 50})
+    response.raise_for_status()
+    by_type = {a["type"]: a for a in response.json()}
+    assert set(by_type) == {"progress", "table", "markdown"}
+    assert by_type["progress"]["data"] == 100.0
+    table = by_type["table"]["data"]
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [r["stage"] for r in rows] == ["ingestion", "processing", "distribution", "storage"]
+    assert sum(1 for r in rows if r["bottleneck"] == "yes") >= 1
+    assert by_type["table"]["key"] == "art-set-stage-breakdown"
+    assert f"| aws-node-1 | {result.stages['storage'].by_node['aws-node-1']} |" \
+        in by_type["markdown"]["data"]
