@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from blocks.credentials import options_from_block, protocol_of, with_timeouts
-from skyferry.config import get_settings
+from skyferry.config import describe_validation_error, get_settings
 from skyferry.errors import TopologyError
 from skyferry.storage import Store
 
@@ -165,7 +165,5 @@ def load_topology(path: str | Path | None = None) -> Topology:
     try:
         return Topology.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = describe_validation_error(exc)
         raise TopologyError(f"invalid topology {where}: {problems}", source=where) from None

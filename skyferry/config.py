@@ -19,7 +19,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -27,6 +34,7 @@ __all__ = [
     "Format",
     "PipelineConfig",
     "Settings",
+    "describe_validation_error",
     "get_settings",
     "parse_size",
 ]
@@ -88,6 +96,11 @@ class Settings(BaseSettings):
     @property
     def catalog_url(self) -> str:
         return str(self.home / "catalog")
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """``field.path: message; ...`` without the offending values (they may be secrets)."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
 
 
 @lru_cache(maxsize=1)

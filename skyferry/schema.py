@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from skyferry.config import describe_validation_error
 from skyferry.errors import SchemaError
 
 __all__ = ["Column", "Schema", "load_schema"]
@@ -90,7 +91,5 @@ def load_schema(path: str | Path) -> Schema:
     try:
         return Schema.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
+        problems = describe_validation_error(exc)
         raise SchemaError(f"invalid schema {where}: {problems}", source=where) from None

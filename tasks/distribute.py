@@ -6,28 +6,22 @@ import time
 
 from prefect import task
 from prefect.cache_policies import NONE
-from prefect.runtime import task_run
 
 from skyferry.models import ProcessedChunk, StoredChunk
 from skyferry.pipeline import RunContext, distribute_chunk_fn, probe_nodes_fn
-from tasks._retry import retry_delays, retry_transient
+from tasks._common import finish, io_task
 
 __all__ = ["distribute_chunk", "probe_nodes"]
-
-_DELAYS = retry_delays()
 
 
 @task(name="probe-nodes", cache_policy=NONE)
 def probe_nodes(ctx: RunContext) -> dict[str, float | None]:
+    """The failure detector: each node's round trip, or None when it is down."""
     return probe_nodes_fn(ctx)
 
 
-@task(name="write-replicas", retries=len(_DELAYS), retry_delay_seconds=_DELAYS,
-      retry_condition_fn=retry_transient, cache_policy=NONE)
+@io_task("write-replicas")
 def distribute_chunk(processed: ProcessedChunk, ctx: RunContext) -> StoredChunk:
     started = time.perf_counter()
     result = distribute_chunk_fn(processed, ctx)
-    attempts = int(task_run.run_count or 1)
-    ctx.recorder.record("distribution", nbytes=processed.size * len(result.verified),
-                        seconds=time.perf_counter() - started, attempts=attempts)
-    return result.model_copy(update={"attempts": attempts})
+    return finish(ctx, "distribution", result, started, processed.size * len(result.verified))

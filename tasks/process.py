@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import time
 
-from prefect import task
-from prefect.cache_policies import NONE
-from prefect.runtime import task_run
-
 from skyferry.models import IngestedChunk, ProcessedChunk
 from skyferry.pipeline import RunContext, process_chunk_fn
-from tasks._retry import retry_delays, retry_transient
+from tasks._common import finish, io_task
 
 __all__ = ["process_chunk"]
 
-_DELAYS = retry_delays()
 
-
-@task(name="process-chunk", retries=len(_DELAYS), retry_delay_seconds=_DELAYS,
-      retry_condition_fn=retry_transient, cache_policy=NONE)
+@io_task("process-chunk")
 def process_chunk(ingested: IngestedChunk, ctx: RunContext) -> ProcessedChunk:
     started = time.perf_counter()
     result = process_chunk_fn(ingested, ctx)
-    attempts = int(task_run.run_count or 1)
-    ctx.recorder.record("processing", nbytes=ingested.bytes_read,
-                        seconds=time.perf_counter() - started, attempts=attempts)
-    return result.model_copy(update={"attempts": attempts})
+    return finish(ctx, "processing", result, started, ingested.bytes_read)

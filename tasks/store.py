@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import time
 
-from prefect import task
-from prefect.cache_policies import NONE
-
 from skyferry.manifest import Manifest
 from skyferry.models import StoredChunk
 from skyferry.pipeline import RunContext, commit_fn
-from tasks._retry import retry_delays, retry_transient
+from tasks._common import io_task
 
 __all__ = ["commit_manifest"]
 
-_DELAYS = retry_delays()
 
-
-@task(name="commit-manifest", retries=len(_DELAYS), retry_delay_seconds=_DELAYS,
-      retry_condition_fn=retry_transient, cache_policy=NONE)
+@io_task("commit-manifest")
 def commit_manifest(ctx: RunContext, chunks: list[StoredChunk]) -> tuple[Manifest, str]:
     started = time.perf_counter()
     manifest, key = commit_fn(ctx, chunks)

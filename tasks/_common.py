@@ -1,0 +1,46 @@
+"""What the stage tasks share: the retry policy of I/O tasks, and stage accounting."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, TypeVar
+
+from prefect import task
+from prefect.cache_policies import NONE
+from prefect.runtime import task_run
+from pydantic import BaseModel
+
+from skyferry.config import get_settings
+from skyferry.errors import is_transient
+from skyferry.pipeline import RunContext
+
+__all__ = ["finish", "io_task", "retry_transient"]
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only errors that may pass (timeouts, unavailable nodes), never bad input."""
+    try:
+        state.result()
+    except Exception as exc:
+        return is_transient(exc)
+    return False
+
+
+def io_task(name: str) -> Any:
+    """``@task`` for a stage that does I/O: explicit backoff, transient errors only.
+
+    Arguments arrive as in-process references, so there is no input caching.
+    """
+    delays = list(get_settings().retry_delays)
+    return task(name=name, retries=len(delays), retry_delay_seconds=delays,
+                retry_condition_fn=retry_transient, cache_policy=NONE)
+
+
+def finish(ctx: RunContext, stage: str, record: R, started: float, nbytes: int) -> R:
+    """Record a finished item of ``stage`` (bytes, busy time, retries) and stamp its attempts."""
+    attempts = int(task_run.run_count or 1)
+    ctx.recorder.record(stage, nbytes=nbytes, seconds=time.perf_counter() - started,
+                        attempts=attempts)
+    return record.model_copy(update={"attempts": attempts})
