@@ -166,8 +166,7 @@ def test_cross_cloud_run_checked_with_each_clouds_sdk(
 
 
 def _artifacts_text() -> str:
-    """Every artifact in the Prefect API, as text (through REST: the 3.8.8 client's
-    read_artifacts sends a body this fastapi pin rejects)."""
+    """Every artifact in the Prefect API, as text, read through the REST API."""
     import httpx
     from prefect.settings import PREFECT_API_URL
 
