@@ -148,11 +148,14 @@ def test_cross_cloud_run_checked_with_each_clouds_sdk(
     assert clouds_used == {"aws", "azure"}
     assert result.stages["distribution"].cross_cloud_transfers == len(manifest.chunks)
 
+    import pandas as pd
+
     out = tmp_path / "back.csv"
     export_dataset("xc", out, topology=load_topology(str(topology)))
-    exported = sorted(out.read_text().splitlines()[1:])
-    original = (tmp_path / "train.csv").read_text().splitlines()[1:]
-    assert len(exported) == len(original) == 4000
+    exported = pd.read_csv(out).sort_values("id").reset_index(drop=True)
+    original = pd.read_csv(tmp_path / "train.csv").sort_values("id").reset_index(drop=True)
+    assert len(original) == 4000
+    pd.testing.assert_frame_equal(exported, original)
 
     # the S3 secret is nowhere: not in logs, output, the manifest, the catalog or artifacts
     secret = sf_servers.S3_SECRET
