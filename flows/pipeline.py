@@ -101,6 +101,7 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext, *, total: int,
         except Exception as exc:
             logger.error("chunk %s failed in %s: %s", index, stage, exc,
                          extra=_event(ctx, stage, index))
+            ctx.recorder.record(stage, nbytes=0, seconds=0.0, ok=False)
             if failure is None:
                 failure = (stage, exc)
             queue.clear()
