@@ -38,13 +38,7 @@ def topology(clouds: sf_servers.CloudEnv, home: Path, tmp_path: Path) -> Iterato
     """Five nodes over the three servers. Azure is the cheapest cloud from aws here, so the
     third replica of each chunk goes there. aws-node-1 takes its keys from a saved
     prefect-aws AwsCredentials block."""
-    from prefect_aws import AwsCredentials
-    from prefect_aws.client_parameters import AwsClientParameters
-
-    AwsCredentials(aws_access_key_id=sf_servers.S3_KEY,
-                   aws_secret_access_key=sf_servers.S3_SECRET,
-                   aws_client_parameters=AwsClientParameters(endpoint_url=clouds.s3.endpoint),
-                   ).save(BLOCK.split("/")[1], overwrite=True)
+    _save_aws_block(clouds)
     lines = [f'catalog: "{home}/catalog"', "nodes:"]
     for name, (protocol, cloud, region) in NODES.items():
         clouds.make_bucket(protocol, name)
@@ -60,6 +54,16 @@ def topology(clouds: sf_servers.CloudEnv, home: Path, tmp_path: Path) -> Iterato
     path = tmp_path / "clouds.yaml"
     path.write_text("\n".join(lines) + "\n")
     yield path
+
+
+def _save_aws_block(clouds: sf_servers.CloudEnv) -> None:
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    AwsCredentials(aws_access_key_id=sf_servers.S3_KEY,
+                   aws_secret_access_key=sf_servers.S3_SECRET,
+                   aws_client_parameters=AwsClientParameters(endpoint_url=clouds.s3.endpoint),
+                   ).save(BLOCK.split("/")[1], overwrite=True)
 
 
 def _flow_map(options: dict[str, object]) -> str:
@@ -296,3 +300,57 @@ def test_bad_node_configuration_is_a_typed_error_naming_the_node(
     assert expect in (result.error or ""), result.error
     assert "AccountKey" not in (result.error or "") and "sig=" not in (result.error or "")
     assert not (home / "catalog" / "manifests").exists()
+
+
+def test_an_azure_credentials_block_drives_a_node(clouds: sf_servers.CloudEnv, home: Path,
+                                                   tmp_path: Path) -> None:
+    from prefect_azure import AzureBlobStorageCredentials
+
+    AzureBlobStorageCredentials(connection_string=clouds.az_connection_string).save(
+        "skyferry-azurite", overwrite=True)
+    clouds.make_bucket("az", "blocks-az")
+    clouds.make_bucket("s3", "blocks-s3")
+    topo = tmp_path / "blocks.yaml"
+    topo.write_text(
+        f'catalog: "{home}/catalog"\nnodes:\n'
+        '  - {name: az-blk, cloud: azure, region: r, url: "az://blocks-az/x", '
+        'credentials: azure-blob-storage-credentials/skyferry-azurite}\n'
+        '  - {name: s3-blk, cloud: aws, region: r, url: "s3://blocks-s3/x", '
+        f'credentials: {BLOCK}}}\n')
+    _save_aws_block(clouds)
+    src = tmp_path / "b.bin"
+    src.write_bytes(os.urandom(50_000))
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="blk", topology=str(topo),
+                                         replicas=2, quorum=2, chunk_size=20_000))
+    assert result.status == "completed", result.error
+    assert result.stages["storage"].by_node == {"az-blk": 3, "s3-blk": 3}
+    manifest = _manifest("blk")
+    from azure.storage.blob import BlobServiceClient
+
+    service = BlobServiceClient.from_connection_string(clouds.az_connection_string)
+    for chunk in manifest.chunks:
+        data = service.get_blob_client("blocks-az", f"x/{chunk.key}").download_blob().readall()
+        assert str(blake3.blake3(data).hexdigest()) == chunk.digest
+    assert "AccountKey" not in manifest.to_json().decode()
+
+
+def test_a_gcp_credentials_block_maps_to_gcsfs_options(prefect_harness: None) -> None:
+    """No network here, so the service account is only mapped, not used to sign in."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from prefect_gcp import GcpCredentials
+
+    from blocks.credentials import options_from_block
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    info = {"type": "service_account", "project_id": "p1", "private_key_id": "k1",
+            "private_key": pem, "client_email": "sa@p1.iam.gserviceaccount.com",
+            "client_id": "1", "token_uri": "https://oauth2.googleapis.com/token"}
+    GcpCredentials(service_account_info=info, project="p1").save("skyferry-gcs",
+                                                                 overwrite=True)
+    options = options_from_block("gcp-credentials/skyferry-gcs", node="g")
+    assert options["project"] == "p1"
+    assert options["token"]["client_email"] == "sa@p1.iam.gserviceaccount.com"
+    assert options["token"]["private_key"] == pem
