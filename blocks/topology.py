@@ -120,6 +120,13 @@ class Topology(BaseModel):
     def clouds(self) -> list[str]:
         return sorted({n.cloud for n in self.nodes})
 
+    def pool_for(self, cloud: str) -> str:
+        """The work pool that computes for ``cloud``: its nodes' pool, else ``<cloud>-pool``."""
+        for node in self.nodes:
+            if node.cloud == cloud and node.work_pool:
+                return node.work_pool
+        return f"{cloud}-pool"
+
     def cost(self, src_cloud: str, src_region: str | None, node: Node) -> LinkCost:
         """Latency and egress cost of moving data from (cloud, region) to ``node``."""
         if src_cloud == node.cloud:

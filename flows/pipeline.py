@@ -1,141 +1,43 @@
-"""The ``multicloud-pipeline`` flow: ingest, process, distribute and store, mapped over chunks.
+"""The ``multicloud-pipeline`` flow: plan a batch, hand each cloud its share, commit.
 
-Task arguments are wrapped in ``quote()``: they are in-process references, and Prefect would
-otherwise walk every field of every record on each submission.
+The parent probes the nodes, lists the source and plans the batch (chunks and replica
+placement), journaling the plan. It splits the chunks into one share per cloud
+(:func:`skyferry.shares.assign_shares`) and runs each share as a ``cloud-share`` child flow:
 
-Chunks move through the stages in a bounded window (``max_in_flight``): as soon as a chunk
-leaves one stage its next task is submitted, and a new chunk enters only when one is stored.
-Memory is bounded by the window times the chunk size, whatever the dataset's size.
+- deployed (``dispatch=auto`` in a deployment run, or ``dispatch=deployments``): through
+  ``run_deployment`` on that cloud's work pool, all children at once;
+- otherwise in-process, as subflows, one after another.
+
+A pool with no live worker, a child no worker picks up in ``child_start_timeout_s``, or a
+child that fails, gets its unfinished chunks reassigned to the other pools. When every chunk
+is journaled the parent commits the manifest.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from typing import Any
-from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
-from prefect.futures import PrefectFuture, as_completed
-from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.utilities.annotations import quote
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import deployment, flow_run
 
+from flows.dispatch import dispatch_to_pools, run_in_process
+from flows.live import LiveStatus, create_live_status
+from flows.runners import make_task_runner
+from flows.share import event, ref, stage_error
 from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.errors import SkyferryError, StageError
 from skyferry.metrics import PipelineResult
-from skyferry.models import ChunkPlan, StoredChunk
-from skyferry.pipeline import (
-    RunContext,
-    build_context,
-    journal_chunk_fn,
-    process_chunk_fn,
-    summarize,
-)
+from skyferry.pipeline import build_context, summarize
 from skyferry.report import placement_markdown, stage_breakdown
-from tasks.distribute import distribute_chunk, probe_nodes
-from tasks.ingest import ingest_chunk, list_new_files, plan_batch
-from tasks.process import process_chunk
+from skyferry.shares import ShareReport
+from tasks.distribute import probe_nodes
+from tasks.ingest import list_new_files, plan_batch
 from tasks.store import commit_manifest
 
 __all__ = ["multicloud_pipeline", "run_pipeline"]
-
-_NEXT: dict[str, tuple[str, Any]] = {
-    "ingestion": ("processing", process_chunk),
-    "processing": ("distribution", distribute_chunk),
-}
-
-
-def _ref(value: Any) -> Any:
-    """Hand an in-process reference to a task without Prefect walking its fields."""
-    return quote(value)
-
-
-def _event(ctx: RunContext, stage: str, chunk: int | None = None) -> dict[str, Any]:
-    """Structured fields for a log event: the batch, the stage and the chunk."""
-    batch = ctx.plan.batch_id if ctx.plan else ctx.config.batch_id
-    return {"dataset": ctx.config.dataset, "batch": batch, "stage": stage, "chunk": chunk}
-
-
-def _fail(stage: str, ctx: RunContext, exc: BaseException) -> StageError:
-    batch = ctx.plan.batch_id if ctx.plan else (ctx.config.batch_id or "unplanned")
-    error = StageError(str(exc), stage=stage, batch_id=batch, dataset=ctx.config.dataset)
-    error.__cause__ = exc
-    return error
-
-
-def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext, *, total: int,
-                     already_done: int) -> list[StoredChunk]:
-    """Drive every chunk through ingest → process → distribute in a bounded window."""
-    logger = get_run_logger()
-    window = ctx.settings.max_in_flight
-    queue = deque(chunks)
-    active: dict[PrefectFuture[Any], tuple[str, int]] = {}
-    stored: list[StoredChunk] = []
-    failure: tuple[str, BaseException] | None = None
-    progress_id = create_progress_artifact(
-        progress=100.0 * already_done / max(total, 1),
-        description=f"chunks stored of {total}",
-    )
-
-    last_update = time.monotonic()
-
-    def admit() -> None:
-        chunk = queue.popleft()
-        active[ingest_chunk.submit(_ref(chunk), _ref(ctx))] = ("ingestion", chunk.index)
-
-    while queue and len(active) < window:
-        admit()
-    while active:
-        future = next(as_completed(list(active)))
-        stage, index = active.pop(future)
-        try:
-            value = future.result()
-        except Exception as exc:
-            logger.error("chunk %s failed in %s: %s", index, stage, exc,
-                         extra=_event(ctx, stage, index))
-            ctx.recorder.record(stage, nbytes=0, seconds=0.0, ok=False)
-            if failure is None:
-                failure = (stage, exc)
-            queue.clear()
-            continue
-        if stage == "ingestion" and value.plan.format == "binary":
-            # Binary passes through unchanged: no processing task to pay for.
-            value = process_chunk_fn(value, ctx)
-            ctx.recorder.record("processing", nbytes=value.size, seconds=0.0)
-            stage = "processing"
-        if stage in _NEXT:
-            next_stage, next_task = _NEXT[stage]
-            active[next_task.submit(_ref(value), _ref(ctx))] = (next_stage, index)
-            continue
-        try:
-            journal_chunk_fn(ctx, value)
-        except Exception as exc:
-            failure = failure or ("storage", exc)
-            queue.clear()
-            continue
-        stored.append(value)
-        done = already_done + len(stored)
-        logger.info("chunk %s stored on %s (%d/%d)", index,
-                    ",".join(r.node for r in value.verified), done, total,
-                    extra=_event(ctx, "storage", index))
-        now = time.monotonic()
-        if isinstance(progress_id, UUID) and (now - last_update >= 1.0 or done == total):
-            # each update is an API call (~50 ms on the ephemeral server): at most once a second
-            update_progress_artifact(progress_id, progress=100.0 * done / max(total, 1))
-            last_update = now
-        if queue and failure is None:
-            admit()
-    if failure is not None:
-        raise _fail(failure[0], ctx, failure[1]) from failure[1]
-    return stored
 
 
 @flow(name="multicloud-pipeline", log_prints=False, validate_parameters=True)
@@ -150,7 +52,7 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
                          dataset=config.dataset) from exc
     stage = "ingestion"
     try:
-        latencies = probe_nodes(_ref(ctx))
+        latencies = probe_nodes(ref(ctx))
         logger.info("nodes: %s", {n: ("down" if v is None else f"{v * 1000:.1f} ms")
                                   for n, v in latencies.items()})
         if config.batch_id is not None:
@@ -161,30 +63,58 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
                                           batch_id=config.batch_id,
                                           chunks_skipped=len(manifest.chunks),
                                           duration_s=round(time.perf_counter() - started, 3))
-        files = list_new_files(_ref(ctx))
+        files = list_new_files(ref(ctx))
         if not files:
             logger.info("no new or changed files under %s", config.source)
             return PipelineResult(status="up_to_date", dataset=config.dataset,
                                   duration_s=round(time.perf_counter() - started, 3))
-        plan, resumed = plan_batch(_ref(ctx), _ref(files))
+        plan, resumed = plan_batch(ref(ctx), ref(files))
         done = ctx.catalog.done_chunks(plan.dataset, plan.batch_id) if resumed else {}
         todo = [c for c in plan.chunks if c.index not in done]
         logger.info("batch %s: %d chunks, %d to do, %d already stored", plan.batch_id,
-                    len(plan.chunks), len(todo), len(done), extra=_event(ctx, "ingestion"))
-        new = run_chunk_stages(todo, ctx, total=len(plan.chunks), already_done=len(done))
+                    len(plan.chunks), len(todo), len(done), extra=event(ctx, "ingestion"))
+        progress = create_live_status(plan, len(done))
+        live = LiveStatus(progress, ctx.catalog, plan,
+                          started_at=time.time(), done_at_start=len(done), health=ctx.health)
+        stage = "distribution"
+        deployed = deployment.id is not None
+        if config.dispatch == "deployments" or (config.dispatch == "auto" and deployed):
+            reports = dispatch_to_pools(ctx, todo, live)
+        else:
+            reports = run_in_process(ctx, todo, live)
         stage = "storage"
-        manifest, key = commit_manifest(_ref(ctx), _ref(list(done.values()) + new))
+        new = _collect(ctx, todo, reports)
+        live.update("storage", force=True)
+        manifest, key = commit_manifest(ref(ctx), ref(list(done.values()) + new))
     except StageError:
         raise
     except Exception as exc:
-        raise _fail(stage, ctx, exc) from exc
+        raise stage_error(stage, ctx, exc) from exc
     result = summarize(ctx, manifest, key, new, len(done), started)
     result.flow_run_id = str(flow_run.id) if flow_run.id else None
     publish_artifacts(result)
     logger.info("committed %s: %d chunks, %d rows stored, %d rejected", key,
                 len(manifest.chunks), result.rows_stored, result.rows_rejected,
-                extra=_event(ctx, "storage"))
+                extra=event(ctx, "storage"))
     return result
+
+
+def _collect(ctx: Any, todo: list[Any], reports: list[ShareReport]) -> list[Any]:
+    """The chunks the children journaled; merge their metrics and node health into ``ctx``."""
+    assert ctx.plan is not None
+    journal = ctx.catalog.done_chunks(ctx.plan.dataset, ctx.plan.batch_id)
+    missing = [c.index for c in todo if c.index not in journal]
+    if missing:
+        raise StageError(
+            f"{len(missing)} chunks of batch {ctx.plan.batch_id} were not stored by any "
+            f"child run: {missing[:20]}", stage="distribution", batch_id=ctx.plan.batch_id,
+            dataset=ctx.config.dataset)
+    for report in reports:
+        ctx.recorder.merge(report.stages)
+        for node, reason in report.down_reasons.items():
+            if ctx.health.healthy(node):  # keep the first reason a node was found down
+                ctx.health.mark(node, "down", reason)
+    return [journal[c.index] for c in todo]
 
 
 def publish_artifacts(result: PipelineResult) -> None:
@@ -202,7 +132,7 @@ def run_pipeline(config: PipelineConfig, settings: Settings | None = None) -> Pi
     A failed run returns ``status="failed"`` with the error and the stage it failed in.
     """
     settings = settings or get_settings()
-    runner: Any = ThreadPoolTaskRunner(max_workers=settings.max_workers)
+    runner: Any = make_task_runner(settings)
     state = multicloud_pipeline.with_options(task_runner=runner)(config=config,
                                                                  return_state=True)
     try:

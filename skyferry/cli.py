@@ -175,6 +175,32 @@ def nodes(
 
 
 @app.command()
+def status(
+    run_id: Annotated[Optional[str], typer.Argument(
+        help="flow run id; the newest multicloud-pipeline run when omitted")] = None,
+    once: Annotated[bool, typer.Option("--once", help="print one snapshot and exit")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between API reads")] = 1.0,
+) -> None:
+    """A live dashboard of a pipeline run, from the Prefect API (PREFECT_API_URL)."""
+    _prefect_quiet()
+    from prefect.client.orchestration import get_client
+
+    from skyferry.status import fetch_status, render_status, watch
+
+    try:
+        with get_client(sync_client=True) as client:
+            http = client._client  # the API's httpx client: a server, Cloud or ephemeral
+            if once:
+                console.print(render_status(fetch_status(http, run_id)))
+                return
+            final = watch(http, run_id, interval, console)
+    except SkyferryError as exc:
+        _fail(exc)
+    if final.state != "COMPLETED":
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def gc(
     grace: Annotated[str, typer.Option(help="grace period in seconds, or 1h/1d")] = "1d",
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,

@@ -24,6 +24,7 @@ from pydantic import (
     BeforeValidator,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -92,6 +93,12 @@ class Settings(BaseSettings):
         default=[1.0, 4.0, 16.0], description="Backoff between retries of I/O tasks."
     )
     probe_timeout_s: float = Field(default=5.0, gt=0, description="Node probe timeout.")
+    task_runner: Literal["threads", "dask"] = Field(
+        default="threads", description="Task runner of the chunk stages; see docs/operations.md."
+    )
+    dask_address: str | None = Field(
+        default=None, description="Dask scheduler to use; a local cluster when unset."
+    )
 
     @property
     def catalog_url(self) -> str:
@@ -108,7 +115,11 @@ def get_settings() -> Settings:
     return Settings()
 
 
-Size = Annotated[int, BeforeValidator(parse_size)]
+# Bytes, or a string with units; the JSON schema (a deployment's parameter form) takes both.
+Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema({
+    "anyOf": [{"type": "integer", "minimum": 1},
+              {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[A-Za-z]*\s*$"}],
+    "title": "Size", "description": "Bytes, or units: 64MB, 64MiB, 1GB"})]
 
 
 class PipelineConfig(BaseModel):
@@ -135,6 +146,16 @@ class PipelineConfig(BaseModel):
     )
     source_options: dict[str, object] = Field(
         default_factory=dict, description="fsspec storage options for the source."
+    )
+    dispatch: Literal["auto", "deployments", "in-process"] = Field(
+        default="auto",
+        description="How cloud shares run: child deployments on the clouds' work pools, or "
+                    "in-process subflows. auto: deployments when this run is itself deployed.",
+    )
+    child_start_timeout_s: float = Field(
+        default=120.0, gt=0,
+        description="A child run no worker picked up within this time is cancelled, and its "
+                    "share goes to another pool.",
     )
 
     @field_validator("transforms")

@@ -184,6 +184,20 @@ class Catalog:
                 done[chunk.index] = chunk
         return done
 
+    def done_indices(self, dataset: str, batch_id: str) -> set[int]:
+        """Indices of journaled chunks, from the listing alone (cheap enough to poll)."""
+        prefix = safe_key("pending", dataset, f"batch={batch_id}")
+        names = (info.key.rsplit("/", 1)[-1] for info in self.store.list(prefix))
+        return {int(n[6:11]) for n in names if n.startswith("chunk-") and n.endswith(".json")}
+
+    def save_share_report(self, dataset: str, batch_id: str, name: str, body: bytes) -> None:
+        self.store.put(self._pending(dataset, batch_id, f"share-{name}.json"), body)
+
+    def share_reports(self, dataset: str, batch_id: str) -> list[bytes]:
+        prefix = safe_key("pending", dataset, f"batch={batch_id}")
+        return [self.store.get(info.key) for info in self.store.list(prefix)
+                if info.key.rsplit("/", 1)[-1].startswith("share-")]
+
     def drop_pending(self, dataset: str, batch_id: str) -> None:
         for info in list(self.store.list(safe_key("pending", dataset, f"batch={batch_id}"))):
             self.store.delete(info.key)

@@ -79,6 +79,23 @@ class StageRecorder:
             a.busy += seconds
             a.retries += max(0, attempts - 1)
 
+    def snapshot(self) -> dict[str, list[float]]:
+        """The raw accumulators, JSON-ready, so a child run can hand them to its parent."""
+        with self._lock:
+            return {s: [a.items, a.failed, a.bytes, a.busy, a.retries]
+                    for s, a in self.acc.items()}
+
+    def merge(self, snapshot: dict[str, list[float]]) -> None:
+        """Add another recorder's :meth:`snapshot` (a child run's) to this one."""
+        with self._lock:
+            for stage, (items, failed, nbytes, busy, retries) in snapshot.items():
+                a = self.acc.setdefault(stage, _Acc())
+                a.items += int(items)
+                a.failed += int(failed)
+                a.bytes += int(nbytes)
+                a.busy += float(busy)
+                a.retries += int(retries)
+
     def metrics(self) -> dict[str, StageMetrics]:
         out = {}
         for stage, a in self.acc.items():

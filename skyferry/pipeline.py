@@ -22,6 +22,7 @@ from blocks.topology import Topology, load_topology
 from skyferry import __version__
 from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.errors import (
+    BatchNotFoundError,
     ReplicaVerificationError,
     SourceChangedError,
     UnsafeKeyError,
@@ -40,11 +41,13 @@ from skyferry.storage import safe_key
 
 __all__ = [
     "RunContext",
+    "attach_plan",
     "build_context",
     "build_plan",
     "distribute_chunk_fn",
     "ingest_chunk_fn",
     "journal_chunk_fn",
+    "load_pending_plan",
     "new_source_files",
     "probe_nodes_fn",
     "process_chunk_fn",
@@ -117,15 +120,23 @@ def build_context(config: PipelineConfig, settings: Settings | None = None) -> R
 
 
 def probe_nodes_fn(ctx: RunContext) -> dict[str, float | None]:
-    """Write/read/delete a sentinel on every node with a timeout; mark health."""
+    """Write/read/delete a sentinel on every node with a timeout; mark health.
+
+    Nodes already marked down (by the parent run, or an earlier share) are not probed again.
+    """
     timeout = ctx.settings.probe_timeout_s
     latencies: dict[str, float | None] = {}
     nodes = list(ctx.topology.nodes)
     pool = ThreadPoolExecutor(max_workers=max(1, len(nodes)))
-    futures = {n.name: pool.submit(n.store().probe) for n in nodes if n.enabled}
+    known_down = set(ctx.health.down_nodes())  # handed over by a parent: not probed again
+    futures = {n.name: pool.submit(n.store().probe) for n in nodes
+               if n.enabled and n.name not in known_down}
     for node in nodes:
         if not node.enabled:
             ctx.health.mark(node.name, "down", "disabled in the topology")
+            latencies[node.name] = None
+            continue
+        if node.name in known_down:
             latencies[node.name] = None
             continue
         try:
@@ -190,29 +201,51 @@ def build_plan(ctx: RunContext, files: list[SourceFile]) -> tuple[BatchPlan, boo
     )
     fingerprint = _plan_fingerprint(draft)
     batch_id = config.batch_id or fingerprint[:16]
-    ctx.placer = Placer(ctx.topology, ctx.source_cloud, ctx.topology.source_region
-                        if ctx.source_cloud == ctx.topology.source_cloud else None,
-                        config.replicas)
     pending = ctx.catalog.load_plan(config.dataset, batch_id)
     if pending is not None and _plan_fingerprint(pending) == fingerprint:
         logger.info("resuming batch %s of %s", batch_id, config.dataset)
-        plan, resumed = pending, True
-        for chunk in plan.chunks:  # restore the byte load the original placement made
-            for name in chunk.nodes:
-                ctx.placer.load[name] = ctx.placer.load.get(name, 0) + chunk.size
-    else:
-        if pending is not None:
-            logger.warning("batch %s had a different plan; starting it again", batch_id)
-            ctx.catalog.drop_pending(config.dataset, batch_id)
-        nodes = ctx.placer.plan([c.size for c in chunks], ctx.health, config.quorum)
-        placed = [c.model_copy(update={"nodes": tuple(n)}) for c, n in zip(chunks, nodes,
-                                                                            strict=True)]
-        plan = draft.model_copy(update={"batch_id": batch_id, "chunks": placed})
-        ctx.catalog.save_plan(plan)
-        resumed = False
-    ctx.plan = plan
-    ctx.writer = ReplicaWriter(ctx.topology, ctx.health, ctx.placer, ctx.source_cloud)
-    return plan, resumed
+        attach_plan(ctx, pending)
+        return pending, True
+    if pending is not None:
+        logger.warning("batch %s had a different plan; starting it again", batch_id)
+        ctx.catalog.drop_pending(config.dataset, batch_id)
+    placer = _placer(ctx)
+    nodes = placer.plan([c.size for c in chunks], ctx.health, config.quorum)
+    placed = [c.model_copy(update={"nodes": tuple(n)}) for c, n in zip(chunks, nodes,
+                                                                        strict=True)]
+    plan = draft.model_copy(update={"batch_id": batch_id, "chunks": placed})
+    ctx.catalog.save_plan(plan)
+    ctx.plan, ctx.placer = plan, placer
+    ctx.writer = ReplicaWriter(ctx.topology, ctx.health, placer, ctx.source_cloud)
+    return plan, False
+
+
+def _placer(ctx: RunContext) -> Placer:
+    region = (ctx.topology.source_region if ctx.source_cloud == ctx.topology.source_cloud
+              else None)
+    return Placer(ctx.topology, ctx.source_cloud, region, ctx.config.replicas)
+
+
+def attach_plan(ctx: RunContext, plan: BatchPlan) -> None:
+    """Take up a journaled plan (a resumed batch, or a child run's share of one)."""
+    placer = _placer(ctx)
+    for chunk in plan.chunks:  # restore the byte load the original placement made
+        for name in chunk.nodes:
+            placer.load[name] = placer.load.get(name, 0) + chunk.size
+    ctx.plan, ctx.placer = plan, placer
+    ctx.writer = ReplicaWriter(ctx.topology, ctx.health, placer, ctx.source_cloud)
+
+
+def load_pending_plan(ctx: RunContext, batch_id: str) -> BatchPlan:
+    """The journaled plan of ``batch_id``, attached to ``ctx``; a typed error when gone."""
+    plan = ctx.catalog.load_plan(ctx.config.dataset, batch_id)
+    if plan is None:
+        raise BatchNotFoundError(
+            f"no pending plan for batch {batch_id} of {ctx.config.dataset!r} in "
+            f"{ctx.catalog.store.url}: it was committed or dropped",
+            dataset=ctx.config.dataset, batch_id=batch_id)
+    attach_plan(ctx, plan)
+    return plan
 
 
 def ingest_chunk_fn(chunk: ChunkPlan, ctx: RunContext) -> IngestedChunk:
@@ -263,11 +296,17 @@ def _processed_bytes(processed: ProcessedChunk, ctx: RunContext) -> bytes | memo
     return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
-def distribute_chunk_fn(processed: ProcessedChunk, ctx: RunContext) -> StoredChunk:
-    """Write the chunk's replicas concurrently and verify them; W of them must verify."""
+def distribute_chunk_fn(processed: ProcessedChunk, ctx: RunContext,
+                        attempt: int = 1) -> StoredChunk:
+    """Write the chunk's replicas concurrently and verify them; W of them must verify.
+
+    A retry (``attempt`` > 1) first re-probes the chunk's planned nodes that are down.
+    """
     plan, writer = ctx.plan, ctx.writer
     assert plan is not None and writer is not None
     chunk = processed.plan
+    if attempt > 1:
+        writer.recheck(list(chunk.nodes), ctx.settings.probe_timeout_s)
     data = _processed_bytes(processed, ctx)
     if content_hash(data) != processed.digest:
         if not processed.staged:

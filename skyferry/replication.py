@@ -86,6 +86,30 @@ class ReplicaWriter:
                 self._stores[node.name] = node.store()
             return self._stores[node.name]
 
+    def recheck(self, names: list[str], timeout: float) -> list[str]:
+        """Probe the nodes among ``names`` that are down; mark the ones that answer healthy.
+
+        A retried write calls this first: a node that refused one write (a blip, a throttle)
+        gets another chance instead of staying down for the rest of the run.
+        """
+        down = [self.topology.node(n) for n in names if not self.health.healthy(n)]
+        down = [n for n in down if n.enabled]
+        if not down:
+            return []
+        pool = ThreadPoolExecutor(max_workers=len(down))
+        futures = {n.name: pool.submit(self.store(n).probe) for n in down}
+        back = []
+        for name, future in futures.items():
+            try:
+                future.result(timeout=timeout)
+            except Exception:  # still down (or still hung): it stays marked
+                continue
+            self.health.mark(name, "healthy")
+            back.append(name)
+            logger.info("node %s answers again; it takes writes", name)
+        pool.shutdown(wait=False)
+        return back
+
     def _write_one(self, node: Node, key: str, data: bytes | memoryview, digest: str,
                    md5: str | None) -> None:
         store = self.store(node)

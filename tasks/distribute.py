@@ -6,6 +6,7 @@ import time
 
 from prefect import task
 from prefect.cache_policies import NONE
+from prefect.runtime import task_run
 
 from skyferry.models import ProcessedChunk, StoredChunk
 from skyferry.pipeline import RunContext, distribute_chunk_fn, probe_nodes_fn
@@ -23,5 +24,5 @@ def probe_nodes(ctx: RunContext) -> dict[str, float | None]:
 @io_task("write-replicas")
 def distribute_chunk(processed: ProcessedChunk, ctx: RunContext) -> StoredChunk:
     started = time.perf_counter()
-    result = distribute_chunk_fn(processed, ctx)
+    result = distribute_chunk_fn(processed, ctx, attempt=int(task_run.run_count or 1))
     return finish(ctx, "distribution", result, started, processed.size * len(result.verified))

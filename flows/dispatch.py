@@ -1,0 +1,178 @@
+"""Hand each cloud's share of a batch to a ``cloud-share`` child run, and see them through.
+
+In-process, the children are subflows run one after another. Deployed, they are child runs
+of the clouds' deployments (``cloud-share/<cloud>-share``), created together with
+``run_deployment(timeout=0)`` and then watched through the API:
+
+- a cloud whose pool has no online worker, or has no share deployment, gets no share;
+- a child still waiting for a worker after ``child_start_timeout_s`` is cancelled;
+- a child that ends failed, crashed or cancelled marks its pool as failing.
+
+The unfinished chunks of such a share (per the journal) go to the clouds that are left. When
+no pool is left, the parent runs them in-process itself: a run never waits on a dead pool.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from prefect import get_run_logger
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.objects import StateType, WorkerStatus
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelled
+
+from flows.live import LiveStatus
+from flows.runners import make_task_runner
+from flows.share import cloud_share, event
+from skyferry.models import ChunkPlan
+from skyferry.pipeline import RunContext
+from skyferry.shares import ShareReport, assign_shares, share_deployment
+
+__all__ = ["dispatch_to_pools", "run_in_process", "POLL_S"]
+
+POLL_S = 1.0  # how often the parent reads its children's states
+
+
+def _child_parameters(ctx: RunContext, cloud: str, chunks: list[int], pool: str | None,
+                      live: LiveStatus) -> dict[str, Any]:
+    assert ctx.plan is not None
+    return {
+        "config": ctx.config.model_dump(mode="json"),
+        "batch_id": ctx.plan.batch_id,
+        "cloud": cloud,
+        "chunks": chunks,
+        "pool": pool,
+        "progress_artifact": str(live.artifact_id) if live.artifact_id else None,
+        "started_at": live.started_at,
+        "done_at_start": live.done_at_start,
+    }
+
+
+def run_in_process(ctx: RunContext, todo: list[ChunkPlan], live: LiveStatus) -> list[ShareReport]:
+    """Run every cloud's share as an in-process subflow; a failing share fails the run."""
+    if not todo:
+        return []
+    shares = assign_shares(todo, ctx.topology, ctx.topology.clouds)
+    child = cloud_share.with_options(task_runner=make_task_runner(ctx.settings))
+    reports: list[ShareReport] = []
+    down = {n: ctx.health.reasons.get(n, "") for n in ctx.health.down_nodes()}
+    for cloud, chunks in shares.items():
+        state = child(**_child_parameters(ctx, cloud, chunks, None, live), known_down=down,
+                      return_state=True)
+        report: ShareReport = state.result()  # re-raises the child's StageError
+        reports.append(report)
+        down = {**report.down_reasons, **down}  # the first reason a node was found down
+    return reports
+
+
+def _pool_is_live(client: SyncPrefectClient, pool: str) -> tuple[bool, str]:
+    try:
+        workers = client.read_workers_for_work_pool(pool)
+    except ObjectNotFound:
+        return False, f"work pool {pool} does not exist"
+    online = [w for w in workers if w.status == WorkerStatus.ONLINE]
+    if not online:
+        return False, f"work pool {pool} has no online worker"
+    return True, f"{len(online)} online worker(s)"
+
+
+def _deployment_exists(client: SyncPrefectClient, name: str) -> bool:
+    try:
+        client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        return False
+    return True
+
+
+@dataclass
+class _Child:
+    cloud: str
+    pool: str
+    chunks: list[int]
+    created: float
+
+
+def dispatch_to_pools(ctx: RunContext, todo: list[ChunkPlan],
+                      live: LiveStatus) -> list[ShareReport]:
+    """Run the shares on the clouds' work pools, concurrently, reassigning dead pools' work."""
+    logger = get_run_logger()
+    plan = ctx.plan
+    assert plan is not None
+    by_index = {c.index: c for c in plan.chunks}
+    timeout = ctx.config.child_start_timeout_s
+    reports: list[ShareReport] = []
+    children: dict[UUID, _Child] = {}
+    launched: set[UUID] = set()
+    with get_client(sync_client=True) as client:
+        usable: set[str] = set()
+        for cloud in ctx.topology.clouds:
+            pool = ctx.topology.pool_for(cloud)
+            ok, why = _pool_is_live(client, pool)
+            if ok and not _deployment_exists(client, share_deployment(cloud)):
+                ok, why = False, f"deployment {share_deployment(cloud)} does not exist"
+            logger.info("%s: pool %s %s", cloud, pool, "is live" if ok else f"is out: {why}",
+                        extra=event(ctx, "distribution"))
+            if ok:
+                usable.add(cloud)
+
+        def launch(chunks: list[ChunkPlan]) -> None:
+            if not chunks:
+                return
+            if not usable:
+                logger.warning("no work pool can take %d chunks; running them in-process",
+                               len(chunks), extra=event(ctx, "distribution"))
+                reports.extend(run_in_process(ctx, chunks, live))
+                return
+            for cloud, indices in assign_shares(chunks, ctx.topology, usable).items():
+                pool = ctx.topology.pool_for(cloud)
+                run: Any = run_deployment(
+                    share_deployment(cloud), timeout=0, as_subflow=True,
+                    parameters=_child_parameters(ctx, cloud, indices, pool, live),
+                    flow_run_name=f"{plan.dataset}-{plan.batch_id[:8]}-{cloud}",
+                    tags=["skyferry", f"cloud:{cloud}"],
+                )
+                children[run.id] = _Child(cloud, pool, indices, time.monotonic())
+                launched.add(run.id)
+                logger.info("%s share: %d chunks → %s (child run %s)", cloud, len(indices),
+                            pool, run.id, extra=event(ctx, "distribution"))
+
+        def reassign(run_id: UUID, why: str) -> None:
+            child = children.pop(run_id)
+            usable.discard(child.cloud)
+            done = ctx.catalog.done_indices(plan.dataset, plan.batch_id)
+            left = [by_index[i] for i in child.chunks if i not in done]
+            logger.warning("%s share (child run %s) %s; reassigning %d unfinished chunks",
+                           child.cloud, run_id, why, len(left),
+                           extra=event(ctx, "distribution"))
+            launch(left)
+
+        launch(todo)
+        while children:
+            time.sleep(POLL_S)
+            for run_id in list(children):
+                child = children[run_id]
+                state = client.read_flow_run(run_id).state
+                kind = state.type if state else StateType.SCHEDULED
+                if kind == StateType.COMPLETED:
+                    children.pop(run_id)
+                    logger.info("%s share completed on %s", child.cloud, child.pool,
+                                extra=event(ctx, "distribution"))
+                elif kind in (StateType.FAILED, StateType.CRASHED, StateType.CANCELLED):
+                    reassign(run_id, f"ended {kind.value.lower()} on {child.pool}")
+                elif (kind == StateType.SCHEDULED
+                      and time.monotonic() - child.created > timeout):
+                    client.set_flow_run_state(run_id, Cancelled(
+                        message=f"no worker of {child.pool} picked it up in {timeout:.0f}s"),
+                        force=True)
+                    reassign(run_id, f"was not picked up by {child.pool} in {timeout:.0f}s")
+            live.update("distribution")
+    for raw in ctx.catalog.share_reports(plan.dataset, plan.batch_id):
+        report = ShareReport.model_validate_json(raw)
+        if report.flow_run_id and UUID(report.flow_run_id) in launched:
+            reports.append(report)
+    return reports

@@ -1,0 +1,180 @@
+"""The ``cloud-share`` child flow: one cloud's share of a planned batch.
+
+The parent (``multicloud-pipeline``) plans a batch and journals the plan; each child takes the
+chunk indices it was handed, drives them through ingest → process → distribute, and journals
+every stored chunk. When deployed, a child runs on its cloud's work pool (``run_deployment``);
+otherwise it runs in-process as a subflow. Either way the journal is the only thing it shares
+with the parent, so it can run on another machine.
+
+Task arguments are wrapped in ``quote()``: they are in-process references, and Prefect would
+otherwise walk every field of every record on each submission.
+
+Chunks move through the stages in a bounded window (``max_in_flight``): as soon as a chunk
+leaves one stage its next task is submitted, and a new chunk enters only when one is stored.
+Memory is bounded by the window times the chunk size, whatever the dataset's size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from typing import Any
+from uuid import UUID
+
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
+
+from flows.live import LiveStatus
+from flows.runners import make_task_runner
+from skyferry.config import PipelineConfig, get_settings
+from skyferry.errors import SkyferryError, StageError
+from skyferry.models import ChunkPlan, StoredChunk
+from skyferry.pipeline import (
+    RunContext,
+    build_context,
+    journal_chunk_fn,
+    load_pending_plan,
+    process_chunk_fn,
+)
+from skyferry.shares import CHILD_FLOW, ShareReport
+from tasks.distribute import distribute_chunk, probe_nodes
+from tasks.ingest import ingest_chunk
+from tasks.process import process_chunk
+
+__all__ = ["cloud_share", "run_chunk_stages", "ref", "event", "stage_error"]
+
+_NEXT: dict[str, tuple[str, Any]] = {
+    "ingestion": ("processing", process_chunk),
+    "processing": ("distribution", distribute_chunk),
+}
+
+
+def ref(value: Any) -> Any:
+    """Hand an in-process reference to a task without Prefect walking its fields."""
+    return quote(value)
+
+
+def event(ctx: RunContext, stage: str, chunk: int | None = None) -> dict[str, Any]:
+    """Structured fields for a log event: the batch, the stage and the chunk."""
+    batch = ctx.plan.batch_id if ctx.plan else ctx.config.batch_id
+    return {"dataset": ctx.config.dataset, "batch": batch, "stage": stage, "chunk": chunk}
+
+
+def stage_error(stage: str, ctx: RunContext, exc: BaseException,
+                batch_id: str | None = None) -> StageError:
+    batch = batch_id or (ctx.plan.batch_id if ctx.plan else None) or ctx.config.batch_id
+    error = StageError(str(exc), stage=stage, batch_id=batch or "unplanned",
+                       dataset=ctx.config.dataset)
+    error.__cause__ = exc
+    return error
+
+
+def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext,
+                     live: LiveStatus | None = None) -> list[StoredChunk]:
+    """Drive every chunk through ingest → process → distribute in a bounded window."""
+    logger = get_run_logger()
+    window = ctx.settings.max_in_flight
+    queue = deque(chunks)
+    active: dict[PrefectFuture[Any], tuple[str, int]] = {}
+    stored: list[StoredChunk] = []
+    failure: tuple[str, BaseException] | None = None
+
+    def current_stage() -> str:
+        counts = Counter(stage for stage, _ in active.values())
+        return counts.most_common(1)[0][0] if counts else "storage"
+
+    def admit() -> None:
+        chunk = queue.popleft()
+        active[ingest_chunk.submit(ref(chunk), ref(ctx))] = ("ingestion", chunk.index)
+
+    while queue and len(active) < window:
+        admit()
+    while active:
+        future = next(as_completed(list(active)))
+        stage, index = active.pop(future)
+        try:
+            value = future.result()
+        except Exception as exc:
+            logger.error("chunk %s failed in %s: %s", index, stage, exc,
+                         extra=event(ctx, stage, index))
+            ctx.recorder.record(stage, nbytes=0, seconds=0.0, ok=False)
+            if failure is None:
+                failure = (stage, exc)
+            queue.clear()
+            continue
+        if stage == "ingestion" and value.plan.format == "binary":
+            # Binary passes through unchanged: no processing task to pay for.
+            value = process_chunk_fn(value, ctx)
+            ctx.recorder.record("processing", nbytes=value.size, seconds=0.0)
+            stage = "processing"
+        if stage in _NEXT:
+            next_stage, next_task = _NEXT[stage]
+            active[next_task.submit(ref(value), ref(ctx))] = (next_stage, index)
+            continue
+        try:
+            journal_chunk_fn(ctx, value)
+        except Exception as exc:
+            failure = failure or ("storage", exc)
+            queue.clear()
+            continue
+        stored.append(value)
+        logger.info("chunk %s stored on %s (%d/%d of this share)", index,
+                    ",".join(r.node for r in value.verified), len(stored), len(chunks),
+                    extra=event(ctx, "storage", index))
+        if live is not None:
+            live.update(current_stage())
+        if queue and failure is None:
+            admit()
+    if failure is not None:
+        raise stage_error(failure[0], ctx, failure[1]) from failure[1]
+    return stored
+
+
+@flow(name=CHILD_FLOW, log_prints=False, validate_parameters=True,
+      task_runner=make_task_runner(get_settings()))
+def cloud_share(config: PipelineConfig, batch_id: str, cloud: str, chunks: list[int],
+                pool: str | None = None, progress_artifact: str | None = None,
+                started_at: float | None = None, done_at_start: int = 0,
+                known_down: dict[str, str] | None = None) -> ShareReport:
+    """Ingest, process and distribute the chunks ``chunks`` of a planned batch.
+
+    ``known_down`` are nodes an earlier in-process share found down, with why; they are
+    avoided without being probed again. A child on another pool probes every node itself.
+    """
+    logger = get_run_logger()
+    try:
+        ctx = build_context(config)
+    except SkyferryError as exc:
+        raise StageError(str(exc), stage="setup", batch_id=batch_id,
+                         dataset=config.dataset) from exc
+    try:
+        plan = load_pending_plan(ctx, batch_id)
+        for node, reason in (known_down or {}).items():
+            ctx.health.mark(node, "down", reason)
+        probe_nodes(ref(ctx))
+        done = ctx.catalog.done_indices(plan.dataset, batch_id)
+        by_index = {c.index: c for c in plan.chunks}
+        todo = [by_index[i] for i in chunks if i not in done]
+    except StageError:
+        raise
+    except Exception as exc:
+        raise stage_error("ingestion", ctx, exc, batch_id) from exc
+    where = pool or "in-process"
+    logger.info("%s share of batch %s: %d chunks, %d to do, on %s", cloud, batch_id,
+                len(chunks), len(todo), where, extra=event(ctx, "ingestion"))
+    live = LiveStatus(UUID(progress_artifact) if progress_artifact else None, ctx.catalog,
+                      plan, started_at=started_at or time.time(), done_at_start=done_at_start,
+                      health=ctx.health)
+    stored = run_chunk_stages(todo, ctx, live)
+    live.update("distribution", force=True)
+    run_id = str(flow_run.id) if flow_run.id else None
+    report = ShareReport(
+        cloud=cloud, ran_on=where, flow_run_id=run_id, chunks=list(chunks),
+        stored=[c.index for c in stored], stages=ctx.recorder.snapshot(),
+        down_reasons={n: ctx.health.reasons.get(n, "") for n in ctx.health.down_nodes()},
+    )
+    ctx.catalog.save_share_report(plan.dataset, batch_id, f"{cloud}-{run_id or 'local'}",
+                                  report.model_dump_json().encode())
+    return report

@@ -1,0 +1,174 @@
+"""The operator's path on a real ``prefect server``: pools, ``deploy --all``, workers, runs.
+
+One server and one process worker per cloud pool for the module. Each case triggers the
+scheduled-ingest deployment with ``prefect deployment run ... --watch``, as an operator would,
+and checks what happened through the server's REST API (what the UI shows).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sf_servers
+from sf_data import write_ml_csv
+from sf_prefect import PrefectServer, wait_for
+from sf_proxy import RefusingProxy, chunk_upload, refusing_topology
+
+from skyferry.manifest import Catalog
+from skyferry.storage import Store
+
+pytestmark = [pytest.mark.server, pytest.mark.integration]
+
+POOLS = {"aws": "aws-pool", "gcp": "gcp-pool", "azure": "azure-pool"}
+PARENT = "multicloud-pipeline/scheduled-ingest"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    work = tmp_path_factory.mktemp("prefect-server")
+    home = work / "skyferry-home"
+    source = work / "scheduled-source"
+    source.mkdir()
+    write_ml_csv(source / "part-0.csv", 500, seed=1)
+    server = PrefectServer(work, {
+        "SKYFERRY_HOME": str(home),
+        "SKYFERRY_RETRY_DELAYS": "[0.5, 0.5]",
+        "SKYFERRY_CHECKOUT": str(sf_servers.ROOT),
+        "SKYFERRY_SOURCE": str(source),
+        "SKYFERRY_DATASET": "scheduled",
+    })
+    try:
+        server.start()
+        server.cli("python", "deployments/setup_local.py")
+        server.cli("prefect", "--no-prompt", "deploy", "--all")
+        for pool in POOLS.values():
+            server.start_worker(pool)
+        for pool in POOLS.values():
+            wait_for(f"an online worker in {pool}", lambda p=pool: server.online_workers(p), 90)
+        yield server
+    finally:
+        server.stop()
+
+
+def run_deployment(server: PrefectServer, config: dict[str, Any]) -> dict[str, Any]:
+    """``prefect deployment run PARENT --param config=... --watch``; the parent's flow run."""
+    done = server.cli("prefect", "deployment", "run", PARENT, "--param",
+                      f"config={json.dumps(config)}", "--watch", "--watch-interval", "1",
+                      timeout=600)
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", done.stdout)
+    assert match, done.stdout
+    return dict(server.get(f"/flow_runs/{match.group(1)}"))
+
+
+def children(server: PrefectServer, parent: dict[str, Any]) -> list[dict[str, Any]]:
+    task_runs = server.post("/task_runs/filter", {
+        "flow_runs": {"id": {"any_": [parent["id"]]}}, "limit": 200})
+    ids = [t["id"] for t in task_runs]
+    if not ids:
+        return []
+    return list(server.post("/flow_runs/filter", {
+        "flow_runs": {"parent_task_run_id": {"any_": ids}}, "limit": 200}))
+
+
+def source_dir(tmp_path: Path, rows: int, seed: int) -> tuple[Path, int]:
+    source = tmp_path / "source"
+    source.mkdir()
+    return source, write_ml_csv(source / "train.csv", rows, seed=seed)
+
+
+def manifest_of(server: PrefectServer, dataset: str) -> Any:
+    catalog = Catalog(Store(server.env["SKYFERRY_HOME"] + "/catalog", name="catalog"))
+    return catalog.manifest(dataset)
+
+
+def test_a_deployment_run_fans_out_to_every_clouds_pool(server: PrefectServer,
+                                                       tmp_path: Path) -> None:
+    source, rows = source_dir(tmp_path, 6_000, seed=2)
+    parent = run_deployment(server, {"source": str(source), "dataset": "fanout",
+                                     "chunk_size": "48KB"})
+    assert parent["state_type"] == "COMPLETED", parent["state"]
+    assert parent["work_pool_name"] == "aws-pool"
+    kids = children(server, parent)
+    assert {k["parameters"]["cloud"] for k in kids} == set(POOLS)
+    for kid in kids:
+        assert kid["state_type"] == "COMPLETED", (kid["name"], kid["state"])
+        assert kid["work_pool_name"] == POOLS[kid["parameters"]["cloud"]]
+    # every chunk was handed to exactly one child, and the manifest holds them all
+    handed = sorted(i for k in kids for i in k["parameters"]["chunks"])
+    manifest = manifest_of(server, "fanout")
+    assert handed == [c.index for c in manifest.chunks]
+    assert manifest.rows_stored + manifest.rows_rejected == rows
+    # the operator's artifacts are on the parent's run
+    artifacts = server.post("/artifacts/filter", {
+        "flow_runs": {"id": {"any_": [parent["id"]]}}, "limit": 50})
+    by_type = {a["type"]: a for a in artifacts}
+    assert by_type["progress"]["data"] == 100.0
+    assert by_type["progress"]["metadata_"]["chunks_done"] == str(len(manifest.chunks))
+    assert by_type["table"]["key"] == "fanout-stage-breakdown"
+    assert by_type["markdown"]["key"] == "fanout-placement"
+    table = by_type["table"]["data"]
+    table = json.loads(table) if isinstance(table, str) else table
+    assert {row["stage"] for row in table} >= {"ingestion", "processing", "distribution"}
+    # the hourly schedule produced scheduled runs of the ingestion deployment
+    deployment = server.get("/deployments/name/" + PARENT)
+    assert deployment["schedules"][0]["schedule"]["cron"] == "0 * * * *"
+    scheduled = wait_for("scheduled runs of the hourly schedule", lambda: server.post(
+        "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}},
+                              "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}), 60)
+    assert all(r["parameters"]["config"]["dataset"] == "scheduled" for r in scheduled)
+
+
+def test_a_refused_write_shows_as_a_retried_task_run(server: PrefectServer, tmp_path: Path,
+                                                    clouds: sf_servers.CloudEnv) -> None:
+    clouds.make_bucket("s3", "refusing")
+    source, rows = source_dir(tmp_path, 3_000, seed=3)
+    home = Path(server.env["SKYFERRY_HOME"])
+    with RefusingProxy(clouds.s3.endpoint, chunk_upload, times=1) as proxy:
+        topology = refusing_topology(tmp_path / "refusing.yaml", home, proxy.endpoint)
+        parent = run_deployment(server, {
+            "source": str(source), "dataset": "retried", "chunk_size": "64KB",
+            "topology": str(topology), "replicas": 3, "quorum": 3})
+    assert parent["state_type"] == "COMPLETED", parent["state"]
+    assert len(proxy.refused) == 1
+    kids = children(server, parent)
+    assert kids and all(k["state_type"] == "COMPLETED" for k in kids)
+    writes = server.post("/task_runs/filter", {
+        "flow_runs": {"id": {"any_": [k["id"] for k in kids]}},
+        "task_runs": {"name": {"like_": "write-replicas"}}, "limit": 200})
+    retried = [t for t in writes if t["run_count"] > 1]
+    assert len(retried) == 1 and retried[0]["state_type"] == "COMPLETED"
+    manifest = manifest_of(server, "retried")
+    assert manifest.rows_stored + manifest.rows_rejected == rows
+    assert all(len(c.verified) == 3 for c in manifest.chunks)
+
+
+def test_a_pool_whose_worker_died_gets_its_share_reassigned(server: PrefectServer,
+                                                           tmp_path: Path) -> None:
+    source, rows = source_dir(tmp_path, 6_000, seed=4)
+    server.workers["gcp-pool"].kill(signal.SIGKILL)
+    try:
+        parent = run_deployment(server, {"source": str(source), "dataset": "reassigned",
+                                         "chunk_size": "48KB", "child_start_timeout_s": 15})
+    finally:
+        server.start_worker("gcp-pool")
+    assert parent["state_type"] == "COMPLETED", parent["state"]
+    kids = children(server, parent)
+    completed = [k for k in kids if k["state_type"] == "COMPLETED"]
+    assert completed and all(k["work_pool_name"] in ("aws-pool", "azure-pool")
+                             for k in completed)
+    # a gcp child, if one was dispatched before the worker was seen offline, was cancelled
+    assert all(k["state_type"] == "CANCELLED" for k in kids if k["work_pool_name"] == "gcp-pool")
+    logs = server.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [parent["id"]]}},
+                                        "limit": 200})
+    text = "\n".join(entry["message"] for entry in logs)
+    assert re.search(r"gcp: pool gcp-pool is out|gcp share .* reassigning", text), text
+    manifest = manifest_of(server, "reassigned")
+    assert sorted(i for k in completed for i in k["parameters"]["chunks"]) == [
+        c.index for c in manifest.chunks]
+    assert manifest.rows_stored + manifest.rows_rejected == rows
