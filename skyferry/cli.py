@@ -201,6 +201,58 @@ def status(
 
 
 @app.command()
+def profile(
+    source: Annotated[Optional[str], typer.Argument(
+        help="what to run; a synthetic ML CSV of --size when omitted")] = None,
+    runs: Annotated[int, typer.Option("-n", "--runs", min=1, help="how many runs")] = 5,
+    size: Annotated[str, typer.Option(help="size of the synthetic CSV")] = "64MB",
+    chunk_size: Annotated[str, typer.Option("--chunk-size")] = "8MiB",
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    chart: Annotated[Optional[Path], typer.Option(help="PNG chart path")] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="keep the runs' datasets")] = False,
+) -> None:
+    """Run the pipeline N times; print the stage breakdown's spread and the bottlenecks."""
+    _prefect_quiet()
+    from blocks.topology import load_topology
+    from flows.pipeline import run_pipeline
+    from skyferry.demo import generate_dataset
+    from skyferry.gc import drop_dataset
+    from skyferry.profile import profile_results, profile_table, write_chart
+
+    settings = get_settings()
+    if source is None:
+        folder = settings.home / "profile" / "source"
+        if not sorted(folder.glob("train-*.csv")):
+            generate_dataset(folder, total_bytes=parse_size(size))
+        source = f"{folder}/*.csv"
+    try:
+        topo = load_topology(topology)
+    except SkyferryError as exc:
+        _fail(exc)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results = []
+    for i in range(1, runs + 1):
+        dataset = f"profile-{stamp}-{i}"
+        result = run_pipeline(PipelineConfig(source=source, dataset=dataset, topology=topology,
+                                             chunk_size=parse_size(chunk_size)))
+        console.print(f"run {i}/{runs}: {result.status} in {result.duration_s:.2f}s"
+                      + (f" ({result.error})" if result.error else ""))
+        if not keep:
+            drop_dataset(topo, dataset)
+        if result.status == "failed":
+            raise typer.Exit(code=1)
+        results.append(result)
+    report = profile_results(results)
+    console.print(profile_table(report))
+    for stage, advice in report.recommendations.items():
+        console.print(f"[bold red]bottleneck[/] {stage}: {advice}")
+    if not report.bottlenecks:
+        console.print("no stage takes more than 30% of the time")
+    target = chart or settings.home / "profile" / f"profile-{stamp}.png"
+    console.print(f"chart: {write_chart(report, target)}")
+
+
+@app.command()
 def gc(
     grace: Annotated[str, typer.Option(help="grace period in seconds, or 1h/1d")] = "1d",
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,

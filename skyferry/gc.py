@@ -15,7 +15,7 @@ from blocks.topology import Topology
 from skyferry.errors import StorageError
 from skyferry.manifest import Catalog
 
-__all__ = ["GcReport", "collect_garbage"]
+__all__ = ["GcReport", "collect_garbage", "drop_dataset"]
 
 logger = logging.getLogger("skyferry.store")
 
@@ -69,3 +69,32 @@ def collect_garbage(topology: Topology, *, grace_s: float, now: float | None = N
     logger.info("gc: scanned %d, deleted %d, kept %d young", report.scanned,
                 len(report.deleted), report.kept_young)
     return report
+
+
+def drop_dataset(topology: Topology, dataset: str) -> int:
+    """Delete a dataset: its manifests first (it stops being visible), then its objects.
+
+    Returns how many objects were deleted. What a node that is down still holds is left for
+    :func:`collect_garbage` (nothing claims it any more).
+    """
+    catalog = Catalog(topology.catalog_store())
+    manifests = catalog.manifests(dataset)
+    for manifest in manifests:
+        catalog.store.delete(catalog.manifest_key(dataset, manifest.partition_date,
+                                                  manifest.batch_id))
+    deleted = len(manifests)
+    for node in topology.nodes:
+        if not node.enabled:
+            continue
+        store = node.store()
+        try:
+            for obj in list(store.list(dataset)):
+                store.delete(obj.key)
+                deleted += 1
+        except StorageError as exc:
+            logger.warning("drop %s: node %s: %s", dataset, node.name, exc)
+    for obj in list(catalog.store.list(f"rejects/{dataset}")):
+        catalog.store.delete(obj.key)
+        deleted += 1
+    logger.info("dropped dataset %s: %d objects", dataset, deleted)
+    return deleted

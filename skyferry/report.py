@@ -10,10 +10,10 @@ from typing import Any
 
 from skyferry.metrics import STAGES, PipelineResult
 
-__all__ = ["BOTTLENECK_SHARE", "placement_markdown", "stage_breakdown"]
+__all__ = ["ADVICE", "BOTTLENECK_SHARE", "placement_markdown", "stage_breakdown"]
 
 BOTTLENECK_SHARE = 0.30
-_ADVICE = {
+ADVICE = {
     "ingestion": "Reads bound the run: put compute near the source (its cloud's work pool), "
                  "or raise --chunk-size so each ranged read carries more.",
     "processing": "Decoding and encoding bound the run: give it more cores "
@@ -45,7 +45,7 @@ def stage_breakdown(result: PipelineResult) -> list[dict[str, Any]]:
             "success_rate": f"{m.success_rate:.1%}",
             "retries": m.retries,
             "bottleneck": "yes" if bottleneck else "",
-            "recommendation": _ADVICE[stage] if bottleneck else "",
+            "recommendation": ADVICE[stage] if bottleneck else "",
         })
     return rows
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import httpx
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
@@ -23,6 +24,7 @@ from skyferry.errors import SkyferryError
 __all__ = ["RunStatus", "fetch_status", "render_status", "status_line", "PIPELINE_FLOW"]
 
 PIPELINE_FLOW = "multicloud-pipeline"
+_PAGE, _MAX_PAGES = 200, 25  # retried tasks are counted over the first 5,000 task runs
 _STYLE = {"COMPLETED": "green", "RUNNING": "cyan", "FAILED": "red", "CRASHED": "red",
           "CANCELLED": "yellow", "SCHEDULED": "blue", "PENDING": "blue"}
 
@@ -87,10 +89,14 @@ def fetch_status(http: Any, run_id: str | None = None) -> RunStatus:
             raise RunNotFoundError(f"no {PIPELINE_FLOW} run in the Prefect API at {http.base_url}")
         run = runs[0]
     else:
-        response = http.get(f"/flow_runs/{run_id}")
-        if response.status_code == 404:
-            raise RunNotFoundError(f"no flow run {run_id} in the Prefect API at {http.base_url}")
-        response.raise_for_status()
+        try:
+            response = http.get(f"/flow_runs/{run_id}")
+            response.raise_for_status()
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code in (404, 422):
+                raise RunNotFoundError(
+                    f"no flow run {run_id} in the Prefect API at {http.base_url}") from None
+            raise
         run = response.json()
     started = _time(run.get("start_time"))
     end = _time(run.get("end_time"))
@@ -101,9 +107,10 @@ def fetch_status(http: Any, run_id: str | None = None) -> RunStatus:
         elapsed = 0.0
     deployment = None
     if run.get("deployment_id"):
-        found = http.get(f"/deployments/{run['deployment_id']}")
-        if found.status_code == 200:
-            deployment = found.json()["name"]
+        try:
+            deployment = http.get(f"/deployments/{run['deployment_id']}").json()["name"]
+        except httpx.HTTPStatusError:
+            deployment = "(deleted)"
     status = RunStatus(run_id=run["id"], name=run["name"], state=run["state_type"] or "",
                        state_name=run.get("state_name") or "", deployment=deployment,
                        started=started, elapsed_s=elapsed)
@@ -127,9 +134,14 @@ def fetch_status(http: Any, run_id: str | None = None) -> RunStatus:
             pool=kid.get("work_pool_name") or "in-process", state=kid["state_type"] or "",
             chunks=len(params.get("chunks") or [])))
     run_ids = [run["id"], *(k["id"] for k in kids)]
-    retried = _post(http, "/task_runs/filter", {
-        "flow_runs": {"id": {"any_": run_ids}}, "limit": 500})
-    status.retried_tasks = sum(1 for t in retried if (t.get("run_count") or 0) > 1)
+    status.retried_tasks = 0
+    for page in range(_MAX_PAGES):  # the API serves at most 200 task runs a call
+        batch = _post(http, "/task_runs/filter", {
+            "flow_runs": {"id": {"any_": run_ids}}, "sort": "ID_DESC",
+            "limit": _PAGE, "offset": page * _PAGE})
+        status.retried_tasks += sum(1 for t in batch if (t.get("run_count") or 0) > 1)
+        if len(batch) < _PAGE:
+            break
     return status
 
 

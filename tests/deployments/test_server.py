@@ -90,9 +90,23 @@ def manifest_of(server: PrefectServer, dataset: str) -> Any:
 def test_a_deployment_run_fans_out_to_every_clouds_pool(server: PrefectServer,
                                                        tmp_path: Path) -> None:
     source, rows = source_dir(tmp_path, 6_000, seed=2)
-    parent = run_deployment(server, {"source": str(source), "dataset": "fanout",
-                                     "chunk_size": "48KB"})
+    config = {"source": str(source), "dataset": "fanout", "chunk_size": "48KB"}
+    # the operator's two terminals: the run, watched; and `skyferry status` on it
+    run = server.spawn("fanout-run", "prefect", "deployment", "run", PARENT, "--param",
+                       f"config={json.dumps(config)}", "--watch", "--watch-interval", "1")
+    run_id = wait_for("the flow run's id", lambda: re.search(
+        r"UUID:\s*([0-9a-f-]{36})", run.output()), 120).group(1)
+    status = server.spawn("fanout-status", "skyferry", "status", run_id, "--interval", "0.5")
+    assert run.wait(timeout=600) == 0, run.output()
+    assert status.wait(timeout=120) == 0, status.output()
+    parent = server.get(f"/flow_runs/{run_id}")
     assert parent["state_type"] == "COMPLETED", parent["state"]
+    lines = status.output().splitlines()
+    # while it ran: the children were working on their shares (one line per change)
+    assert any(re.search(r" Running · distribution · (\d+)% ", x) and
+               not re.search(r" 100% ", x) for x in lines), lines
+    screen = status.output()
+    assert "Completed" in screen and "100%" in screen and "cloud shares" in screen
     assert parent["work_pool_name"] == "aws-pool"
     kids = children(server, parent)
     assert {k["parameters"]["cloud"] for k in kids} == set(POOLS)

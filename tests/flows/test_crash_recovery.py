@@ -48,15 +48,17 @@ def test_kill_9_then_rerun_matches_a_clean_run(tmp_path: Path, monkeypatch: pyte
     # 2. a run in a child process, killed with SIGKILL while chunk 6 is being processed
     crash_home = tmp_path / "crash"
     marker = tmp_path / "blocked"
+    log = tmp_path / "child.log"
     env = dict(os.environ, SKYFERRY_HOME=str(crash_home), SF_BLOCK_MARKER=str(marker),
                SKYFERRY_MAX_IN_FLIGHT="2", PREFECT_API_URL="")
     env.pop("PREFECT_API_URL")
     child = subprocess.Popen([sys.executable, str(HELPERS / "sf_run.py"),
                               config.model_dump_json()], env=env, start_new_session=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.PIPE, stderr=log.open("wb"))
     deadline = time.monotonic() + 240
     while not marker.exists():
-        assert child.poll() is None, "the child run ended before it reached chunk 6"
+        assert child.poll() is None, ("the child run ended before it reached chunk 6:\n"
+                                      + log.read_text(errors="replace")[-3000:])
         assert time.monotonic() < deadline, "the child never reached chunk 6"
         try:
             child.wait(timeout=0.2)

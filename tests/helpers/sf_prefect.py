@@ -47,6 +47,13 @@ class Process:
                                          env=self.env, cwd=self.cwd)
         return self
 
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -119,6 +126,13 @@ class PrefectServer:
             raise AssertionError(f"{' '.join(args)} exited {done.returncode}:\n"
                                  f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
         return done
+
+    def spawn(self, name: str, *args: str) -> Process:
+        """Start a command (``prefect ...``, ``skyferry ...``) in the background; logs to a file."""
+        exe = str(BIN / args[0]) if (BIN / args[0]).exists() else args[0]
+        process = Process(name, [exe, *args[1:]], self.env, self.work / f"{name}.log").start()
+        self.processes.append(process)
+        return process
 
     def start_worker(self, pool: str) -> Process:
         worker = Process(f"worker-{pool}", [str(BIN / "prefect"), "worker", "start", "--pool",
