@@ -58,7 +58,9 @@ def run_in_process(ctx: RunContext, todo: list[ChunkPlan], live: LiveStatus) -> 
     if not todo:
         return []
     shares = assign_shares(todo, ctx.topology, ctx.topology.clouds)
-    child = cloud_share.with_options(task_runner=make_task_runner(ctx.settings))
+    with get_client(sync_client=True) as client:  # the API this run reports to
+        api_url = str(client.api_url)
+    child = cloud_share.with_options(task_runner=make_task_runner(ctx.settings, api_url))
     reports: list[ShareReport] = []
     down = {n: ctx.health.reasons.get(n, "") for n in ctx.health.down_nodes()}
     for cloud, chunks in shares.items():

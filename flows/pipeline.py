@@ -22,10 +22,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import deployment, flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.dispatch import dispatch_to_pools, run_in_process
 from flows.live import LiveStatus, create_live_status
-from flows.runners import make_task_runner
 from flows.share import event, ref, stage_error
 from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.errors import SkyferryError, StageError
@@ -132,7 +132,8 @@ def run_pipeline(config: PipelineConfig, settings: Settings | None = None) -> Pi
     A failed run returns ``status="failed"`` with the error and the stage it failed in.
     """
     settings = settings or get_settings()
-    runner: Any = make_task_runner(settings)
+    # the parent's own tasks (probe, list, plan, commit) share its context: threads
+    runner: Any = ThreadPoolTaskRunner(max_workers=settings.max_workers)
     state = multicloud_pipeline.with_options(task_runner=runner)(config=config,
                                                                  return_state=True)
     try:

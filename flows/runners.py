@@ -9,11 +9,19 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from skyferry.config import Settings
 from skyferry.errors import ConfigError
 
-__all__ = ["make_task_runner"]
+__all__ = ["make_task_runner", "uses_processes"]
 
 
-def make_task_runner(settings: Settings) -> Any:
-    """A fresh task runner for one flow run, as ``settings`` asks."""
+def make_task_runner(settings: Settings, api_url: str | None = None) -> Any:
+    """A fresh task runner for the chunk tasks of one run, as ``settings`` asks.
+
+    ``threads``: each stage is a task, sharing the run's in-memory context. ``dask``: the
+    fused ``move-chunk`` task runs on Dask worker processes (a local cluster of one process
+    per core, or the scheduler at ``SKYFERRY_DASK_ADDRESS``).
+
+    ``api_url`` is the Prefect API the local cluster's workers report to. Without it, on the
+    ephemeral API, every worker process would start a temporary API server of its own.
+    """
     if settings.task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=settings.max_workers)
     try:
@@ -23,6 +31,13 @@ def make_task_runner(settings: Settings) -> Any:
                           "pip install 'skyferry[dask]'") from exc
     if settings.dask_address:
         return DaskTaskRunner(address=settings.dask_address)
-    # Threads in one process: the stage tasks share the run's in-memory context.
-    return DaskTaskRunner(cluster_kwargs={"n_workers": 1, "processes": False,
-                                          "threads_per_worker": settings.max_workers})
+    cluster: dict[str, Any] = {"n_workers": settings.max_workers, "threads_per_worker": 1,
+                               "processes": True, "dashboard_address": None}
+    if api_url:
+        cluster["env"] = {"PREFECT_API_URL": api_url}
+    return DaskTaskRunner(cluster_kwargs=cluster)
+
+
+def uses_processes(settings: Settings) -> bool:
+    """Whether chunk tasks may run in another process (and so must be fused)."""
+    return settings.task_runner != "threads"

@@ -27,7 +27,7 @@ from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from flows.live import LiveStatus
-from flows.runners import make_task_runner
+from flows.runners import make_task_runner, uses_processes
 from skyferry.config import PipelineConfig, get_settings
 from skyferry.errors import SkyferryError, StageError
 from skyferry.models import ChunkPlan, StoredChunk
@@ -36,11 +36,13 @@ from skyferry.pipeline import (
     build_context,
     journal_chunk_fn,
     load_pending_plan,
+    probe_nodes_fn,
     process_chunk_fn,
 )
 from skyferry.shares import CHILD_FLOW, ShareReport
 from tasks.distribute import distribute_chunk, probe_nodes
 from tasks.ingest import ingest_chunk
+from tasks.move import move_chunk
 from tasks.process import process_chunk
 
 __all__ = ["cloud_share", "run_chunk_stages", "ref", "event", "stage_error"]
@@ -74,6 +76,8 @@ def stage_error(stage: str, ctx: RunContext, exc: BaseException,
 def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext,
                      live: LiveStatus | None = None) -> list[StoredChunk]:
     """Drive every chunk through ingest → process → distribute in a bounded window."""
+    if uses_processes(ctx.settings):
+        return run_fused_chunks(chunks, ctx, live)
     logger = get_run_logger()
     window = ctx.settings.max_in_flight
     queue = deque(chunks)
@@ -132,6 +136,50 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext,
     return stored
 
 
+def run_fused_chunks(chunks: list[ChunkPlan], ctx: RunContext,
+                     live: LiveStatus | None = None) -> list[StoredChunk]:
+    """The same window, one fused ``move-chunk`` task per chunk (process-based runners)."""
+    logger = get_run_logger()
+    assert ctx.plan is not None
+    config_json, batch = ctx.config.model_dump_json(), ctx.plan.batch_id
+    down = {n: ctx.health.reasons.get(n, "") for n in ctx.health.down_nodes()}
+    queue = deque(chunks)
+    active: dict[PrefectFuture[Any], int] = {}
+    stored: list[StoredChunk] = []
+    failure: BaseException | None = None
+
+    def admit() -> None:
+        chunk = queue.popleft()
+        active[move_chunk.submit(chunk, config_json, batch, down)] = chunk.index
+
+    while queue and len(active) < ctx.settings.max_in_flight:
+        admit()
+    while active:
+        future = next(as_completed(list(active)))
+        index = active.pop(future)
+        try:
+            chunk, timings = future.result()
+            for stage, (nbytes, seconds) in timings.items():
+                ctx.recorder.record(stage, nbytes=int(nbytes), seconds=seconds,
+                                    attempts=chunk.attempts if stage == "distribution" else 1)
+            journal_chunk_fn(ctx, chunk)
+        except Exception as exc:
+            logger.error("chunk %s failed: %s", index, exc, extra=event(ctx, "distribution",
+                                                                           index))
+            ctx.recorder.record("distribution", nbytes=0, seconds=0.0, ok=False)
+            failure = failure or exc
+            queue.clear()
+            continue
+        stored.append(chunk)
+        if live is not None:
+            live.update("distribution")
+        if queue and failure is None:
+            admit()
+    if failure is not None:
+        raise stage_error("distribution", ctx, failure) from failure
+    return stored
+
+
 @flow(name=CHILD_FLOW, log_prints=False, validate_parameters=True,
       task_runner=make_task_runner(get_settings()))
 def cloud_share(config: PipelineConfig, batch_id: str, cloud: str, chunks: list[int],
@@ -153,7 +201,10 @@ def cloud_share(config: PipelineConfig, batch_id: str, cloud: str, chunks: list[
         plan = load_pending_plan(ctx, batch_id)
         for node, reason in (known_down or {}).items():
             ctx.health.mark(node, "down", reason)
-        probe_nodes(ref(ctx))
+        if uses_processes(ctx.settings):
+            probe_nodes_fn(ctx)  # the flow's own process; the cluster gets the chunk tasks
+        else:
+            probe_nodes(ref(ctx))
         done = ctx.catalog.done_indices(plan.dataset, batch_id)
         by_index = {c.index: c for c in plan.chunks}
         todo = [by_index[i] for i in chunks if i not in done]

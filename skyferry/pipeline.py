@@ -48,6 +48,8 @@ __all__ = [
     "ingest_chunk_fn",
     "journal_chunk_fn",
     "load_pending_plan",
+    "move_chunk_fn",
+    "worker_context",
     "new_source_files",
     "probe_nodes_fn",
     "process_chunk_fn",
@@ -376,3 +378,51 @@ def summarize(ctx: RunContext, manifest: Manifest, key: str, new: list[StoredChu
         down_nodes=ctx.health.down_nodes(),
         down_reasons={n: ctx.health.reasons.get(n, "") for n in ctx.health.down_nodes()},
     )
+
+
+# One context per (config, batch) in each worker process of a process-based task runner.
+_WORKER_CONTEXTS: dict[tuple[str, str], RunContext] = {}
+_WORKER_LOCK = threading.Lock()
+
+
+def worker_context(config_json: str, batch_id: str,
+                   known_down: dict[str, str] | None = None) -> RunContext:
+    """The run's context, rebuilt once per worker process from the config and the journal.
+
+    A task on a Dask worker process gets only serializable arguments; it finds the topology,
+    schema, transforms and plan here. Node health is the worker's own from then on.
+    """
+    key = (config_json, batch_id)
+    with _WORKER_LOCK:
+        ctx = _WORKER_CONTEXTS.get(key)
+        if ctx is None:
+            ctx = build_context(PipelineConfig.model_validate_json(config_json))
+            load_pending_plan(ctx, batch_id)
+            for node, reason in (known_down or {}).items():
+                ctx.health.mark(node, "down", reason)
+            _WORKER_CONTEXTS.clear()  # one run at a time per worker: drop the last one
+            _WORKER_CONTEXTS[key] = ctx
+        return ctx
+
+
+def move_chunk_fn(chunk: ChunkPlan, ctx: RunContext,
+                  attempt: int = 1) -> tuple[StoredChunk, dict[str, list[float]]]:
+    """Ingest, process and distribute one chunk in one call (its bytes stay in this process).
+
+    Returns the stored chunk and, per stage, ``[bytes, seconds]`` for the parent's metrics.
+    """
+    t0 = time.perf_counter()
+    ingested = ingest_chunk_fn(chunk, ctx)
+    t1 = time.perf_counter()
+    processed = process_chunk_fn(ingested, ctx)
+    t2 = time.perf_counter()
+    try:
+        stored = distribute_chunk_fn(processed, ctx, attempt)
+    finally:
+        ctx.unstage(chunk.index)
+    t3 = time.perf_counter()
+    return stored, {
+        "ingestion": [ingested.bytes_read, t1 - t0],
+        "processing": [ingested.bytes_read, t2 - t1],
+        "distribution": [processed.size * len(stored.verified), t3 - t2],
+    }
