@@ -30,7 +30,8 @@ from flows.share import event, ref, stage_error
 from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.errors import SkyferryError, StageError
 from skyferry.metrics import PipelineResult
-from skyferry.pipeline import build_context, summarize
+from skyferry.models import ChunkPlan, StoredChunk
+from skyferry.pipeline import RunContext, build_context, summarize
 from skyferry.report import placement_markdown, stage_breakdown
 from skyferry.shares import ShareReport
 from tasks.distribute import probe_nodes
@@ -99,7 +100,8 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
     return result
 
 
-def _collect(ctx: Any, todo: list[Any], reports: list[ShareReport]) -> list[Any]:
+def _collect(ctx: RunContext, todo: list[ChunkPlan],
+             reports: list[ShareReport]) -> list[StoredChunk]:
     """The chunks the children journaled; merge their metrics and node health into ``ctx``."""
     assert ctx.plan is not None
     journal = ctx.catalog.done_chunks(ctx.plan.dataset, ctx.plan.batch_id)
