@@ -19,16 +19,19 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from prefect import get_run_logger
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import StateType, WorkerStatus
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.futures import wait
 from prefect.states import Cancelled
+from prefect.utilities.annotations import quote
 
 from flows.live import LiveStatus
 from flows.runners import make_task_runner
-from flows.share import cloud_share, event
+from flows.share import cloud_share, event, shared_window
 from skyferry.models import ChunkPlan
 from skyferry.pipeline import RunContext
 from skyferry.shares import ShareReport, assign_shares, share_deployment
@@ -53,23 +56,33 @@ def _child_parameters(ctx: RunContext, cloud: str, chunks: list[int], pool: str 
     }
 
 
+@task(name="run-share", cache_policy=NONE)
+def run_share(child: Any, parameters: dict[str, Any]) -> ShareReport:
+    """Run one in-process child flow; a task, so that the shares run side by side."""
+    report: ShareReport = child(**parameters)
+    return report
+
+
 def run_in_process(ctx: RunContext, todo: list[ChunkPlan], live: LiveStatus) -> list[ShareReport]:
-    """Run every cloud's share as an in-process subflow; a failing share fails the run."""
+    """Run every cloud's share as an in-process subflow, concurrently, in one shared window.
+
+    The shares together keep at most ``max_in_flight`` chunks in flight, as one flow would.
+    A failing share fails the run.
+    """
+    assert ctx.plan is not None
     if not todo:
         return []
     shares = assign_shares(todo, ctx.topology, ctx.topology.clouds)
     with get_client(sync_client=True) as client:  # the API this run reports to
         api_url = str(client.api_url)
     child = cloud_share.with_options(task_runner=make_task_runner(ctx.settings, api_url))
-    reports: list[ShareReport] = []
     down = {n: ctx.health.reasons.get(n, "") for n in ctx.health.down_nodes()}
-    for cloud, chunks in shares.items():
-        state = child(**_child_parameters(ctx, cloud, chunks, None, live), known_down=down,
-                      return_state=True)
-        report: ShareReport = state.result()  # re-raises the child's StageError
-        reports.append(report)
-        down = {**report.down_reasons, **down}  # the first reason a node was found down
-    return reports
+    with shared_window(ctx.plan.dataset, ctx.plan.batch_id, ctx.settings.max_in_flight):
+        futures = [run_share.submit(quote(child), {
+            **_child_parameters(ctx, cloud, chunks, None, live), "known_down": down})
+            for cloud, chunks in shares.items()]
+        wait(futures)
+    return [f.result() for f in futures]  # re-raises the first failed share's StageError
 
 
 def _pool_is_live(client: SyncPrefectClient, pool: str) -> tuple[bool, str]:

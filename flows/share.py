@@ -16,8 +16,11 @@ Memory is bounded by the window times the chunk size, whatever the dataset's siz
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
@@ -45,7 +48,8 @@ from tasks.ingest import ingest_chunk
 from tasks.move import move_chunk
 from tasks.process import process_chunk
 
-__all__ = ["cloud_share", "run_chunk_stages", "ref", "event", "stage_error"]
+__all__ = ["InFlight", "cloud_share", "event", "ref", "run_chunk_stages", "shared_window",
+           "stage_error"]
 
 _NEXT: dict[str, tuple[str, Any]] = {
     "ingestion": ("processing", process_chunk),
@@ -73,13 +77,49 @@ def stage_error(stage: str, ctx: RunContext, exc: BaseException,
     return error
 
 
+class InFlight:
+    """Slots for chunks in flight: what bounds memory.
+
+    In-process children of one run share one (the run's window, ``max_in_flight``); a child on
+    its own pool, in its own process, has its own.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._slots = threading.BoundedSemaphore(size)
+
+    def try_take(self) -> bool:
+        return self._slots.acquire(blocking=False)
+
+    def take(self) -> None:
+        self._slots.acquire()
+
+    def give(self) -> None:
+        self._slots.release()
+
+
+_SHARED_WINDOWS: dict[str, InFlight] = {}
+
+
+@contextmanager
+def shared_window(dataset: str, batch_id: str, size: int) -> Iterator[InFlight]:
+    """One window for the in-process children of a batch, while they run."""
+    key = f"{dataset}/{batch_id}"
+    _SHARED_WINDOWS[key] = window = InFlight(size)
+    try:
+        yield window
+    finally:
+        _SHARED_WINDOWS.pop(key, None)
+
+
 def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext,
                      live: LiveStatus | None = None) -> list[StoredChunk]:
     """Drive every chunk through ingest → process → distribute in a bounded window."""
     if uses_processes(ctx.settings):
         return run_fused_chunks(chunks, ctx, live)
     logger = get_run_logger()
-    window = ctx.settings.max_in_flight
+    assert ctx.plan is not None
+    slots = (_SHARED_WINDOWS.get(f"{ctx.plan.dataset}/{ctx.plan.batch_id}")
+             or InFlight(ctx.settings.max_in_flight))
     queue = deque(chunks)
     active: dict[PrefectFuture[Any], tuple[str, int]] = {}
     stored: list[StoredChunk] = []
@@ -93,14 +133,23 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext,
         chunk = queue.popleft()
         active[ingest_chunk.submit(ref(chunk), ref(ctx))] = ("ingestion", chunk.index)
 
-    while queue and len(active) < window:
-        admit()
-    while active:
+    def fill() -> None:
+        while queue and failure is None and slots.try_take():
+            admit()
+
+    fill()
+    while active or (queue and failure is None):
+        if not active:  # every slot is with another share: wait for one to come back
+            slots.take()
+            admit()
+            fill()
+            continue
         future = next(as_completed(list(active)))
         stage, index = active.pop(future)
         try:
             value = future.result()
         except Exception as exc:
+            slots.give()
             logger.error("chunk %s failed in %s: %s", index, stage, exc,
                          extra=event(ctx, stage, index))
             ctx.recorder.record(stage, nbytes=0, seconds=0.0, ok=False)
@@ -117,6 +166,7 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext,
             next_stage, next_task = _NEXT[stage]
             active[next_task.submit(ref(value), ref(ctx))] = (next_stage, index)
             continue
+        slots.give()
         try:
             journal_chunk_fn(ctx, value)
         except Exception as exc:
@@ -129,8 +179,7 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext,
                     extra=event(ctx, "storage", index))
         if live is not None:
             live.update(current_stage())
-        if queue and failure is None:
-            admit()
+        fill()
     if failure is not None:
         raise stage_error(failure[0], ctx, failure[1]) from failure[1]
     return stored
