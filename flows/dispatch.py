@@ -1,6 +1,7 @@
 """Hand each cloud's share of a batch to a ``cloud-share`` child run, and see them through.
 
-In-process, the children are subflows run one after another. Deployed, they are child runs
+In-process, the children are subflows, run side by side from ``run-share`` tasks and sharing
+one window of ``max_in_flight`` chunks. Deployed, they are child runs
 of the clouds' deployments (``cloud-share/<cloud>-share``), created together with
 ``run_deployment(timeout=0)`` and then watched through the API:
 

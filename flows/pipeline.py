@@ -6,7 +6,7 @@ placement), journaling the plan. It splits the chunks into one share per cloud
 
 - deployed (``dispatch=auto`` in a deployment run, or ``dispatch=deployments``): through
   ``run_deployment`` on that cloud's work pool, all children at once;
-- otherwise in-process, as subflows, one after another.
+- otherwise in-process, as subflows side by side, sharing one window of chunks in flight.
 
 A pool with no live worker, a child no worker picks up in ``child_start_timeout_s``, or a
 child that fails, gets its unfinished chunks reassigned to the other pools. When every chunk
