@@ -31,8 +31,10 @@ def make_task_runner(settings: Settings, api_url: str | None = None) -> Any:
                           "pip install 'skyferry[dask]'") from exc
     if settings.dask_address:
         return DaskTaskRunner(address=settings.dask_address)
+    # loopback only: the scheduler, the workers and the dashboard (on a free port)
     cluster: dict[str, Any] = {"n_workers": settings.max_workers, "threads_per_worker": 1,
-                               "processes": True, "dashboard_address": None}
+                               "processes": True, "host": "127.0.0.1",
+                               "dashboard_address": "127.0.0.1:0"}
     if api_url:
         cluster["env"] = {"PREFECT_API_URL": api_url}
     return DaskTaskRunner(cluster_kwargs=cluster)
