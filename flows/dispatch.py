@@ -1,9 +1,8 @@
 """Hand each cloud's share of a batch to a ``cloud-share`` child run, and see them through.
 
-In-process, the children are subflows, run side by side from ``run-share`` tasks and sharing
-one window of ``max_in_flight`` chunks. Deployed, they are child runs
-of the clouds' deployments (``cloud-share/<cloud>-share``), created together with
-``run_deployment(timeout=0)`` and then watched through the API:
+Not deployed, the parent runs the chunks itself (see :func:`run_in_process`). Deployed, the
+children are child runs of the clouds' deployments (``cloud-share/<cloud>-share``), created
+together with ``run_deployment(timeout=0)`` and then watched through the API:
 
 - a cloud whose pool has no online worker, or has no share deployment, gets no share;
 - a child still waiting for a worker after ``child_start_timeout_s`` is cancelled;
@@ -20,19 +19,16 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import StateType, WorkerStatus
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
-from prefect.futures import wait
 from prefect.states import Cancelled
-from prefect.utilities.annotations import quote
 
 from flows.live import LiveStatus
-from flows.runners import make_task_runner
-from flows.share import cloud_share, event, shared_window
+from flows.runners import make_task_runner, uses_processes
+from flows.share import cloud_share, event, run_chunk_stages
 from skyferry.models import ChunkPlan
 from skyferry.pipeline import RunContext
 from skyferry.shares import ShareReport, assign_shares, share_deployment
@@ -57,33 +53,28 @@ def _child_parameters(ctx: RunContext, cloud: str, chunks: list[int], pool: str 
     }
 
 
-@task(name="run-share", cache_policy=NONE)
-def run_share(child: Any, parameters: dict[str, Any]) -> ShareReport:
-    """Run one in-process child flow; a task, so that the shares run side by side."""
-    report: ShareReport = child(**parameters)
-    return report
-
-
 def run_in_process(ctx: RunContext, todo: list[ChunkPlan], live: LiveStatus) -> list[ShareReport]:
-    """Run every cloud's share as an in-process subflow, concurrently, in one shared window.
+    """Run the chunks in this flow run, in one window of ``max_in_flight`` chunks.
 
-    The shares together keep at most ``max_in_flight`` chunks in flight, as one flow would.
-    A failing share fails the run.
+    With a thread runner the chunks' tasks run in the parent itself: a child flow run costs
+    the API a second or more per run on a small machine, and buys nothing in one process.
+    With a process-based runner (Dask) the chunks run in one ``cloud-share`` subflow that
+    carries that runner; its metrics come back in its report. A failure fails the run.
     """
     assert ctx.plan is not None
     if not todo:
         return []
-    shares = assign_shares(todo, ctx.topology, ctx.topology.clouds)
+    if not uses_processes(ctx.settings):
+        run_chunk_stages(todo, ctx, live)  # journals each chunk; metrics land in ctx
+        return []
     with get_client(sync_client=True) as client:  # the API this run reports to
         api_url = str(client.api_url)
     child = cloud_share.with_options(task_runner=make_task_runner(ctx.settings, api_url))
     down = {n: ctx.health.reasons.get(n, "") for n in ctx.health.down_nodes()}
-    with shared_window(ctx.plan.dataset, ctx.plan.batch_id, ctx.settings.max_in_flight):
-        futures = [run_share.submit(quote(child), {
-            **_child_parameters(ctx, cloud, chunks, None, live), "known_down": down})
-            for cloud, chunks in shares.items()]
-        wait(futures)
-    return [f.result() for f in futures]  # re-raises the first failed share's StageError
+    report: ShareReport = child(**{
+        **_child_parameters(ctx, "all", [c.index for c in todo], None, live),
+        "known_down": down})
+    return [report]
 
 
 def _pool_is_live(client: SyncPrefectClient, pool: str) -> tuple[bool, str]:

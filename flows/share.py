@@ -19,8 +19,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
@@ -32,7 +30,7 @@ from prefect.utilities.annotations import quote
 from flows.live import LiveStatus
 from flows.runners import make_task_runner, uses_processes
 from skyferry.config import PipelineConfig, get_settings
-from skyferry.errors import SkyferryError, StageError
+from skyferry.errors import SkyferryError, StageError, stage_of
 from skyferry.models import ChunkPlan, StoredChunk
 from skyferry.pipeline import (
     RunContext,
@@ -45,11 +43,10 @@ from skyferry.pipeline import (
 from skyferry.shares import CHILD_FLOW, ShareReport
 from tasks.distribute import distribute_chunk, probe_nodes
 from tasks.ingest import ingest_chunk
-from tasks.move import move_chunk
+from tasks.move import move_chunk, move_chunk_here
 from tasks.process import process_chunk
 
-__all__ = ["InFlight", "cloud_share", "event", "ref", "run_chunk_stages", "shared_window",
-           "stage_error"]
+__all__ = ["InFlight", "cloud_share", "event", "ref", "run_chunk_stages", "stage_error"]
 
 _NEXT: dict[str, tuple[str, Any]] = {
     "ingestion": ("processing", process_chunk),
@@ -80,8 +77,7 @@ def stage_error(stage: str, ctx: RunContext, exc: BaseException,
 class InFlight:
     """Slots for chunks in flight: what bounds memory.
 
-    In-process children of one run share one (the run's window, ``max_in_flight``); a child on
-    its own pool, in its own process, has its own.
+    One run (or one child run on its own pool) has one window of ``max_in_flight`` chunks.
     """
 
     def __init__(self, size: int) -> None:
@@ -97,29 +93,18 @@ class InFlight:
         self._slots.release()
 
 
-_SHARED_WINDOWS: dict[str, InFlight] = {}
-
-
-@contextmanager
-def shared_window(dataset: str, batch_id: str, size: int) -> Iterator[InFlight]:
-    """One window for the in-process children of a batch, while they run."""
-    key = f"{dataset}/{batch_id}"
-    _SHARED_WINDOWS[key] = window = InFlight(size)
-    try:
-        yield window
-    finally:
-        _SHARED_WINDOWS.pop(key, None)
-
-
 def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext,
                      live: LiveStatus | None = None) -> list[StoredChunk]:
-    """Drive every chunk through ingest → process → distribute in a bounded window."""
-    if uses_processes(ctx.settings):
+    """Drive every chunk through ingest → process → distribute in a bounded window.
+
+    By default each chunk is one task (:func:`run_fused_chunks`); with
+    ``task_granularity="stage"`` each stage of each chunk is its own task.
+    """
+    if uses_processes(ctx.settings) or ctx.settings.task_granularity == "chunk":
         return run_fused_chunks(chunks, ctx, live)
     logger = get_run_logger()
     assert ctx.plan is not None
-    slots = (_SHARED_WINDOWS.get(f"{ctx.plan.dataset}/{ctx.plan.batch_id}")
-             or InFlight(ctx.settings.max_in_flight))
+    slots = InFlight(ctx.settings.max_in_flight)
     queue = deque(chunks)
     active: dict[PrefectFuture[Any], tuple[str, int]] = {}
     stored: list[StoredChunk] = []
@@ -187,9 +172,14 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext,
 
 def run_fused_chunks(chunks: list[ChunkPlan], ctx: RunContext,
                      live: LiveStatus | None = None) -> list[StoredChunk]:
-    """The same window, one fused ``move-chunk`` task per chunk (process-based runners)."""
+    """The same window, one ``move-chunk`` task per chunk.
+
+    On a thread runner the task shares ``ctx``; on a process-based runner it gets only
+    serializable arguments and rebuilds the context on its worker.
+    """
     logger = get_run_logger()
     assert ctx.plan is not None
+    remote = uses_processes(ctx.settings)
     config_json, batch = ctx.config.model_dump_json(), ctx.plan.batch_id
     down = {n: ctx.health.reasons.get(n, "") for n in ctx.health.down_nodes()}
     queue = deque(chunks)
@@ -199,7 +189,11 @@ def run_fused_chunks(chunks: list[ChunkPlan], ctx: RunContext,
 
     def admit() -> None:
         chunk = queue.popleft()
-        active[move_chunk.submit(chunk, config_json, batch, down)] = chunk.index
+        if remote:
+            future = move_chunk.submit(chunk, config_json, batch, down)
+        else:
+            future = move_chunk_here.submit(ref(chunk), ref(ctx))
+        active[future] = chunk.index
 
     while queue and len(active) < ctx.settings.max_in_flight:
         admit()
@@ -207,25 +201,30 @@ def run_fused_chunks(chunks: list[ChunkPlan], ctx: RunContext,
         future = next(as_completed(list(active)))
         index = active.pop(future)
         try:
-            chunk, timings = future.result()
+            chunk, timings, last = future.result()
             for stage, (nbytes, seconds) in timings.items():
+                # a retry resumes at the stage that failed: its retries are counted there
                 ctx.recorder.record(stage, nbytes=int(nbytes), seconds=seconds,
-                                    attempts=chunk.attempts if stage == "distribution" else 1)
+                                    attempts=chunk.attempts if stage == last else 1)
             journal_chunk_fn(ctx, chunk)
         except Exception as exc:
-            logger.error("chunk %s failed: %s", index, exc, extra=event(ctx, "distribution",
-                                                                           index))
-            ctx.recorder.record("distribution", nbytes=0, seconds=0.0, ok=False)
+            stage = stage_of(exc, "distribution")
+            logger.error("chunk %s failed in %s: %s", index, stage, exc,
+                         extra=event(ctx, stage, index))
+            ctx.recorder.record(stage, nbytes=0, seconds=0.0, ok=False)
             failure = failure or exc
             queue.clear()
             continue
         stored.append(chunk)
+        logger.info("chunk %s stored on %s (%d/%d of this share)", index,
+                    ",".join(r.node for r in chunk.verified), len(stored), len(chunks),
+                    extra=event(ctx, "storage", index))
         if live is not None:
             live.update("distribution")
         if queue and failure is None:
             admit()
     if failure is not None:
-        raise stage_error("distribution", ctx, failure) from failure
+        raise stage_error(stage_of(failure, "distribution"), ctx, failure) from failure
     return stored
 
 

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     task_runner: Literal["threads", "dask"] = Field(
         default="threads", description="Task runner of the chunk stages; see docs/operations.md."
     )
+    task_granularity: Literal["chunk", "stage"] = Field(
+        default="chunk",
+        description="One ``move-chunk`` task per chunk (its stages are timed steps, and a retry "
+                    "resumes at the stage that failed), or one task per stage per chunk: finer "
+                    "task runs in the UI for about three times the API load.",
+    )
     dask_address: str | None = Field(
         default=None, description="Dask scheduler to use; a local cluster when unset."
     )

@@ -196,6 +196,18 @@ class StageError(SkyferryError):
         self.dataset = dataset
 
 
+def mark_stage(exc: BaseException, stage: str) -> None:
+    """Note on ``exc`` the stage it was raised in (one task runs a chunk's three stages)."""
+    if getattr(exc, "skyferry_stage", None) is None:
+        exc.skyferry_stage = stage  # type: ignore[attr-defined]
+
+
+def stage_of(exc: BaseException, default: str) -> str:
+    """The stage :func:`mark_stage` noted on ``exc``, else ``default``."""
+    stage = getattr(exc, "skyferry_stage", None)
+    return stage if isinstance(stage, str) else default
+
+
 def is_transient(exc: BaseException) -> bool:
     """True when retrying the same call may succeed."""
     if isinstance(exc, TerminalException):

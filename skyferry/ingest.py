@@ -15,7 +15,7 @@ from skyferry.listing import check_format, detect_format
 from skyferry.models import ChunkPart, ChunkPlan, SourceFile
 from skyferry.storage import open_url
 
-__all__ = ["iter_part_bytes", "plan_chunks", "read_chunk_hash", "read_range"]
+__all__ = ["iter_part_bytes", "plan_chunks", "read_chunk", "read_range"]
 
 logger = logging.getLogger("skyferry.ingest")
 
@@ -99,11 +99,17 @@ def iter_part_bytes(
         yield part, read_range(part.source, part.start, part.end, options)
 
 
-def read_chunk_hash(plan: ChunkPlan, options: Mapping[str, Any] | None = None,
-                    *, block: int = 8 << 20) -> str:
-    """Ranged-read every part of a chunk in ``block``-sized reads; digest of the bytes."""
+def read_chunk(plan: ChunkPlan, options: Mapping[str, Any] | None = None
+               ) -> tuple[list[bytes], str]:
+    """Ranged-read every part of a chunk (one read each); the parts' bytes and their digest.
+
+    The bytes are what the later stages use, so what is processed and stored is exactly what
+    was hashed. Memory: one chunk, which the run's window of chunks in flight bounds.
+    """
     digest = new_hasher()
+    pieces = []
     for part in plan.parts:
-        for start in range(part.start, part.end, block):
-            digest.update(read_range(part.source, start, min(start + block, part.end), options))
-    return digest.hexdigest()
+        data = read_range(part.source, part.start, part.end, options)
+        digest.update(data)
+        pieces.append(data)
+    return pieces, digest.hexdigest()

@@ -23,12 +23,12 @@ from skyferry import __version__
 from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.errors import (
     BatchNotFoundError,
-    ReplicaVerificationError,
     SourceChangedError,
     UnsafeKeyError,
+    mark_stage,
 )
-from skyferry.hashing import content_hash, new_hasher
-from skyferry.ingest import iter_part_bytes, plan_chunks, read_chunk_hash, read_range
+from skyferry.hashing import content_hash
+from skyferry.ingest import iter_part_bytes, plan_chunks, read_chunk, read_range
 from skyferry.listing import list_source, source_cloud
 from skyferry.manifest import BatchPlan, Catalog, Lineage, Manifest
 from skyferry.metrics import PipelineResult, StageRecorder
@@ -75,24 +75,51 @@ class RunContext:
     plan: BatchPlan | None = None
     placer: Placer | None = None
     writer: ReplicaWriter | None = None
-    _staged: dict[int, pa.Buffer] = field(default_factory=dict, repr=False)
+    _staged: dict[int, pa.Buffer | bytes] = field(default_factory=dict, repr=False)
+    _raw: dict[int, list[bytes]] = field(default_factory=dict, repr=False)
+    _progress: dict[int, tuple[IngestedChunk | ProcessedChunk, dict[str, list[float]]]] = (
+        field(default_factory=dict, repr=False))
     _staging_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __hash__(self) -> int:  # tasks may hash their inputs; identity is enough
         return id(self)
 
-    def stage(self, index: int, buffer: pa.Buffer) -> None:
-        """Hold a processed chunk until its replicas are written (bounded by the window)."""
+    def stage_raw(self, index: int, pieces: list[bytes]) -> None:
+        """Hold an ingested chunk's source bytes until it is processed (bounded by the window)."""
+        with self._staging_lock:
+            self._raw[index] = pieces
+
+    def raw(self, index: int) -> list[bytes] | None:
+        with self._staging_lock:
+            return self._raw.get(index)
+
+    def stage(self, index: int, buffer: pa.Buffer | bytes) -> None:
+        """Hold a processed chunk until its replicas are written; its source bytes go."""
         with self._staging_lock:
             self._staged[index] = buffer
+            self._raw.pop(index, None)
 
-    def staged(self, index: int) -> pa.Buffer:
+    def staged(self, index: int) -> pa.Buffer | bytes:
         with self._staging_lock:
             return self._staged[index]
 
     def unstage(self, index: int) -> None:
         with self._staging_lock:
             self._staged.pop(index, None)
+            self._raw.pop(index, None)
+            self._progress.pop(index, None)
+
+    def keep(self, record: IngestedChunk | ProcessedChunk,
+             timings: dict[str, list[float]]) -> None:
+        """Remember how far a chunk got (and its stages' timings), so a retry resumes there."""
+        with self._staging_lock:
+            self._progress[record.plan.index] = (record, dict(timings))
+
+    def progress(self, index: int) -> tuple[IngestedChunk | ProcessedChunk | None,
+                                            dict[str, list[float]]]:
+        with self._staging_lock:
+            record, timings = self._progress.get(index, (None, {}))
+            return record, dict(timings)
 
 
 def build_context(config: PipelineConfig, settings: Settings | None = None) -> RunContext:
@@ -251,33 +278,47 @@ def load_pending_plan(ctx: RunContext, batch_id: str) -> BatchPlan:
 
 
 def ingest_chunk_fn(chunk: ChunkPlan, ctx: RunContext) -> IngestedChunk:
-    digest = read_chunk_hash(chunk, ctx.config.source_options)
+    pieces, digest = read_chunk(chunk, ctx.config.source_options)
+    ctx.stage_raw(chunk.index, pieces)
     return IngestedChunk(plan=chunk, source_digest=digest, bytes_read=chunk.size)
+
+
+def _source_pieces(ingested: IngestedChunk, ctx: RunContext) -> list[bytes]:
+    """The bytes ingest hashed; read again (and checked) only if this context lacks them."""
+    chunk = ingested.plan
+    pieces = ctx.raw(chunk.index)
+    if pieces is not None:
+        return pieces
+    pieces, digest = read_chunk(chunk, ctx.config.source_options)
+    if digest != ingested.source_digest:
+        raise SourceChangedError(
+            f"chunk {chunk.index} of {chunk.parts[0].source} changed since ingest",
+            url=chunk.parts[0].source)
+    return pieces
 
 
 def process_chunk_fn(ingested: IngestedChunk, ctx: RunContext) -> ProcessedChunk:
     chunk, plan = ingested.plan, ctx.plan
     assert plan is not None
-    if chunk.format == "binary":
+    pieces = _source_pieces(ingested, ctx)
+    if chunk.format == "binary":  # passes through unchanged: its content is its source
+        ctx.stage(chunk.index, pieces[0] if len(pieces) == 1 else b"".join(pieces))
         return ProcessedChunk(plan=chunk, source_digest=ingested.source_digest,
-                              digest=ingested.source_digest, size=chunk.size, staged=False,
+                              digest=ingested.source_digest, size=chunk.size, staged=True,
                               rows_in=0, rows_out=0, rows_rejected=0)
     options = ctx.config.source_options
-    hasher = new_hasher()
+    headers: dict[str, bytes] = {}
     parts = []
-    for part, data in iter_part_bytes(chunk, options):
-        hasher.update(data)
+    for part, data in zip(chunk.parts, pieces, strict=True):
         header = b""
         if part.start > 0 and part.header_end:
-            header = read_range(part.source, 0, part.header_end, options)
+            if part.source not in headers:
+                headers[part.source] = read_range(part.source, 0, part.header_end, options)
+            header = headers[part.source]
         parts.append((part, data, header))
-    if hasher.hexdigest() != ingested.source_digest:
-        raise SourceChangedError(
-            f"chunk {chunk.index} of {chunk.parts[0].source} changed since ingest",
-            url=chunk.parts[0].source)
     where = f"chunk {chunk.index} ({chunk.parts[0].source})"
     buffer, out = process_parts(parts, chunk.format, ctx.schema, ctx.transforms, where, options)
-    del parts
+    del parts, pieces
     rejects_key = None
     if out.rejects:
         rejects_key = ctx.catalog.rejects_key(plan.dataset, plan.batch_id, chunk.index)
@@ -292,6 +333,7 @@ def process_chunk_fn(ingested: IngestedChunk, ctx: RunContext) -> ProcessedChunk
 
 
 def _processed_bytes(processed: ProcessedChunk, ctx: RunContext) -> bytes | memoryview:
+    """The chunk's stored form: staged in memory, or (a context without it) from the source."""
     if processed.staged:
         return memoryview(ctx.staged(processed.plan.index))
     pieces = [data for _, data in iter_part_bytes(processed.plan, ctx.config.source_options)]
@@ -310,12 +352,10 @@ def distribute_chunk_fn(processed: ProcessedChunk, ctx: RunContext,
     if attempt > 1:
         writer.recheck(list(chunk.nodes), ctx.settings.probe_timeout_s)
     data = _processed_bytes(processed, ctx)
-    if content_hash(data) != processed.digest:
-        if not processed.staged:
-            raise SourceChangedError(f"chunk {chunk.index} source bytes changed before "
-                                     "distribution", url=chunk.parts[0].source)
-        raise ReplicaVerificationError(f"staged chunk {chunk.index} is corrupt in memory",
-                                       node="staging", key=str(chunk.index))
+    # Staged bytes are immutable and were hashed when staged; bytes read again are checked.
+    if not processed.staged and content_hash(data) != processed.digest:
+        raise SourceChangedError(f"chunk {chunk.index} source bytes changed before "
+                                 "distribution", url=chunk.parts[0].source)
     key = plan.key(chunk)
     outcome = writer.write(chunk.index, key, data, processed.digest, list(chunk.nodes),
                            plan.quorum)
@@ -405,24 +445,44 @@ def worker_context(config_json: str, batch_id: str,
         return ctx
 
 
-def move_chunk_fn(chunk: ChunkPlan, ctx: RunContext,
-                  attempt: int = 1) -> tuple[StoredChunk, dict[str, list[float]]]:
+def move_chunk_fn(chunk: ChunkPlan, ctx: RunContext, attempt: int = 1, *,
+                  resume: bool = True) -> tuple[StoredChunk, dict[str, list[float]], str]:
     """Ingest, process and distribute one chunk in one call (its bytes stay in this process).
 
-    Returns the stored chunk and, per stage, ``[bytes, seconds]`` for the parent's metrics.
+    With ``resume``, a retry starts at the stage that failed: the ingested digest and the
+    processed (staged) bytes of the failed attempt are kept in ``ctx`` until the chunk is
+    stored. Without it, a failure drops them.
+
+    Returns the stored chunk; per stage, ``[bytes, seconds]`` for the metrics; and the stage
+    this attempt started at (where a retry resumed, so where its retries belong).
     """
-    t0 = time.perf_counter()
-    ingested = ingest_chunk_fn(chunk, ctx)
-    t1 = time.perf_counter()
-    processed = process_chunk_fn(ingested, ctx)
-    t2 = time.perf_counter()
+    reached, timings = ctx.progress(chunk.index) if resume else (None, {})
+    started_at = ("distribution" if isinstance(reached, ProcessedChunk) else
+                  "processing" if isinstance(reached, IngestedChunk) else "ingestion")
+    stage = started_at
     try:
+        if isinstance(reached, ProcessedChunk):
+            processed = reached
+        else:
+            if isinstance(reached, IngestedChunk):
+                ingested = reached
+            else:
+                t0 = time.perf_counter()
+                ingested = ingest_chunk_fn(chunk, ctx)
+                timings["ingestion"] = [ingested.bytes_read, time.perf_counter() - t0]
+                ctx.keep(ingested, timings)
+            stage, t1 = "processing", time.perf_counter()
+            processed = process_chunk_fn(ingested, ctx)
+            timings["processing"] = [ingested.bytes_read, time.perf_counter() - t1]
+            ctx.keep(processed, timings)
+        stage, t2 = "distribution", time.perf_counter()
         stored = distribute_chunk_fn(processed, ctx, attempt)
-    finally:
-        ctx.unstage(chunk.index)
-    t3 = time.perf_counter()
-    return stored, {
-        "ingestion": [ingested.bytes_read, t1 - t0],
-        "processing": [ingested.bytes_read, t2 - t1],
-        "distribution": [processed.size * len(stored.verified), t3 - t2],
-    }
+        timings["distribution"] = [processed.size * len(stored.verified),
+                                   time.perf_counter() - t2]
+    except BaseException as exc:
+        mark_stage(exc, stage)
+        if not resume:
+            ctx.unstage(chunk.index)
+        raise
+    ctx.unstage(chunk.index)
+    return stored, timings, started_at

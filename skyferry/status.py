@@ -8,6 +8,7 @@ chunks, throughput, ETA, node health), the child runs with their pools, and retr
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -57,6 +58,7 @@ class RunStatus:
     progress: float = 0.0
     children: list[ChildStatus] = field(default_factory=list)
     retried_tasks: int = 0
+    task_states: dict[str, int] = field(default_factory=dict)
 
     @property
     def final(self) -> bool:
@@ -135,13 +137,16 @@ def fetch_status(http: Any, run_id: str | None = None) -> RunStatus:
             chunks=len(params.get("chunks") or [])))
     run_ids = [run["id"], *(k["id"] for k in kids)]
     status.retried_tasks = 0
+    states: Counter[str] = Counter()
     for page in range(_MAX_PAGES):  # the API serves at most 200 task runs a call
         batch = _post(http, "/task_runs/filter", {
             "flow_runs": {"id": {"any_": run_ids}}, "sort": "ID_DESC",
             "limit": _PAGE, "offset": page * _PAGE})
         status.retried_tasks += sum(1 for t in batch if (t.get("run_count") or 0) > 1)
+        states.update((t.get("state_type") or "PENDING") for t in batch)
         if len(batch) < _PAGE:
             break
+    status.task_states = dict(states)
     return status
 
 
@@ -192,6 +197,10 @@ def render_status(s: RunStatus) -> RenderableType:
     for name in down:
         nodes.append(f"✖ {name} (down)  ", style="bold red")
     head.add_row("nodes", nodes if (healthy or down) else Text("-"))
+    order = ("COMPLETED", "RUNNING", "PENDING", "SCHEDULED", "FAILED", "CRASHED", "CANCELLED")
+    counts = sorted(s.task_states.items(), key=lambda kv: (
+        order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
+    head.add_row("tasks", " · ".join(f"{n} {state.lower()}" for state, n in counts) or "-")
     head.add_row("retried tasks", str(s.retried_tasks))
     parts: list[RenderableType] = [head]
     if s.children:

@@ -1,8 +1,11 @@
-"""The fused chunk task of process-based task runners (Dask): ingest → process → distribute.
+"""The chunk task: one chunk through ingest → process → distribute.
 
-On a thread pool each stage is its own task and they share the run's in-memory context. On a
-Dask cluster a task may run in another process, so one task carries a chunk through the three
-stages, keeping its bytes in that process, and takes only serializable arguments.
+By default (``task_granularity="chunk"``) each chunk is one ``move-chunk`` task: its stages are
+timed steps inside it, and a retry resumes at the stage that failed. Two flavours:
+
+- ``move_chunk_here`` for thread runners: it shares the run's in-memory context;
+- ``move_chunk`` for process-based runners (Dask): it takes only serializable arguments,
+  rebuilds the context once per worker process, and keeps the chunk's bytes in that process.
 """
 
 from __future__ import annotations
@@ -10,16 +13,30 @@ from __future__ import annotations
 from prefect.runtime import task_run
 
 from skyferry.models import ChunkPlan, StoredChunk
-from skyferry.pipeline import move_chunk_fn, worker_context
+from skyferry.pipeline import RunContext, move_chunk_fn, worker_context
 from tasks._common import io_task
 
-__all__ = ["move_chunk"]
+__all__ = ["move_chunk", "move_chunk_here"]
+
+Moved = tuple[StoredChunk, dict[str, list[float]], str]
+
+
+def _attempt() -> int:
+    return int(task_run.run_count or 1)
+
+
+@io_task("move-chunk")
+def move_chunk_here(chunk: ChunkPlan, ctx: RunContext) -> Moved:
+    attempt = _attempt()
+    stored, timings, started_at = move_chunk_fn(chunk, ctx, attempt)
+    return stored.model_copy(update={"attempts": attempt}), timings, started_at
 
 
 @io_task("move-chunk")
 def move_chunk(chunk: ChunkPlan, config_json: str, batch_id: str,
-               known_down: dict[str, str]) -> tuple[StoredChunk, dict[str, list[float]]]:
+               known_down: dict[str, str]) -> Moved:
     ctx = worker_context(config_json, batch_id, known_down)
-    attempt = int(task_run.run_count or 1)
-    stored, timings = move_chunk_fn(chunk, ctx, attempt)
-    return stored.model_copy(update={"attempts": attempt}), timings
+    attempt = _attempt()
+    # a retry may land on another worker process: start it over, hold nothing back here
+    stored, timings, started_at = move_chunk_fn(chunk, ctx, attempt, resume=False)
+    return stored.model_copy(update={"attempts": attempt}), timings, started_at

@@ -154,7 +154,7 @@ def test_a_refused_write_shows_as_a_retried_task_run(server: PrefectServer, tmp_
     assert kids and all(k["state_type"] == "COMPLETED" for k in kids)
     writes = server.post("/task_runs/filter", {
         "flow_runs": {"id": {"any_": [k["id"] for k in kids]}},
-        "task_runs": {"name": {"like_": "write-replicas"}}, "limit": 200})
+        "task_runs": {"name": {"like_": "move-chunk"}}, "limit": 200})
     retried = [t for t in writes if t["run_count"] > 1]
     assert len(retried) == 1 and retried[0]["state_type"] == "COMPLETED"
     manifest = manifest_of(server, "retried")

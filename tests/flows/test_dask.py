@@ -40,9 +40,18 @@ def test_a_run_on_a_local_dask_cluster_stores_what_threads_store(
         assert len(chunk.verified) == 3
         for replica in chunk.verified:
             assert replica_digest(home, replica.node, chunk.key) == chunk.digest
-    # the chunk tasks were the fused move-chunk task, one per chunk
-    response = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", timeout=30, json={
-        "task_runs": {"name": {"like_": "move-chunk"}}, "limit": 200})
+    # the chunk tasks were the move-chunk task, one per chunk, in the run's Dask subflow
+    def moved(flow_run_ids: list[str]) -> list[dict[str, object]]:
+        response = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", timeout=30, json={
+            "flow_runs": {"id": {"any_": flow_run_ids}},
+            "task_runs": {"name": {"like_": "move-chunk"}}, "limit": 200})
+        response.raise_for_status()
+        return [t for t in response.json() if t["state_type"] == "COMPLETED"]
+
+    response = httpx.post(f"{PREFECT_API_URL.value()}/flow_runs/filter", timeout=30, json={
+        "flow_runs": {"parent_flow_run_id": {"any_": [dask.flow_run_id]}}, "limit": 10})
     response.raise_for_status()
-    moved = [t for t in response.json() if t["state_type"] == "COMPLETED"]
-    assert len(moved) == dask.chunks_processed
+    children = [r["id"] for r in response.json()]
+    assert len(children) == 1
+    assert len(moved(children)) == dask.chunks_processed
+    assert len(moved([threads.flow_run_id])) == threads.chunks_processed  # threads: in the run

@@ -115,14 +115,14 @@ def chunk_upload(method: str, path: str) -> bool:
     return method == "PUT" and "/batch=" in path and path.split("?")[0].endswith(".parquet")
 
 
-def refusing_topology(path: Path, home: Path, endpoint: str) -> Path:
-    """Three nodes, one per cloud; aws-node-1 is the S3 bucket `refusing` behind ``endpoint``."""
+def refusing_topology(path: Path, home: Path, endpoint: str, bucket: str = "refusing") -> Path:
+    """Three nodes, one per cloud; aws-node-1 is the S3 ``bucket`` behind ``endpoint``."""
     s3 = (f'{{key: "{sf_servers.S3_KEY}", secret: "{sf_servers.S3_SECRET}", '
           f'endpoint_url: "{endpoint}"}}')
     path.write_text(f"""\
 catalog: "{home}/catalog"
 nodes:
-  - {{name: aws-node-1, cloud: aws, region: us-east-1, url: "s3://refusing/data",
+  - {{name: aws-node-1, cloud: aws, region: us-east-1, url: "s3://{bucket}/data",
      storage_options: {s3}, work_pool: aws-pool}}
   - {{name: gcp-node-1, cloud: gcp, region: us-east1, url: "{home}/nodes/gcp-node-1",
      work_pool: gcp-pool}}
