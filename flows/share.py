@@ -195,7 +195,11 @@ def run_fused_chunks(chunks: list[ChunkPlan], ctx: RunContext,
             future = move_chunk_here.submit(ref(chunk), ref(ctx))
         active[future] = chunk.index
 
-    while queue and len(active) < ctx.settings.max_in_flight:
+    # In-process, each task takes a slot of the run's window (ctx.in_flight) while it holds
+    # a chunk's bytes, so tasks can be queued ahead: a slot never waits on this loop. A Dask
+    # worker is another process: there the loop itself keeps the window.
+    ahead = ctx.settings.max_in_flight * (1 if remote else 2)
+    while queue and len(active) < ahead:
         admit()
     while active:
         future = next(as_completed(list(active)))

@@ -81,6 +81,10 @@ class RunContext:
         field(default_factory=dict, repr=False))
     _staging_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def __post_init__(self) -> None:
+        # The window: chunks whose bytes are in this process at once (what bounds memory)
+        self.in_flight = threading.BoundedSemaphore(self.settings.max_in_flight)
+
     def __hash__(self) -> int:  # tasks may hash their inputs; identity is enough
         return id(self)
 
@@ -456,6 +460,12 @@ def move_chunk_fn(chunk: ChunkPlan, ctx: RunContext, attempt: int = 1, *,
     Returns the stored chunk; per stage, ``[bytes, seconds]`` for the metrics; and the stage
     this attempt started at (where a retry resumed, so where its retries belong).
     """
+    with ctx.in_flight:  # a slot of the window, for as long as the chunk's bytes are here
+        return _move_chunk(chunk, ctx, attempt, resume)
+
+
+def _move_chunk(chunk: ChunkPlan, ctx: RunContext, attempt: int,
+                resume: bool) -> tuple[StoredChunk, dict[str, list[float]], str]:
     reached, timings = ctx.progress(chunk.index) if resume else (None, {})
     started_at = ("distribution" if isinstance(reached, ProcessedChunk) else
                   "processing" if isinstance(reached, IngestedChunk) else "ingestion")
