@@ -102,6 +102,11 @@ class Settings(BaseSettings):
                     "resumes at the stage that failed), or one task per stage per chunk: finer "
                     "task runs in the UI for about three times the API load.",
     )
+    tune_malloc: bool = Field(
+        default=True,
+        description="Keep big buffers' memory in the process (glibc mallopt), so each chunk "
+                    "does not fault in fresh pages; see skyferry/memory.py.",
+    )
     dask_address: str | None = Field(
         default=None, description="Dask scheduler to use; a local cluster when unset."
     )

@@ -31,6 +31,7 @@ from skyferry.hashing import content_hash
 from skyferry.ingest import iter_part_bytes, plan_chunks, read_chunk, read_range
 from skyferry.listing import list_source, source_cloud
 from skyferry.manifest import BatchPlan, Catalog, Lineage, Manifest
+from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult, StageRecorder
 from skyferry.models import ChunkPlan, IngestedChunk, ProcessedChunk, SourceFile, StoredChunk
 from skyferry.placement import NodeHealth, Placer
@@ -129,6 +130,8 @@ class RunContext:
 def build_context(config: PipelineConfig, settings: Settings | None = None) -> RunContext:
     """Load and check the topology, schema and transforms; raises typed config errors."""
     settings = settings or get_settings()
+    if settings.tune_malloc:
+        tune_allocator()
     safe_key(config.dataset)  # a dataset name is the first level of every key
     if "/" in config.dataset:
         raise UnsafeKeyError(f"dataset name {config.dataset!r} must not contain '/'",

@@ -47,9 +47,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
         server.start()
         server.cli("python", "deployments/setup_local.py")
         server.cli("prefect", "--no-prompt", "deploy", "--all")
+        # One at a time: each worker writes its pool's job template as it starts, and three
+        # at once can hold the server's SQLite lock past a client's timeout.
         for pool in POOLS.values():
             server.start_worker(pool)
-        for pool in POOLS.values():
             wait_for(f"an online worker in {pool}", lambda p=pool: server.online_workers(p), 90)
         yield server
     finally:

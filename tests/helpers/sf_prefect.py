@@ -143,7 +143,11 @@ class PrefectServer:
         return worker
 
     def online_workers(self, pool: str) -> int:
-        response = self.client.post(f"/work_pools/{pool}/workers/filter", json={})
+        """Online workers of ``pool``; 0 while the server is too busy to answer in time."""
+        try:
+            response = self.client.post(f"/work_pools/{pool}/workers/filter", json={})
+        except httpx.TimeoutException:
+            return 0
         response.raise_for_status()
         return sum(1 for w in response.json() if w["status"] == "ONLINE")
 
