@@ -8,6 +8,11 @@ together with ``run_deployment(timeout=0)`` and then watched through the API:
 - a child still waiting for a worker after ``child_start_timeout_s`` is cancelled;
 - a child that ends failed, crashed or cancelled marks its pool as failing.
 
+Each child is created with an idempotency key (this parent run, its attempt, the cloud and
+the launch's number). On a busy API server a create can time out after the server made the
+run; the client's retry then gets that same run back instead of a second child with the
+same share.
+
 The unfinished chunks of such a share (per the journal) go to the clouds that are left. When
 no pool is left, the parent runs them in-process itself: a run never waits on a dead pool.
 """
@@ -24,6 +29,7 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import StateType, WorkerStatus
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from flows.live import LiveStatus
@@ -96,6 +102,11 @@ def _deployment_exists(client: SyncPrefectClient, name: str) -> bool:
     return True
 
 
+def _child_key(batch_id: str, cloud: str, launch: int) -> str:
+    """One key per child this parent run creates: a retried create returns the same run."""
+    return f"{flow_run.id}/{flow_run.run_count}/{batch_id}/{cloud}/{launch}"
+
+
 @dataclass
 class _Child:
     cloud: str
@@ -127,7 +138,10 @@ def dispatch_to_pools(ctx: RunContext, todo: list[ChunkPlan],
             if ok:
                 usable.add(cloud)
 
+        launches = 0
+
         def launch(chunks: list[ChunkPlan]) -> None:
+            nonlocal launches
             if not chunks:
                 return
             if not usable:
@@ -137,8 +151,10 @@ def dispatch_to_pools(ctx: RunContext, todo: list[ChunkPlan],
                 return
             for cloud, indices in assign_shares(chunks, ctx.topology, usable).items():
                 pool = ctx.topology.pool_for(cloud)
+                launches += 1
                 run: Any = run_deployment(
                     share_deployment(cloud), timeout=0, as_subflow=True,
+                    idempotency_key=_child_key(plan.batch_id, cloud, launches),
                     parameters=_child_parameters(ctx, cloud, indices, pool, live),
                     flow_run_name=f"{plan.dataset}-{plan.batch_id[:8]}-{cloud}",
                     tags=["skyferry", f"cloud:{cloud}"],

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import pytest
 import sf_servers
 from sf_data import write_ml_csv
-from sf_prefect import PrefectServer, wait_for
+from sf_prefect import ROOT, PrefectServer, wait_for
 from sf_proxy import RefusingProxy, chunk_upload, refusing_topology
 
 from skyferry.manifest import Catalog
@@ -137,6 +139,47 @@ def test_a_deployment_run_fans_out_to_every_clouds_pool(server: PrefectServer,
         "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}},
                               "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}), 60)
     assert all(r["parameters"]["config"]["dataset"] == "scheduled" for r in scheduled)
+
+
+def creates_a_run_of_a_deployment(method: str, path: str) -> bool:
+    return method == "POST" and path.split("?")[0].endswith("/create_flow_run")
+
+
+RUN_PARENT = """
+import sys
+from flows.pipeline import multicloud_pipeline
+from skyferry.config import PipelineConfig
+result = multicloud_pipeline(PipelineConfig.model_validate_json(sys.argv[1]))
+print("flow run", result.flow_run_id, result.status)
+"""
+
+
+def test_a_lost_reply_to_a_childs_creation_makes_no_second_child(server: PrefectServer,
+                                                                 tmp_path: Path) -> None:
+    """The server made the child run, but its reply was lost: the client's retry of the same
+    create must get that run back, not make a second child with the same share."""
+    source, rows = source_dir(tmp_path, 6_000, seed=5)
+    config = {"source": str(source), "dataset": "lost-reply", "chunk_size": "48KB",
+              "dispatch": "deployments"}
+    with RefusingProxy(server.api, creates_a_run_of_a_deployment, times=1,
+                       fault="lose-reply") as proxy:
+        done = subprocess.run(
+            [sys.executable, "-c", RUN_PARENT, json.dumps(config)], cwd=ROOT, timeout=600,
+            env={**server.env, "PREFECT_API_URL": proxy.endpoint + "/api"},
+            capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len(proxy.refused) == 1, proxy.refused  # one reply was lost
+    match = re.search(r"flow run ([0-9a-f-]{36}) completed", done.stdout)
+    assert match, done.stdout
+    parent = server.get(f"/flow_runs/{match.group(1)}")
+    kids = children(server, parent)
+    assert sorted(k["parameters"]["cloud"] for k in kids) == sorted(POOLS), [
+        (k["name"], k["parameters"]["chunks"]) for k in kids]
+    assert all(k["state_type"] == "COMPLETED" for k in kids)
+    manifest = manifest_of(server, "lost-reply")
+    assert sorted(i for k in kids for i in k["parameters"]["chunks"]) == [
+        c.index for c in manifest.chunks]
+    assert manifest.rows_stored + manifest.rows_rejected == rows
 
 
 def test_a_refused_write_shows_as_a_retried_task_run(server: PrefectServer, tmp_path: Path,

@@ -1,16 +1,22 @@
-"""An HTTP proxy in front of a real S3 server that refuses chosen requests, a set number of times.
+"""An HTTP proxy in front of a real server that faults chosen requests, a set number of times.
 
-It forwards everything else untouched, so the client (s3fs) meets a real server behind a node
-that turns down, say, its first object write with ``403 AccessDenied``.
+It forwards everything else untouched (websockets too), so the client meets a real server:
+- ``fault="refuse"``: s3fs meets a node that turns down, say, its first object write with
+  ``403 AccessDenied``;
+- ``fault="lose-reply"``: the request reaches the server and is done, but its reply is lost
+  (the connection closes), as when a busy server answers after the client gave up.
 """
 
 from __future__ import annotations
 
 import http.client
+import select
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 import sf_servers
@@ -22,15 +28,31 @@ _DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</
            b"<Message>Access Denied (refused by the test proxy)</Message></Error>")
 
 
-class RefusingProxy:
-    """Forwards to ``upstream``; the first ``times`` requests that ``match`` get a 403."""
+def _splice(a: socket.socket, b: socket.socket) -> None:
+    """Copy bytes both ways until either side closes (a websocket, after its upgrade)."""
+    sockets = [a, b]
+    while True:
+        ready, _, _ = select.select(sockets, [], [], 60)
+        if not ready:
+            return
+        for sock in ready:
+            data = sock.recv(65536)
+            if not data:
+                return
+            (b if sock is a else a).sendall(data)
 
-    def __init__(self, upstream: str, match: Callable[[str, str], bool], times: int = 1) -> None:
+
+class RefusingProxy:
+    """Forwards to ``upstream``; the first ``times`` requests that ``match`` meet ``fault``."""
+
+    def __init__(self, upstream: str, match: Callable[[str, str], bool], times: int = 1,
+                 fault: Literal["refuse", "lose-reply"] = "refuse") -> None:
         target = urlsplit(upstream)
         self.upstream_host = target.hostname or "127.0.0.1"
         self.upstream_port = target.port or 80
         self.match = match
         self.left = times
+        self.fault = fault
         self.refused: list[str] = []
         self._lock = threading.Lock()
         proxy = self
@@ -54,9 +76,24 @@ class RefusingProxy:
                         self.rfile.readline()
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+            def _upgrade(self) -> None:
+                upstream = socket.create_connection((proxy.upstream_host, proxy.upstream_port))
+                head = f"{self.command} {self.path} {self.request_version}\r\n"
+                head += "".join(f"{k}: {v}\r\n" for k, v in self.headers.items()) + "\r\n"
+                upstream.sendall(head.encode("latin-1"))
+                try:
+                    _splice(self.connection, upstream)
+                finally:
+                    upstream.close()
+                    self.close_connection = True
+
             def _handle(self) -> None:
+                if self.headers.get("Upgrade", "").lower() == "websocket":
+                    self._upgrade()
+                    return
                 body = self._body()
-                if proxy._refuse(self.command, self.path):
+                faulted = proxy._refuse(self.command, self.path)
+                if faulted and proxy.fault == "refuse":
                     self.send_response(403)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(_DENIED)))
@@ -70,6 +107,10 @@ class RefusingProxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
+                conn.close()
+                if faulted:  # lose-reply: the server did it; the client hears nothing back
+                    self.close_connection = True
+                    return
                 self.send_response(response.status, response.reason)
                 for key, value in response.getheaders():
                     if key.lower() not in _HOP:
@@ -80,9 +121,8 @@ class RefusingProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                conn.close()
 
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+            do_GET = do_PUT = do_POST = do_PATCH = do_DELETE = do_HEAD = _handle
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
