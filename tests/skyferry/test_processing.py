@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from skyferry.errors import SchemaError, TransformError
+from skyferry.errors import FormatError, SchemaError, TransformError
 from skyferry.models import ChunkPart
 from skyferry.processing import load_transforms, process_parts
 from skyferry.schema import Schema
@@ -60,6 +60,25 @@ def test_header_is_prepended_for_a_later_part() -> None:
     buffer, out = process_parts([(PART, body, b"id,f0,f1,label\n")], "csv", SCHEMA, [], "t")
     table = pq.read_table(io.BytesIO(buffer.to_pybytes()))
     assert table.to_pylist() == [{"id": 9, "f0": 0.9, "f1": 9.0, "label": 1}]
+
+
+@pytest.mark.parametrize("header", [
+    b'\xef\xbb\xbf"id","f 0",label\r\n',          # BOM, quoted names, CRLF
+    b'id,"f, ""0""\nnew",label\n',                # a quoted name with a comma, quotes, newline
+])
+def test_a_later_part_gets_the_names_the_first_part_gets(header: bytes) -> None:
+    """Chunk 0 is parsed with its header inline; a later chunk with the header's names."""
+    first, _ = process_parts([(PART, header + b"1,0.5,0\n", b"")], "csv", None, [], "t")
+    later, _ = process_parts([(PART, b"2,0.25,1\n", header)], "csv", None, [], "t")
+    names = pq.read_table(io.BytesIO(first.to_pybytes())).column_names
+    table = pq.read_table(io.BytesIO(later.to_pybytes()))
+    assert table.column_names == names and len(names) == 3
+    assert table.to_pylist() == [dict(zip(names, [2, 0.25, 1], strict=True))]
+
+
+def test_a_header_that_is_not_utf8_is_a_format_error_naming_the_file() -> None:
+    with pytest.raises(FormatError, match="train.csv"):
+        process_parts([(PART, b"2,0.25,1\n", b"id,\xff\xfe,label\n")], "csv", None, [], "t")
 
 
 def test_transforms_apply_and_dropped_rows_are_counted(helpers_on_path: Path) -> None:

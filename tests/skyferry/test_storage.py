@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from skyferry.errors import ObjectNotFoundError, UnsafeKeyError
+from skyferry.hashing import content_hash
 from skyferry.storage import Store, safe_key
 
 
@@ -82,6 +83,20 @@ class TestStoreContract:
             assert md5 == hashlib.md5(data).hexdigest()
         else:
             assert md5 is None  # local stores are verified by reading back
+
+    def test_digest_of_streams_the_stored_bytes_through_the_content_hash(
+            self, store: Store) -> None:
+        import numpy as np
+
+        data = np.random.default_rng(7).bytes(3 * 1024 * 1024 + 17)
+        store.put("hash/many-blocks", data)
+        store.put("hash/empty", b"")
+        assert store.digest_of("hash/many-blocks", block=1 << 20) == (
+            content_hash(data), len(data))
+        assert store.digest_of("hash/empty") == (content_hash(b""), 0)
+        with pytest.raises(ObjectNotFoundError) as info:
+            store.digest_of("hash/missing")
+        assert info.value.node == store.name and info.value.key == "hash/missing"
 
     def test_probe_round_trips(self, store: Store) -> None:
         assert store.probe() >= 0
