@@ -8,6 +8,7 @@ family, naming the node and the key.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import mmap
 import os
@@ -123,15 +124,20 @@ class Store:
         try:
             if self.is_local:
                 parent = posixpath.dirname(path)
-                self.fs.makedirs(parent, exist_ok=True)
                 tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
                 try:
-                    with open(tmp, "wb") as fh:
+                    try:
+                        fh = open(tmp, "wb")
+                    except FileNotFoundError:  # the first object under this prefix
+                        os.makedirs(parent, exist_ok=True)
+                        fh = open(tmp, "wb")
+                    with fh:
                         fh.write(data)
-                    self.fs.mv(tmp, path)
-                finally:
-                    if self.fs.exists(tmp):
-                        self.fs.rm(tmp)
+                    os.replace(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
             else:
                 self.fs.pipe_file(path, bytes(data) if isinstance(data, memoryview) else data)
         except Exception as exc:
