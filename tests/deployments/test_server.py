@@ -13,13 +13,14 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sf_servers
 from sf_data import write_ml_csv
-from sf_prefect import ROOT, PrefectServer, wait_for
+from sf_prefect import BIN, ROOT, PrefectServer, wait_for
 from sf_proxy import RefusingProxy, chunk_upload, refusing_topology
 
 from skyferry.manifest import Catalog
@@ -180,6 +181,35 @@ def test_a_lost_reply_to_a_childs_creation_makes_no_second_child(server: Prefect
     assert sorted(i for k in kids for i in k["parameters"]["chunks"]) == [
         c.index for c in manifest.chunks]
     assert manifest.rows_stored + manifest.rows_rejected == rows
+
+
+def test_a_cancelled_child_that_is_started_again_moves_nothing(server: PrefectServer,
+                                                              tmp_path: Path) -> None:
+    """The parent cancels a child no worker took in time and hands its chunks to another pool.
+    The design relies on Prefect never running that child afterwards: a worker's Pending is
+    refused for a cancelled run, and the run's executor skips it (checked here)."""
+    source, _ = source_dir(tmp_path, 600, seed=6)
+    share = server.get("/deployments/name/cloud-share/gcp-share")
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()  # no worker fetches it first
+    child = server.post(f"/deployments/{share['id']}/create_flow_run", {
+        "parameters": {"config": {"source": str(source), "dataset": "late-child"},
+                       "batch_id": "0123456789abcdef", "cloud": "gcp", "chunks": [0],
+                       "pool": "gcp-pool"},
+        "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": later}}})
+    reason = "no worker of gcp-pool picked it up in 120s"
+    server.post(f"/flow_runs/{child['id']}/set_state", {"force": True, "state": {
+        "type": "CANCELLED", "message": reason}})
+    # a worker that fetched it before the cancel proposes Pending: refused
+    pending = server.post(f"/flow_runs/{child['id']}/set_state", {"state": {"type": "PENDING"}})
+    assert pending["status"] == "ABORT", pending
+    # and started by hand, the run is skipped
+    done = subprocess.run([str(BIN / "prefect"), "flow-run", "execute", child["id"]],
+                          env=server.env, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    run = server.get(f"/flow_runs/{child['id']}")
+    assert run["state_type"] == "CANCELLED" and run["state"]["message"] == reason, (
+        run["state"], done.stdout[-2000:], done.stderr[-2000:])
+    catalog = Catalog(Store(server.env["SKYFERRY_HOME"] + "/catalog", name="catalog"))
+    assert not list(catalog.store.list("pending/late-child"))  # no chunk, no share report
 
 
 def test_a_refused_write_shows_as_a_retried_task_run(server: PrefectServer, tmp_path: Path,
