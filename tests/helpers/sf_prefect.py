@@ -151,15 +151,23 @@ class PrefectServer:
         response.raise_for_status()
         return sum(1 for w in response.json() if w["status"] == "ONLINE")
 
+    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One REST call. A 503 is the server's "database is locked" (SQLite under load): the
+        request was rolled back, so it is sent again after ``Retry-After``, as Prefect's own
+        client does, for up to a minute."""
+        deadline = time.monotonic() + 60
+        while True:
+            response = self.client.request(method, path, json=body)
+            if response.status_code != 503 or time.monotonic() > deadline:
+                response.raise_for_status()
+                return response.json()
+            time.sleep(float(response.headers.get("Retry-After") or 1))  # the server's ask
+
     def post(self, path: str, body: dict[str, Any]) -> Any:
-        response = self.client.post(path, json=body)
-        response.raise_for_status()
-        return response.json()
+        return self._send("POST", path, body)
 
     def get(self, path: str) -> Any:
-        response = self.client.get(path)
-        response.raise_for_status()
-        return response.json()
+        return self._send("GET", path)
 
     def stop(self) -> None:
         for process in reversed(self.processes):
