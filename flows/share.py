@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
+from queue import SimpleQueue
 from typing import Any
 from uuid import UUID
 
@@ -43,7 +44,7 @@ from skyferry.pipeline import (
 from skyferry.shares import CHILD_FLOW, ShareReport
 from tasks.distribute import distribute_chunk, probe_nodes
 from tasks.ingest import ingest_chunk
-from tasks.move import move_chunk, move_chunk_here
+from tasks.move import Moved, move_chunk, move_chunk_here
 from tasks.process import process_chunk
 
 __all__ = ["InFlight", "cloud_share", "event", "ref", "run_chunk_stages", "stage_error"]
@@ -184,6 +185,8 @@ def run_fused_chunks(chunks: list[ChunkPlan], ctx: RunContext,
     down = {n: ctx.health.reasons.get(n, "") for n in ctx.health.down_nodes()}
     queue = deque(chunks)
     active: dict[PrefectFuture[Any], int] = {}
+    finished: SimpleQueue[PrefectFuture[Any]] = SimpleQueue()
+    outbox: dict[int, Moved] = {}
     stored: list[StoredChunk] = []
     failure: BaseException | None = None
 
@@ -192,8 +195,9 @@ def run_fused_chunks(chunks: list[ChunkPlan], ctx: RunContext,
         if remote:
             future = move_chunk.submit(chunk, config_json, batch, down)
         else:
-            future = move_chunk_here.submit(ref(chunk), ref(ctx))
+            future = move_chunk_here.submit(ref(chunk), ref(ctx), ref(outbox))
         active[future] = chunk.index
+        future.add_done_callback(finished.put)
 
     # In-process, each task takes a slot of the run's window (ctx.in_flight) while it holds
     # a chunk's bytes, so tasks can be queued ahead: a slot never waits on this loop. A Dask
@@ -202,10 +206,10 @@ def run_fused_chunks(chunks: list[ChunkPlan], ctx: RunContext,
     while queue and len(active) < ahead:
         admit()
     while active:
-        future = next(as_completed(list(active)))
+        future = finished.get()
         index = active.pop(future)
         try:
-            chunk, timings, last = future.result()
+            chunk, timings, last = _outcome(future, index, outbox)
             for stage, (nbytes, seconds) in timings.items():
                 # a retry resumes at the stage that failed: its retries are counted there
                 ctx.recorder.record(stage, nbytes=int(nbytes), seconds=seconds,
@@ -230,6 +234,19 @@ def run_fused_chunks(chunks: list[ChunkPlan], ctx: RunContext,
     if failure is not None:
         raise stage_error(stage_of(failure, "distribution"), ctx, failure) from failure
     return stored
+
+
+def _outcome(future: PrefectFuture[Any], index: int, outbox: dict[int, Moved]) -> Moved:
+    """A finished ``move-chunk`` task's result: from ``outbox`` when it left it there.
+
+    Otherwise (a Dask worker, or a failed task) from the future, which raises the task's error.
+    """
+    future.wait()
+    moved = outbox.pop(index, None)
+    if moved is not None and future.state.is_completed():
+        return moved
+    result: Moved = future.result()
+    return result
 
 
 @flow(name=CHILD_FLOW, log_prints=False, validate_parameters=True,
@@ -267,11 +284,11 @@ def cloud_share(config: PipelineConfig, batch_id: str, cloud: str, chunks: list[
     where = pool or "in-process"
     logger.info("%s share of batch %s: %d chunks, %d to do, on %s", cloud, batch_id,
                 len(chunks), len(todo), where, extra=event(ctx, "ingestion"))
-    live = LiveStatus(UUID(progress_artifact) if progress_artifact else None, ctx.catalog,
-                      plan, started_at=started_at or time.time(), done_at_start=done_at_start,
-                      health=ctx.health)
-    stored = run_chunk_stages(todo, ctx, live)
-    live.update("distribution", force=True)
+    with LiveStatus(UUID(progress_artifact) if progress_artifact else None, ctx.catalog,
+                    plan, started_at=started_at or time.time(), done_at_start=done_at_start,
+                    health=ctx.health) as live:
+        stored = run_chunk_stages(todo, ctx, live)
+        live.update("distribution", force=True)
     run_id = str(flow_run.id) if flow_run.id else None
     report = ShareReport(
         cloud=cloud, ran_on=where, flow_run_id=run_id, chunks=list(chunks),

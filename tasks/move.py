@@ -26,10 +26,19 @@ def _attempt() -> int:
 
 
 @io_task("move-chunk")
-def move_chunk_here(chunk: ChunkPlan, ctx: RunContext) -> Moved:
+def move_chunk_here(chunk: ChunkPlan, ctx: RunContext,
+                    outbox: dict[int, Moved] | None = None) -> Moved:
+    """Move ``chunk``; also leave the outcome in ``outbox`` (keyed by index), if given.
+
+    The loop that hands out chunks reads it there: reading a result through its future
+    hops to Prefect's event-loop thread, which is busy sending the runs' events.
+    """
     attempt = _attempt()
     stored, timings, started_at = move_chunk_fn(chunk, ctx, attempt)
-    return stored.model_copy(update={"attempts": attempt}), timings, started_at
+    moved = stored.model_copy(update={"attempts": attempt}), timings, started_at
+    if outbox is not None:
+        outbox[chunk.index] = moved
+    return moved
 
 
 @io_task("move-chunk")

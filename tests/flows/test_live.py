@@ -1,0 +1,134 @@
+"""The live progress artifact is published off the chunk loop, and the publisher always stops.
+
+Also: the Prefect settings a run gets on an ephemeral API, and on a real one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from uuid import UUID
+
+import httpx
+import pytest
+from prefect import flow
+from prefect.artifacts import create_progress_artifact
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE,
+    temporary_settings,
+)
+
+from flows.live import LiveStatus
+from flows.pipeline import EPHEMERAL_RECORDER_BATCH, _run_settings
+from skyferry.manifest import BatchPlan, Catalog, Lineage
+from skyferry.models import ChunkPart, ChunkPlan, ReplicaRecord, SourceFile, StoredChunk
+from skyferry.placement import NodeHealth
+from skyferry.storage import Store
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _plan(n: int) -> BatchPlan:
+    src = SourceFile(url="file:///s/a.bin", size=10 * n, fingerprint="mtime:1")
+    chunks = [ChunkPlan(index=i, format="binary", nodes=("n1", "n2"),
+                        parts=(ChunkPart(source=src.url, start=10 * i, end=10 * i + 10),))
+              for i in range(n)]
+    return BatchPlan(dataset="live", batch_id="b1", partition_date="2026-11-23",
+                     created_at="2026-11-23T00:00:00+00:00", replicas=2, quorum=2,
+                     source_cloud="aws",
+                     lineage=Lineage(sources=[src], code_version="0.1.0", schema=None,
+                                     transforms=[], format="binary", chunk_size=10),
+                     chunks=chunks)
+
+
+def _journal(catalog: Catalog, plan: BatchPlan, i: int) -> None:
+    c = plan.chunks[i]
+    catalog.record_chunk(plan, StoredChunk(
+        index=i, key=plan.key(c), format="binary", digest=f"{i:064d}", size=10,
+        source_digest="0" * 64, rows_in=0, rows_out=0, rows_rejected=0, rejects_key=None,
+        parts=c.parts, replicas=(ReplicaRecord(node="n1", cloud="aws", state="verified"),
+                                 ReplicaRecord(node="n2", cloud="gcp", state="verified"))))
+
+
+def _artifact(artifact_id: UUID) -> tuple[float, dict[str, str]]:
+    response = httpx.get(f"{PREFECT_API_URL.value()}/artifacts/{artifact_id}", timeout=30)
+    response.raise_for_status()
+    body = response.json()
+    return float(body["data"]), body["metadata_"] or {}
+
+
+@flow(name="live-artifact")
+def _new_artifact(total: int) -> UUID:
+    artifact = create_progress_artifact(progress=0.0, description=f"chunks stored: 0 of {total}")
+    assert isinstance(artifact, UUID)
+    return artifact
+
+
+def _publishers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "skyferry-live-status" and t.is_alive()]
+
+
+def test_progress_is_published_by_a_thread_that_stops_and_a_forced_update_is_final(
+        tmp_path: Path) -> None:
+    plan = _plan(4)
+    catalog = Catalog(Store(str(tmp_path / "catalog"), name="catalog"))
+    artifact = _new_artifact(4)
+    before = _publishers()
+    with LiveStatus(artifact, catalog, plan, started_at=time.time(), done_at_start=0,
+                    health=NodeHealth(), interval_s=0.05) as live:
+        _journal(catalog, plan, 0)
+        _journal(catalog, plan, 1)
+        live.update("distribution")
+        assert len(_publishers()) == len(before) + 1
+        # the publisher's write lands on the server: poll the API for it, bounded
+        deadline = time.monotonic() + 30
+        while _artifact(artifact)[0] != 50.0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        data, fields = _artifact(artifact)
+        assert data == 50.0
+        assert fields["chunks_done"] == "2" and fields["stage"] == "distribution"
+        _journal(catalog, plan, 2)
+        _journal(catalog, plan, 3)
+        live.update("storage", force=True)  # in the caller: done when it returns
+        assert _artifact(artifact)[0] == 100.0
+        assert len(_publishers()) == len(before)
+        live.update("distribution")  # after the last word: ignored, no new thread
+        assert len(_publishers()) == len(before)
+    assert _artifact(artifact)[1]["stage"] == "storage"
+
+
+def test_the_publisher_stops_when_the_block_fails(tmp_path: Path) -> None:
+    plan = _plan(2)
+    catalog = Catalog(Store(str(tmp_path / "catalog"), name="catalog"))
+    artifact = _new_artifact(2)
+    before = _publishers()
+    with pytest.raises(RuntimeError, match="a chunk failed"):
+        with LiveStatus(artifact, catalog, plan, started_at=time.time(), done_at_start=0,
+                        health=NodeHealth()) as live:
+            live.update("distribution")
+            raise RuntimeError("a chunk failed")
+    assert _publishers() == before
+
+
+def test_an_ephemeral_api_gets_no_heartbeats_and_batched_task_run_records() -> None:
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        settings = _run_settings()
+    assert settings.flows.heartbeat_frequency is None
+    recorder = settings.server.services.task_run_recorder
+    assert (recorder.batch_size, recorder.flush_interval) == (EPHEMERAL_RECORDER_BATCH, 1.0)
+    env = settings.to_environment_variables(exclude_unset=True)  # what the server process gets
+    assert env["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"] == \
+        str(EPHEMERAL_RECORDER_BATCH)
+
+
+def test_an_operators_recorder_batch_is_kept_and_a_real_server_is_left_alone() -> None:
+    with temporary_settings(updates={PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE: 7},
+                            restore_defaults={PREFECT_API_URL}):
+        assert _run_settings().server.services.task_run_recorder.batch_size == 7
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}) as current:
+        settings = _run_settings()
+    assert settings.flows.heartbeat_frequency == current.flows.heartbeat_frequency
+    assert settings.flows.heartbeat_frequency is not None
+    assert settings.server.services.task_run_recorder.batch_size == 1
