@@ -33,6 +33,7 @@ MIB = 1 << 20
 SIZE = int(os.environ.get("BENCH_CLOUD_MIB", "384")) * MIB
 CHUNK = 16 * MIB
 NODES = {"aws": "s3", "gcp": "gs", "azure": "az"}
+ATTEMPTS = 3  # skyferry runs, at most, until one keeps every node
 
 
 def say(text: str) -> None:
@@ -100,11 +101,21 @@ def main() -> dict[str, Any]:
 
         run_pipeline(PipelineConfig(source=str(src), dataset="warm", topology=str(topo),
                                     chunk_size=SIZE))  # Prefect's start-up, not timed
-        started = time.perf_counter()
-        result = run_pipeline(PipelineConfig(source=str(src), dataset="cloud",
-                                             topology=str(topo), chunk_size=CHUNK))
-        sky_s = time.perf_counter() - started
-        assert result.status == "completed", result.error
+        # A run that found a node down wrote two replicas, not three: it is not the same
+        # work as the direct copy. Such a run is reported and discarded, and run again.
+        for attempt in range(1, ATTEMPTS + 1):
+            started = time.perf_counter()
+            result = run_pipeline(PipelineConfig(source=str(src), dataset=f"cloud-{attempt}",
+                                                 topology=str(topo), chunk_size=CHUNK))
+            sky_s = time.perf_counter() - started
+            assert result.status == "completed", result.error
+            if not result.down_nodes and not result.node_failures_handled:
+                break
+            say(f"discarded a skyferry run ({sky_s:.1f}s): node(s) down "
+                f"{result.down_reasons or result.down_nodes}, so not every chunk has three "
+                "replicas")
+        else:
+            raise SystemExit(f"every one of {ATTEMPTS} cloud runs lost a node; no figure")
         figures["cloud_ratio_to_direct"] = round(direct_s / sky_s, 3)
         figures["cloud_skyferry_mb_s"] = round(SIZE / 1e6 / sky_s, 1)
         say(f"cloud_ratio_to_direct   {figures['cloud_ratio_to_direct']}  (skyferry {sky_s:.1f}s "

@@ -19,9 +19,20 @@ from __future__ import annotations
 import logging
 import time
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterName,
+    TaskRunFilterState,
+    TaskRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.context import FlowRunContext, SettingsContext, get_settings_context
 from prefect.runtime import flow_run
 from prefect.settings import Settings as PrefectSettings
@@ -40,11 +51,12 @@ from skyferry.report import placement_markdown, stage_breakdown
 from skyferry.shares import ShareReport
 from tasks.distribute import probe_nodes
 from tasks.ingest import list_new_files, plan_batch
-from tasks.store import commit_manifest
+from tasks.store import COMMIT_TASK, commit_manifest
 
-__all__ = ["multicloud_pipeline", "run_pipeline"]
+__all__ = ["multicloud_pipeline", "run_pipeline", "settle_ephemeral_api"]
 
 EPHEMERAL_RECORDER_BATCH = 100  # task-run events per database write, ephemeral API only
+SETTLE_POLL_S = 0.1  # how often settle_ephemeral_api asks the API
 
 
 @flow(name="multicloud-pipeline", log_prints=False, validate_parameters=True)
@@ -189,5 +201,43 @@ def run_pipeline(config: PipelineConfig, settings: Settings | None = None) -> Pi
         return result
     except StageError as exc:
         logging.getLogger("skyferry.pipeline").error("%s", exc)
+        run_id = state.state_details.flow_run_id
         return PipelineResult(status="failed", dataset=config.dataset, batch_id=exc.batch_id,
-                              error=str(exc), error_stage=exc.stage)
+                              error=str(exc), error_stage=exc.stage,
+                              flow_run_id=str(run_id) if run_id else None)
+
+
+def settle_ephemeral_api(result: PipelineResult, timeout_s: float = 10.0) -> bool:
+    """Wait (at most ``timeout_s``) until an ephemeral API has recorded the run's task runs.
+
+    Call it before a process that ran flows on an ephemeral API exits. That API records
+    task-run states from the runs' events, in batches (see :func:`_run_settings`), and it
+    stops when the process exits: a batch still queued then is lost from the local run
+    history, and Prefect prints each one as an error with a traceback. The recorder takes
+    events in order, so once the run's last task (``commit-manifest`` in a committed run) is
+    recorded final and no task run is left unfinished, every earlier one is recorded too.
+
+    Returns whether that holds. With ``PREFECT_API_URL`` set it returns at once: a real
+    server outlives this process.
+    """
+    if get_current_settings().api.url or not result.flow_run_id:
+        return True
+    runs = FlowRunFilter(id=FlowRunFilterId(any_=[UUID(result.flow_run_id)]))
+    unfinished = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[
+        StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED,
+        StateType.CANCELLING])))
+    last = TaskRunFilter(name=TaskRunFilterName(like_=COMMIT_TASK)) \
+        if result.status == "completed" else None
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            settled = not client.read_task_runs(flow_run_filter=runs,
+                                                task_run_filter=unfinished, limit=1)
+            if settled:
+                recorded = client.read_task_runs(flow_run_filter=runs, task_run_filter=last,
+                                                 limit=1)
+                settled = bool(recorded) and all(r.state is not None and r.state.is_final()
+                                                 for r in recorded)
+            if settled or time.monotonic() >= deadline:
+                return settled
+            time.sleep(SETTLE_POLL_S)

@@ -28,6 +28,16 @@ def _prefect_quiet() -> None:
     # Logging is Prefect's to configure (its default, or PREFECT_LOGGING_SETTINGS_PATH).
 
 
+def _settle(result: PipelineResult) -> None:
+    """Before this process exits, and stops an ephemeral API with it, let that API record the
+    run's last task runs (see ``settle_ephemeral_api``)."""
+    from flows.pipeline import settle_ephemeral_api
+
+    if not settle_ephemeral_api(result):
+        err.print("[yellow]warning:[/] Prefect's local API had not recorded every task run of "
+                  f"flow run {result.flow_run_id}; its run history may miss the last ones")
+
+
 def _fail(exc: BaseException) -> None:
     err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
     raise typer.Exit(code=2)
@@ -118,6 +128,7 @@ def run(
         typer.echo(result.model_dump_json(indent=2))
     else:
         print_summary(result, _rejects(result, topology))
+    _settle(result)
     if result.status == "failed":
         raise typer.Exit(code=1)
 
@@ -240,8 +251,10 @@ def profile(
         if not keep:
             drop_dataset(topo, dataset)
         if result.status == "failed":
+            _settle(result)
             raise typer.Exit(code=1)
         results.append(result)
+    _settle(results[-1])
     report = profile_results(results)
     console.print(profile_table(report))
     for stage, advice in report.recommendations.items():
@@ -300,6 +313,7 @@ def demo(
     console.print("running multicloud-pipeline (the first flow starts Prefect's ephemeral API)")
     result = run_pipeline(config)
     print_summary(result, _rejects(result, None))
+    _settle(result)
     if result.status == "up_to_date":
         console.print("the demo files are already committed (incremental run: nothing new); "
                       f"delete {settings.home} to run it afresh")

@@ -1,0 +1,47 @@
+"""``skyferry run`` in its own process on Prefect's ephemeral API, as a person first meets it.
+
+The ephemeral API stops when the command exits. Before it does, every task run of the run
+is recorded in the local Prefect database, and nothing is printed about lost events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sf_data import write_ml_csv
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_run_on_the_ephemeral_api_leaves_its_whole_history_and_a_clean_stderr(
+        tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_ml_csv(src / "a.csv", 6_000, seed=21)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    env.update(SKYFERRY_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
+               PREFECT_LOGGING_LEVEL="WARNING")
+    done = subprocess.run(
+        [sys.executable, "-m", "skyferry.cli", "run", str(src), "--dataset", "ephemeral",
+         "--chunk-size", "4KB", "--json"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["status"] == "completed" and result["chunks_processed"] >= 40
+    assert "Traceback" not in done.stderr and "Error flushing" not in done.stderr, \
+        done.stderr[-3000:]
+
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        states = dict(db.execute(
+            "SELECT state_type, count(*) FROM task_run WHERE flow_run_id = ? "
+            "GROUP BY state_type", (result["flow_run_id"],)).fetchall())
+        names = {name.rsplit("-", 1)[0] for (name,) in db.execute(
+            "SELECT name FROM task_run WHERE flow_run_id = ?", (result["flow_run_id"],))}
+    # one move-chunk per chunk, plus probe, listing, planning and the commit: all completed
+    assert states == {"COMPLETED": result["chunks_processed"] + 4}, states
+    assert "commit-manifest" in names and "move-chunk" in names
