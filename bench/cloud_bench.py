@@ -41,6 +41,17 @@ def say(text: str) -> None:
     sys.stdout.flush()
 
 
+def _without_final_cr(data: bytearray) -> bytearray:
+    """No 16 MiB piece ends in CR: the GCS emulator drops that byte from an upload (it parses
+    the multipart body with Python's email parser). skyferry's checksum catches it and takes
+    the node out of the run; the direct copy would store the short object unnoticed. Either
+    way the two would not be doing the same work (tests/flows/test_clouds.py shows the bug)."""
+    for end in range(CHUNK, len(data) + CHUNK, CHUNK):
+        if data[min(end, len(data)) - 1] == 0x0D:
+            data[min(end, len(data)) - 1] = 0x0A
+    return data
+
+
 def main() -> dict[str, Any]:
     root = Path(os.environ.get("BENCH_DIR") or tempfile.mkdtemp(prefix="skyferry-cloud-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -55,7 +66,7 @@ def main() -> dict[str, Any]:
         env.reset()
         src = root / "cloud-src" / "blob.bin"
         src.parent.mkdir(parents=True, exist_ok=True)
-        src.write_bytes(os.urandom(SIZE))
+        src.write_bytes(_without_final_cr(bytearray(os.urandom(SIZE))))
 
         # direct fsspec copies: each cloud alone (MB/s per cloud), then all three at once
         import fsspec
@@ -96,11 +107,14 @@ def main() -> dict[str, Any]:
                          f'url: "{protocol}://{cloud}-sky/x", storage_options: {{{opts}}}}}')
         topo = root / "cloud-topology.yaml"
         topo.write_text("\n".join(lines) + "\n")
-        from flows.pipeline import run_pipeline
+        from flows.pipeline import run_pipeline, settle_ephemeral_api
         from skyferry.config import PipelineConfig
 
-        run_pipeline(PipelineConfig(source=str(src), dataset="warm", topology=str(topo),
-                                    chunk_size=SIZE))  # Prefect's start-up, not timed
+        warm = run_pipeline(PipelineConfig(source=str(src), dataset="warm", topology=str(topo),
+                                           chunk_size=SIZE))  # Prefect's start-up, not timed
+        # and its tail: the API records the warm run's last task runs before the timed run
+        # starts, as it does before a `skyferry run` process exits
+        settle_ephemeral_api(warm)
         # A run that found a node down wrote two replicas, not three: it is not the same
         # work as the direct copy. Such a run is reported and discarded, and run again.
         for attempt in range(1, ATTEMPTS + 1):
@@ -109,6 +123,7 @@ def main() -> dict[str, Any]:
                                                  topology=str(topo), chunk_size=CHUNK))
             sky_s = time.perf_counter() - started
             assert result.status == "completed", result.error
+            settle_ephemeral_api(result)
             if not result.down_nodes and not result.node_failures_handled:
                 break
             say(f"discarded a skyferry run ({sky_s:.1f}s): node(s) down "

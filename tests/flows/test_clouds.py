@@ -355,3 +355,44 @@ def test_a_gcp_credentials_block_maps_to_gcsfs_options(prefect_harness: None) ->
     assert options["project"] == "p1"
     assert options["token"]["client_email"] == "sa@p1.iam.gserviceaccount.com"
     assert options["token"]["private_key"] == pem
+
+
+def test_a_replica_the_gcs_server_truncates_on_upload_is_refused(
+        clouds: sf_servers.CloudEnv, home: Path, tmp_path: Path) -> None:
+    """gcp-storage-emulator drops the last byte of an upload that ends in CR (it parses the
+    multipart body with Python's email parser). The store's own MD5 catches it: the replica
+    is refused, and the chunk keeps its other replicas and a hint."""
+    nodes = {"aws-x": "s3", "gcp-x": "gs", "azure-x": "az"}
+    lines = [f'catalog: "{home}/catalog"', "nodes:"]
+    for name, protocol in nodes.items():
+        clouds.make_bucket(protocol, name)
+        lines.append(f'  - {{name: {name}, cloud: {name.split("-")[0]}, '
+                     f'region: r, url: "{protocol}://{name}/data", timeout_s: 4, '
+                     f'storage_options: {_flow_map(clouds.options(protocol))}}}')
+    topology = tmp_path / "three.yaml"
+    topology.write_text("\n".join(lines) + "\n")
+    chunk = 20_000
+    blocks = [os.urandom(chunk - 1) + end for end in (b"\r", b"x", b"y")]
+    source = tmp_path / "blob.bin"
+    source.write_bytes(b"".join(blocks))
+    result = run_pipeline(PipelineConfig(source=str(source), dataset="cr", format="binary",
+                                         topology=str(topology), chunk_size=chunk,
+                                         replicas=3, quorum=2, source_cloud="aws"))
+    assert result.status == "completed", result.error
+    assert "checksum does not match" in result.down_reasons["gcp-x"]
+    manifest = _manifest("cr")
+    first = manifest.chunks[0]
+    assert {r.node for r in first.verified} == {"aws-x", "azure-x"}
+    assert [r.node for r in first.replicas if r.state == "hinted"] == ["gcp-x"]
+    # what the server kept, read with Google's own client: one byte short
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(credentials=AnonymousCredentials(), project="test",
+                            client_options={"api_endpoint": clouds.gs.endpoint})
+    kept = client.bucket("gcp-x").blob(f"data/{first.key}").download_as_bytes()
+    assert kept == blocks[0][:-1]
+    # and every byte reads back from the replicas that verified
+    read = b"".join(data for _m, _c, data in DatasetReader(
+        "cr", topology=load_topology(str(topology))).iter_chunks())
+    assert read == source.read_bytes()
