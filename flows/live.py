@@ -43,9 +43,10 @@ class LiveStatus:
 
     ``update`` only notes the stage and wakes a publisher thread: the caller (the loop that
     hands out chunks) never waits on the API. A publish took 60–300 ms on a busy ephemeral
-    server, and the in-line publishes were a fifth to a third of orchestrating 64 chunks. A
-    forced update stops the publisher and publishes in the caller: the last word is in the
-    artifact when it returns. Use it as a context manager so the publisher always stops.
+    server; made in-line they held the loop for 17–46% of its time on 64 empty chunks
+    (measured). A forced update stops the publisher and publishes in the caller: the last
+    word is in the artifact when it returns. Use it as a context manager so the publisher
+    always stops.
     """
 
     def __init__(self, artifact_id: UUID | None, catalog: Catalog, plan: BatchPlan, *,
