@@ -86,6 +86,7 @@ def main() -> dict[str, Any]:
             per_cloud[cloud] = round(SIZE / 1e6 / direct(protocol, f"{cloud}-solo"), 1)
         figures["direct_mb_s_per_cloud"] = per_cloud
         say(f"direct fsspec MB/s per cloud: {per_cloud}")
+
         def clear(paths: dict[str, str]) -> None:
             """Delete what a run wrote (protocol -> path): the servers slowed by about 0.5 s a
             run as they filled up, which would favour whichever side ran first."""
