@@ -56,6 +56,8 @@ def _without_final_cr(data: bytearray) -> bytearray:
 def main() -> dict[str, Any]:
     root = Path(os.environ.get("BENCH_DIR") or tempfile.mkdtemp(prefix="skyferry-cloud-"))
     root.mkdir(parents=True, exist_ok=True)
+    # Prefect's local database: bench.py's, or a new one here (never the user's ~/.prefect)
+    os.environ.setdefault("PREFECT_HOME", str(root / "prefect-home"))
     logs = root / "server-logs"
     servers = {"s3": sf_servers.moto(logs), "gs": sf_servers.gcs(logs),
                "az": sf_servers.azurite(logs, root / "azurite")}
