@@ -5,8 +5,8 @@ These helpers are test code; they read the environment the test set up.
 
 from __future__ import annotations
 
+import itertools
 import os
-import shutil
 import threading
 from pathlib import Path
 
@@ -29,11 +29,23 @@ def reset() -> None:
 
 
 def break_node_on_second_chunk(df: pd.DataFrame) -> pd.DataFrame:
-    """On the 2nd chunk, replace the folder of node $SF_BREAK_NODE with a plain file."""
+    """On the 2nd chunk, replace the folder of node $SF_BREAK_NODE with a plain file.
+
+    Other chunks write to the node concurrently, and a writer may create the folder again
+    between its removal and the file's creation; each attempt moves the folder aside in one
+    rename, and the swap is retried until the file wins.
+    """
     if _count() == 2:
         node_dir = Path(os.environ["SKYFERRY_HOME"]) / "nodes" / os.environ["SF_BREAK_NODE"]
-        shutil.rmtree(node_dir, ignore_errors=True)
-        node_dir.write_bytes(b"this node's disk is gone")
+        for attempt in itertools.count():
+            if node_dir.is_dir():
+                node_dir.rename(node_dir.with_name(f"{node_dir.name}.gone-{attempt}"))
+            try:
+                with open(node_dir, "xb") as disk:
+                    disk.write(b"this node's disk is gone")
+                break
+            except (FileExistsError, IsADirectoryError):
+                continue
     return df
 
 
