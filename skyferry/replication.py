@@ -93,11 +93,23 @@ class ReplicaWriter:
         self.source_cloud = source_cloud
         self._stores: dict[str, Store] = {}
         self._lock = threading.Lock()
+        self._queued: dict[str, int] = {}  # per node, bytes of the writes in flight to it
 
-    @staticmethod
-    def _deadline(node: Node, size: int) -> float:
-        """The node's timeout, plus the time to move ``size`` bytes at 4 MB/s."""
-        return node.timeout_s + size / 4e6
+    def _deadline(self, node: Node, size: int) -> float:
+        """The node's timeout, plus the time to move its bytes in flight at 4 MB/s.
+
+        The writes in flight to one node share its bandwidth: with 8 chunks of 16 MiB in
+        flight, each write to a 26 MB/s node (the GCS emulator) took longer than one chunk's
+        allowance, and a slow but healthy node was called hung (measured). A write's
+        allowance counts the bytes queued to the node when it was submitted, its own included.
+        """
+        with self._lock:
+            queued = self._queued.get(node.name, 0)
+        return node.timeout_s + max(queued, size) / 4e6
+
+    def _queue(self, node: str, size: int) -> None:
+        with self._lock:
+            self._queued[node] = self._queued.get(node, 0) + size
 
     def store(self, node: Node) -> Store:
         with self._lock:
@@ -131,9 +143,12 @@ class ReplicaWriter:
 
     def _write_one(self, node: Node, key: str, data: bytes | memoryview, digest: str,
                    md5: str | None) -> None:
-        store = self.store(node)
-        store.put(key, data)
-        verify_replica(store, key, digest, len(data), md5)
+        try:
+            store = self.store(node)
+            store.put(key, data)
+            verify_replica(store, key, digest, len(data), md5)
+        finally:
+            self._queue(node.name, -len(data))
 
     def write(self, chunk: int, key: str, data: bytes | memoryview, digest: str,
               planned: list[str], quorum: int) -> WriteOutcome:
@@ -170,11 +185,15 @@ class ReplicaWriter:
                 md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
             pool = write_pool()
             started = time.monotonic()
+            deadlines = {}
+            for node in targets:
+                self._queue(node.name, len(data))
+                deadlines[node.name] = self._deadline(node, len(data))
             futures = {n.name: pool.submit(self._write_one, n, key, data, digest, md5)
                        for n in targets}
             failed = []
             for node in targets:
-                deadline = self._deadline(node, len(data))
+                deadline = deadlines[node.name]
                 try:
                     left = max(0.0, started + deadline - time.monotonic())
                     exc = futures[node.name].exception(timeout=left)

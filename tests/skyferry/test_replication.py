@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blocks.topology import load_topology
+from skyferry.hashing import content_hash
+from skyferry.placement import NodeHealth, Placer
+from skyferry.replication import ReplicaWriter
+
+
+@pytest.fixture
+def writer(home: Path) -> ReplicaWriter:
+    topo = load_topology()
+    return ReplicaWriter(topo, NodeHealth(), Placer(topo, "aws", topo.source_region, replicas=3),
+                         "aws")
+
+
+def test_a_writes_allowance_counts_the_bytes_already_queued_to_its_node(
+        writer: ReplicaWriter) -> None:
+    node = writer.topology.node("gcp-node-1")
+    alone = writer._deadline(node, 8_000_000)
+    assert alone == pytest.approx(node.timeout_s + 2.0)  # 8 MB at 4 MB/s
+    writer._queue(node.name, 24_000_000)  # three such writes already in flight
+    assert writer._deadline(node, 8_000_000) == pytest.approx(node.timeout_s + 6.0)
+    other = writer.topology.node("gcp-node-2")
+    assert writer._deadline(other, 8_000_000) == pytest.approx(alone)  # per node
+
+
+def test_finished_writes_leave_nothing_queued(writer: ReplicaWriter, home: Path) -> None:
+    data = bytes(range(256)) * 40
+    planned = ["aws-node-1", "gcp-node-1", "azure-node-1"]
+    outcome = writer.write(0, "d/chunk-00000.bin", data, content_hash(data), planned, 2)
+    assert [r.node for r in outcome.replicas if r.state == "verified"] == planned
+    for name in planned:
+        assert (home / "nodes" / name / "d" / "chunk-00000.bin").read_bytes() == data
+    assert writer._queued == dict.fromkeys(planned, 0)
