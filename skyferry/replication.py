@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
@@ -93,23 +93,33 @@ class ReplicaWriter:
         self.source_cloud = source_cloud
         self._stores: dict[str, Store] = {}
         self._lock = threading.Lock()
-        self._queued: dict[str, int] = {}  # per node, bytes of the writes in flight to it
+        self._queued: dict[str, int] = {}  # per node: bytes of the writes in flight to it
+        self._entered: dict[str, int] = {}  # per node: bytes ever handed to it in this run
 
-    def _deadline(self, node: Node, size: int) -> float:
-        """The node's timeout, plus the time to move its bytes in flight at 4 MB/s.
-
-        The writes in flight to one node share its bandwidth: with 8 chunks of 16 MiB in
-        flight, each write to a 26 MB/s node (the GCS emulator) took longer than one chunk's
-        allowance, and a slow but healthy node was called hung (measured). A write's
-        allowance counts the bytes queued to the node when it was submitted, its own included.
-        """
-        with self._lock:
-            queued = self._queued.get(node.name, 0)
-        return node.timeout_s + max(queued, size) / 4e6
-
-    def _queue(self, node: str, size: int) -> None:
+    def _enter(self, node: str, size: int) -> tuple[int, int]:
+        """Queue a write of ``size`` bytes to ``node``; return its ticket for ``_deadline``."""
         with self._lock:
             self._queued[node] = self._queued.get(node, 0) + size
+            self._entered[node] = self._entered.get(node, 0) + size
+            return self._queued[node], self._entered[node]
+
+    def _leave(self, node: str, size: int) -> None:
+        with self._lock:
+            self._queued[node] -= size
+
+    def _deadline(self, node: Node, ticket: tuple[int, int]) -> float:
+        """The node's timeout, plus the time to move the bytes sharing it at 4 MB/s.
+
+        The writes in flight to one node share its bandwidth: with 8 chunks of 16 MiB in
+        flight, writes to a 26 MB/s node (the GCS emulator) took longer than one chunk's
+        allowance, and a slow but healthy node was called hung (measured). A write's
+        allowance counts the bytes in flight to the node when it was queued (its own
+        included) and every byte queued to the node after it: those share the node with it.
+        """
+        queued, entered = ticket
+        with self._lock:
+            later = self._entered.get(node.name, 0) - entered
+        return node.timeout_s + (queued + later) / 4e6
 
     def store(self, node: Node) -> Store:
         with self._lock:
@@ -148,7 +158,22 @@ class ReplicaWriter:
             store.put(key, data)
             verify_replica(store, key, digest, len(data), md5)
         finally:
-            self._queue(node.name, -len(data))
+            self._leave(node.name, len(data))
+
+    def _outcome(self, node: Node, future: Future[None], ticket: tuple[int, int],
+                 started: float, key: str) -> BaseException | None:
+        """The write's error, or a ``NodeUnavailableError`` once its allowance runs out."""
+        while True:
+            deadline = self._deadline(node, ticket)
+            left = started + deadline - time.monotonic()
+            if left <= 0:
+                return NodeUnavailableError(
+                    f"node {node.name} did not finish writing {key!r} within "
+                    f"{deadline:.1f}s: it is hung or too slow", node=node.name, key=key)
+            try:
+                return future.exception(timeout=left)
+            except FutureTimeout:
+                continue  # writes queued to the node since may have extended the allowance
 
     def write(self, chunk: int, key: str, data: bytes | memoryview, digest: str,
               planned: list[str], quorum: int) -> WriteOutcome:
@@ -185,22 +210,12 @@ class ReplicaWriter:
                 md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
             pool = write_pool()
             started = time.monotonic()
-            deadlines = {}
-            for node in targets:
-                self._queue(node.name, len(data))
-                deadlines[node.name] = self._deadline(node, len(data))
+            tickets = {n.name: self._enter(n.name, len(data)) for n in targets}
             futures = {n.name: pool.submit(self._write_one, n, key, data, digest, md5)
                        for n in targets}
             failed = []
             for node in targets:
-                deadline = deadlines[node.name]
-                try:
-                    left = max(0.0, started + deadline - time.monotonic())
-                    exc = futures[node.name].exception(timeout=left)
-                except FutureTimeout:
-                    exc = NodeUnavailableError(
-                        f"node {node.name} did not finish writing {key!r} within "
-                        f"{deadline:.1f}s: it is hung or too slow", node=node.name, key=key)
+                exc = self._outcome(node, futures[node.name], tickets[node.name], started, key)
                 if exc is None:
                     verified.append(node)
                     continue

@@ -17,15 +17,21 @@ def writer(home: Path) -> ReplicaWriter:
                          "aws")
 
 
-def test_a_writes_allowance_counts_the_bytes_already_queued_to_its_node(
-        writer: ReplicaWriter) -> None:
+def test_a_writes_allowance_counts_the_bytes_sharing_its_node(writer: ReplicaWriter) -> None:
     node = writer.topology.node("gcp-node-1")
-    alone = writer._deadline(node, 8_000_000)
-    assert alone == pytest.approx(node.timeout_s + 2.0)  # 8 MB at 4 MB/s
-    writer._queue(node.name, 24_000_000)  # three such writes already in flight
-    assert writer._deadline(node, 8_000_000) == pytest.approx(node.timeout_s + 6.0)
+    first = writer._enter(node.name, 8_000_000)
+    assert writer._deadline(node, first) == pytest.approx(node.timeout_s + 2.0)  # 8 MB, 4 MB/s
+    second = writer._enter(node.name, 8_000_000)  # queued behind the first, in flight with it
+    assert writer._deadline(node, second) == pytest.approx(node.timeout_s + 4.0)
+    # the first shares the node with the second from now on: its allowance grows too
+    assert writer._deadline(node, first) == pytest.approx(node.timeout_s + 4.0)
     other = writer.topology.node("gcp-node-2")
-    assert writer._deadline(other, 8_000_000) == pytest.approx(alone)  # per node
+    assert writer._deadline(other, writer._enter(other.name, 8_000_000)) == pytest.approx(
+        other.timeout_s + 2.0)  # per node
+    writer._leave(node.name, 8_000_000)
+    writer._leave(node.name, 8_000_000)
+    third = writer._enter(node.name, 8_000_000)  # after both finished: alone again
+    assert writer._deadline(node, third) == pytest.approx(node.timeout_s + 2.0)
 
 
 def test_finished_writes_leave_nothing_queued(writer: ReplicaWriter, home: Path) -> None:
