@@ -5,6 +5,7 @@ Also: the Prefect settings a run gets on an ephemeral API, and on a real one.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -14,14 +15,20 @@ import httpx
 import pytest
 from prefect import flow
 from prefect.artifacts import create_progress_artifact
+from prefect.context import SettingsContext, get_settings_context
+from prefect.server.services.perpetual_services import get_enabled_perpetual_services
 from prefect.settings import (
     PREFECT_API_URL,
+    PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED,
+    PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS,
     PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE,
+    Settings,
     temporary_settings,
 )
 
 from flows.live import LiveStatus
-from flows.pipeline import EPHEMERAL_RECORDER_BATCH, _run_settings
+from flows.pipeline import EPHEMERAL_RECORDER_BATCH, EVENT_VACUUM_STAMPS, _run_settings
+from skyferry.config import get_settings
 from skyferry.manifest import BatchPlan, Catalog, Lineage
 from skyferry.models import ChunkPart, ChunkPlan, ReplicaRecord, SourceFile, StoredChunk
 from skyferry.placement import NodeHealth
@@ -112,6 +119,7 @@ def test_the_publisher_stops_when_the_block_fails(tmp_path: Path) -> None:
     assert _publishers() == before
 
 
+@pytest.mark.usefixtures("home")
 def test_an_ephemeral_api_gets_no_heartbeats_and_batched_task_run_records() -> None:
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         settings = _run_settings()
@@ -123,6 +131,7 @@ def test_an_ephemeral_api_gets_no_heartbeats_and_batched_task_run_records() -> N
         str(EPHEMERAL_RECORDER_BATCH)
 
 
+@pytest.mark.usefixtures("home")
 def test_an_operators_recorder_batch_is_kept_and_a_real_server_is_left_alone() -> None:
     with temporary_settings(updates={PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE: 7},
                             restore_defaults={PREFECT_API_URL}):
@@ -132,3 +141,59 @@ def test_an_operators_recorder_batch_is_kept_and_a_real_server_is_left_alone() -
     assert settings.flows.heartbeat_frequency == current.flows.heartbeat_frequency
     assert settings.flows.heartbeat_frequency is not None
     assert settings.server.services.task_run_recorder.batch_size == 1
+
+
+def _api_vacuums_events(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Whether an ephemeral API started with ``settings`` schedules the event vacuum.
+
+    Read the way the API's process reads them: from the environment it is started with.
+    """
+    with monkeypatch.context() as env:
+        for key, value in settings.to_environment_variables(exclude_unset=True).items():
+            env.setenv(key, value)
+        with SettingsContext(profile=get_settings_context().profile, settings=Settings()):
+            names = {s.function.__name__
+                     for s in get_enabled_perpetual_services(ephemeral=True)}
+    return "schedule_event_vacuum_tasks" in names
+
+
+def test_an_ephemeral_api_vacuums_events_once_per_loop_not_once_per_run(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with temporary_settings(restore_defaults={PREFECT_API_URL}) as current:
+        first, second = _run_settings(), _run_settings()
+    loop_s = current.server.services.db_vacuum.loop_seconds
+    stamps = json.loads((home / EVENT_VACUUM_STAMPS).read_text())
+    assert len(stamps) == 1 and abs(time.time() - next(iter(stamps.values()))) < loop_s
+    # the first run's API vacuums; the next one, within the loop, does not
+    assert _api_vacuums_events(first, monkeypatch)
+    assert not _api_vacuums_events(second, monkeypatch)
+    # once the last vacuum is a loop old, the next run's API vacuums again, and says when
+    (key, last), = stamps.items()
+    (home / EVENT_VACUUM_STAMPS).write_text(json.dumps({key: last - loop_s - 1}))
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        third = _run_settings()
+    assert _api_vacuums_events(third, monkeypatch)
+    assert json.loads((home / EVENT_VACUUM_STAMPS).read_text())[key] >= last
+
+
+@pytest.mark.usefixtures("home")
+def test_an_operators_vacuum_setting_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    with temporary_settings(updates={PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED: "events",
+                                     PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS: 60},
+                            restore_defaults={PREFECT_API_URL}):
+        runs = [_run_settings() for _ in range(2)]
+    assert all(_api_vacuums_events(s, monkeypatch) for s in runs)
+
+
+def test_an_unwritable_data_directory_leaves_the_vacuum_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("SKYFERRY_HOME", str(blocker / "home"))
+    get_settings.cache_clear()
+    try:
+        with temporary_settings(restore_defaults={PREFECT_API_URL}):
+            runs = [_run_settings() for _ in range(2)]
+    finally:
+        get_settings.cache_clear()
+    assert all(_api_vacuums_events(s, monkeypatch) for s in runs)
