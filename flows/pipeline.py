@@ -61,7 +61,8 @@ __all__ = ["multicloud_pipeline", "run_pipeline", "settle_ephemeral_api"]
 
 EPHEMERAL_RECORDER_BATCH = 100  # task-run events per database write, ephemeral API only
 SETTLE_POLL_S = 0.1  # how often settle_ephemeral_api asks the API
-EVENT_VACUUM_STAMPS = "prefect-event-vacuum.json"  # under the data directory
+EVENT_VACUUM_STAMPS = "skyferry-event-vacuum.json"  # in PREFECT_HOME
+EPHEMERAL_STARTUP_TIMEOUT_S = 120  # how long an ephemeral API may take to start
 
 
 @flow(name="multicloud-pipeline", log_prints=False, validate_parameters=True)
@@ -172,7 +173,12 @@ def _run_settings() -> PrefectSettings:
       write, at least once a second) instead of one database transaction per event. That
       halved the server's CPU per chunk task (64 empty chunks: 2.0–2.8 s before, 0.9–1.5 s
       after, measured), CPU the chunks' own work needs on a small machine. Set either
-      setting and yours is kept.
+      setting and yours is kept;
+    - its event vacuum runs at most once per loop (:func:`_pace_event_vacuum`);
+    - it has ``EPHEMERAL_STARTUP_TIMEOUT_S`` to start, not Prefect's 20 s: on a new database
+      it first builds its schema, and the first start here took 21-22 s in a benchmark with
+      the cloud servers running (a start timed out at 20 s once). Set
+      ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` and yours is kept.
 
     Against a real server the settings are the server's and the heartbeats stay. A copy,
     not ``temporary_settings``: that rebuilds every settings model from the environment.
@@ -187,8 +193,12 @@ def _run_settings() -> PrefectSettings:
     recorder = recorder.model_copy(
         update={k: v for k, v in ours.items() if k not in recorder.model_fields_set})
     vacuum = _pace_event_vacuum(current)
-    server = current.server.model_copy(update={"services": services.model_copy(
-        update={"task_run_recorder": recorder, "db_vacuum": vacuum})})
+    ephemeral = current.server.ephemeral
+    if "startup_timeout_seconds" not in ephemeral.model_fields_set:
+        ephemeral = ephemeral.model_copy(
+            update={"startup_timeout_seconds": EPHEMERAL_STARTUP_TIMEOUT_S})
+    services = services.model_copy(update={"task_run_recorder": recorder, "db_vacuum": vacuum})
+    server = current.server.model_copy(update={"ephemeral": ephemeral, "services": services})
     return current.model_copy(update={"flows": flows, "server": server})
 
 
@@ -198,17 +208,17 @@ def _pace_event_vacuum(current: PrefectSettings) -> ServerServicesDBVacuumSettin
     A long-lived Prefect server deletes expired events once per ``db_vacuum.loop_seconds``
     (an hour by default), but an ephemeral API is a new server in every process, and it
     vacuums as it starts: each ``skyferry run`` paid for it, and the run's first write
-    waited behind it (a progress artifact took 280-350 ms against 17-29 ms, on an API
+    waited behind it (a progress artifact took 280-380 ms against 11-29 ms, on an API
     database holding 1,433 task runs; measured). So the vacuum runs in an ephemeral API only
     when the last one that was let run, on the same database, is ``loop_seconds`` old; the
-    time is kept in ``EVENT_VACUUM_STAMPS`` under the data directory. An operator who sets
+    time is kept in ``EVENT_VACUUM_STAMPS`` in ``PREFECT_HOME``. An operator who sets
     ``PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED`` keeps their setting.
     """
     vacuum = current.server.services.db_vacuum
     types = vacuum.enabled_vacuum_types
     if "enabled" in vacuum.model_fields_set or "events" not in types:
         return vacuum
-    path = get_settings().home / EVENT_VACUUM_STAMPS
+    path = current.home / EVENT_VACUUM_STAMPS  # with the API's database, not the data
     url = current.server.database.connection_url  # may hold a password: kept hashed
     database = hashlib.sha256(
         (url.get_secret_value() if url else str(current.home)).encode()).hexdigest()[:16]

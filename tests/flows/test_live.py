@@ -19,6 +19,8 @@ from prefect.context import SettingsContext, get_settings_context
 from prefect.server.services.perpetual_services import get_enabled_perpetual_services
 from prefect.settings import (
     PREFECT_API_URL,
+    PREFECT_HOME,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
     PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED,
     PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS,
     PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE,
@@ -27,8 +29,12 @@ from prefect.settings import (
 )
 
 from flows.live import LiveStatus
-from flows.pipeline import EPHEMERAL_RECORDER_BATCH, EVENT_VACUUM_STAMPS, _run_settings
-from skyferry.config import get_settings
+from flows.pipeline import (
+    EPHEMERAL_RECORDER_BATCH,
+    EPHEMERAL_STARTUP_TIMEOUT_S,
+    EVENT_VACUUM_STAMPS,
+    _run_settings,
+)
 from skyferry.manifest import BatchPlan, Catalog, Lineage
 from skyferry.models import ChunkPart, ChunkPlan, ReplicaRecord, SourceFile, StoredChunk
 from skyferry.placement import NodeHealth
@@ -119,9 +125,16 @@ def test_the_publisher_stops_when_the_block_fails(tmp_path: Path) -> None:
     assert _publishers() == before
 
 
-@pytest.mark.usefixtures("home")
-def test_an_ephemeral_api_gets_no_heartbeats_and_batched_task_run_records() -> None:
-    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+@pytest.fixture
+def api_home(tmp_path: Path) -> Path:
+    """A PREFECT_HOME of the test's own: where the ephemeral API's database would live."""
+    return tmp_path / "prefect-home"
+
+
+def test_an_ephemeral_api_gets_no_heartbeats_and_batched_task_run_records(
+        api_home: Path) -> None:
+    with temporary_settings(updates={PREFECT_HOME: api_home},
+                            restore_defaults={PREFECT_API_URL}):
         settings = _run_settings()
     assert settings.flows.heartbeat_frequency is None
     recorder = settings.server.services.task_run_recorder
@@ -129,14 +142,23 @@ def test_an_ephemeral_api_gets_no_heartbeats_and_batched_task_run_records() -> N
     env = settings.to_environment_variables(exclude_unset=True)  # what the server process gets
     assert env["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"] == \
         str(EPHEMERAL_RECORDER_BATCH)
+    # read in this process, when the API is started
+    with SettingsContext(profile=get_settings_context().profile, settings=settings):
+        assert PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value() == \
+            EPHEMERAL_STARTUP_TIMEOUT_S
 
 
-@pytest.mark.usefixtures("home")
-def test_an_operators_recorder_batch_is_kept_and_a_real_server_is_left_alone() -> None:
-    with temporary_settings(updates={PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE: 7},
+def test_an_operators_recorder_batch_is_kept_and_a_real_server_is_left_alone(
+        api_home: Path) -> None:
+    with temporary_settings(updates={PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE: 7,
+                                     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 9,
+                                     PREFECT_HOME: api_home},
                             restore_defaults={PREFECT_API_URL}):
-        assert _run_settings().server.services.task_run_recorder.batch_size == 7
-    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}) as current:
+        ours = _run_settings()
+    assert ours.server.services.task_run_recorder.batch_size == 7
+    assert ours.server.ephemeral.startup_timeout_seconds == 9
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api",
+                                     PREFECT_HOME: api_home}) as current:
         settings = _run_settings()
     assert settings.flows.heartbeat_frequency == current.flows.heartbeat_frequency
     assert settings.flows.heartbeat_frequency is not None
@@ -158,42 +180,41 @@ def _api_vacuums_events(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_an_ephemeral_api_vacuums_events_once_per_loop_not_once_per_run(
-        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with temporary_settings(restore_defaults={PREFECT_API_URL}) as current:
+        api_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with temporary_settings(updates={PREFECT_HOME: api_home},
+                            restore_defaults={PREFECT_API_URL}) as current:
         first, second = _run_settings(), _run_settings()
     loop_s = current.server.services.db_vacuum.loop_seconds
-    stamps = json.loads((home / EVENT_VACUUM_STAMPS).read_text())
+    stamps = json.loads((api_home / EVENT_VACUUM_STAMPS).read_text())
     assert len(stamps) == 1 and abs(time.time() - next(iter(stamps.values()))) < loop_s
     # the first run's API vacuums; the next one, within the loop, does not
     assert _api_vacuums_events(first, monkeypatch)
     assert not _api_vacuums_events(second, monkeypatch)
     # once the last vacuum is a loop old, the next run's API vacuums again, and says when
     (key, last), = stamps.items()
-    (home / EVENT_VACUUM_STAMPS).write_text(json.dumps({key: last - loop_s - 1}))
-    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+    (api_home / EVENT_VACUUM_STAMPS).write_text(json.dumps({key: last - loop_s - 1}))
+    with temporary_settings(updates={PREFECT_HOME: api_home},
+                            restore_defaults={PREFECT_API_URL}):
         third = _run_settings()
     assert _api_vacuums_events(third, monkeypatch)
-    assert json.loads((home / EVENT_VACUUM_STAMPS).read_text())[key] >= last
+    assert json.loads((api_home / EVENT_VACUUM_STAMPS).read_text())[key] >= last
 
 
-@pytest.mark.usefixtures("home")
-def test_an_operators_vacuum_setting_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_operators_vacuum_setting_is_kept(api_home: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     with temporary_settings(updates={PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED: "events",
-                                     PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS: 60},
+                                     PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS: 60,
+                                     PREFECT_HOME: api_home},
                             restore_defaults={PREFECT_API_URL}):
         runs = [_run_settings() for _ in range(2)]
     assert all(_api_vacuums_events(s, monkeypatch) for s in runs)
 
 
-def test_an_unwritable_data_directory_leaves_the_vacuum_on(
+def test_an_unwritable_prefect_home_leaves_the_vacuum_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    monkeypatch.setenv("SKYFERRY_HOME", str(blocker / "home"))
-    get_settings.cache_clear()
-    try:
-        with temporary_settings(restore_defaults={PREFECT_API_URL}):
-            runs = [_run_settings() for _ in range(2)]
-    finally:
-        get_settings.cache_clear()
+    with temporary_settings(updates={PREFECT_HOME: blocker / "prefect-home"},
+                            restore_defaults={PREFECT_API_URL}):
+        runs = [_run_settings() for _ in range(2)]
     assert all(_api_vacuums_events(s, monkeypatch) for s in runs)
