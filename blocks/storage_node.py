@@ -37,13 +37,17 @@ class StorageNode(Block):
     work_pool: str | None = Field(default=None, description="Work pool near this node.")
     enabled: bool = Field(default=True, description="false marks the node down.")
     timeout_s: float = Field(default=5.0, description="Backend call timeout in seconds.")
+    max_writes: int | None = Field(
+        default=None, ge=1, description="Replica writes to this node at once; unset, as many "
+        "as there are chunks in flight.")
 
     def to_node(self, name: str) -> Node:
         options: dict[str, Any] = {k: v.get_secret_value()
                                    for k, v in self.storage_options.items()}
         return Node(name=name, cloud=self.cloud, region=self.region, url=self.url,
                     storage_options=options, credentials=self.credentials,
-                    work_pool=self.work_pool, enabled=self.enabled, timeout_s=self.timeout_s)
+                    work_pool=self.work_pool, enabled=self.enabled, timeout_s=self.timeout_s,
+                    max_writes=self.max_writes)
 
 
 def topology_from_blocks(names: list[str], *, links: list[Link] | None = None,

@@ -53,6 +53,10 @@ class Node(BaseModel):
         default=5.0, gt=0,
         description="Backend call timeout; a write gets this plus 1 s per 4 MB before its "
         "node is marked down.")
+    max_writes: int | None = Field(
+        default=None, ge=1,
+        description="Replica writes to this node at once; unset, as many as there are chunks "
+        "in flight. Set it for an endpoint that does not go faster with more uploads at once.")
     work_pool: str | None = Field(default=None, description="Work pool that computes near it.")
     enabled: bool = Field(default=True, description="false marks the node down.")
 

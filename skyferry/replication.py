@@ -36,6 +36,7 @@ logger = logging.getLogger("skyferry.distribute")
 # chunk tasks' time (py-spy). A hung write keeps its thread until its backend call gives up,
 # and the pool starts another thread for the next write, up to this many at once.
 WRITE_THREADS = 128
+SLOT_POLL_S = 0.25  # how often a write waiting for a node's slot checks the node is not down
 _pool_lock = threading.Lock()
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 
@@ -95,6 +96,7 @@ class ReplicaWriter:
         self._lock = threading.Lock()
         self._queued: dict[str, int] = {}  # per node: bytes of the writes in flight to it
         self._entered: dict[str, int] = {}  # per node: bytes ever handed to it in this run
+        self._slots: dict[str, threading.Semaphore] = {}  # per node with max_writes
 
     def _enter(self, node: str, size: int) -> tuple[int, int]:
         """Queue a write of ``size`` bytes to ``node``; return its ticket for ``_deadline``."""
@@ -151,12 +153,40 @@ class ReplicaWriter:
         pool.shutdown(wait=False)
         return back
 
+    def _slot(self, node: Node) -> threading.Semaphore | None:
+        """The node's write slots (``max_writes``), or None when it has no cap."""
+        if node.max_writes is None:
+            return None
+        with self._lock:
+            if node.name not in self._slots:
+                self._slots[node.name] = threading.BoundedSemaphore(node.max_writes)
+            return self._slots[node.name]
+
+    def _wait_for_slot(self, node: Node, slot: threading.Semaphore, key: str) -> None:
+        """Take one of the node's write slots; give up once the node is marked down.
+
+        A write that hangs keeps its slot, so the writes behind it would wait for ever; the
+        node is marked down when the hung write's allowance runs out, and they stop here.
+        """
+        while not slot.acquire(timeout=SLOT_POLL_S):
+            if not self.health.healthy(node.name):
+                raise NodeUnavailableError(
+                    f"node {node.name} was marked down while writing {key!r} waited for one "
+                    f"of its {node.max_writes} write slots", node=node.name, key=key)
+
     def _write_one(self, node: Node, key: str, data: bytes | memoryview, digest: str,
                    md5: str | None) -> None:
         try:
-            store = self.store(node)
-            store.put(key, data)
-            verify_replica(store, key, digest, len(data), md5)
+            slot = self._slot(node)
+            if slot is not None:
+                self._wait_for_slot(node, slot, key)
+            try:
+                store = self.store(node)
+                store.put(key, data)
+                verify_replica(store, key, digest, len(data), md5)
+            finally:
+                if slot is not None:
+                    slot.release()
         finally:
             self._leave(node.name, len(data))
 
