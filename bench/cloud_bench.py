@@ -118,11 +118,12 @@ def main() -> dict[str, Any]:
         from skyferry.config import get_settings
 
         get_settings.cache_clear()
+        for cloud, protocol in NODES.items():
+            env.make_bucket(protocol, f"{cloud}-sky")
         topologies = {}
         for side, cap in (("skyferry", ", max_writes: 1"), ("uncapped", "")):
             lines = [f'catalog: "{home}/catalog"', "nodes:"]
             for cloud, protocol in NODES.items():
-                env.make_bucket(protocol, f"{cloud}-sky")
                 opts = ", ".join(f'{k}: "{v}"' for k, v in env.options(protocol).items())
                 lines.append(f'  - {{name: {cloud}-node, cloud: {cloud}, region: r, '
                              f'url: "{protocol}://{cloud}-sky/x", storage_options: {{{opts}}}'

@@ -16,13 +16,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness"
 
 def test_a_topology_from_saved_blocks_runs_and_keeps_secrets_secret(home: Path,
                                                                    tmp_path: Path) -> None:
-    for name, cloud in (("blk-aws", "aws"), ("blk-gcp", "gcp")):
+    for name, cloud, max_writes in (("blk-aws", "aws", None), ("blk-gcp", "gcp", 1)):
         StorageNode(cloud=cloud, region="r1", url=str(home / "nodes" / name),
                     storage_options={"auto_mkdir": "true"}, work_pool=f"{cloud}-pool",
-                    ).save(name, overwrite=True)
+                    max_writes=max_writes).save(name, overwrite=True)
     topology = topology_from_blocks(["blk-aws", "blk-gcp"], catalog=str(home / "catalog"))
-    assert [(n.name, n.cloud, n.work_pool) for n in topology.nodes] == [
-        ("blk-aws", "aws", "aws-pool"), ("blk-gcp", "gcp", "gcp-pool")]
+    assert [(n.name, n.cloud, n.work_pool, n.max_writes) for n in topology.nodes] == [
+        ("blk-aws", "aws", "aws-pool", None), ("blk-gcp", "gcp", "gcp-pool", 1)]
     loaded = StorageNode.load("blk-aws")
     assert "true" not in repr(loaded.storage_options)  # SecretStr masks stored options
     topo_file = tmp_path / "t.yaml"
