@@ -48,6 +48,7 @@ from flows.live import LiveStatus, create_live_status
 from flows.share import event, ref, stage_error
 from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.errors import SkyferryError, StageError
+from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
 from skyferry.models import ChunkPlan, StoredChunk
 from skyferry.pipeline import RunContext, build_context, summarize
@@ -251,6 +252,8 @@ def run_pipeline(config: PipelineConfig, settings: Settings | None = None) -> Pi
     A failed run returns ``status="failed"`` with the error and the stage it failed in.
     """
     settings = settings or get_settings()
+    if settings.tune_malloc:  # before Prefect starts its threads: see skyferry/memory.py
+        tune_allocator()
     # the parent's own tasks (probe, list, plan, commit) share its context: threads
     runner: Any = ThreadPoolTaskRunner(max_workers=settings.max_workers)
     with SettingsContext(profile=get_settings_context().profile, settings=_run_settings()):

@@ -14,12 +14,21 @@ from rich.table import Table
 
 from skyferry.config import PipelineConfig, get_settings, parse_size
 from skyferry.errors import SkyferryError
+from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Move ML training data across clouds, replicated and verified.")
 console = Console()
 err = Console(stderr=True)
+
+
+@app.callback()
+def _setup_process() -> None:
+    # Before any command imports pyarrow or starts Prefect: a thread that has allocated
+    # keeps its own glibc arena, which the tuning cannot reach (skyferry/memory.py).
+    if get_settings().tune_malloc:
+        tune_allocator()
 
 
 def _prefect_quiet() -> None:

@@ -1,10 +1,21 @@
 """Keep big buffers' memory in the process, so each chunk does not pay for fresh pages.
 
-A chunk's bytes are one allocation of tens of MB. glibc serves any allocation over 32 MB
-with a fresh ``mmap`` and gives it back on free, so every chunk faults in new, zeroed pages.
-On the 2-core VMs we measure on that costs about 0.2 s per 64 MB read, against 0.045 s once
-the allocator keeps the memory (``tune_allocator``). Memory stays bounded: the window of chunks
-in flight bounds what is live, and freed blocks are reused, not multiplied.
+A chunk's bytes are one allocation of tens of MB. glibc serves an allocation that large with a
+fresh ``mmap`` and gives it back on free, so every chunk faults in new, zeroed pages. On the
+2-core VMs we measure on that costs about 0.2 s per 64 MB read, against 0.045 s once the
+allocator keeps the memory. Two things decide it:
+
+- the mmap threshold (32 MB at most by default), above which glibc maps instead of reusing;
+- the arena. Chunks are read in worker threads, and glibc gives threads their own arenas,
+  whose heaps are at most 64 MB each: a 64 MB chunk can never come from one, so it is mapped
+  fresh whatever the threshold. With one arena every thread allocates from the main heap,
+  where freed chunk buffers are reused. Measured on a 4 GiB run of 64 MB chunks: 1.11 million
+  page faults with the threads' arenas, 0.15 million with one arena; reading the chunks took
+  18-28 s of thread time instead of 21-133 s (disk), 4.4 s instead of 15.4 (tmpfs).
+
+Memory stays bounded: the window of chunks in flight bounds what is live, and freed blocks are
+reused, not multiplied. The arena limit only binds threads that have not allocated yet, so
+:func:`tune_allocator` is called before a run starts its threads.
 """
 
 from __future__ import annotations
@@ -20,12 +31,17 @@ logger = logging.getLogger("skyferry.memory")
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _done = False
 _lock = threading.Lock()
 
 
-def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = 2 << 30) -> bool:
-    """Raise glibc's mmap and trim thresholds, once per process; False where not glibc."""
+def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = 2 << 30,
+                   arenas: int = 1) -> bool:
+    """Raise glibc's mmap and trim thresholds and cap its arenas, once per process.
+
+    Returns False where the C library is not glibc (nothing is changed there).
+    """
     global _done
     with _lock:
         if _done:
@@ -35,7 +51,8 @@ def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = 2 << 30)
         try:
             libc = ctypes.CDLL("libc.so.6")
             ok = (libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
-                  and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1)
+                  and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+                  and libc.mallopt(_M_ARENA_MAX, arenas) == 1)
         except (OSError, AttributeError) as exc:
             logger.debug("cannot tune the allocator: %s", exc)
             return False

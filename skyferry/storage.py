@@ -154,19 +154,27 @@ class Store:
         """Stream an object through the content hash in ``block``-sized reads.
 
         Returns ``(hexdigest, size)``; memory stays at one block whatever the object's size.
-        A local file is hashed through a read-only mapping of the page cache instead: no copy
-        into Python, half the CPU of reading it (0.55 vs 1.1 s for 2 GiB, measured). skyferry
-        never rewrites a file in place (a put is a new file renamed over the key), so a mapped
-        replica cannot shrink under the hash; only an outside truncation could.
+        A local file is hashed through read-only mappings of the page cache instead, one
+        ``block``-sized window at a time: no copy into Python, half the CPU of reading it
+        (0.55 vs 1.1 s for 2 GiB, measured). Each window is unmapped before the next is
+        mapped, so a replica's pages count toward this process's resident memory one window
+        at a time, not a whole chunk each (a whole-file mapping made the 4 GiB run's peak
+        resident set swing by hundreds of MB with how many verifies overlapped). skyferry
+        never rewrites a file in place (a put is a new file renamed over the key), so a
+        mapped replica cannot shrink under the hash; only an outside truncation could.
         """
         digest = new_hasher()
         size = 0
         if self.is_local:
+            window = max(mmap.ALLOCATIONGRANULARITY,
+                         block // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY)
             try:
                 with open(self.path(key), "rb") as fh:
                     size = os.fstat(fh.fileno()).st_size
-                    if size:
-                        with (mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+                    for offset in range(0, size, window):
+                        length = min(window, size - offset)
+                        with (mmap.mmap(fh.fileno(), length, access=mmap.ACCESS_READ,
+                                        offset=offset) as mapped,
                               memoryview(mapped) as view):
                             digest.update(view)
             except Exception as exc:
