@@ -114,6 +114,7 @@ def test_safe_key_joins_parts() -> None:
         safe_key("dataset", "..", "x")
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 def test_a_local_replica_is_hashed_a_window_at_a_time(tmp_path: Path) -> None:
     """Mapped pages count toward resident memory: only one window's worth may be mapped."""
     size = 256 << 20
