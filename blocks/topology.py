@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import posixpath
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,45 @@ from skyferry.config import describe_validation_error, get_settings
 from skyferry.errors import TopologyError
 from skyferry.storage import Store
 
-__all__ = ["Link", "LinkCost", "Node", "Topology", "load_topology"]
+__all__ = ["KNOWN_CLOUDS", "Link", "LinkCost", "Node", "Topology", "load_topology", "location_of"]
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+# Clouds a source URL implies (s3:// is aws, and so on); a topology may name others for its
+# nodes, but every cloud it refers to must be one of these or one of its nodes' clouds.
+KNOWN_CLOUDS = frozenset({"aws", "gcp", "azure"})
+_PROTOCOL_FAMILY = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "adl": "az",
+                    "local": "file"}
+_ENDPOINT_OPTIONS = ("endpoint_url", "account_name", "account_url", "project")
+
+
+def location_of(url: str, storage_options: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """Where a node's objects live, normalised so that two spellings of one place compare equal.
+
+    >>> location_of("file:///data/n1/") == location_of("/data/./n1")
+    True
+    >>> location_of("s3a://bucket//p") == location_of("s3://bucket/p/")
+    True
+
+    The endpoint (an S3 ``endpoint_url``, an Azure account or connection string's endpoint)
+    is part of the place: one bucket name on two servers is two places. No secret is kept.
+    """
+    options = storage_options or {}
+    protocol = _PROTOCOL_FAMILY.get(protocol_of(url), protocol_of(url))
+    path = url.split("://", 1)[1] if "://" in url else url
+    if protocol == "file":
+        path = posixpath.abspath(posixpath.expanduser(path))
+    else:
+        path = posixpath.normpath("/" + path).lstrip("/")
+    endpoint = ""
+    for key in _ENDPOINT_OPTIONS:
+        if options.get(key):
+            endpoint = str(options[key]).rstrip("/")
+            break
+    connection = options.get("connection_string")
+    if not endpoint and isinstance(connection, str):
+        fields = dict(p.split("=", 1) for p in connection.split(";") if "=" in p)
+        endpoint = fields.get("BlobEndpoint", "") or fields.get("AccountName", "")
+    return protocol, endpoint.rstrip("/"), path.rstrip("/") or "/"
 
 
 class Node(BaseModel):
@@ -112,6 +149,22 @@ class Topology(BaseModel):
             raise ValueError(f"duplicate node names: {', '.join(dupes)}")
         if self.version != 1:
             raise ValueError(f"unsupported topology version {self.version}")
+        places: dict[tuple[str, ...], str] = {}
+        for node in self.nodes:
+            place = location_of(node.url, node.storage_options)
+            if place in places:
+                raise ValueError(
+                    f"nodes {places[place]} and {node.name} store in the same place "
+                    f"({node.url}): their replicas would be one copy")
+            places[place] = node.name
+        known = KNOWN_CLOUDS | {n.cloud for n in self.nodes}
+        named = [("source_cloud", self.source_cloud)]
+        named += [(f"links.{i}.from", link.src) for i, link in enumerate(self.links)]
+        named += [(f"links.{i}.to", link.dst) for i, link in enumerate(self.links)]
+        for where, cloud in named:
+            if cloud not in known:
+                raise ValueError(f"{where}: unknown cloud {cloud!r}; the known clouds are "
+                                 f"{', '.join(sorted(known))}")
         return self
 
     def node(self, name: str) -> Node:

@@ -93,6 +93,7 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
         if not files:
             logger.info("no new or changed files under %s", config.source)
             return PipelineResult(status="up_to_date", dataset=config.dataset,
+                                  skipped_files=list(ctx.skipped_files),
                                   duration_s=round(time.perf_counter() - started, 3))
         plan, resumed = plan_batch(ref(ctx), ref(files))
         done = ctx.catalog.done_chunks(plan.dataset, plan.batch_id) if resumed else {}

@@ -3,7 +3,8 @@
 A file is first cut into *segments* no larger than the chunk size (unless one record is
 larger), each ending on a record boundary:
 
-- CSV: quote-aware, so a newline inside a quoted field is never a boundary;
+- CSV: read as pyarrow reads it, so a newline inside a quoted field is never a boundary,
+  and a quote inside an unquoted field opens nothing;
 - JSONL: on newlines;
 - Parquet: by row groups;
 - anything else: fixed byte ranges.
@@ -15,6 +16,7 @@ about one chunk in memory); nothing reads a whole file at once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 
 from skyferry.models import ChunkPart, ChunkPlan
@@ -28,7 +30,6 @@ __all__ = [
 ]
 
 Reader = Callable[[int, int], bytes]
-_QUOTE = b'"'
 _NL = b"\n"
 _EXTEND = 1 << 20
 
@@ -38,47 +39,60 @@ def binary_segments(size: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_size, size)) for start in range(0, size, chunk_size)]
 
 
-def _last_boundary(window: bytes, lowest: int, quoted: bool) -> int | None:
-    """Largest ``i + 1`` with ``window[i] == '\\n'`` outside quotes and ``i >= lowest``.
+# CSV records as pyarrow's parser reads them (delimiter ",", quote '"', doubled quotes):
+# a quote opens a quoted field only at the start of a field; inside one, '""' is a quote
+# and a lone '"' closes it, after which the field runs on unquoted (quotes there are plain
+# characters) to the next delimiter; CRLF, LF or a lone CR ends a record. Possessive
+# quantifiers keep the scan linear: no input makes it backtrack.
+_FIELD = rb'(?:"[^"]*+(?:""[^"]*+)*+"[^,\r\n]*+|[^",\r\n][^,\r\n]*+)?+'
+_RECORD = _FIELD + rb"(?:," + _FIELD + rb")*+(?:\r\n|\n|\r)"
+_CSV_RECORD = re.compile(_RECORD)
+_CSV_RECORDS = re.compile(rb"(?:" + _RECORD + rb")*+")
+_BOM = b"\xef\xbb\xbf"
 
-    ``window`` starts on a record boundary, so the quote parity there is even.
+
+def _csv_last_end(window: bytes, skip: int, more: bool) -> int:
+    """End of the last whole CSV record in ``window``, which starts on a record boundary.
+
+    ``skip`` bytes (a BOM) are passed over first. With ``more`` (the file goes on), a final
+    CR could be the first half of a CRLF, so a record ending there does not count yet.
     """
-    i = window.rfind(_NL)
-    if i < lowest:
-        return None
-    if not quoted:
-        return i + 1
-    parity = window.count(_QUOTE, 0, i) & 1
-    while i >= lowest:
-        if parity == 0:
-            return i + 1
-        j = window.rfind(_NL, 0, i)
-        if j < 0:
-            return None
-        parity ^= window.count(_QUOTE, j, i) & 1
-        i = j
-    return None
+    if b'"' not in window:  # no quote, no quoted field: every line end is a record's end
+        return max(window.rfind(_NL) + 1, skip)
+    stop = len(window) - 1 if more and window.endswith(b"\r") else len(window)
+    match = _CSV_RECORDS.match(window, skip, stop)
+    return match.end() if match else skip
 
 
-def _next_boundary(
-    read: Reader, size: int, start: int, parity: int, quoted: bool
-) -> int:
-    """First record end at or after ``start`` given the quote parity there; ``size`` if none."""
+def _csv_record_end(read: Reader, size: int, start: int, skip: int = 0) -> int:
+    """End of the CSV record that starts at ``start``; ``size`` if it runs to the end.
+
+    Reads a growing window: a record is read whole later anyway (it is one chunk's part).
+    """
+    length = _EXTEND
+    while True:
+        end = min(start + length, size)
+        window = read(start, end)
+        match = _CSV_RECORD.match(window, skip)
+        if match is not None and not (
+                match.end() == len(window) and window.endswith(b"\r") and end < size):
+            return start + match.end()
+        if end >= size:
+            return size
+        length *= 2
+
+
+def _jsonl_last_end(window: bytes) -> int:
+    return window.rfind(_NL) + 1
+
+
+def _jsonl_record_end(read: Reader, size: int, start: int) -> int:
     pos = start
     while pos < size:
         block = read(pos, min(pos + _EXTEND, size))
-        i = 0
-        while True:
-            j = block.find(_NL, i)
-            if j < 0:
-                if quoted:
-                    parity ^= block.count(_QUOTE, i) & 1
-                break
-            if quoted:
-                parity ^= block.count(_QUOTE, i, j) & 1
-            if parity == 0:
-                return pos + j + 1
-            i = j + 1
+        i = block.find(_NL)
+        if i >= 0:
+            return pos + i + 1
         pos += len(block)
     return size
 
@@ -91,7 +105,14 @@ def text_segments(
     Returns the segments and the header length (0 without a header). A segment never splits
     a record, and always holds at least one record beyond the header.
     """
-    header_end = _next_boundary(read, size, 0, 0, quoted) if header else 0
+    skip = 3 if quoted and read(0, min(3, size)) == _BOM else 0
+
+    def record_end(at: int) -> int:
+        if quoted:
+            return _csv_record_end(read, size, at, skip if at == 0 else 0)
+        return _jsonl_record_end(read, size, at)
+
+    header_end = record_end(0) if header else 0
     segments: list[tuple[int, int]] = []
     start = 0
     while start < size:
@@ -103,15 +124,13 @@ def text_segments(
         end: int | None = None
         if target > floor:
             window = read(start, target)
-            found = _last_boundary(window, floor - start, quoted)
-            if found is not None and start + found > floor:
+            found = (_csv_last_end(window, skip if start == 0 else 0, True) if quoted
+                     else _jsonl_last_end(window))
+            if start + found > floor:
                 end = start + found
         if end is None:
             # One record is larger than the chunk: take the first record end past `floor`.
-            parity = 0
-            if quoted and floor > start:
-                parity = read(start, floor).count(_QUOTE) & 1
-            end = _next_boundary(read, size, floor, parity, quoted)
+            end = record_end(floor)
         segments.append((start, end))
         start = end
     return segments, header_end

@@ -59,6 +59,10 @@ def print_summary(result: PipelineResult, rejects: list[dict[str, Any]] | None =
     if result.error:
         console.print(f"[red]{result.error_stage}: {result.error}[/]")
         return
+    if result.skipped_files:
+        console.print(f"[yellow]passed over {len(result.skipped_files)} hidden or marker "
+                      f"files[/] (name them with a glob to take them): "
+                      f"{', '.join(result.skipped_files[:5])}")
     if not result.stages:
         return
     stages = Table(title="stages", title_justify="left")
@@ -82,7 +86,8 @@ def print_summary(result: PipelineResult, rejects: list[dict[str, Any]] | None =
                   f"replica success: {(dist.replica_success_rate or 0):.1%}   "
                   f"node failures handled: {result.node_failures_handled}   "
                   f"down: {', '.join(result.down_nodes) or 'none'}")
-    console.print(f"rows: {result.rows_in} in, {result.rows_stored} stored, "
+    console.print(f"rows: {result.rows_in} in + {result.rows_added} added - "
+                  f"{result.rows_dropped} dropped by transforms = {result.rows_stored} stored + "
                   f"{result.rows_rejected} rejected; {result.chunks_processed} chunks processed, "
                   f"{result.chunks_skipped} resumed")
     for reject in (rejects or [])[:10]:

@@ -118,7 +118,9 @@ class Settings(BaseSettings):
 
 def describe_validation_error(exc: ValidationError) -> str:
     """``field.path: message; ...`` without the offending values (they may be secrets)."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+        for e in exc.errors())
 
 
 @lru_cache(maxsize=1)

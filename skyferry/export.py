@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from blocks.topology import Topology, load_topology
-from skyferry.errors import IntegrityError, StorageError, TopologyError
+from skyferry.errors import IntegrityError, StorageError, TopologyError, UnsafeKeyError
 from skyferry.hashing import content_hash
 from skyferry.manifest import Catalog, Manifest
-from skyferry.models import StoredChunk
+from skyferry.models import SourceFile, StoredChunk
 from skyferry.storage import Store
 
-__all__ = ["ExportReport", "DatasetReader", "export_dataset"]
+__all__ = ["DatasetReader", "ExportReport", "LiveSource", "export_dataset", "live_sources"]
 
 logger = logging.getLogger("skyferry.export")
 
@@ -157,19 +158,85 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+@dataclass(frozen=True)
+class LiveSource:
+    """The newest committed version of one source file, and the batches that hold its bytes."""
+
+    file: SourceFile
+    batches: frozenset[str]
+
+
+def live_sources(manifests: Iterable[Manifest]) -> dict[str, LiveSource]:
+    """Each source URL's newest version, from manifests in commit order (oldest first).
+
+    A version supersedes every earlier one of its file, unless it only extends the one
+    before (``extends``: its first bytes are unchanged and held by earlier batches).
+    """
+    live: dict[str, LiveSource] = {}
+    for manifest in manifests:
+        for source in manifest.lineage.sources:
+            earlier = live.get(source.url)
+            batches = {manifest.batch_id}
+            if source.extends and earlier is not None:
+                batches |= earlier.batches
+            live[source.url] = LiveSource(file=source, batches=frozenset(batches))
+    return live
+
+
+def _relative_path(file: SourceFile) -> PurePosixPath:
+    """Where an export writes ``file``: its path below the source's root, checked."""
+    rel = PurePosixPath(file.path or file.url.rstrip("/").rsplit("/", 1)[-1])
+    if rel.is_absolute() or any(p in ("", ".", "..") for p in rel.parts) or not rel.parts:
+        raise UnsafeKeyError(f"source path {str(rel)!r} of {file.url} would leave the export "
+                             "folder", key=str(rel))
+    return rel
+
+
 def _export_binary(reader: DatasetReader, target: Path) -> None:
+    """Write every live source file at its relative path, byte for byte.
+
+    Files are written beside their final names as ``.partial`` files; each must be covered
+    exactly by its parts before it is renamed into place, so a failed export leaves no file
+    that looks whole.
+    """
+    live = live_sources(reader.manifests())
+    paths = {url: _relative_path(src.file) for url, src in live.items()}
+    seen: dict[PurePosixPath, str] = {}
+    for url, rel in paths.items():
+        if rel in seen:
+            raise IntegrityError(f"{seen[rel]} and {url} would both export to {rel}",
+                                 dataset=reader.dataset, batch_id="", chunk=-1)
+        seen[rel] = url
     target.mkdir(parents=True, exist_ok=True)
-    opened: dict[str, object] = {}
-    for _, chunk, data in reader.iter_chunks():
-        offset = 0
-        for part in chunk.parts:
-            name = part.source.rstrip("/").rsplit("/", 1)[-1]
-            mode = "r+b" if name in opened else "wb"
-            with open(target / name, mode) as fh:
-                fh.seek(part.start)
-                fh.write(data[offset:offset + part.size])
-            opened[name] = True
-            offset += part.size
+    partial = {url: target / rel.parent / f".{rel.name}.partial" for url, rel in paths.items()}
+    covered: dict[str, int] = {url: 0 for url in live}
+    try:
+        for manifest, chunk, data in reader.iter_chunks():
+            offset = 0
+            for part in chunk.parts:
+                source = live.get(part.source)
+                if source is not None and manifest.batch_id in source.batches:
+                    tmp = partial[part.source]
+                    tmp.parent.mkdir(parents=True, exist_ok=True)
+                    with open(tmp, "r+b" if tmp.exists() else "wb") as fh:
+                        fh.seek(part.start)
+                        fh.write(data[offset:offset + part.size])
+                    covered[part.source] += part.size
+                offset += part.size
+        for url, src in live.items():
+            if covered[url] != src.file.size:
+                raise IntegrityError(
+                    f"the committed chunks hold {covered[url]} of the {src.file.size} bytes of "
+                    f"{url}", dataset=reader.dataset, batch_id=",".join(sorted(src.batches)),
+                    chunk=-1)
+            with open(partial[url], "r+b") as fh:
+                fh.truncate(src.file.size)
+                os.fsync(fh.fileno())
+        for url, rel in paths.items():
+            os.replace(partial[url], target / rel)
+    finally:
+        for tmp in partial.values():
+            tmp.unlink(missing_ok=True)
 
 
 def export_dataset(dataset: str, to: str | Path, *, batch_id: str | None = None,

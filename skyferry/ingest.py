@@ -15,7 +15,7 @@ from skyferry.listing import check_format, detect_format
 from skyferry.models import ChunkPart, ChunkPlan, SourceFile
 from skyferry.storage import open_url
 
-__all__ = ["iter_part_bytes", "plan_chunks", "read_chunk", "read_range"]
+__all__ = ["iter_part_bytes", "plan_chunks", "read_chunk", "read_range", "with_headers"]
 
 logger = logging.getLogger("skyferry.ingest")
 
@@ -113,3 +113,19 @@ def read_chunk(plan: ChunkPlan, options: Mapping[str, Any] | None = None
         digest.update(data)
         pieces.append(data)
     return pieces, digest.hexdigest()
+
+
+def with_headers(plan: ChunkPlan, pieces: Sequence[bytes],
+                 options: Mapping[str, Any] | None = None) -> list[tuple[ChunkPart, bytes, bytes]]:
+    """``(part, bytes, header)`` for each part: a CSV part that does not start its file gets
+    its file's header line, read once per file with a small ranged read."""
+    headers: dict[str, bytes] = {}
+    parts = []
+    for part, data in zip(plan.parts, pieces, strict=True):
+        header = b""
+        if part.start > 0 and part.header_end:
+            if part.source not in headers:
+                headers[part.source] = read_range(part.source, 0, part.header_end, options)
+            header = headers[part.source]
+        parts.append((part, data, header))
+    return parts

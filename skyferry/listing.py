@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from skyferry.errors import (
@@ -16,7 +17,8 @@ from skyferry.errors import (
 from skyferry.models import SourceFile
 from skyferry.storage import open_url
 
-__all__ = ["CLOUD_BY_PROTOCOL", "detect_format", "list_source", "source_cloud"]
+__all__ = ["CLOUD_BY_PROTOCOL", "Listing", "detect_format", "list_source", "list_source_files",
+           "source_cloud"]
 
 logger = logging.getLogger("skyferry.ingest")
 
@@ -62,20 +64,46 @@ def _fingerprint(info: Mapping[str, Any]) -> str:
     return f"size:{info.get('size')}"
 
 
-def list_source(url: str, storage_options: Mapping[str, Any] | None = None) -> list[SourceFile]:
-    """Every file the source names, sorted by URL. Raises when nothing usable is there."""
+@dataclass(frozen=True)
+class Listing:
+    """What a source listing found: the files to take, and the files it passed over."""
+
+    files: list[SourceFile]
+    skipped: list[str] = field(default_factory=list)
+
+
+def _root_of(path: str, is_glob: bool, is_dir: bool) -> str:
+    """The folder that relative paths start from: a glob's fixed part, a folder, a file's."""
+    if is_glob:
+        fixed = path[:min(path.index(c) for c in _GLOB_CHARS if c in path)]
+        return fixed.rsplit("/", 1)[0] if "/" in fixed else ""
+    if is_dir:
+        return path.rstrip("/")
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def list_source_files(url: str, storage_options: Mapping[str, Any] | None = None) -> Listing:
+    """Every file the source names, sorted by URL. Raises when nothing usable is there.
+
+    A folder's listing passes over files whose names start with ``.`` or ``_`` (hidden files,
+    markers such as ``_SUCCESS``), and names each one in ``skipped``. A glob, or an exact
+    path, takes every file it matches, whatever its name.
+    """
     try:
         fs, path = open_url(url, storage_options)
     except (ValueError, ImportError) as exc:
         raise SourceError(f"cannot open source {url}: {exc}", url=url) from exc
+    is_glob = is_dir = False
     try:
         fs.invalidate_cache()
-        if _GLOB_CHARS & set(path):
-            found = fs.glob(path, detail=True)
-        elif fs.isdir(path):
-            found = fs.find(path, detail=True)
-        elif fs.exists(path):
+        if fs.isfile(path):  # an exact path, even one with glob characters such as '['
             found = {path: fs.info(path)}
+        elif fs.isdir(path):
+            is_dir = True
+            found = fs.find(path, detail=True)
+        elif _GLOB_CHARS & set(path):
+            is_glob = True
+            found = fs.glob(path, detail=True)
         else:
             raise SourceNotFoundError(f"source not found: {url}", url=url)
     except SourceError:
@@ -84,22 +112,35 @@ def list_source(url: str, storage_options: Mapping[str, Any] | None = None) -> l
         raise SourceNotFoundError(f"source not found: {url}", url=url) from exc
     except OSError as exc:
         raise SourceError(f"cannot list source {url}: {exc}", url=url) from exc
+    root = _root_of(fs._strip_protocol(path), is_glob, is_dir)
     files = []
+    skipped = []
     for fpath, info in sorted(found.items()):
         if info.get("type") == "directory":
             continue
         name = fpath.rsplit("/", 1)[-1]
-        if name.startswith((".", "_")):
-            continue  # hidden files and markers such as _SUCCESS
         furl = fs.unstrip_protocol(fpath)
+        if is_dir and name.startswith((".", "_")):
+            skipped.append(furl)  # hidden files and markers such as _SUCCESS
+            continue
         size = int(info.get("size") or 0)
         if size == 0:
             raise ZeroByteFileError(f"source file is empty (0 bytes): {furl}", url=furl)
-        files.append(SourceFile(url=furl, size=size, fingerprint=_fingerprint(info)))
+        rel = fpath[len(root):].lstrip("/") if root and fpath.startswith(root + "/") else name
+        files.append(SourceFile(url=furl, size=size, fingerprint=_fingerprint(info), path=rel))
+    if skipped:
+        logger.warning("passed over %d hidden or marker files under %s (name them with a "
+                       "glob to take them): %s", len(skipped), url, ", ".join(skipped[:20]))
     if not files:
-        raise EmptySourceError(f"source matches no files: {url}", url=url)
+        hint = f" ({len(skipped)} hidden or marker files passed over)" if skipped else ""
+        raise EmptySourceError(f"source matches no files: {url}{hint}", url=url)
     logger.info("listed %d files (%d bytes) under %s", len(files), sum(f.size for f in files), url)
-    return files
+    return Listing(files=files, skipped=skipped)
+
+
+def list_source(url: str, storage_options: Mapping[str, Any] | None = None) -> list[SourceFile]:
+    """The files of :func:`list_source_files`."""
+    return list_source_files(url, storage_options).files
 
 
 def check_format(url: str, fmt: str, head: bytes) -> None:
@@ -109,5 +150,9 @@ def check_format(url: str, fmt: str, head: bytes) -> None:
     if fmt in ("csv", "jsonl"):
         if head.startswith(b"PAR1") or b"\x00" in head:
             raise FormatError(f"{url} is binary, not {fmt} text", url=url, fmt=fmt)
-        if fmt == "jsonl" and not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith((b"{", b"[")):
-            raise FormatError(f"{url} does not start with a JSON value", url=url, fmt=fmt)
+        first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+        if fmt == "jsonl" and first == b"[":
+            raise FormatError(f"{url} holds a JSON array, not JSON Lines (one object per "
+                              "line): convert it, for example with jq -c '.[]'", url=url, fmt=fmt)
+        if fmt == "jsonl" and first != b"{":
+            raise FormatError(f"{url} does not start with a JSON object", url=url, fmt=fmt)

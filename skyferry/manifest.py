@@ -83,6 +83,8 @@ class Manifest(BaseModel):
     rows_in: int
     rows_stored: int
     rows_rejected: int
+    rows_added: int = 0
+    rows_dropped: int = 0
     bytes_stored: int
 
     @classmethod
@@ -100,6 +102,8 @@ class Manifest(BaseModel):
             rows_in=sum(c.rows_in for c in ordered),
             rows_stored=sum(c.rows_out for c in ordered),
             rows_rejected=sum(c.rows_rejected for c in ordered),
+            rows_added=sum(c.rows_added for c in ordered),
+            rows_dropped=sum(c.rows_dropped for c in ordered),
             bytes_stored=sum(c.size for c in ordered),
         )
 

@@ -43,12 +43,16 @@ class PipelineResult(BaseModel):
     rows_in: int = 0
     rows_stored: int = 0
     rows_rejected: int = 0
+    rows_added: int = Field(default=0, description="rows the transforms added")
+    rows_dropped: int = Field(default=0, description="rows the transforms dropped")
     bytes_in: int = 0
     bytes_stored: int = 0
     stages: dict[str, StageMetrics] = Field(default_factory=dict)
     node_failures_handled: int = 0
     down_nodes: list[str] = Field(default_factory=list)
     down_reasons: dict[str, str] = Field(default_factory=dict)
+    skipped_files: list[str] = Field(
+        default_factory=list, description="hidden or marker files a folder listing passed over")
     error: str | None = None
     error_stage: str | None = None
 

@@ -29,6 +29,11 @@ class SourceFile(_Record):
     url: str
     size: int
     fingerprint: str = Field(..., description="etag, or mtime when the store has no etag")
+    path: str = Field(default="", description="Path below the source's root (a folder, or a glob's "
+                      "fixed part); an export writes the file there")
+    extends: int = Field(
+        default=0, description="When this version only grew: the length of the earlier "
+        "version whose bytes it keeps; this batch holds the bytes from there on")
 
 
 class ChunkPart(_Record):
@@ -75,6 +80,8 @@ class ProcessedChunk(_Record):
     rows_in: int
     rows_out: int
     rows_rejected: int
+    rows_added: int = 0
+    rows_dropped: int = 0
     rejects_key: str | None = None
     attempts: int = 1
 
@@ -96,6 +103,8 @@ class StoredChunk(_Record):
     rows_out: int
     rows_rejected: int
     rejects_key: str | None
+    rows_added: int = Field(default=0, description="rows the transforms added")
+    rows_dropped: int = Field(default=0, description="rows the transforms dropped")
     parts: tuple[ChunkPart, ...]
     replicas: tuple[ReplicaRecord, ...]
     node_failures: int = 0

@@ -18,18 +18,20 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from blocks.topology import Topology, load_topology
+from blocks.topology import KNOWN_CLOUDS, Topology, load_topology
 from skyferry import __version__
 from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.errors import (
     BatchNotFoundError,
+    InsufficientNodesError,
     SourceChangedError,
+    TopologyError,
     UnsafeKeyError,
     mark_stage,
 )
 from skyferry.hashing import content_hash
-from skyferry.ingest import iter_part_bytes, plan_chunks, read_chunk, read_range
-from skyferry.listing import list_source, source_cloud
+from skyferry.ingest import iter_part_bytes, plan_chunks, read_chunk, with_headers
+from skyferry.listing import list_source_files, source_cloud
 from skyferry.manifest import BatchPlan, Catalog, Lineage, Manifest
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult, StageRecorder
@@ -76,6 +78,7 @@ class RunContext:
     plan: BatchPlan | None = None
     placer: Placer | None = None
     writer: ReplicaWriter | None = None
+    skipped_files: list[str] = field(default_factory=list)
     _staged: dict[int, pa.Buffer | bytes] = field(default_factory=dict, repr=False)
     _raw: dict[int, list[bytes]] = field(default_factory=dict, repr=False)
     _progress: dict[int, tuple[IngestedChunk | ProcessedChunk, dict[str, list[float]]]] = (
@@ -142,8 +145,19 @@ def build_context(config: PipelineConfig, settings: Settings | None = None) -> R
             raise UnsafeKeyError(f"batch id {config.batch_id!r} must not contain '/'",
                                  key=config.batch_id)
     topology = load_topology(config.topology)
+    names = [n.name for n in topology.nodes]
+    if config.replicas > len(names):  # a node that is down still counts: it gets a hint
+        raise InsufficientNodesError(
+            f"{config.replicas} replicas asked for, but the topology "
+            f"{config.topology or '(embedded default)'} has only {len(names)} nodes "
+            f"({', '.join(names)}): each replica needs a node of its own",
+            healthy=len(names), required=config.replicas)
     schema = load_schema(config.schema_path) if config.schema_path else None
     cloud = config.source_cloud or source_cloud(config.source, topology.source_cloud)
+    known = KNOWN_CLOUDS | set(topology.clouds)
+    if cloud not in known:
+        raise TopologyError(f"unknown source cloud {cloud!r}; the known clouds are "
+                            f"{', '.join(sorted(known))}", source=config.topology)
     return RunContext(
         config=config,
         settings=settings,
@@ -194,7 +208,9 @@ def probe_nodes_fn(ctx: RunContext) -> dict[str, float | None]:
 
 def new_source_files(ctx: RunContext) -> list[SourceFile]:
     """List the source and keep files that are new or changed since the last commit."""
-    files = list_source(ctx.config.source, ctx.config.source_options)
+    listing = list_source_files(ctx.config.source, ctx.config.source_options)
+    ctx.skipped_files = listing.skipped
+    files = listing.files
     committed = ctx.catalog.committed_sources(ctx.config.dataset)
     fresh = [f for f in files if (f.url, f.size, f.fingerprint) not in committed]
     logger.info("%d of %d source files are new or changed", len(fresh), len(files))
@@ -314,15 +330,7 @@ def process_chunk_fn(ingested: IngestedChunk, ctx: RunContext) -> ProcessedChunk
                               digest=ingested.source_digest, size=chunk.size, staged=True,
                               rows_in=0, rows_out=0, rows_rejected=0)
     options = ctx.config.source_options
-    headers: dict[str, bytes] = {}
-    parts = []
-    for part, data in zip(chunk.parts, pieces, strict=True):
-        header = b""
-        if part.start > 0 and part.header_end:
-            if part.source not in headers:
-                headers[part.source] = read_range(part.source, 0, part.header_end, options)
-            header = headers[part.source]
-        parts.append((part, data, header))
+    parts = with_headers(chunk, pieces, options)
     where = f"chunk {chunk.index} ({chunk.parts[0].source})"
     buffer, out = process_parts(parts, chunk.format, ctx.schema, ctx.transforms, where, options)
     del parts, pieces
@@ -335,6 +343,7 @@ def process_chunk_fn(ingested: IngestedChunk, ctx: RunContext) -> ProcessedChunk
         plan=chunk, source_digest=ingested.source_digest,
         digest=content_hash(buffer), size=buffer.size, staged=True,
         rows_in=out.rows_in, rows_out=out.table.num_rows, rows_rejected=out.rows_rejected,
+        rows_added=out.rows_added, rows_dropped=out.rows_dropped,
         rejects_key=rejects_key,
     )
 
@@ -370,6 +379,7 @@ def distribute_chunk_fn(processed: ProcessedChunk, ctx: RunContext,
         index=chunk.index, key=key, format=chunk.format, digest=processed.digest,
         size=processed.size, source_digest=processed.source_digest, rows_in=processed.rows_in,
         rows_out=processed.rows_out, rows_rejected=processed.rows_rejected,
+        rows_added=processed.rows_added, rows_dropped=processed.rows_dropped,
         rejects_key=processed.rejects_key, parts=chunk.parts,
         replicas=tuple(outcome.replicas), node_failures=outcome.node_failures,
     )
@@ -420,9 +430,10 @@ def summarize(ctx: RunContext, manifest: Manifest, key: str, new: list[StoredChu
         manifest_key=key, duration_s=round(time.perf_counter() - started, 3),
         chunks_processed=len(new), chunks_skipped=skipped, rows_in=manifest.rows_in,
         rows_stored=manifest.rows_stored, rows_rejected=manifest.rows_rejected,
+        rows_added=manifest.rows_added, rows_dropped=manifest.rows_dropped,
         bytes_in=sum(s.size for s in manifest.lineage.sources),
         bytes_stored=manifest.bytes_stored, stages=stages, node_failures_handled=failures,
-        down_nodes=ctx.health.down_nodes(),
+        down_nodes=ctx.health.down_nodes(), skipped_files=list(ctx.skipped_files),
         down_reasons={n: ctx.health.reasons.get(n, "") for n in ctx.health.down_nodes()},
     )
 

@@ -1,7 +1,8 @@
 """Process: decode a chunk, validate it against a schema, apply transforms, encode Parquet.
 
 Invalid rows are never dropped silently: each becomes a reject with its reason, its source
-and its row. For every chunk ``rows_in == rows_out + rows_rejected``.
+and its row. Transforms may add or drop rows; each chunk counts them, so that for every chunk
+``rows_in + rows_added - rows_dropped == rows_out + rows_rejected``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class ProcessOutput:
     table: pa.Table
     rows_in: int
     rejects: list[dict[str, Any]] = field(default_factory=list)
+    rows_added: int = 0
+    rows_dropped: int = 0
 
     @property
     def rows_rejected(self) -> int:
@@ -180,7 +183,17 @@ def _decode_csv(part: ChunkPart, data: bytes, header: bytes, schema: Schema | No
 
     def parse(newlines: bool, conv: pacsv.ConvertOptions) -> pa.Table:
         options = pacsv.ParseOptions(newlines_in_values=newlines, invalid_row_handler=on_invalid)
-        return pacsv.read_csv(pa.BufferReader(data), read_options=read, parse_options=options,
+        try:
+            return pacsv.read_csv(pa.BufferReader(data), read_options=read,
+                                  parse_options=options, convert_options=conv)
+        except pa.ArrowInvalid as exc:
+            if "straddl" not in str(exc):
+                raise
+        # A record larger than pyarrow's block (1 MB): read the chunk as one block.
+        invalid.clear()
+        whole = pacsv.ReadOptions(block_size=len(data) + 1,
+                                  column_names=read.column_names if read else None)
+        return pacsv.read_csv(pa.BufferReader(data), read_options=whole, parse_options=options,
                               convert_options=conv)
 
     raw: pa.Table | None = None
@@ -302,10 +315,12 @@ def apply_transforms(out: ProcessOutput, transforms: Sequence[tuple[str, Transfo
         if not isinstance(result, pd.DataFrame):
             raise TransformError(f"transform {name} returned {type(result).__name__}, "
                                  "not a DataFrame", transform=name, source=where)
-        dropped = before - len(result)
-        if dropped > 0:
-            out.rejects.append({"source": where, "offset": None, "row": None, "count": dropped,
-                                "reason": f"dropped by transform {name}", "text": None})
+        change = len(result) - before
+        if change:
+            logger.info("transform %s %s %d rows of %s", name,
+                        "added" if change > 0 else "dropped", abs(change), where)
+        out.rows_added += max(change, 0)
+        out.rows_dropped += max(-change, 0)
         frame = result
     out.table = pa.Table.from_pandas(frame, preserve_index=False)
     return out

@@ -66,7 +66,8 @@ def placement_markdown(result: PipelineResult) -> str:
         f"- replica success rate: **{(dist.replica_success_rate or 0) if dist else 0:.1%}**",
         f"- node failures handled: **{result.node_failures_handled}**",
         f"- nodes down: {', '.join(result.down_nodes) or 'none'}",
-        f"- rows: {result.rows_in} in, {result.rows_stored} stored, "
+        f"- rows: {result.rows_in} in, {result.rows_added} added and {result.rows_dropped} "
+        f"dropped by transforms, {result.rows_stored} stored, "
         f"**{result.rows_rejected} rejected**",
     ]
     return "\n".join(lines) + "\n"

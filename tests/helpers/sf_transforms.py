@@ -15,5 +15,9 @@ def drop_negative_f0(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["f0"] >= 0]
 
 
+def duplicate_rows(df: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([df, df], ignore_index=True)
+
+
 def not_a_frame(df: pd.DataFrame) -> int:
     return 3

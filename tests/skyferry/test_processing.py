@@ -86,9 +86,16 @@ def test_transforms_apply_and_dropped_rows_are_counted(helpers_on_path: Path) ->
                                     "sf_transforms:drop_negative_f0"])
     assert table.column("id").to_pylist() == [1, 8]
     assert table.column("feature_sum").to_pylist() == pytest.approx([1.5, 8.4])
-    assert out.rows_in == table.num_rows + out.rows_rejected
-    assert any(r["reason"] == "dropped by transform sf_transforms:drop_negative_f0"
-               and r["count"] == 1 for r in out.rejects)
+    assert (out.rows_added, out.rows_dropped) == (0, 1)
+    assert out.rows_in - out.rows_dropped == table.num_rows + out.rows_rejected
+    assert not any("transform" in r["reason"] for r in out.rejects)
+
+
+def test_rows_a_transform_adds_are_counted(helpers_on_path: Path) -> None:
+    table, out = _run(CSV, SCHEMA, ["sf_transforms:duplicate_rows",
+                                    "sf_transforms:drop_negative_f0"])
+    assert (out.rows_added, out.rows_dropped) == (table.num_rows // 2 + 1, 2)
+    assert out.rows_in + out.rows_added - out.rows_dropped == table.num_rows + out.rows_rejected
 
 
 def test_bad_transforms_are_typed_errors(helpers_on_path: Path) -> None:

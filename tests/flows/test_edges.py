@@ -1,0 +1,179 @@
+"""Unusual but ordinary inputs: each keeps skyferry's promises, or gets a typed error.
+
+One test per item of the "trust at the edges" list, with the inputs that broke it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sf_data import write_ml_csv
+
+from flows.pipeline import multicloud_pipeline, run_pipeline
+from skyferry.config import PipelineConfig
+from skyferry.errors import FormatError, InsufficientNodesError, StageError, TopologyError
+from skyferry.export import DatasetReader, export_dataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
+
+
+def _cause(config: PipelineConfig) -> BaseException:
+    with pytest.raises(StageError) as info:
+        multicloud_pipeline(config)
+    assert info.value.__cause__ is not None
+    return info.value.__cause__
+
+
+def _topology(path: Path, home: Path, urls: list[str], extra: str = "") -> Path:
+    clouds = ["aws", "gcp", "azure", "aws", "gcp"]
+    nodes = "\n".join(f'  - {{name: n{i}, cloud: {clouds[i]}, region: r, url: "{url}"}}'
+                      for i, url in enumerate(urls))
+    path.write_text(f'catalog: "{home}/catalog"\n{extra}nodes:\n{nodes}\n')
+    return path
+
+
+def test_nodes_that_share_one_place_are_a_topology_error(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x" * 100)
+    for urls in ([f"{home}/n", f"{home}/n", f"{home}/n"],
+                 [f"{home}/n", f"file://{home}/./n/", f"{home}/m"]):
+        topo = _topology(tmp_path / "topo.yaml", home, urls)
+        cause = _cause(PipelineConfig(source=str(src), dataset="d", topology=str(topo)))
+        assert isinstance(cause, TopologyError)
+        assert "n0 and n1 store in the same place" in str(cause) and str(topo) in str(cause)
+    assert not (home / "n").exists()
+
+
+def test_more_replicas_than_nodes_is_refused(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x" * 100)
+    cause = _cause(PipelineConfig(source=str(src), dataset="d", replicas=10, quorum=2))
+    assert isinstance(cause, InsufficientNodesError)
+    assert "10 replicas" in str(cause) and "only 5 nodes" in str(cause)
+    assert (cause.healthy, cause.required) == (5, 10)
+
+
+def test_an_unknown_cloud_is_a_topology_error(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x" * 100)
+    topo = _topology(tmp_path / "topo.yaml", home, [f"{home}/a", f"{home}/b", f"{home}/c"],
+                     extra="source_cloud: mars\n")
+    cause = _cause(PipelineConfig(source=str(src), dataset="d", topology=str(topo)))
+    assert isinstance(cause, TopologyError) and "unknown cloud 'mars'" in str(cause)
+    cause = _cause(PipelineConfig(source=str(src), dataset="d", source_cloud="venus"))
+    assert isinstance(cause, TopologyError) and "'venus'" in str(cause)
+
+
+def test_rows_that_transforms_add_are_accounted(home: Path, tmp_path: Path,
+                                                helpers_on_path: Path) -> None:
+    src = tmp_path / "a.csv"
+    write_ml_csv(src, 1000, seed=5)
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="d",
+                                         transforms=["sf_transforms:duplicate_rows"]))
+    assert result.status == "completed", result.error
+    assert (result.rows_in, result.rows_added, result.rows_dropped) == (1000, 1000, 0)
+    assert (result.rows_stored, result.rows_rejected) == (2000, 0)
+    assert DatasetReader("d").read_table().num_rows == 2000
+
+
+def test_hidden_files_are_named_and_a_glob_takes_them(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "dir"
+    write_ml_csv(src / "_part-0.csv", 10, seed=1)
+    write_ml_csv(src / ".hidden.csv", 20, seed=2)
+    write_ml_csv(src / "part-1.csv", 30, seed=3)
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="folder"))
+    assert result.status == "completed", result.error
+    assert result.rows_stored == 30
+    assert sorted(Path(u.split("://", 1)[-1]).name for u in result.skipped_files) == [
+        ".hidden.csv", "_part-0.csv"]
+    result = run_pipeline(PipelineConfig(source=f"{src}/*.csv", dataset="glob"))
+    assert result.status == "completed", result.error
+    assert result.rows_stored == 60 and result.skipped_files == []
+
+
+def test_an_exact_path_with_glob_characters(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "data[1].csv"
+    write_ml_csv(src, 25, seed=4)
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="d"))
+    assert result.status == "completed", result.error
+    assert result.rows_stored == 25
+
+
+def test_a_field_larger_than_pyarrow_blocks(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "big.csv"
+    src.write_bytes(b'id,text,v\n1,"' + b"x" * 5_000_000 + b'",2\n2,"a\nb",3\n3,plain,4\n')
+    for chunk_size in ("64MB", "100"):
+        result = run_pipeline(PipelineConfig(source=str(src), dataset=f"big{chunk_size}",
+                                             chunk_size=chunk_size))
+        assert result.status == "completed", result.error
+        assert (result.rows_stored, result.rows_rejected) == (3, 0)
+        table = DatasetReader(f"big{chunk_size}").read_table().sort_by("id")
+        assert [len(t) for t in table.column("text").to_pylist()] == [5_000_000, 3, 5]
+
+
+def test_a_json_array_file_is_a_format_error(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "rows.json"
+    src.write_text('[{"a": 1},\n {"a": 2}]\n')
+    cause = _cause(PipelineConfig(source=str(src), dataset="d"))
+    assert isinstance(cause, FormatError) and "rows.json" in str(cause)
+    assert "JSON array" in str(cause)
+
+
+def test_binary_export_keeps_files_that_share_a_name_apart(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "tree"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a" / "x.bin").write_bytes(bytes(range(250)) * 4)
+    (src / "b" / "x.bin").write_bytes(b"\x07" * 500)
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="d"))
+    assert result.status == "completed", result.error
+    out = tmp_path / "out"
+    export_dataset("d", out)
+    assert (out / "a" / "x.bin").read_bytes() == bytes(range(250)) * 4
+    assert (out / "b" / "x.bin").read_bytes() == b"\x07" * 500
+    assert sorted(p.name for p in out.rglob("*")) == ["a", "b", "x.bin", "x.bin"]
+
+
+def test_a_binary_file_that_shrinks_exports_as_its_new_version(home: Path,
+                                                               tmp_path: Path) -> None:
+    src = tmp_path / "s"
+    src.mkdir()
+    (src / "f.bin").write_bytes(b"\x01" * 2000)
+    assert run_pipeline(PipelineConfig(source=str(src), dataset="d")).status == "completed"
+    (src / "f.bin").write_bytes(b"\x02" * 500)
+    assert run_pipeline(PipelineConfig(source=str(src), dataset="d")).status == "completed"
+    export_dataset("d", tmp_path / "out")
+    assert (tmp_path / "out" / "f.bin").read_bytes() == b"\x02" * 500
+
+
+_NAMES = st.sampled_from(["a", "b", "x.bin", "_y", "z z", "é"])
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(tree=st.dictionaries(st.lists(_NAMES, min_size=1, max_size=3).map(tuple),
+                            st.binary(min_size=1, max_size=3000), min_size=1, max_size=6),
+       chunk_size=st.integers(50, 5000))
+def test_binary_export_reproduces_any_source_tree(home: Path, tmp_path: Path,
+                                                  tree: dict[tuple[str, ...], bytes],
+                                                  chunk_size: int) -> None:
+    files = {}
+    for parts, data in tree.items():
+        rel = "/".join((*parts[:-1], "f-" + parts[-1]))  # no name both a folder and a file
+        if not any(r.startswith(rel + "/") or rel.startswith(r + "/") for r in files):
+            files[rel] = data
+    run = uuid.uuid4().hex[:8]
+    src, out = tmp_path / run / "src", tmp_path / run / "out"
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    result = run_pipeline(PipelineConfig(source=f"{src}/**", dataset=f"t{run}",
+                                         format="binary", chunk_size=chunk_size))
+    assert result.status == "completed", result.error
+    export_dataset(f"t{run}", out)
+    got = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert got == files
