@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from blocks.credentials import options_from_block, protocol_of, with_timeouts
 from skyferry.config import describe_validation_error, get_settings
-from skyferry.errors import TopologyError
+from skyferry.errors import NodeUnavailableError, TopologyError
+from skyferry.secrets import register_options, scrub
 from skyferry.storage import Store
 
 __all__ = ["KNOWN_CLOUDS", "Link", "LinkCost", "Node", "Topology", "load_topology", "location_of"]
@@ -98,12 +99,23 @@ class Node(BaseModel):
     enabled: bool = Field(default=True, description="false marks the node down.")
 
     def store(self) -> Store:
+        """The node's store. A backend that refuses its options (a malformed connection
+        string, a token it cannot read) is a :class:`NodeUnavailableError` naming the node,
+        with every secret of the options scrubbed from the message."""
         protocol = protocol_of(self.url)
         options = dict(self.storage_options)
+        register_options(options)
         if self.credentials:
             options.update(options_from_block(self.credentials, node=self.name))
+            register_options(options)
         options = with_timeouts(protocol, options, self.timeout_s)
-        return Store(self.url, options, name=self.name, timeout_s=self.timeout_s)
+        try:
+            return Store(self.url, options, name=self.name, timeout_s=self.timeout_s)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise NodeUnavailableError(
+                scrub(f"cannot set up node {self.name} ({self.url}): "
+                      f"{type(exc).__name__}: {first}"), node=self.name) from None
 
     def public_dict(self) -> dict[str, Any]:
         """The node without its credentials, safe to log or put in an artifact."""

@@ -50,6 +50,7 @@ from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.errors import SkyferryError, StageError
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
+from skyferry.secrets import install_scrubber
 from skyferry.models import ChunkPlan, StoredChunk
 from skyferry.pipeline import RunContext, build_context, summarize
 from skyferry.report import placement_markdown, stage_breakdown
@@ -255,6 +256,7 @@ def run_pipeline(config: PipelineConfig, settings: Settings | None = None) -> Pi
     settings = settings or get_settings()
     if settings.tune_malloc:  # before Prefect starts its threads: see skyferry/memory.py
         tune_allocator()
+    install_scrubber()  # no registered secret reaches a log handler, Prefect's API included
     # the parent's own tasks (probe, list, plan, commit) share its context: threads
     runner: Any = ThreadPoolTaskRunner(max_workers=settings.max_workers)
     with SettingsContext(profile=get_settings_context().profile, settings=_run_settings()):

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from skyferry.config import PipelineConfig, get_settings, parse_size
+from skyferry.config import PipelineConfig, get_settings, parse_duration, parse_size
 from skyferry.errors import SkyferryError
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
@@ -166,6 +166,10 @@ def export(
                   f"{report.bytes / 1e6:.1f} MB) of {len(report.batches)} batches to {to}")
     for line in report.failovers:
         console.print(f"[yellow]failover[/] {line}")
+    for line in report.unreadable:
+        err.print(f"[bold red]error:[/] ManifestError: {line}; its batch was not exported")
+    if report.unreadable:
+        raise typer.Exit(code=1)
 
 
 @app.command()
@@ -289,13 +293,20 @@ def gc(
     from blocks.topology import load_topology
     from skyferry.gc import collect_garbage
 
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    grace_s = float(grace[:-1]) * units[grace[-1]] if grace[-1] in units else float(grace)
-    report = collect_garbage(load_topology(topology), grace_s=grace_s, dry_run=dry_run)
+    try:
+        grace_s = parse_duration(grace)
+        topo = load_topology(topology)
+    except (ValueError, SkyferryError) as exc:
+        _fail(exc)
+    report = collect_garbage(topo, grace_s=grace_s, dry_run=dry_run)
     console.print(f"scanned {report.scanned}, {'would delete' if dry_run else 'deleted'} "
                   f"{len(report.deleted)}, kept {report.kept_young} inside the grace period")
     for line in report.deleted[:20]:
         console.print(f"  {line}")
+    for line in report.errors:
+        err.print(f"[bold red]not cleaned:[/] {line}")
+    if report.errors:
+        raise typer.Exit(code=1)
 
 
 @app.command()

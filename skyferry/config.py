@@ -10,6 +10,8 @@ Examples::
     1048576
     >>> PipelineConfig(source="data/*.csv", dataset="train").chunk_size
     67108864
+    >>> parse_duration("1d"), parse_duration("90"), parse_duration("1.5h")
+    (86400.0, 90.0, 5400.0)
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "Settings",
     "describe_validation_error",
     "get_settings",
+    "parse_duration",
     "parse_size",
 ]
 
@@ -74,6 +77,19 @@ def parse_size(value: int | str) -> int:
     if size <= 0:
         raise ValueError(f"size must be positive, got {value!r}")
     return size
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str) -> float:
+    """Parse ``"90"`` (seconds), ``"15m"``, ``"1h"`` or ``"1d"`` into seconds."""
+    match = _DURATION_RE.match(value)
+    if not match:
+        raise ValueError(f"invalid duration {value!r}: use seconds or units like 90s, 15m, 1h, "
+                         "1d")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
 
 
 class Settings(BaseSettings):

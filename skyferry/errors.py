@@ -25,6 +25,7 @@ keyword-only attributes so callers (and retry conditions) never parse messages.
     │   └── QuorumNotMetError        (a chunk reached < W verified replicas) TransientException
     ├── IntegrityError               (no healthy replica of a chunk is left) TerminalException
     ├── BatchNotFoundError           (no committed manifest for a dataset/batch)
+    ├── ManifestError                (a committed manifest that cannot be read) TerminalException
     └── StageError                   (wraps any of the above with the stage and batch)
 """
 
@@ -38,6 +39,7 @@ __all__ = [
     "FormatError",
     "InsufficientNodesError",
     "IntegrityError",
+    "ManifestError",
     "NodeUnavailableError",
     "ObjectNotFoundError",
     "PlacementError",
@@ -184,6 +186,12 @@ class BatchNotFoundError(SkyferryError, LookupError, TerminalException):
         super().__init__(message)
         self.dataset = dataset
         self.batch_id = batch_id
+
+
+class ManifestError(SkyferryError, TerminalException):
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class StageError(SkyferryError):

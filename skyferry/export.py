@@ -6,12 +6,14 @@ corrupt replica fails over to the next. Only chunks that a committed manifest li
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -36,6 +38,7 @@ class ExportReport:
     rows: int = 0
     bytes: int = 0
     failovers: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
 
 
 class DatasetReader:
@@ -53,8 +56,11 @@ class DatasetReader:
     def manifests(self) -> list[Manifest]:
         if self.batch_id is not None:
             return [self.catalog.manifest(self.dataset, self.batch_id)]
-        manifests = self.catalog.manifests(self.dataset)
+        manifests, unreadable = self.catalog.scan(self.dataset)
+        self.report.unreadable = [str(e) for e in unreadable]
         if not manifests:
+            if unreadable:
+                raise unreadable[0]
             self.catalog.manifest(self.dataset)  # raises BatchNotFoundError
         return manifests
 
@@ -252,12 +258,23 @@ def export_dataset(dataset: str, to: str | Path, *, batch_id: str | None = None,
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.partial")
     schema = unify(reader.chunk_schemas())
+    try:
+        with open(tmp, "wb") as sink:
+            _write_tables(reader, sink, schema, suffix)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return reader.report
+
+
+def _write_tables(reader: DatasetReader, sink: BinaryIO, schema: pa.Schema, suffix: str) -> None:
+    """Every verified table of the dataset into ``sink``: CSV, JSON Lines, or Parquet."""
     writer: pq.ParquetWriter | pacsv.CSVWriter | None = None
-    with open(tmp, "wb") as sink:
-        if suffix == ".csv":
-            writer = pacsv.CSVWriter(sink, schema)
-        elif suffix not in (".jsonl", ".ndjson", ".json"):
-            writer = pq.ParquetWriter(sink, schema, compression="zstd")
+    if suffix == ".csv":
+        writer = pacsv.CSVWriter(sink, schema)
+    elif suffix not in (".jsonl", ".ndjson", ".json"):
+        writer = pq.ParquetWriter(sink, schema, compression="zstd")
+    try:
         for table in reader.iter_tables():
             table = conform(table, schema)
             if writer is None:
@@ -265,7 +282,11 @@ def export_dataset(dataset: str, to: str | Path, *, batch_id: str | None = None,
                 sink.write(text.encode() + (b"" if text.endswith("\n") else b"\n"))
             else:
                 writer.write_table(table)
-        if writer is not None:
-            writer.close()
-    tmp.replace(target)
-    return reader.report
+    except BaseException:
+        if writer is not None:  # while the sink is open: no footer into a closed file later
+            with contextlib.suppress(Exception):
+                writer.close()
+        raise
+    if writer is not None:
+        writer.close()
+

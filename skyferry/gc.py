@@ -1,8 +1,9 @@
 """Garbage-collect objects that no manifest claims, once they are older than a grace period.
 
-Claimed are: every chunk of every committed manifest, and every planned chunk of a pending
-batch (so a run in progress, or one waiting for its re-run, keeps its objects). Rejects
-files in the catalog follow the same rule.
+Claimed are: every chunk of every committed manifest, every planned chunk of a pending
+batch (so a run in progress, or one waiting for its re-run, keeps its objects, temp files
+included, whatever the grace), and every object of a batch whose manifest cannot be read.
+Rejects files in the catalog follow the same rule.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from blocks.topology import Topology
 from skyferry.errors import StorageError
 from skyferry.manifest import Catalog
+from skyferry.storage import ObjectInfo, Store
 
 __all__ = ["GcReport", "collect_garbage", "drop_dataset"]
 
@@ -28,46 +30,76 @@ class GcReport:
     errors: list[str] = field(default_factory=list)
 
 
+def _temp_target(key: str) -> str | None:
+    """The key a local write's temp file (``.tmp-<32 hex>-<name>``) will be renamed to."""
+    head, _, name = key.rpartition("/")
+    if name.startswith(".tmp-") and len(name) > 38 and name[37] == "-":
+        return f"{head}/{name[38:]}" if head else name[38:]
+    return None
+
+
 def collect_garbage(topology: Topology, *, grace_s: float, now: float | None = None,
                     dry_run: bool = False) -> GcReport:
+    """Delete what no manifest or pending batch claims, once older than ``grace_s``.
+
+    The objects are listed first, and the claims read after: a batch that is planned while
+    gc runs journals its plan before it writes, so its objects are claimed by the time gc
+    looks. A write's temp file belongs to the key it will become. A manifest that cannot be
+    read keeps its whole batch. A node that cannot be listed is reported, never skipped
+    silently.
+    """
     catalog = Catalog(topology.catalog_store())
     now = time.time() if now is None else now
-    claimed: set[str] = set()
-    datasets = set(catalog.datasets())
-    for plan, _ in catalog.pending_plans():
-        datasets.add(plan.dataset)
-        claimed.update(plan.key(c) for c in plan.chunks)
-        claimed.update(catalog.rejects_key(plan.dataset, plan.batch_id, c.index)
-                       for c in plan.chunks)
-    for dataset in datasets:
-        for manifest in catalog.manifests(dataset):
-            for chunk in manifest.chunks:
-                claimed.add(chunk.key)
-                if chunk.rejects_key:
-                    claimed.add(chunk.rejects_key)
     report = GcReport()
-    stores = [(node.name, node.store()) for node in topology.nodes if node.enabled]
+    stores: list[tuple[str, Store]] = []
+    for node in topology.nodes:
+        if node.enabled:
+            try:
+                stores.append((node.name, node.store()))
+            except StorageError as exc:
+                report.errors.append(f"{node.name}: {exc}")
     stores.append(("catalog", catalog.store))
+    datasets = set(catalog.datasets()) | {plan.dataset for plan, _ in catalog.pending_plans()}
+    listed: list[tuple[str, Store, ObjectInfo]] = []
     for name, store in stores:
         for dataset in sorted(datasets):
             prefix = f"rejects/{dataset}" if name == "catalog" else dataset
             try:
-                objects = list(store.list(prefix))
+                listed.extend((name, store, obj) for obj in store.list(prefix))
             except StorageError as exc:
                 report.errors.append(f"{name}: {exc}")
-                continue
-            for obj in objects:
-                report.scanned += 1
-                if obj.key in claimed:
-                    continue
-                if obj.mtime is not None and now - obj.mtime < grace_s:
-                    report.kept_young += 1
-                    continue
-                report.deleted.append(f"{name}:{obj.key}")
-                if not dry_run:
-                    store.delete(obj.key)
+    claimed: set[str] = set()
+    kept_prefixes: list[str] = []
+    for plan, _ in catalog.pending_plans():
+        claimed.update(plan.key(c) for c in plan.chunks)
+        claimed.update(catalog.rejects_key(plan.dataset, plan.batch_id, c.index)
+                       for c in plan.chunks)
+    for dataset in datasets:
+        manifests, unreadable = catalog.scan(dataset)
+        for manifest in manifests:
+            for chunk in manifest.chunks:
+                claimed.add(chunk.key)
+                if chunk.rejects_key:
+                    claimed.add(chunk.rejects_key)
+        for error in unreadable:  # manifests/<dataset>/date=<d>/batch=<id>.json
+            report.errors.append(f"catalog: {error}; its batch is kept")
+            _, _, date, batch = error.key[:-len(".json")].split("/", 3)
+            kept_prefixes += [f"{dataset}/{date}/{batch}/", f"rejects/{dataset}/{batch}/"]
+    for name, store, obj in listed:
+        report.scanned += 1
+        key = _temp_target(obj.key) or obj.key
+        if key in claimed or key.startswith(tuple(kept_prefixes)):
+            continue
+        if obj.mtime is not None and now - obj.mtime < grace_s:
+            report.kept_young += 1
+            continue
+        report.deleted.append(f"{name}:{obj.key}")
+        if not dry_run:
+            store.delete(obj.key)
     logger.info("gc: scanned %d, deleted %d, kept %d young", report.scanned,
                 len(report.deleted), report.kept_young)
+    for line in report.errors:
+        logger.warning("gc: %s", line)
     return report
 
 
@@ -86,8 +118,8 @@ def drop_dataset(topology: Topology, dataset: str) -> int:
     for node in topology.nodes:
         if not node.enabled:
             continue
-        store = node.store()
         try:
+            store = node.store()
             for obj in list(store.list(dataset)):
                 store.delete(obj.key)
                 deleted += 1

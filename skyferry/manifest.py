@@ -17,9 +17,10 @@ import json
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from skyferry.errors import BatchNotFoundError, ObjectNotFoundError
+from skyferry.config import describe_validation_error
+from skyferry.errors import BatchNotFoundError, ManifestError, ObjectNotFoundError
 from skyferry.hashing import HASH_ALGORITHM
 from skyferry.models import ChunkPlan, SourceFile, StoredChunk
 from skyferry.storage import Store, safe_key
@@ -128,18 +129,36 @@ class Catalog:
         logger.info("committed %s (%d chunks)", key, len(manifest.chunks))
         return key
 
-    def manifests(self, dataset: str) -> list[Manifest]:
-        """Every committed manifest of ``dataset``, oldest first."""
-        found = []
+    def scan(self, dataset: str) -> tuple[list[Manifest], list[ManifestError]]:
+        """Every committed manifest of ``dataset``, oldest first, and those that cannot be read.
+
+        One damaged manifest does not hide the others: it is returned as a
+        :class:`ManifestError` that names its key, and callers decide what it means for them.
+        """
+        found, unreadable = [], []
         for info in self.store.list(safe_key("manifests", dataset)):
             if info.key.endswith(".json") and "/batch=" in info.key:
-                found.append(Manifest.model_validate_json(self.store.get(info.key)))
-        return sorted(found, key=lambda m: (m.created_at, m.batch_id))
+                try:
+                    found.append(Manifest.model_validate_json(self.store.get(info.key)))
+                except ValidationError as exc:
+                    unreadable.append(ManifestError(
+                        f"manifest {info.key} in {self.store.url} is unreadable: "
+                        f"{describe_validation_error(exc)[:300]}", key=info.key))
+        for error in unreadable:
+            logger.warning("%s", error)
+        return sorted(found, key=lambda m: (m.created_at, m.batch_id)), unreadable
+
+    def manifests(self, dataset: str) -> list[Manifest]:
+        """Every readable committed manifest of ``dataset``, oldest first (see :meth:`scan`)."""
+        return self.scan(dataset)[0]
 
     def manifest(self, dataset: str, batch_id: str | None = None) -> Manifest:
-        manifests = self.manifests(dataset)
+        manifests, unreadable = self.scan(dataset)
         if batch_id is not None:
             manifests = [m for m in manifests if m.batch_id == batch_id]
+            for error in unreadable:
+                if error.key.endswith(f"/batch={batch_id}.json"):
+                    raise error
         if not manifests:
             what = f"dataset {dataset!r}"
             if batch_id:

@@ -179,7 +179,8 @@ def probe_nodes_fn(ctx: RunContext) -> dict[str, float | None]:
     nodes = list(ctx.topology.nodes)
     pool = ThreadPoolExecutor(max_workers=max(1, len(nodes)))
     known_down = set(ctx.health.down_nodes())  # handed over by a parent: not probed again
-    futures = {n.name: pool.submit(n.store().probe) for n in nodes
+    # a node whose store cannot even be set up fails its probe like one that does not answer
+    futures = {n.name: pool.submit(lambda node=n: node.store().probe()) for n in nodes
                if n.enabled and n.name not in known_down}
     for node in nodes:
         if not node.enabled:

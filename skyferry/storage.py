@@ -30,6 +30,7 @@ from skyferry.errors import (
     UnsafeKeyError,
 )
 from skyferry.hashing import new_hasher
+from skyferry.secrets import scrub
 
 __all__ = ["ObjectInfo", "Store", "open_url", "safe_key"]
 
@@ -106,8 +107,8 @@ class Store:
         where = f"{action} {key!r} on node {self.name}" if key else f"{action} on node {self.name}"
         if isinstance(exc, StorageError):
             return exc
-        detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}" if str(
-            exc).strip() else type(exc).__name__
+        detail = scrub(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}" if str(
+            exc).strip() else type(exc).__name__)
         status = getattr(exc, "status_code", None) or getattr(
             getattr(exc, "response", None), "status_code", None)
         if isinstance(exc, PermissionError) or status in (401, 403) or any(

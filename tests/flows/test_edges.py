@@ -13,10 +13,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sf_data import write_ml_csv
 
+from blocks.topology import load_topology
 from flows.pipeline import multicloud_pipeline, run_pipeline
 from skyferry.config import PipelineConfig
-from skyferry.errors import FormatError, InsufficientNodesError, StageError, TopologyError
+from skyferry.errors import (
+    FormatError,
+    InsufficientNodesError,
+    IntegrityError,
+    ManifestError,
+    StageError,
+    TopologyError,
+)
 from skyferry.export import DatasetReader, export_dataset
+from skyferry.gc import collect_garbage
+from skyferry.pipeline import build_context, build_plan, new_source_files, probe_nodes_fn
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -177,3 +187,71 @@ def test_binary_export_reproduces_any_source_tree(home: Path, tmp_path: Path,
     export_dataset(f"t{run}", out)
     got = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert got == files
+
+
+def test_gc_never_touches_a_pending_batchs_temp_files(home: Path, tmp_path: Path) -> None:
+    """A replica write in flight (its temp file) and the plan that claims it; grace 0."""
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"z" * 1000)
+    config = PipelineConfig(source=str(src), dataset="g", chunk_size=400)
+    ctx = build_context(config)
+    probe_nodes_fn(ctx)
+    plan, _ = build_plan(ctx, new_source_files(ctx))
+    key = plan.key(plan.chunks[0])
+    node_dir = home / "nodes" / plan.chunks[0].nodes[0]
+    temp = node_dir / Path(key).parent / f".tmp-{uuid.uuid4().hex}-{Path(key).name}"
+    temp.parent.mkdir(parents=True)
+    temp.write_bytes(b"in flight")
+    stray = node_dir / "g" / "stray.bin"
+    stray.write_bytes(b"no one claims this")
+    report = collect_garbage(load_topology(), grace_s=0)
+    assert temp.exists() and not stray.exists()
+    assert report.deleted == [f"{plan.chunks[0].nodes[0]}:g/stray.bin"]
+
+
+def test_one_truncated_manifest_leaves_the_others_readable(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "s"
+    write_ml_csv(src / "a.csv", 100, seed=1)
+    assert run_pipeline(PipelineConfig(source=str(src), dataset="m")).status == "completed"
+    write_ml_csv(src / "b.csv", 50, seed=2, start_id=1000)
+    second = run_pipeline(PipelineConfig(source=str(src), dataset="m"))
+    assert second.status == "completed"
+    path = home / "catalog" / second.manifest_key  # type: ignore[operator]
+    path.write_bytes(path.read_bytes()[:200])
+    report = export_dataset("m", tmp_path / "m.parquet")
+    assert report.rows == 100 and len(report.unreadable) == 1
+    assert second.manifest_key in report.unreadable[0]
+    with pytest.raises(ManifestError, match=str(second.manifest_key)):
+        DatasetReader("m", batch_id=second.batch_id).manifests()
+    gc = collect_garbage(load_topology(), grace_s=0)
+    assert not gc.deleted and any(str(second.manifest_key) in e for e in gc.errors)
+
+
+def test_a_failed_export_leaves_no_partial_file(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "s"
+    write_ml_csv(src / "a.csv", 100, seed=1)
+    assert run_pipeline(PipelineConfig(source=str(src), dataset="x")).status == "completed"
+    for node in (home / "nodes").iterdir():  # every replica of every chunk goes bad
+        for replica in node.rglob("*.parquet"):
+            replica.write_bytes(replica.read_bytes()[:-1] + b"!")
+    with pytest.raises(IntegrityError):
+        export_dataset("x", tmp_path / "out" / "x.csv")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_node_that_cannot_be_set_up_is_down_not_fatal(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"q" * 500)
+    topo = tmp_path / "topo.yaml"
+    topo.write_text(f"""catalog: "{home}/catalog"
+nodes:
+  - {{name: a1, cloud: aws, region: r, url: "{home}/nodes/a1"}}
+  - {{name: g1, cloud: gcp, region: r, url: "{home}/nodes/g1"}}
+  - {{name: z1, cloud: azure, region: r, url: "az://c/x",
+      storage_options: {{connection_string: "DefaultEndpointsProtocol=https;nonsense"}}}}
+""")
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="d", topology=str(topo)))
+    assert result.status == "completed", result.error
+    assert result.down_nodes == ["z1"]
+    assert "cannot set up node z1 (az://c/x)" in result.down_reasons["z1"]
+    assert "nonsense" not in result.down_reasons["z1"]

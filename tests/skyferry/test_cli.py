@@ -55,3 +55,24 @@ def test_run_reports_a_failure_with_its_stage(home: Path, tmp_path: Path) -> Non
 def test_bad_chunk_size_is_refused(home: Path) -> None:
     out = runner.invoke(app, ["run", ".", "--dataset", "x", "--chunk-size", "lots"])
     assert out.exit_code == 2
+
+
+@pytest.mark.parametrize("grace", ["abc", "", "1w", "-1d"])
+def test_gc_refuses_a_bad_grace_in_one_line(home: Path, grace: str) -> None:
+    out = runner.invoke(app, ["gc", "--grace", grace])
+    assert out.exit_code == 2
+    assert f"invalid duration {grace!r}" in out.output and "Traceback" not in out.output
+
+
+def test_gc_names_the_nodes_it_could_not_clean(home: Path, tmp_path: Path) -> None:
+    topo = tmp_path / "topo.yaml"
+    topo.write_text(f"""catalog: "{home}/catalog"
+nodes:
+  - {{name: a1, cloud: aws, region: r, url: "{home}/nodes/a1"}}
+  - {{name: z1, cloud: azure, region: r, url: "az://c/x",
+      storage_options: {{connection_string: "not a connection string"}}}}
+""")
+    (home / "catalog" / "pending" / "d" / "batch=b").mkdir(parents=True)
+    out = runner.invoke(app, ["gc", "--grace", "0", "--topology", str(topo)])
+    assert out.exit_code == 1, out.output
+    assert "not cleaned" in out.output and "z1" in out.output
