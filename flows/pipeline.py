@@ -50,10 +50,10 @@ from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.errors import SkyferryError, StageError
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
-from skyferry.secrets import install_scrubber
 from skyferry.models import ChunkPlan, StoredChunk
 from skyferry.pipeline import RunContext, build_context, summarize
 from skyferry.report import placement_markdown, stage_breakdown
+from skyferry.secrets import install_scrubber
 from skyferry.shares import ShareReport
 from tasks.distribute import probe_nodes
 from tasks.ingest import list_new_files, plan_batch

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from blocks.topology import KNOWN_CLOUDS, Topology, load_topology
+from blocks.topology import KNOWN_CLOUDS, Node, Topology, load_topology
 from skyferry import __version__
 from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.errors import (
@@ -180,7 +180,7 @@ def probe_nodes_fn(ctx: RunContext) -> dict[str, float | None]:
     pool = ThreadPoolExecutor(max_workers=max(1, len(nodes)))
     known_down = set(ctx.health.down_nodes())  # handed over by a parent: not probed again
     # a node whose store cannot even be set up fails its probe like one that does not answer
-    futures = {n.name: pool.submit(lambda node=n: node.store().probe()) for n in nodes
+    futures = {n.name: pool.submit(_probe, n) for n in nodes
                if n.enabled and n.name not in known_down}
     for node in nodes:
         if not node.enabled:
@@ -205,6 +205,10 @@ def probe_nodes_fn(ctx: RunContext) -> dict[str, float | None]:
         latencies[node.name] = latency
     pool.shutdown(wait=False, cancel_futures=True)
     return latencies
+
+
+def _probe(node: Node) -> float:
+    return node.store().probe()
 
 
 def new_source_files(ctx: RunContext) -> list[SourceFile]:
