@@ -98,12 +98,13 @@ def _jsonl_record_end(read: Reader, size: int, start: int) -> int:
 
 
 def text_segments(
-    read: Reader, size: int, chunk_size: int, *, quoted: bool, header: bool
+    read: Reader, size: int, chunk_size: int, *, quoted: bool, header: bool, start: int = 0
 ) -> tuple[list[tuple[int, int]], int]:
     """Cut a CSV (``quoted=True``) or JSONL text file into record-aligned segments.
 
     Returns the segments and the header length (0 without a header). A segment never splits
-    a record, and always holds at least one record beyond the header.
+    a record, and always holds at least one record beyond the header. ``start``, a record
+    boundary, is where the segments begin (the end of a version already ingested).
     """
     skip = 3 if quoted and read(0, min(3, size)) == _BOM else 0
 
@@ -114,7 +115,6 @@ def text_segments(
 
     header_end = record_end(0) if header else 0
     segments: list[tuple[int, int]] = []
-    start = 0
     while start < size:
         floor = header_end if start == 0 else start  # bytes that must be passed
         target = start + chunk_size

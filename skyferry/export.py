@@ -25,8 +25,9 @@ from skyferry.hashing import content_hash
 from skyferry.manifest import Catalog, Manifest
 from skyferry.models import SourceFile, StoredChunk
 from skyferry.storage import Store
+from skyferry.versions import LiveSource, live_parts, live_sources
 
-__all__ = ["DatasetReader", "ExportReport", "LiveSource", "export_dataset", "live_sources"]
+__all__ = ["DatasetReader", "ExportReport", "export_dataset"]
 
 logger = logging.getLogger("skyferry.export")
 
@@ -39,6 +40,7 @@ class ExportReport:
     bytes: int = 0
     failovers: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    superseded_chunks: int = 0
 
 
 class DatasetReader:
@@ -52,6 +54,7 @@ class DatasetReader:
         self.batch_id = batch_id
         self.report = ExportReport()
         self._stores: dict[str, Store] = {}
+        self._live: dict[str, LiveSource] = {}
 
     def manifests(self) -> list[Manifest]:
         if self.batch_id is not None:
@@ -92,9 +95,15 @@ class DatasetReader:
             dataset=manifest.dataset, batch_id=manifest.batch_id, chunk=chunk.index)
 
     def iter_chunks(self) -> Iterator[tuple[Manifest, StoredChunk, bytes]]:
-        for manifest in self.manifests():
+        """Every chunk that holds a live source version (see :mod:`skyferry.versions`)."""
+        manifests = self.manifests()
+        self._live = live_sources(manifests)
+        for manifest in manifests:
             self.report.batches.append(manifest.batch_id)
             for chunk in manifest.chunks:
+                if not any(live_parts(manifest, chunk, self._live)):
+                    self.report.superseded_chunks += 1
+                    continue
                 data = self.chunk_bytes(manifest, chunk)
                 self.report.chunks += 1
                 self.report.bytes += len(data)
@@ -119,18 +128,36 @@ class DatasetReader:
                         dataset=manifest.dataset, batch_id=manifest.batch_id, chunk=chunk.index)
 
     def iter_tables(self) -> Iterator[pa.Table]:
-        for _, chunk, data in self.iter_chunks():
+        """Each chunk's rows, without those of source versions a newer one superseded."""
+        for manifest, chunk, data in self.iter_chunks():
             if chunk.format == "binary":
                 raise TypeError(f"dataset {self.dataset} holds binary chunks; use iter_files")
             table = pq.read_table(io.BytesIO(data))
+            keep = live_parts(manifest, chunk, self._live)
+            if not all(keep):
+                table = _live_rows(table, chunk, keep)
             self.report.rows += table.num_rows
             yield table
+
 
     def read_table(self) -> pa.Table:
         tables = list(self.iter_tables())
         schema = unify(t.schema for t in tables)
         return pa.concat_tables([conform(t, schema) for t in tables])
 
+
+def _live_rows(table: pa.Table, chunk: StoredChunk, keep: list[bool]) -> pa.Table:
+    """The rows of the parts in ``keep``, by the chunk's rows per part."""
+    if len(chunk.part_rows) != len(chunk.parts):  # written before rows were kept per part
+        logger.warning("chunk %d holds superseded rows it cannot tell apart; read whole",
+                       chunk.index)
+        return table
+    pieces, offset = [], 0
+    for rows, live in zip(chunk.part_rows, keep, strict=True):
+        if live:
+            pieces.append(table.slice(offset, rows))
+        offset += rows
+    return pa.concat_tables(pieces) if pieces else table.slice(0, 0)
 
 def unify(schemas: Iterable[pa.Schema]) -> pa.Schema:
     """One schema for chunks that were typed independently (datasets without a schema).
@@ -162,31 +189,6 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         else:
             columns.append(pa.nulls(table.num_rows, type=f.type))
     return pa.Table.from_arrays(columns, schema=schema)
-
-
-@dataclass(frozen=True)
-class LiveSource:
-    """The newest committed version of one source file, and the batches that hold its bytes."""
-
-    file: SourceFile
-    batches: frozenset[str]
-
-
-def live_sources(manifests: Iterable[Manifest]) -> dict[str, LiveSource]:
-    """Each source URL's newest version, from manifests in commit order (oldest first).
-
-    A version supersedes every earlier one of its file, unless it only extends the one
-    before (``extends``: its first bytes are unchanged and held by earlier batches).
-    """
-    live: dict[str, LiveSource] = {}
-    for manifest in manifests:
-        for source in manifest.lineage.sources:
-            earlier = live.get(source.url)
-            batches = {manifest.batch_id}
-            if source.extends and earlier is not None:
-                batches |= earlier.batches
-            live[source.url] = LiveSource(file=source, batches=frozenset(batches))
-    return live
 
 
 def _relative_path(file: SourceFile) -> PurePosixPath:

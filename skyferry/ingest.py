@@ -63,7 +63,10 @@ def _row_group_ranges(url: str, options: Mapping[str, Any] | None) -> list[tuple
 def plan_file(
     file: SourceFile, fmt: str, chunk_size: int, options: Mapping[str, Any] | None = None
 ) -> tuple[str, str, int, list[tuple[int, int, tuple[int, ...]]]]:
-    """Cut one file into record-aligned segments: ``(url, format, header_end, segments)``."""
+    """Cut one file into record-aligned segments: ``(url, format, header_end, segments)``.
+
+    A file that only grew since its committed version (``file.extends``) is cut from there.
+    """
     fmt = detect_format(file.url, fmt)
     check_format(file.url, fmt, read_range(file.url, 0, min(file.size, 64), options))
 
@@ -74,10 +77,11 @@ def plan_file(
         return file.url, fmt, 0, parquet_segments(_row_group_ranges(file.url, options))
     if fmt in ("csv", "jsonl"):
         segments, header_end = text_segments(
-            read, file.size, chunk_size, quoted=fmt == "csv", header=fmt == "csv"
-        )
+            read, file.size, chunk_size, quoted=fmt == "csv", header=fmt == "csv",
+            start=file.extends)
         return file.url, fmt, header_end, [(s, e, ()) for s, e in segments]
-    return file.url, fmt, 0, [(s, e, ()) for s, e in binary_segments(file.size, chunk_size)]
+    ranges = binary_segments(file.size - file.extends, chunk_size)
+    return file.url, fmt, 0, [(file.extends + s, file.extends + e, ()) for s, e in ranges]
 
 
 def plan_chunks(

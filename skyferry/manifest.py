@@ -167,10 +167,6 @@ class Catalog:
                                      dataset=dataset, batch_id=batch_id)
         return manifests[-1]
 
-    def committed_sources(self, dataset: str) -> set[tuple[str, int, str]]:
-        return {(s.url, s.size, s.fingerprint) for m in self.manifests(dataset)
-                for s in m.lineage.sources}
-
     def datasets(self) -> list[str]:
         names = set()
         for info in self.store.list("manifests"):

@@ -61,10 +61,19 @@ class ChunkPlan(_Record):
         return sum(p.size for p in self.parts)
 
 
+_PART_DIGESTS = Field(
+    default=(), description="Each part's source hash, when the chunk has more than one part "
+    "(with one, it is source_digest); a later run checks that a grown file kept them")
+_PART_ROWS = Field(
+    default=(), description="Rows stored from each part, in order: a reader skips the rows "
+    "of a source version that a newer one superseded")
+
+
 class IngestedChunk(_Record):
     plan: ChunkPlan
     source_digest: str
     bytes_read: int
+    part_digests: tuple[str, ...] = _PART_DIGESTS
     attempts: int = 1
 
 
@@ -83,6 +92,8 @@ class ProcessedChunk(_Record):
     rows_added: int = 0
     rows_dropped: int = 0
     rejects_key: str | None = None
+    part_digests: tuple[str, ...] = _PART_DIGESTS
+    part_rows: tuple[int, ...] = _PART_ROWS
     attempts: int = 1
 
 
@@ -106,6 +117,8 @@ class StoredChunk(_Record):
     rows_added: int = Field(default=0, description="rows the transforms added")
     rows_dropped: int = Field(default=0, description="rows the transforms dropped")
     parts: tuple[ChunkPart, ...]
+    part_digests: tuple[str, ...] = _PART_DIGESTS
+    part_rows: tuple[int, ...] = _PART_ROWS
     replicas: tuple[ReplicaRecord, ...]
     node_failures: int = 0
     attempts: int = 1

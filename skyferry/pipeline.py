@@ -41,6 +41,7 @@ from skyferry.processing import Transform, load_transforms, process_parts
 from skyferry.replication import ReplicaWriter
 from skyferry.schema import Schema, load_schema
 from skyferry.storage import safe_key
+from skyferry.versions import grown_from, live_sources
 
 __all__ = [
     "RunContext",
@@ -212,13 +213,31 @@ def _probe(node: Node) -> float:
 
 
 def new_source_files(ctx: RunContext) -> list[SourceFile]:
-    """List the source and keep files that are new or changed since the last commit."""
+    """List the source and keep the files that are new or changed since their last commit.
+
+    A changed file that only grew (see :mod:`skyferry.versions`) is taken from where its
+    committed version ended; any other change is ingested whole and supersedes the earlier
+    version.
+    """
     listing = list_source_files(ctx.config.source, ctx.config.source_options)
     ctx.skipped_files = listing.skipped
-    files = listing.files
-    committed = ctx.catalog.committed_sources(ctx.config.dataset)
-    fresh = [f for f in files if (f.url, f.size, f.fingerprint) not in committed]
-    logger.info("%d of %d source files are new or changed", len(fresh), len(files))
+    manifests = ctx.catalog.manifests(ctx.config.dataset)
+    live = live_sources(manifests)
+    fresh = []
+    for file in listing.files:
+        earlier = live.get(file.url)
+        if earlier is None:
+            fresh.append(file)
+            continue
+        if (earlier.file.size, earlier.file.fingerprint) == (file.size, file.fingerprint):
+            continue
+        extends = grown_from(file, earlier, manifests, ctx.config.format,
+                             ctx.config.source_options)
+        fresh.append(file.model_copy(update={"extends": extends}))
+        if not extends:
+            logger.warning("%s changed; its new version supersedes the committed one",
+                           file.url)
+    logger.info("%d of %d source files are new or changed", len(fresh), len(listing.files))
     return fresh
 
 
@@ -308,7 +327,9 @@ def load_pending_plan(ctx: RunContext, batch_id: str) -> BatchPlan:
 def ingest_chunk_fn(chunk: ChunkPlan, ctx: RunContext) -> IngestedChunk:
     pieces, digest = read_chunk(chunk, ctx.config.source_options)
     ctx.stage_raw(chunk.index, pieces)
-    return IngestedChunk(plan=chunk, source_digest=digest, bytes_read=chunk.size)
+    parts = tuple(content_hash(p) for p in pieces) if len(pieces) > 1 else ()
+    return IngestedChunk(plan=chunk, source_digest=digest, bytes_read=chunk.size,
+                         part_digests=parts)
 
 
 def _source_pieces(ingested: IngestedChunk, ctx: RunContext) -> list[bytes]:
@@ -333,7 +354,8 @@ def process_chunk_fn(ingested: IngestedChunk, ctx: RunContext) -> ProcessedChunk
         ctx.stage(chunk.index, pieces[0] if len(pieces) == 1 else b"".join(pieces))
         return ProcessedChunk(plan=chunk, source_digest=ingested.source_digest,
                               digest=ingested.source_digest, size=chunk.size, staged=True,
-                              rows_in=0, rows_out=0, rows_rejected=0)
+                              rows_in=0, rows_out=0, rows_rejected=0,
+                              part_digests=ingested.part_digests)
     options = ctx.config.source_options
     parts = with_headers(chunk, pieces, options)
     where = f"chunk {chunk.index} ({chunk.parts[0].source})"
@@ -347,9 +369,10 @@ def process_chunk_fn(ingested: IngestedChunk, ctx: RunContext) -> ProcessedChunk
     return ProcessedChunk(
         plan=chunk, source_digest=ingested.source_digest,
         digest=content_hash(buffer), size=buffer.size, staged=True,
-        rows_in=out.rows_in, rows_out=out.table.num_rows, rows_rejected=out.rows_rejected,
+        rows_in=out.rows_in, rows_out=sum(out.part_rows), rows_rejected=out.rows_rejected,
         rows_added=out.rows_added, rows_dropped=out.rows_dropped,
-        rejects_key=rejects_key,
+        rejects_key=rejects_key, part_digests=ingested.part_digests,
+        part_rows=tuple(out.part_rows),
     )
 
 
@@ -386,6 +409,7 @@ def distribute_chunk_fn(processed: ProcessedChunk, ctx: RunContext,
         rows_out=processed.rows_out, rows_rejected=processed.rows_rejected,
         rows_added=processed.rows_added, rows_dropped=processed.rows_dropped,
         rejects_key=processed.rejects_key, parts=chunk.parts,
+        part_digests=processed.part_digests, part_rows=processed.part_rows,
         replicas=tuple(outcome.replicas), node_failures=outcome.node_failures,
     )
     ctx.unstage(chunk.index)
@@ -436,7 +460,7 @@ def summarize(ctx: RunContext, manifest: Manifest, key: str, new: list[StoredChu
         chunks_processed=len(new), chunks_skipped=skipped, rows_in=manifest.rows_in,
         rows_stored=manifest.rows_stored, rows_rejected=manifest.rows_rejected,
         rows_added=manifest.rows_added, rows_dropped=manifest.rows_dropped,
-        bytes_in=sum(s.size for s in manifest.lineage.sources),
+        bytes_in=sum(s.size - s.extends for s in manifest.lineage.sources),
         bytes_stored=manifest.bytes_stored, stages=stages, node_failures_handled=failures,
         down_nodes=ctx.health.down_nodes(), skipped_files=list(ctx.skipped_files),
         down_reasons={n: ctx.health.reasons.get(n, "") for n in ctx.health.down_nodes()},

@@ -38,11 +38,24 @@ Transform = Callable[[pd.DataFrame], pd.DataFrame]
 
 @dataclass
 class ProcessOutput:
-    table: pa.Table
+    """A chunk's decoded rows, one table per part (so each part's rows can be told apart)."""
+
+    tables: list[pa.Table]
     rows_in: int
     rejects: list[dict[str, Any]] = field(default_factory=list)
     rows_added: int = 0
     rows_dropped: int = 0
+
+    @property
+    def table(self) -> pa.Table:
+        """The parts' rows in order, as one table."""
+        if len(self.tables) == 1:
+            return self.tables[0]
+        return pa.concat_tables(self.tables, promote_options="permissive")
+
+    @property
+    def part_rows(self) -> list[int]:
+        return [t.num_rows for t in self.tables]
 
     @property
     def rows_rejected(self) -> int:
@@ -293,18 +306,20 @@ def decode_parts(parts: Iterable[tuple[ChunkPart, bytes, bytes]], fmt: str,
             table = _apply_constraints(table, schema, part, rejects)
         tables.append(table)
         rows_in += n
-    if len(tables) == 1:
-        combined = tables[0]
-    else:
-        combined = pa.concat_tables(tables, promote_options="permissive")
-    return ProcessOutput(table=combined, rows_in=rows_in, rejects=rejects)
+    return ProcessOutput(tables=tables, rows_in=rows_in, rejects=rejects)
 
 
 def apply_transforms(out: ProcessOutput, transforms: Sequence[tuple[str, Transform]],
                      where: str) -> ProcessOutput:
-    if not transforms:
-        return out
-    frame = out.table.to_pandas()
+    """Apply the transforms to each part's rows in turn, counting the rows they add or drop."""
+    if transforms:
+        out.tables = [_transform(t, out, transforms, where) for t in out.tables]
+    return out
+
+
+def _transform(table: pa.Table, out: ProcessOutput, transforms: Sequence[tuple[str, Transform]],
+               where: str) -> pa.Table:
+    frame = table.to_pandas()
     for name, fn in transforms:
         before = len(frame)
         try:
@@ -322,8 +337,7 @@ def apply_transforms(out: ProcessOutput, transforms: Sequence[tuple[str, Transfo
         out.rows_added += max(change, 0)
         out.rows_dropped += max(-change, 0)
         frame = result
-    out.table = pa.Table.from_pandas(frame, preserve_index=False)
-    return out
+    return pa.Table.from_pandas(frame, preserve_index=False)
 
 
 def encode_parquet(table: pa.Table) -> pa.Buffer:

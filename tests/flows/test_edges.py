@@ -255,3 +255,51 @@ nodes:
     assert result.down_nodes == ["z1"]
     assert "cannot set up node z1 (az://c/x)" in result.down_reasons["z1"]
     assert "nonsense" not in result.down_reasons["z1"]
+
+
+def _ids(dataset: str) -> list[int]:
+    return sorted(DatasetReader(dataset).read_table().column("id").to_pylist())
+
+
+def test_a_file_that_only_grew_ingests_only_its_new_records(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "s"
+    write_ml_csv(src / "a.csv", 10_000, seed=1)
+    config = PipelineConfig(source=str(src), dataset="grow", chunk_size="100KB")
+    assert run_pipeline(config).rows_stored == 10_000
+    extra = tmp_path / "extra.csv"
+    write_ml_csv(extra, 10, seed=2, start_id=10_000)
+    with open(src / "a.csv", "ab") as fh:
+        fh.write(extra.read_bytes().split(b"\n", 1)[1])  # the rows, not the header
+    second = run_pipeline(config)
+    assert second.status == "completed", second.error
+    assert (second.rows_in, second.rows_stored) == (10, 10)
+    assert _ids("grow") == list(range(10_010))
+
+
+def test_a_changed_file_supersedes_its_earlier_version(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "s"
+    write_ml_csv(src / "a.csv", 300, seed=1)
+    write_ml_csv(src / "b.csv", 200, seed=2, start_id=1000)
+    config = PipelineConfig(source=str(src), dataset="chg")  # both files share one chunk
+    assert run_pipeline(config).rows_stored == 500
+    write_ml_csv(src / "b.csv", 50, seed=3, start_id=5000)  # rewritten: fewer, other rows
+    second = run_pipeline(config)
+    assert (second.status, second.rows_in) == ("completed", 50)
+    assert _ids("chg") == list(range(300)) + list(range(5000, 5050))
+    (src / "b.csv").unlink()  # a deleted source keeps its last committed version
+    assert run_pipeline(config).status == "up_to_date"
+    assert _ids("chg") == list(range(300)) + list(range(5000, 5050))
+
+
+def test_a_binary_file_that_grew_exports_whole(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "s"
+    src.mkdir()
+    first = bytes(range(256)) * 8
+    (src / "f.bin").write_bytes(first)
+    config = PipelineConfig(source=str(src), dataset="bg", chunk_size=700)
+    assert run_pipeline(config).status == "completed"
+    (src / "f.bin").write_bytes(first + b"\xee" * 900)
+    second = run_pipeline(config)
+    assert second.status == "completed" and second.bytes_in == 900
+    export_dataset("bg", tmp_path / "out")
+    assert (tmp_path / "out" / "f.bin").read_bytes() == first + b"\xee" * 900
