@@ -17,13 +17,14 @@ about one chunk in memory); nothing reads a whole file at once.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from skyferry.models import ChunkPart, ChunkPlan
 
 __all__ = [
     "Reader",
     "binary_segments",
+    "csv_records",
     "pack_segments",
     "parquet_segments",
     "text_segments",
@@ -62,6 +63,16 @@ def _csv_last_end(window: bytes, skip: int, more: bool) -> int:
     stop = len(window) - 1 if more and window.endswith(b"\r") else len(window)
     match = _CSV_RECORDS.match(window, skip, stop)
     return match.end() if match else skip
+
+
+def csv_records(data: bytes, start: int = 0) -> Iterator[bytes]:
+    """The CSV records of ``data`` from ``start`` (a record boundary), line ends included;
+    an unterminated last record runs to the end."""
+    while start < len(data):
+        match = _CSV_RECORD.match(data, start)
+        end = match.end() if match else len(data)
+        yield data[start:end]
+        start = end
 
 
 def _csv_record_end(read: Reader, size: int, start: int, skip: int = 0) -> int:

@@ -303,3 +303,13 @@ def test_a_binary_file_that_grew_exports_whole(home: Path, tmp_path: Path) -> No
     assert second.status == "completed" and second.bytes_in == 900
     export_dataset("bg", tmp_path / "out")
     assert (tmp_path / "out" / "f.bin").read_bytes() == first + b"\xee" * 900
+
+
+def test_a_csv_with_invalid_utf8_rejects_the_row_and_exports(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "u.csv"
+    src.write_bytes(b"id,name\n1,ok\n2,caf\xe9\n3,fine\n")
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="u"))
+    assert (result.status, result.rows_stored, result.rows_rejected) == ("completed", 2, 1)
+    export_dataset("u", tmp_path / "u-out.csv")
+    assert (tmp_path / "u-out.csv").read_text().splitlines() == ['"id","name"', '1,"ok"',
+                                                                 '3,"fine"']

@@ -37,7 +37,8 @@ def csv_files(draw: Any) -> bytes:
     """A CSV file: a header of 3 columns, then rows that may be quoted, unquoted or broken."""
     lines = ["id,text,value"]
     for i in range(draw(st.integers(1, 12))):
-        style = draw(st.sampled_from(["clean", "quoted", "raw", "stray", "short", "long"]))
+        style = draw(st.sampled_from(["clean", "quoted", "raw", "stray", "short", "long",
+                                      "not-utf8"]))
         text = draw(_RAW_FIELD)
         if style == "clean":
             cells = [str(i), text.replace('"', "").replace(",", "").replace("\r", "")
@@ -48,6 +49,8 @@ def csv_files(draw: Any) -> bytes:
             cells = [str(i), text, "3"]
         elif style == "stray":  # a quote inside an unquoted field opens nothing
             cells = [str(i), 'a"' + text.replace(",", ""), "5"]
+        elif style == "not-utf8":  # a byte that is not UTF-8 (\xff, by surrogateescape)
+            cells = [str(i), "caf\udcff", "6"]
         elif style == "short":
             cells = [str(i)]
         else:
@@ -56,7 +59,7 @@ def csv_files(draw: Any) -> bytes:
     newline = draw(st.sampled_from(["\n", "\r\n"]))
     body = newline.join(lines) + draw(st.sampled_from([newline, ""]))
     bom = "\ufeff" if draw(st.booleans()) else ""
-    return (bom + body).encode()
+    return (bom + body).encode("utf-8", "surrogateescape")
 
 
 @st.composite

@@ -135,3 +135,35 @@ def test_quoted_newlines_decode_to_whole_values(columns: int) -> None:
     table = pq.read_table(io.BytesIO(buffer.to_pybytes()))
     assert out.rows_rejected == 0
     assert [[str(v) for v in r.values()] for r in table.to_pylist()] == rows[1:]
+
+
+def test_invalid_utf8_in_a_csv_is_rejected_by_row_naming_the_column() -> None:
+    data = b"id,name\n1,ok\n2,bad \xff\xfe\n3,fine\n"
+    for schema in (None, Schema.model_validate({"columns": {"id": {"type": "int64"},
+                                                            "name": {"type": "string"}}})):
+        table, out = _run(data, schema)
+        assert table.column("name").to_pylist() == ["ok", "fine"]
+        assert str(table.schema.field("name").type) == "string"
+        (reject,) = out.rejects
+        assert reject["reason"] == "column 'name': invalid UTF-8" and reject["row"] == 2
+        assert out.rows_in == 3
+
+
+def test_invalid_utf8_in_a_typed_column_is_a_reject() -> None:
+    schema = Schema.model_validate({"columns": {"id": {"type": "int64"}}})
+    table, out = _run(b"id,name\n1,a\n\xff,b\n3,c\n", schema)
+    assert table.column("id").to_pylist() == [1, 3] and out.rows_rejected == 1
+
+
+def test_jsonl_with_mixed_types_keeps_every_row_as_text() -> None:
+    part = ChunkPart(source="file:///data/m.jsonl", start=0, end=10)
+    data = b'{"a": 1, "b": "x"}\n{"a": "two", "b": "y"}\n{"a": true, "b": "z"}\n'
+    buffer, out = process_parts([(part, data, b"")], "jsonl", None, [], "t")
+    table = pq.read_table(io.BytesIO(buffer.to_pybytes()))
+    assert table.column("a").to_pylist() == ["1", "two", "true"] and not out.rejects
+
+
+def test_an_undecodable_part_is_a_format_error_naming_the_file() -> None:
+    part = ChunkPart(source="file:///data/odd.parquet", start=0, end=4)
+    with pytest.raises(FormatError, match="odd.parquet"):
+        process_parts([(part, b"PAR1", b"")], "parquet", None, [], "t")
