@@ -270,6 +270,7 @@ def run_pipeline(config: PipelineConfig, settings: Settings | None = None) -> Pi
         run_id = state.state_details.flow_run_id
         return PipelineResult(status="failed", dataset=config.dataset, batch_id=exc.batch_id,
                               error=str(exc), error_stage=exc.stage,
+                              error_type=type(exc.__cause__ or exc).__name__,
                               flow_run_id=str(run_id) if run_id else None)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from skyferry.metrics import PipelineResult
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Move ML training data across clouds, replicated and verified.")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whole for grep
 
 
 @app.callback()
@@ -35,6 +36,30 @@ def _prefect_quiet() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # Logging is Prefect's to configure (its default, or PREFECT_LOGGING_SETTINGS_PATH).
+
+
+class _NoEngineFailures(logging.Filter):
+    """Keeps Prefect's failure reports (a state line, a traceback of ~70 lines) off the
+    terminal: the command prints the typed error itself. Prefect's API still logs them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR
+                    and record.name.startswith(("prefect.flow_runs", "prefect.task_runs",
+                                                "skyferry.pipeline")))
+
+
+def _terminal_errors(verbose: bool) -> None:
+    """Unless ``verbose``, a failed run shows its typed error in a line or two, not a
+    traceback. Call it once Prefect has configured logging (it does so when imported)."""
+    if verbose:
+        return
+    quiet = _NoEngineFailures()
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and quiet not in handler.filters:
+                handler.addFilter(quiet)
 
 
 def _settle(result: PipelineResult) -> None:
@@ -57,7 +82,7 @@ def print_summary(result: PipelineResult, rejects: list[dict[str, Any]] | None =
     console.print(f"[bold]{result.dataset}[/] batch [bold]{result.batch_id}[/]: "
                   f"[{status_style}]{result.status}[/] in {result.duration_s:.1f}s")
     if result.error:
-        console.print(f"[red]{result.error_stage}: {result.error}[/]")
+        err.print(f"[bold red]error:[/] {result.error_type or 'Error'}: {result.error}")
         return
     if result.skipped_files:
         console.print(f"[yellow]passed over {len(result.skipped_files)} hidden or marker "
@@ -123,6 +148,8 @@ def run(
     schema: Annotated[Optional[str], typer.Option("--schema", help="schema YAML")] = None,
     source_cloud: Annotated[Optional[str], typer.Option(help="cloud of a local source")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                          help="show Prefect's tracebacks of a failure")] = False,
 ) -> None:
     """Run the multicloud-pipeline flow on SOURCE."""
     _prefect_quiet()
@@ -137,6 +164,7 @@ def run(
         _fail(exc)
     from flows.pipeline import run_pipeline
 
+    _terminal_errors(verbose)
     result = run_pipeline(config)
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
@@ -246,6 +274,8 @@ def profile(
     from flows.pipeline import run_pipeline
     from skyferry.demo import generate_dataset
     from skyferry.gc import drop_dataset
+
+    _terminal_errors(False)
     from skyferry.profile import profile_results, profile_table, write_chart
 
     settings = get_settings()
@@ -323,6 +353,7 @@ def demo(
     from skyferry.demo import generate_dataset
     from skyferry.export import export_dataset
 
+    _terminal_errors(False)
     settings = get_settings()
     source = settings.home / "demo" / "source"
     started = time.perf_counter()

@@ -55,6 +55,7 @@ class PipelineResult(BaseModel):
         default_factory=list, description="hidden or marker files a folder listing passed over")
     error: str | None = None
     error_stage: str | None = None
+    error_type: str | None = Field(default=None, description="the type of the error's cause")
 
 
 @dataclass

@@ -45,3 +45,22 @@ def test_a_run_on_the_ephemeral_api_leaves_its_whole_history_and_a_clean_stderr(
     # one move-chunk per chunk, plus probe, listing, planning and the commit: all completed
     assert states == {"COMPLETED": result["chunks_processed"] + 4}, states
     assert "commit-manifest" in names and "move-chunk" in names
+
+
+def test_a_failed_run_prints_its_typed_error_not_a_traceback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    env.update(SKYFERRY_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
+               PREFECT_LOGGING_LEVEL="WARNING")
+    missing = tmp_path / "nowhere.csv"
+    command = [sys.executable, "-m", "skyferry.cli", "run", str(missing), "--dataset", "d"]
+    quiet = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 1
+    assert quiet.stderr.strip().splitlines() == [
+        f"error: SourceNotFoundError: stage ingestion failed for d/batch=unplanned: "
+        f"source not found: {missing}"]
+    verbose = subprocess.run(command + ["--verbose"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:  # the log keeps it
+        logged = [m for (m,) in db.execute("SELECT message FROM log") if "Traceback" in m]
+    assert len(logged) >= 2
