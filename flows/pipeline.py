@@ -71,12 +71,19 @@ EPHEMERAL_STARTUP_TIMEOUT_S = 120  # how long an ephemeral API may take to start
 def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
     """Ingest a source, process it, store every chunk on R nodes (W verified), commit."""
     started = time.perf_counter()
-    logger = get_run_logger()
     try:
         ctx = build_context(config)
     except SkyferryError as exc:
         raise StageError(str(exc), stage="setup", batch_id=config.batch_id or "unplanned",
                          dataset=config.dataset) from exc
+    try:
+        return _run_batch(config, ctx, started)
+    finally:
+        ctx.close()
+
+
+def _run_batch(config: PipelineConfig, ctx: RunContext, started: float) -> PipelineResult:
+    logger = get_run_logger()
     stage = "ingestion"
     try:
         latencies = probe_nodes(ref(ctx))

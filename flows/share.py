@@ -260,12 +260,23 @@ def cloud_share(config: PipelineConfig, batch_id: str, cloud: str, chunks: list[
     ``known_down`` are nodes an earlier in-process share found down, with why; they are
     avoided without being probed again. A child on another pool probes every node itself.
     """
-    logger = get_run_logger()
     try:
         ctx = build_context(config)
     except SkyferryError as exc:
         raise StageError(str(exc), stage="setup", batch_id=batch_id,
                          dataset=config.dataset) from exc
+    try:
+        return _run_share(ctx, config, batch_id, cloud, chunks, pool, progress_artifact,
+                          started_at, done_at_start, known_down)
+    finally:
+        ctx.close()
+
+
+def _run_share(ctx: RunContext, config: PipelineConfig, batch_id: str, cloud: str,
+               chunks: list[int], pool: str | None, progress_artifact: str | None,
+               started_at: float | None, done_at_start: int,
+               known_down: dict[str, str] | None) -> ShareReport:
+    logger = get_run_logger()
     try:
         plan = load_pending_plan(ctx, batch_id)
         for node, reason in (known_down or {}).items():

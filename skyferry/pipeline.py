@@ -40,7 +40,7 @@ from skyferry.placement import NodeHealth, Placer
 from skyferry.processing import Transform, load_transforms, process_parts
 from skyferry.replication import ReplicaWriter
 from skyferry.schema import Schema, load_schema
-from skyferry.storage import safe_key
+from skyferry.storage import Store, safe_key
 from skyferry.versions import grown_from, live_sources
 
 __all__ = [
@@ -92,6 +92,12 @@ class RunContext:
 
     def __hash__(self) -> int:  # tasks may hash their inputs; identity is enough
         return id(self)
+
+    def close(self) -> None:
+        """End the run's replica writers: what is still in flight (a hung node's writes) is
+        cancelled, so no thread of this run outlives it."""
+        if self.writer is not None:
+            self.writer.close()
 
     def stage_raw(self, index: int, pieces: list[bytes]) -> None:
         """Hold an ingested chunk's source bytes until it is processed (bounded by the window)."""
@@ -181,7 +187,8 @@ def probe_nodes_fn(ctx: RunContext) -> dict[str, float | None]:
     pool = ThreadPoolExecutor(max_workers=max(1, len(nodes)))
     known_down = set(ctx.health.down_nodes())  # handed over by a parent: not probed again
     # a node whose store cannot even be set up fails its probe like one that does not answer
-    futures = {n.name: pool.submit(_probe, n) for n in nodes
+    stores: dict[str, Store] = {}  # filled as each node's store is set up, to stop a hung probe
+    futures = {n.name: pool.submit(_probe, n, stores) for n in nodes
                if n.enabled and n.name not in known_down}
     for node in nodes:
         if not node.enabled:
@@ -196,6 +203,8 @@ def probe_nodes_fn(ctx: RunContext) -> dict[str, float | None]:
         except FutureTimeout:
             ctx.health.mark(node.name, "down", f"probe timed out after {timeout}s")
             latencies[node.name] = None
+            if node.name in stores:
+                stores[node.name].cancel()
             continue
         except Exception as exc:
             ctx.health.mark(node.name, "down", f"probe failed: {type(exc).__name__}: {exc}")
@@ -208,8 +217,9 @@ def probe_nodes_fn(ctx: RunContext) -> dict[str, float | None]:
     return latencies
 
 
-def _probe(node: Node) -> float:
-    return node.store().probe()
+def _probe(node: Node, stores: dict[str, Store]) -> float:
+    store = stores[node.name] = node.store()
+    return store.probe()
 
 
 def new_source_files(ctx: RunContext) -> list[SourceFile]:

@@ -36,8 +36,8 @@ class NodeHealth:
         with self._lock:
             previous = self.states.get(node)
             self.states[node] = state
-            if reason:
-                self.reasons[node] = reason
+            if reason and (previous != state or node not in self.reasons):
+                self.reasons[node] = reason  # a node already down keeps its first cause
         if previous != state and state != "healthy":
             logger.warning("node %s is now %s%s", node, state, f": {reason}" if reason else "")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,24 +30,13 @@ __all__ = ["ReplicaWriter", "WriteOutcome", "verify_replica"]
 
 logger = logging.getLogger("skyferry.distribute")
 
-# Replica writes run on one pool per process, whose idle threads are reused. A new pool per
-# chunk started three threads per chunk; with 64 small chunks that was a fifth of the
-# chunk tasks' time (py-spy). A hung write keeps its thread until its backend call gives up,
-# and the pool starts another thread for the next write, up to this many at once.
+# Replica writes run on one pool per run, whose idle threads are reused across its chunks
+# (a new pool per chunk started three threads per chunk: a fifth of the chunk tasks' time
+# with 64 small chunks, by py-spy). Backend calls have deadlines and are cancelled when
+# their node is marked down or the run ends (``Store.cancel``), so no thread outlives it.
 WRITE_THREADS = 128
 SLOT_POLL_S = 0.25  # how often a write waiting for a node's slot checks the node is not down
-_pool_lock = threading.Lock()
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def write_pool() -> ThreadPoolExecutor:
-    """This process's pool of replica writers; a new one after a fork, which kills threads."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=WRITE_THREADS,
-                                                     thread_name_prefix="skyferry-replica"))
-        return _pool[1]
+CLOSE_WAIT_S = 10.0  # how long close() waits for the writers' threads to finish
 
 
 def verify_replica(store: Store, key: str, digest: str, size: int,
@@ -97,6 +85,21 @@ class ReplicaWriter:
         self._queued: dict[str, int] = {}  # per node: bytes of the writes in flight to it
         self._entered: dict[str, int] = {}  # per node: bytes ever handed to it in this run
         self._slots: dict[str, threading.Semaphore] = {}  # per node with max_writes
+        self._pool = ThreadPoolExecutor(max_workers=WRITE_THREADS,
+                                        thread_name_prefix="skyferry-replica")
+
+    def close(self) -> None:
+        """Cancel what is still in flight (a hung node's writes), and end the threads."""
+        with self._lock:
+            stores = list(self._stores.values())
+        for store in stores:
+            store.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        for thread in list(getattr(self._pool, "_threads", ())):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                logger.warning("replica writer %s is still in a backend call", thread.name)
 
     def _enter(self, node: str, size: int) -> tuple[int, int]:
         """Queue a write of ``size`` bytes to ``node``; return its ticket for ``_deadline``."""
@@ -145,7 +148,10 @@ class ReplicaWriter:
         for name, future in futures.items():
             try:
                 future.result(timeout=timeout)
-            except Exception:  # still down (or still hung): it stays marked
+            except FutureTimeout:  # still hung: it stays marked, and its probe is stopped
+                self.store(self.topology.node(name)).cancel()
+                continue
+            except Exception:  # still down: it stays marked
                 continue
             self.health.mark(name, "healthy")
             back.append(name)
@@ -238,7 +244,7 @@ class ReplicaWriter:
                 break
             if md5 is None and any(not self.store(n).is_local for n in targets):
                 md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-            pool = write_pool()
+            pool = self._pool
             started = time.monotonic()
             tickets = {n.name: self._enter(n.name, len(data)) for n in targets}
             futures = {n.name: pool.submit(self._write_one, n, key, data, digest, md5)
@@ -255,6 +261,8 @@ class ReplicaWriter:
                 failed.append(node)
                 errors.append(str(exc))
                 self.health.mark(node.name, "down", str(exc))
+                if not futures[node.name].done():  # hung: its calls in flight are abandoned
+                    self.store(node).cancel()
             targets = []  # a hung write keeps its thread; the run moves on
             if not failed:
                 break

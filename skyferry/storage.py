@@ -7,15 +7,18 @@ family, naming the node and the key.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import logging
 import mmap
 import os
 import posixpath
 import re
+import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +93,49 @@ class Store:
         self.fs, root = open_url(url, storage_options)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._calls: set[concurrent.futures.Future[Any]] = set()
+        self._calls_lock = threading.Lock()
+
+    def _limit(self, nbytes: int = 0) -> float:
+        """How long one backend call may take before it is cancelled: three of its node's
+        timeouts (a backend retries inside a call) plus 1 s per MB it moves."""
+        return 3 * (self.timeout_s or 30.0) + nbytes / 1e6
+
+    def _call(self, method: str, *args: Any, nbytes: int = 0, **kwargs: Any) -> Any:
+        """``fs.<method>(*args, **kwargs)``, cancelled once it passes :meth:`_limit`.
+
+        An async backend (s3fs, gcsfs, adlfs) runs the call's coroutine on its loop under
+        a deadline, and :meth:`cancel` can stop it early; either way the coroutine is
+        cancelled, so the calling thread is freed instead of waiting on a server that
+        stopped answering. A local or sync filesystem is called directly.
+        """
+        coroutine: Callable[..., Any] | None = getattr(self.fs, f"_{method}", None)
+        if not getattr(self.fs, "async_impl", False) or coroutine is None:
+            return getattr(self.fs, method)(*args, **kwargs)
+        limit = self._limit(nbytes)
+        future = asyncio.run_coroutine_threadsafe(
+            asyncio.wait_for(coroutine(*args, **kwargs), limit), self.fs.loop)
+        with self._calls_lock:
+            self._calls.add(future)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise NodeUnavailableError(f"a call to node {self.name} was cancelled: the node "
+                                       "was marked down, or the run ended", node=self.name
+                                       ) from None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise TimeoutError(f"{method} took longer than {limit:.0f}s") from None
+        finally:
+            with self._calls_lock:
+                self._calls.discard(future)
+
+    def cancel(self) -> int:
+        """Cancel every backend call in flight on this store; returns how many there were."""
+        with self._calls_lock:
+            calls = list(self._calls)
+        for future in calls:
+            future.cancel()
+        return len(calls)
 
     def __repr__(self) -> str:
         return f"Store(name={self.name!r}, url={self.url!r})"
@@ -140,13 +186,16 @@ class Store:
                         os.unlink(tmp)
                     raise
             else:
-                self.fs.pipe_file(path, bytes(data) if isinstance(data, memoryview) else data)
+                self._call("pipe_file", path,
+                           bytes(data) if isinstance(data, memoryview) else data,
+                           nbytes=len(data))
         except Exception as exc:
             raise self._translate(exc, key, "write") from exc
 
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         try:
-            data: bytes = self.fs.cat_file(self.path(key), start=start, end=end)
+            data: bytes = self._call("cat_file", self.path(key), start=start, end=end,
+                                     nbytes=(end or 0) - (start or 0) or 64 << 20)
             return data
         except Exception as exc:
             raise self._translate(exc, key, "read") from exc
@@ -181,11 +230,14 @@ class Store:
             except Exception as exc:
                 raise self._translate(exc, key, "read") from exc
             return digest.hexdigest(), size
-        try:
-            with self.fs.open(self.path(key), "rb", block_size=block) as fh:
-                while data := fh.read(block):
-                    digest.update(data)
-                    size += len(data)
+        try:  # ranged reads, each one a call with its own deadline
+            path = self.path(key)
+            total = int(self._call("info", path)["size"])
+            for offset in range(0, total, block):
+                data = self._call("cat_file", path, start=offset,
+                                  end=min(offset + block, total), nbytes=block)
+                digest.update(data)
+                size += len(data)
         except Exception as exc:
             raise self._translate(exc, key, "read") from exc
         return digest.hexdigest(), size
@@ -200,7 +252,7 @@ class Store:
         path = self.path(key)
         try:
             self.fs.invalidate_cache(path)
-            info = self.fs.info(path)
+            info = self._call("info", path)
         except Exception as exc:
             raise self._translate(exc, key, "stat") from exc
         size = int(info.get("size") or 0)
@@ -219,19 +271,19 @@ class Store:
 
     def size(self, key: str) -> int:
         try:
-            return int(self.fs.size(self.path(key)))
+            return int(self._call("info", self.path(key))["size"])
         except Exception as exc:
             raise self._translate(exc, key, "stat") from exc
 
     def exists(self, key: str) -> bool:
         try:
-            return bool(self.fs.exists(self.path(key)))
+            return bool(self._call("exists", self.path(key)))
         except Exception as exc:
             raise self._translate(exc, key, "check") from exc
 
     def delete(self, key: str) -> None:
         try:
-            self.fs.rm_file(self.path(key))
+            self._call("rm_file", self.path(key))
         except FileNotFoundError:
             return
         except Exception as exc:
@@ -242,9 +294,9 @@ class Store:
         base = self.path(prefix) if prefix else self.root
         try:
             self.fs.invalidate_cache()
-            if not self.fs.exists(base):
+            if not self._call("exists", base):
                 return
-            found = self.fs.find(base, detail=True)
+            found = self._call("find", base, detail=True)
         except Exception as exc:
             raise self._translate(exc, prefix, "list") from exc
         root_len = len(self.root) + 1
