@@ -48,6 +48,7 @@ from flows.live import LiveStatus, create_live_status
 from flows.share import event, ref, stage_error
 from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.errors import SkyferryError, StageError
+from skyferry.lease import DatasetLease
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
 from skyferry.models import ChunkPlan, StoredChunk
@@ -89,7 +90,25 @@ def _run_batch(config: PipelineConfig, ctx: RunContext, started: float) -> Pipel
         latencies = probe_nodes(ref(ctx))
         logger.info("nodes: %s", {n: ("down" if v is None else f"{v * 1000:.1f} ms")
                                   for n, v in latencies.items()})
-        if config.batch_id is not None:
+        lease = DatasetLease(ctx.catalog.store, config.dataset,
+                             on_wait=lambda holder: logger.warning(
+                                 "dataset %s is being run by another run (pid %s on %s); "
+                                 "waiting for it to end", config.dataset, holder.get("pid"),
+                                 holder.get("host")))
+        with lease:
+            return _plan_and_move(config, ctx, started)
+    except StageError:
+        raise
+    except Exception as exc:
+        raise stage_error(stage, ctx, exc) from exc
+
+
+def _plan_and_move(config: PipelineConfig, ctx: RunContext, started: float) -> PipelineResult:
+    """List, plan, move and commit, while this run holds the dataset's lease."""
+    logger = get_run_logger()
+    stage = "ingestion"
+    try:
+        if config.batch_id is not None:  # committed before, or by the run this one waited for
             for manifest in ctx.catalog.manifests(config.dataset):
                 if manifest.batch_id == config.batch_id:
                     logger.info("batch %s is already committed; nothing to do", config.batch_id)

@@ -192,6 +192,32 @@ class Store:
         except Exception as exc:
             raise self._translate(exc, key, "write") from exc
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``data`` under ``key`` only if nothing is there; whether it was written.
+
+        Exclusive on a local disk (``O_EXCL``). On an object store it checks, then writes:
+        two writers at the same moment can both succeed, and the later one's bytes stay.
+        """
+        path = self.path(key)
+        try:
+            if self.is_local:
+                os.makedirs(posixpath.dirname(path), exist_ok=True)
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                return True
+            if self._call("exists", path):
+                return False
+            self._call("pipe_file", path, data, nbytes=len(data))
+            return True
+        except Exception as exc:
+            raise self._translate(exc, key, "create") from exc
+
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         try:
             data: bytes = self._call("cat_file", self.path(key), start=start, end=end,

@@ -65,3 +65,14 @@ def signal_server_on_second_chunk(df: pd.DataFrame) -> pd.DataFrame:
     if _count() == 2:
         os.killpg(int(os.environ["SF_SIGNAL_PID"]), getattr(signal, os.environ["SF_SIGNAL"]))
     return df
+
+
+def hold_on_second_chunk(df: pd.DataFrame) -> pd.DataFrame:
+    """On the 2nd chunk, open the FIFO $SF_HELD for writing (the test's read returns once
+    the run is held here), then wait until the test writes to the FIFO $SF_RELEASE."""
+    if _count() == 2:
+        with open(os.environ["SF_HELD"], "w") as held:
+            held.write("held\n")
+        with open(os.environ["SF_RELEASE"]) as release:
+            release.read()
+    return df
