@@ -17,14 +17,14 @@ about one chunk in memory); nothing reads a whole file at once.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from skyferry.models import ChunkPart, ChunkPlan
 
 __all__ = [
     "Reader",
     "binary_segments",
-    "csv_records",
+    "csv_record_around",
     "pack_segments",
     "parquet_segments",
     "text_segments",
@@ -65,14 +65,18 @@ def _csv_last_end(window: bytes, skip: int, more: bool) -> int:
     return match.end() if match else skip
 
 
-def csv_records(data: bytes, start: int = 0) -> Iterator[bytes]:
-    """The CSV records of ``data`` from ``start`` (a record boundary), line ends included;
-    an unterminated last record runs to the end."""
-    while start < len(data):
-        match = _CSV_RECORD.match(data, start)
-        end = match.end() if match else len(data)
-        yield data[start:end]
-        start = end
+def csv_record_around(data: bytes, start: int, pos: int) -> tuple[int, int]:
+    """``(begin, end)`` of the CSV record of ``data`` that holds byte ``pos`` (not a line
+    end), scanning from ``start``, a record boundary at or before it. ``end`` includes the
+    record's line end."""
+    if data.find(b'"', start, pos) < 0:  # no quote before it: the last line end is a boundary
+        begin = max(data.rfind(b"\n", start, pos), data.rfind(b"\r", start, pos)) + 1
+        begin = max(begin, start)
+    else:
+        whole = _CSV_RECORDS.match(data, start, pos)
+        begin = whole.end() if whole else start
+    match = _CSV_RECORD.match(data, begin)
+    return begin, match.end() if match else len(data)
 
 
 def _csv_record_end(read: Reader, size: int, start: int, skip: int = 0) -> int:

@@ -7,12 +7,14 @@ and its row. Transforms may add or drop rows; each chunk counts them, so that fo
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib
 import io
 import json
 import logging
 import struct
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +26,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from skyferry.chunking import csv_records
+from skyferry.chunking import csv_record_around
 from skyferry.errors import FormatError, SchemaError, TransformError
 from skyferry.models import ChunkPart
 from skyferry.schema import Schema
@@ -200,9 +202,8 @@ def _decode_csv(part: ChunkPart, data: bytes, header: bytes, schema: Schema | No
         raise FormatError(f"{part.source}: the CSV header is not UTF-8: {exc}",
                           url=part.source, fmt="csv") from exc
 
-    def parse(newlines: bool, conv: pacsv.ConvertOptions,
-              handler: Callable[[Any], str] = on_invalid) -> pa.Table:
-        options = pacsv.ParseOptions(newlines_in_values=newlines, invalid_row_handler=handler)
+    def parse(newlines: bool, conv: pacsv.ConvertOptions) -> pa.Table:
+        options = pacsv.ParseOptions(newlines_in_values=newlines, invalid_row_handler=on_invalid)
         try:
             return pacsv.read_csv(pa.BufferReader(data), read_options=read,
                                   parse_options=options, convert_options=conv)
@@ -247,13 +248,7 @@ def _decode_csv(part: ChunkPart, data: bytes, header: bytes, schema: Schema | No
             f"expected {row.expected_columns} columns, found {row.actual_columns}", row.text,
         ))
     rows_in = table.num_rows + len(invalid)
-
-    def source_text() -> pa.Table:  # the rows as their bytes, for a reject's text
-        as_bytes = pacsv.ConvertOptions(column_types={n: pa.binary() for n in table.column_names},
-                                        strings_can_be_null=True)
-        return parse(retry, as_bytes, lambda row: "skip")
-
-    table = _valid_utf8(table, part, rejects, source_text)
+    table = _as_text(table)  # the data is UTF-8 here: _decode_csv_by_record took the rest
     if raw is not None:
         raw = table
     if schema is not None:
@@ -263,45 +258,67 @@ def _decode_csv(part: ChunkPart, data: bytes, header: bytes, schema: Schema | No
 
 def _decode_csv_by_record(part: ChunkPart, data: bytes, header: bytes, schema: Schema | None,
                           rejects: list[dict[str, Any]]) -> tuple[pa.Table, int]:
-    """A chunk with a malformed row that also holds bytes that are not UTF-8: pyarrow cannot
-    hand such a row to a reject handler, so it fails the whole chunk.
+    """A chunk that holds bytes that are not UTF-8: pyarrow cannot hand a malformed row that
+    holds such bytes to a reject handler, so it would fail the whole chunk.
 
-    Each record is cut as the chunk planner cuts it and split with Python's csv module: rows
-    with the wrong number of fields or with text that is not UTF-8 become rejects, with the
-    reasons and texts the fast path gives, and pyarrow reads the rows that pass.
+    The records that hold such bytes are cut out, as the chunk planner cuts records, and
+    become rejects (the wrong number of fields, or text that is not UTF-8), with the reasons
+    and texts pyarrow's path gives; pyarrow reads the rest in one piece.
     """
     if not header:  # the part starts its file: its first record is the header
         skip = 3 if data.startswith(b"\xef\xbb\xbf") else 0
-        end = skip + len(next(csv_records(data, skip), b""))
+        end = csv_record_around(data, skip, skip)[1]
         header, data = data[:end], data[end:]
     names = _header_names(header)
     kept = [header if header.endswith((b"\n", b"\r")) else header + b"\n"]
-    rows_in = 0
-    for record in csv_records(data):
-        line = _without_line_end(record)
-        if not line:
-            continue  # pyarrow skips empty lines
-        rows_in += 1
+    cut = lines = pos = 0
+    for bad in _not_utf8_offsets(data):
+        if bad < pos:
+            continue  # in a record already cut out
+        begin, end = csv_record_around(data, pos, bad)
+        kept.append(data[pos:begin])
+        line = _without_line_end(data[begin:end])
+        lines += data.count(b"\n", pos, begin)
+        row = lines + 1  # the record's first line in the part
+        lines += data.count(b"\n", begin, end)
+        pos = end
+        cut += 1
         fields = next(csv.reader(io.StringIO(line.decode("utf-8", "surrogateescape"),
                                              newline="")), [])
-        text = line.decode("utf-8", "replace")
         if len(fields) != len(names):
-            rejects.append(_reject(part, rows_in, f"expected {len(names)} columns, found "
-                                   f"{len(fields)}", text))
+            rejects.append(_reject(part, row, f"expected {len(names)} columns, found "
+                                   f"{len(fields)}", line.decode("utf-8", "replace")))
             continue
-        bad = [n for n, f in zip(names, fields, strict=True) if not _is_utf8(
-            f.encode("utf-8", "surrogateescape"))]
-        if bad:
-            values = {n: (f.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-                          if f else None) for n, f in zip(names, fields, strict=True)}
-            rejects.append(_reject(part, rows_in, f"column {bad[0]!r}: invalid UTF-8",
-                                   json.dumps(values)))
-            continue
-        kept.append(record if record.endswith((b"\n", b"\r")) else record + b"\n")
-    if len(kept) == 1:  # no row passed: an empty table with the header's columns
-        return pa.table({n: pa.array([], pa.string()) for n in names}), rows_in
-    table, _ = _decode_csv(part, b"".join(kept), b"", schema, rejects)
-    return table, rows_in
+        column = next(n for n, f in zip(names, fields, strict=True)
+                      if not _is_utf8(f.encode("utf-8", "surrogateescape")))
+        values = {n: (f.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                      if f else None) for n, f in zip(names, fields, strict=True)}
+        rejects.append(_reject(part, row, f"column {column!r}: invalid UTF-8",
+                               json.dumps(values)))
+    rest = data[pos:]
+    kept.append(rest if not rest or rest.endswith((b"\n", b"\r")) else rest + b"\n")
+    table, rows_in = _decode_csv(part, b"".join(kept), b"", schema, rejects)
+    return table, rows_in + cut
+
+
+_offsets = threading.local()
+
+
+def _collect_offset(exc: UnicodeError) -> tuple[str, int]:
+    assert isinstance(exc, UnicodeDecodeError)
+    _offsets.found.append(exc.start)
+    return "\ufffd", exc.end
+
+
+codecs.register_error("skyferry-offsets", _collect_offset)
+
+
+def _not_utf8_offsets(data: bytes) -> list[int]:
+    """The offsets of the bytes of ``data`` that are not UTF-8, in one decoding pass."""
+    _offsets.found = []
+    data.decode("utf-8", "skyferry-offsets")
+    found: list[int] = _offsets.found
+    return found
 
 
 def _without_line_end(record: bytes) -> bytes:
@@ -323,40 +340,13 @@ def _is_utf8(value: bytes | None) -> bool:
     return True
 
 
-def _valid_utf8(table: pa.Table, part: ChunkPart, rejects: list[dict[str, Any]],
-                source_text: Callable[[], pa.Table]) -> pa.Table:
-    """CSV text columns as strings; a row whose text is not UTF-8 becomes a reject.
-
-    pyarrow types a column holding invalid UTF-8 as binary; stored so, it could not be
-    exported as CSV or JSON. Columns are checked value by value only when one fails.
-    """
-    binary = [i for i, f in enumerate(table.schema) if pa.types.is_binary(f.type)]
-    if not binary:
+def _as_text(table: pa.Table) -> pa.Table:
+    """Binary columns (text read as bytes, whose UTF-8 is checked) as strings."""
+    if not any(pa.types.is_binary(f.type) for f in table.schema):
         return table
-    good = [True] * table.num_rows
-    reason: dict[int, str] = {}
-    for i in binary:
-        try:
-            pc.cast(table.column(i), pa.string())
-            continue
-        except pa.ArrowInvalid:
-            pass
-        for row, value in enumerate(table.column(i).to_pylist()):
-            if good[row] and not _is_utf8(value):
-                good[row] = False
-                reason[row] = f"column {table.schema.field(i).name!r}: invalid UTF-8"
-    text = source_text() if reason else table
-    for row in sorted(reason):
-        values = {name: (None if v is None else v.decode("utf-8", "replace"))
-                  for name, v in zip(text.column_names,
-                                     (c[row].as_py() for c in text.columns), strict=True)}
-        rejects.append(_reject(part, row + 1, reason[row], json.dumps(values)))
-    if reason:
-        table = table.filter(pa.array(good))
-    columns = [pc.cast(c, pa.string()) if i in binary else c
-               for i, c in enumerate(table.columns)]
-    names = table.column_names
-    return pa.table(dict(zip(names, columns, strict=True))).select(names)
+    columns = [pc.cast(c, pa.string()) if pa.types.is_binary(c.type) else c
+               for c in table.columns]
+    return pa.table(dict(zip(table.column_names, columns, strict=True)))
 
 
 def _decode_jsonl(part: ChunkPart, data: bytes, rejects: list[dict[str, Any]]) -> tuple[
