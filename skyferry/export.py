@@ -54,9 +54,16 @@ class DatasetReader:
         self.batch_id = batch_id
         self.report = ExportReport()
         self._stores: dict[str, Store] = {}
-        self._live: dict[str, LiveSource] = {}
+        self._manifests: list[Manifest] | None = None
+        self._live: dict[str, LiveSource] | None = None
 
     def manifests(self) -> list[Manifest]:
+        """The committed manifests read (read once per reader), oldest first."""
+        if self._manifests is None:
+            self._manifests = self._read_manifests()
+        return self._manifests
+
+    def _read_manifests(self) -> list[Manifest]:
         if self.batch_id is not None:
             return [self.catalog.manifest(self.dataset, self.batch_id)]
         manifests, unreadable = self.catalog.scan(self.dataset)
@@ -66,6 +73,12 @@ class DatasetReader:
                 raise unreadable[0]
             self.catalog.manifest(self.dataset)  # raises BatchNotFoundError
         return manifests
+
+    def live(self) -> dict[str, LiveSource]:
+        """Each source file's newest committed version (see :mod:`skyferry.versions`)."""
+        if self._live is None:
+            self._live = live_sources(self.manifests())
+        return self._live
 
     def _store(self, node: str) -> Store:
         if node not in self._stores:
@@ -96,12 +109,10 @@ class DatasetReader:
 
     def iter_chunks(self) -> Iterator[tuple[Manifest, StoredChunk, bytes]]:
         """Every chunk that holds a live source version (see :mod:`skyferry.versions`)."""
-        manifests = self.manifests()
-        self._live = live_sources(manifests)
-        for manifest in manifests:
+        for manifest in self.manifests():
             self.report.batches.append(manifest.batch_id)
             for chunk in manifest.chunks:
-                if not any(live_parts(manifest, chunk, self._live)):
+                if not any(live_parts(manifest, chunk, self.live())):
                     self.report.superseded_chunks += 1
                     continue
                 data = self.chunk_bytes(manifest, chunk)
@@ -133,12 +144,11 @@ class DatasetReader:
             if chunk.format == "binary":
                 raise TypeError(f"dataset {self.dataset} holds binary chunks; use iter_files")
             table = pq.read_table(io.BytesIO(data))
-            keep = live_parts(manifest, chunk, self._live)
+            keep = live_parts(manifest, chunk, self.live())
             if not all(keep):
                 table = _live_rows(table, chunk, keep)
             self.report.rows += table.num_rows
             yield table
-
 
     def read_table(self) -> pa.Table:
         tables = list(self.iter_tables())
@@ -158,6 +168,7 @@ def _live_rows(table: pa.Table, chunk: StoredChunk, keep: list[bool]) -> pa.Tabl
             pieces.append(table.slice(offset, rows))
         offset += rows
     return pa.concat_tables(pieces) if pieces else table.slice(0, 0)
+
 
 def unify(schemas: Iterable[pa.Schema]) -> pa.Schema:
     """One schema for chunks that were typed independently (datasets without a schema).
@@ -207,7 +218,7 @@ def _export_binary(reader: DatasetReader, target: Path) -> None:
     exactly by its parts before it is renamed into place, so a failed export leaves no file
     that looks whole.
     """
-    live = live_sources(reader.manifests())
+    live = reader.live()
     paths = {url: _relative_path(src.file) for url, src in live.items()}
     seen: dict[PurePosixPath, str] = {}
     for url, rel in paths.items():
