@@ -23,6 +23,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy skyferry flows tasks blocks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
@@ -34,6 +35,7 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy skyferry flows tasks blocks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV)

@@ -1,7 +1,4 @@
-"""Configuration blocks: the topology of storage nodes and the cost table between clouds."""
+"""The Prefect face of skyferry: the ``StorageNode`` block, and credentials blocks resolved
+into fsspec storage options. The topology model itself is ``skyferry.topology``."""
 
 from __future__ import annotations
-
-from blocks.topology import Link, Node, Topology, load_topology
-
-__all__ = ["Link", "Node", "Topology", "load_topology"]

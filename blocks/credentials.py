@@ -18,14 +18,11 @@ import logging
 from typing import Any
 
 from skyferry.errors import TopologyError
+from skyferry.topology import use_credentials
 
-__all__ = ["options_from_block", "protocol_of", "with_timeouts"]
+__all__ = ["options_from_block", "resolve_credentials_with_blocks"]
 
 logger = logging.getLogger("skyferry.blocks")
-
-
-def protocol_of(url: str) -> str:
-    return url.split("://", 1)[0].lower() if "://" in url else "file"
 
 
 def _secret(value: Any) -> Any:
@@ -77,20 +74,6 @@ def options_from_block(reference: str, *, node: str) -> dict[str, Any]:
                         "GcpCredentials or AzureBlobStorageCredentials", source=node)
 
 
-def with_timeouts(protocol: str, options: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Bound every backend call so that a hung server is detected, not waited on forever."""
-    out = dict(options)
-    if protocol in ("s3", "s3a"):
-        config = dict(out.get("config_kwargs") or {})
-        config.setdefault("connect_timeout", timeout_s)
-        config.setdefault("read_timeout", timeout_s)
-        config.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
-        out["config_kwargs"] = config
-    elif protocol in ("gs", "gcs"):
-        out.setdefault("timeout", timeout_s)
-        out.setdefault("retries", 2)
-    elif protocol in ("az", "abfs", "abfss"):
-        out.setdefault("timeout", int(timeout_s))
-        out.setdefault("connection_timeout", int(timeout_s))
-        out.setdefault("read_timeout", int(timeout_s))
-    return out
+def resolve_credentials_with_blocks() -> None:
+    """Resolve nodes' ``credentials`` references as saved Prefect blocks, in this process."""
+    use_credentials(lambda reference, node: options_from_block(reference, node=node))

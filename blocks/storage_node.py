@@ -14,7 +14,7 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from blocks.topology import Link, Node, Topology
+from skyferry.topology import Link, Node, Topology
 
 __all__ = ["StorageNode", "topology_from_blocks"]
 

@@ -28,7 +28,7 @@ from prefect.client.schemas.actions import WorkPoolCreate  # noqa: E402
 from prefect.exceptions import ObjectAlreadyExists  # noqa: E402
 
 from blocks.storage_node import StorageNode  # noqa: E402
-from blocks.topology import load_topology  # noqa: E402
+from skyferry.topology import load_topology  # noqa: E402
 
 logger = logging.getLogger("skyferry.setup")
 

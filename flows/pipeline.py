@@ -43,6 +43,7 @@ from prefect.settings import get_current_settings
 from prefect.settings.models.server.services import ServerServicesDBVacuumSettings
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from blocks.credentials import resolve_credentials_with_blocks
 from flows.dispatch import dispatch_to_pools, run_in_process
 from flows.live import LiveStatus, create_live_status
 from flows.share import event, ref, stage_error
@@ -72,6 +73,7 @@ EPHEMERAL_STARTUP_TIMEOUT_S = 120  # how long an ephemeral API may take to start
 def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
     """Ingest a source, process it, store every chunk on R nodes (W verified), commit."""
     started = time.perf_counter()
+    resolve_credentials_with_blocks()
     try:
         ctx = build_context(config)
     except SkyferryError as exc:

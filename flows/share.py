@@ -28,6 +28,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
+from blocks.credentials import resolve_credentials_with_blocks
 from flows.live import LiveStatus
 from flows.runners import make_task_runner, uses_processes
 from skyferry.config import PipelineConfig, get_settings
@@ -260,6 +261,7 @@ def cloud_share(config: PipelineConfig, batch_id: str, cloud: str, chunks: list[
     ``known_down`` are nodes an earlier in-process share found down, with why; they are
     avoided without being probed again. A child on another pool probes every node itself.
     """
+    resolve_credentials_with_blocks()
     try:
         ctx = build_context(config)
     except SkyferryError as exc:

@@ -13,10 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from blocks.credentials import resolve_credentials_with_blocks
 from skyferry.config import PipelineConfig, get_settings, parse_duration, parse_size
 from skyferry.errors import SkyferryError
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
+from skyferry.topology import load_topology
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Move ML training data across clouds, replicated and verified.")
@@ -26,6 +28,7 @@ err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whole for
 
 @app.callback()
 def _setup_process() -> None:
+    resolve_credentials_with_blocks()  # nodes may name saved credentials blocks
     # Before any command imports pyarrow or starts Prefect: a thread that has allocated
     # keeps its own glibc arena, which the tuning cannot reach (skyferry/memory.py).
     if get_settings().tune_malloc:
@@ -120,7 +123,6 @@ def print_summary(result: PipelineResult, rejects: list[dict[str, Any]] | None =
 
 
 def _rejects(result: PipelineResult, topology: str | None) -> list[dict[str, Any]]:
-    from blocks.topology import load_topology
     from skyferry.manifest import Catalog
 
     if result.status != "completed" or not result.batch_id:
@@ -183,7 +185,6 @@ def export(
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
 ) -> None:
     """Read a committed dataset back, verifying every chunk, and write it to a file."""
-    from blocks.topology import load_topology
     from skyferry.export import export_dataset
 
     try:
@@ -205,7 +206,6 @@ def nodes(
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
 ) -> None:
     """Probe every node and show its cloud, region, health and latency."""
-    from blocks.topology import load_topology
     from skyferry.manifest import Catalog
     from skyferry.pipeline import RunContext, probe_nodes_fn
 
@@ -270,7 +270,6 @@ def profile(
 ) -> None:
     """Run the pipeline N times; print the stage breakdown's spread and the bottlenecks."""
     _prefect_quiet()
-    from blocks.topology import load_topology
     from flows.pipeline import run_pipeline
     from skyferry.demo import generate_dataset
     from skyferry.gc import drop_dataset
@@ -320,7 +319,6 @@ def gc(
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
 ) -> None:
     """Delete objects no manifest claims that are older than the grace period."""
-    from blocks.topology import load_topology
     from skyferry.gc import collect_garbage
 
     try:

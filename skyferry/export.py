@@ -19,12 +19,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from blocks.topology import Topology, load_topology
 from skyferry.errors import IntegrityError, StorageError, TopologyError, UnsafeKeyError
 from skyferry.hashing import content_hash
 from skyferry.manifest import Catalog, Manifest
 from skyferry.models import SourceFile, StoredChunk
 from skyferry.storage import Store
+from skyferry.topology import Topology, load_topology
 from skyferry.versions import LiveSource, live_parts, live_sources
 
 __all__ = ["DatasetReader", "ExportReport", "export_dataset"]

@@ -12,10 +12,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from blocks.topology import Topology
 from skyferry.errors import StorageError
 from skyferry.manifest import Catalog
 from skyferry.storage import ObjectInfo, Store
+from skyferry.topology import Topology
 
 __all__ = ["GcReport", "collect_garbage", "drop_dataset"]
 

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from blocks.topology import KNOWN_CLOUDS, Node, Topology, load_topology
 from skyferry import __version__
 from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.errors import (
@@ -41,6 +40,7 @@ from skyferry.processing import Transform, load_transforms, process_parts
 from skyferry.replication import ReplicaWriter
 from skyferry.schema import Schema, load_schema
 from skyferry.storage import Store, safe_key
+from skyferry.topology import KNOWN_CLOUDS, Node, Topology, load_topology
 from skyferry.versions import grown_from, live_sources
 
 __all__ = [

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from blocks.topology import Node, Topology
 from skyferry.errors import InsufficientNodesError
+from skyferry.topology import Node, Topology
 
 __all__ = ["NodeHealth", "Placer", "HealthState"]
 

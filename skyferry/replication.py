@@ -15,7 +15,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
-from blocks.topology import Node, Topology
 from skyferry.errors import (
     NodeUnavailableError,
     QuorumNotMetError,
@@ -25,6 +24,7 @@ from skyferry.errors import (
 from skyferry.models import ReplicaRecord
 from skyferry.placement import NodeHealth, Placer
 from skyferry.storage import Store
+from skyferry.topology import Node, Topology
 
 __all__ = ["ReplicaWriter", "WriteOutcome", "verify_replica"]
 

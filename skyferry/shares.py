@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 
 from pydantic import BaseModel, Field
 
-from blocks.topology import Topology
 from skyferry.models import ChunkPlan
+from skyferry.topology import Topology
 
 __all__ = ["ShareReport", "assign_shares", "share_deployment"]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from prefect.runtime import task_run
 
+from blocks.credentials import resolve_credentials_with_blocks
 from skyferry.models import ChunkPlan, StoredChunk
 from skyferry.pipeline import RunContext, move_chunk_fn, worker_context
 from tasks._common import io_task
@@ -44,6 +45,7 @@ def move_chunk_here(chunk: ChunkPlan, ctx: RunContext,
 @io_task("move-chunk")
 def move_chunk(chunk: ChunkPlan, config_json: str, batch_id: str,
                known_down: dict[str, str]) -> Moved:
+    resolve_credentials_with_blocks()  # a Dask worker's own process
     ctx = worker_context(config_json, batch_id, known_down)
     attempt = _attempt()
     # a retry may land on another worker process: start it over, hold nothing back here

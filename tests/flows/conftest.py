@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from sf_data import SCHEMA_YAML
 
-from blocks.topology import load_topology
 from skyferry.manifest import Catalog, Manifest
+from skyferry.topology import load_topology
 
 
 @pytest.fixture

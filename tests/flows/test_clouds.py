@@ -18,11 +18,11 @@ import pytest
 import sf_servers
 from sf_data import write_ml_csv
 
-from blocks.topology import load_topology
 from flows.pipeline import run_pipeline
 from skyferry.config import PipelineConfig
 from skyferry.export import DatasetReader, export_dataset
 from skyferry.manifest import Catalog, Manifest
+from skyferry.topology import load_topology
 
 pytestmark = [pytest.mark.integration, pytest.mark.clouds,
               pytest.mark.usefixtures("prefect_harness")]

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from sf_data import replica_digest, write_ml_csv
 
-from blocks.topology import load_topology
 from flows.pipeline import run_pipeline
 from skyferry.config import PipelineConfig, get_settings
 from skyferry.manifest import Catalog, Manifest
+from skyferry.topology import load_topology
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 

@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sf_data import write_ml_csv
 
-from blocks.topology import load_topology
 from flows.pipeline import multicloud_pipeline, run_pipeline
 from skyferry.config import PipelineConfig
 from skyferry.errors import (
@@ -27,6 +26,7 @@ from skyferry.errors import (
 from skyferry.export import DatasetReader, export_dataset
 from skyferry.gc import collect_garbage
 from skyferry.pipeline import build_context, build_plan, new_source_files, probe_nodes_fn
+from skyferry.topology import load_topology
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 

@@ -29,8 +29,8 @@ def test_one_gigabyte_binary_end_to_end(home: Path, tmp_path: Path) -> None:
     result = run_pipeline(PipelineConfig(source=str(src), dataset="big", chunk_size="64MB"))
     assert result.status == "completed", result.error
     assert result.chunks_processed == 16 and result.bytes_stored == 1_024_000_000
-    from blocks.topology import load_topology
     from skyferry.manifest import Catalog
+    from skyferry.topology import load_topology
 
     (manifest,) = Catalog(load_topology().catalog_store()).manifests("big")
     for chunk in manifest.chunks:

@@ -15,8 +15,8 @@ from typing import IO
 import pytest
 from sf_data import write_ml_csv
 
-from blocks.topology import load_topology
 from skyferry.export import DatasetReader
+from skyferry.topology import load_topology
 
 pytestmark = pytest.mark.integration
 

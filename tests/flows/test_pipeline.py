@@ -59,8 +59,8 @@ def test_csv_rows_survive_every_stage(home: Path, tmp_path: Path, schema_file: P
     pd.testing.assert_frame_equal(exported, expected, check_dtype=False)
 
     reasons = Counter()
-    from blocks.topology import load_topology
     from skyferry.manifest import Catalog
+    from skyferry.topology import load_topology
     catalog = Catalog(load_topology().catalog_store())
     for chunk in manifest.chunks:
         if chunk.rejects_key:
@@ -201,7 +201,7 @@ def test_export_fails_over_from_a_corrupt_replica(home: Path, tmp_path: Path,
 
 def test_gc_removes_only_unclaimed_objects_past_the_grace_period(home: Path, tmp_path: Path,
                                                                 committed: Committed) -> None:
-    from blocks.topology import load_topology
+    from skyferry.topology import load_topology
 
     src = tmp_path / "x.bin"
     src.write_bytes(os.urandom(5000))

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from blocks.topology import load_topology
 from skyferry.errors import InsufficientNodesError
 from skyferry.placement import NodeHealth, Placer
+from skyferry.topology import load_topology
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from blocks.topology import load_topology
 from skyferry.errors import NodeUnavailableError
 from skyferry.hashing import content_hash
 from skyferry.placement import NodeHealth, Placer
 from skyferry.replication import ReplicaWriter
 from skyferry.storage import Store
+from skyferry.topology import load_topology
 
 # How long a write to the capped node holds on, waiting to see a second one start. Only the
 # capped case waits it out (three times); without a cap the second write ends the wait.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from blocks.topology import load_topology
 from skyferry.models import ChunkPart, ChunkPlan
 from skyferry.placement import NodeHealth, Placer
 from skyferry.shares import assign_shares
+from skyferry.topology import load_topology
 
 
 def planned(sizes: list[int]) -> list[ChunkPlan]:

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness"
 
 
 def _topology_without_azure(tmp_path: Path) -> Path:
-    text = resources.files("blocks").joinpath("default_topology.yaml").read_text()
+    text = resources.files("skyferry").joinpath("default_topology.yaml").read_text()
     line = next(x for x in text.splitlines() if "name: azure-node-1" in x)
     path = tmp_path / "no-azure.yaml"
     path.write_text(text.replace(line, line.replace("work_pool: azure-pool",

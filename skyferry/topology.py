@@ -1,7 +1,7 @@
 """The topology: storage nodes in clouds and regions, and the latency/egress table between them.
 
 A topology is loaded from YAML (the format is documented in ``docs/topology.md`` and shown
-by ``blocks/default_topology.yaml``). ``{home}`` in a URL expands to the data directory.
+by ``skyferry/default_topology.yaml``). ``{home}`` in a URL expands to the data directory.
 
 Example::
 
@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,59 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from blocks.credentials import options_from_block, protocol_of, with_timeouts
 from skyferry.config import describe_validation_error, get_settings
 from skyferry.errors import NodeUnavailableError, TopologyError
 from skyferry.secrets import register_options, scrub
 from skyferry.storage import Store
 
-__all__ = ["KNOWN_CLOUDS", "Link", "LinkCost", "Node", "Topology", "load_topology", "location_of"]
+__all__ = [
+    "KNOWN_CLOUDS",
+    "CredentialResolver",
+    "Link",
+    "LinkCost",
+    "Node",
+    "Topology",
+    "load_topology",
+    "location_of",
+    "protocol_of",
+    "use_credentials",
+    "with_timeouts",
+]
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+def with_timeouts(protocol: str, options: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Bound every backend call so that a hung server is detected, not waited on forever."""
+    out = dict(options)
+    if protocol in ("s3", "s3a"):
+        config = dict(out.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", timeout_s)
+        config.setdefault("read_timeout", timeout_s)
+        config.setdefault("retries", {"max_attempts": 2, "mode": "standard"})
+        out["config_kwargs"] = config
+    elif protocol in ("gs", "gcs"):
+        out.setdefault("timeout", timeout_s)
+        out.setdefault("retries", 2)
+    elif protocol in ("az", "abfs", "abfss"):
+        out.setdefault("timeout", int(timeout_s))
+        out.setdefault("connection_timeout", int(timeout_s))
+        out.setdefault("read_timeout", int(timeout_s))
+    return out
+
+
+# Resolves a node's ``credentials`` reference ("aws-credentials/prod") into fsspec storage
+# options. The domain knows no credentials store: the Prefect layer (blocks/credentials.py)
+# hands its resolver to :func:`use_credentials` before a run reaches a node.
+CredentialResolver = Callable[[str, str], dict[str, Any]]
+_resolver: list[CredentialResolver] = []
+
+
+def use_credentials(resolve: CredentialResolver) -> None:
+    """Resolve nodes' ``credentials`` references with ``resolve(reference, node_name)``."""
+    _resolver[:] = [resolve]
+
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 # Clouds a source URL implies (s3:// is aws, and so on); a topology may name others for its
@@ -106,7 +153,11 @@ class Node(BaseModel):
         options = dict(self.storage_options)
         register_options(options)
         if self.credentials:
-            options.update(options_from_block(self.credentials, node=self.name))
+            if not _resolver:
+                raise TopologyError(f"node {self.name} names credentials {self.credentials!r}, "
+                                    "and nothing resolves credentials in this process",
+                                    source=self.name)
+            options.update(_resolver[0](self.credentials, self.name))
             register_options(options)
         options = with_timeouts(protocol, options, self.timeout_s)
         try:
@@ -226,7 +277,7 @@ def load_topology(path: str | Path | None = None) -> Topology:
     where = str(path) if path else "embedded default topology"
     try:
         if path is None:
-            text = resources.files("blocks").joinpath("default_topology.yaml").read_text()
+            text = resources.files("skyferry").joinpath("default_topology.yaml").read_text()
         else:
             text = Path(path).read_text()
     except OSError as exc:
