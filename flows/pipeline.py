@@ -57,6 +57,7 @@ from skyferry.pipeline import RunContext, build_context, summarize
 from skyferry.report import placement_markdown, stage_breakdown
 from skyferry.secrets import install_scrubber
 from skyferry.shares import ShareReport
+from tasks._common import with_retries
 from tasks.distribute import probe_nodes
 from tasks.ingest import list_new_files, plan_batch
 from tasks.store import COMMIT_TASK, commit_manifest
@@ -118,13 +119,13 @@ def _plan_and_move(config: PipelineConfig, ctx: RunContext, started: float) -> P
                                           batch_id=config.batch_id,
                                           chunks_skipped=len(manifest.chunks),
                                           duration_s=round(time.perf_counter() - started, 3))
-        files = list_new_files(ref(ctx))
+        files = with_retries(list_new_files)(ref(ctx))
         if not files:
             logger.info("no new or changed files under %s", config.source)
             return PipelineResult(status="up_to_date", dataset=config.dataset,
                                   skipped_files=list(ctx.skipped_files),
                                   duration_s=round(time.perf_counter() - started, 3))
-        plan, resumed = plan_batch(ref(ctx), ref(files))
+        plan, resumed = with_retries(plan_batch)(ref(ctx), ref(files))
         done = ctx.catalog.done_chunks(plan.dataset, plan.batch_id) if resumed else {}
         todo = [c for c in plan.chunks if c.index not in done]
         logger.info("batch %s: %d chunks, %d to do, %d already stored", plan.batch_id,
@@ -140,7 +141,8 @@ def _plan_and_move(config: PipelineConfig, ctx: RunContext, started: float) -> P
             stage = "storage"
             new = _collect(ctx, todo, reports)
             live.update("storage", force=True)
-        manifest, key = commit_manifest(ref(ctx), ref(list(done.values()) + new))
+        commit = with_retries(commit_manifest)
+        manifest, key = commit(ref(ctx), ref(list(done.values()) + new))
     except StageError:
         raise
     except Exception as exc:

@@ -43,6 +43,7 @@ from skyferry.pipeline import (
     process_chunk_fn,
 )
 from skyferry.shares import CHILD_FLOW, ShareReport
+from tasks._common import with_retries
 from tasks.distribute import distribute_chunk, probe_nodes
 from tasks.ingest import ingest_chunk
 from tasks.move import Moved, move_chunk, move_chunk_here
@@ -118,7 +119,8 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext,
 
     def admit() -> None:
         chunk = queue.popleft()
-        active[ingest_chunk.submit(ref(chunk), ref(ctx))] = ("ingestion", chunk.index)
+        future = with_retries(ingest_chunk).submit(ref(chunk), ref(ctx))
+        active[future] = ("ingestion", chunk.index)
 
     def fill() -> None:
         while queue and failure is None and slots.try_take():
@@ -151,7 +153,7 @@ def run_chunk_stages(chunks: list[ChunkPlan], ctx: RunContext,
             stage = "processing"
         if stage in _NEXT:
             next_stage, next_task = _NEXT[stage]
-            active[next_task.submit(ref(value), ref(ctx))] = (next_stage, index)
+            active[with_retries(next_task).submit(ref(value), ref(ctx))] = (next_stage, index)
             continue
         slots.give()
         try:
@@ -194,9 +196,9 @@ def run_fused_chunks(chunks: list[ChunkPlan], ctx: RunContext,
     def admit() -> None:
         chunk = queue.popleft()
         if remote:
-            future = move_chunk.submit(chunk, config_json, batch, down)
+            future = with_retries(move_chunk).submit(chunk, config_json, batch, down)
         else:
-            future = move_chunk_here.submit(ref(chunk), ref(ctx), ref(outbox))
+            future = with_retries(move_chunk_here).submit(ref(chunk), ref(ctx), ref(outbox))
         active[future] = chunk.index
         future.add_done_callback(finished.put)
 

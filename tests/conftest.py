@@ -13,7 +13,7 @@ import pytest
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))  # test-only modules: data builders, faults, transforms
 
-# Before any task module is imported: short retry backoff, quiet Prefect.
+# A short retry backoff (read when a task is called), and a quiet Prefect (before it loads).
 os.environ.setdefault("SKYFERRY_RETRY_DELAYS", "[0.05, 0.05]")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
