@@ -93,7 +93,8 @@ def fresh_home(name: str) -> Path:
 
 def run_skyferry(source: str, dataset: str, *, durable: bool = True,
                  **extra: object) -> tuple[float, object]:
-    from flows.pipeline import run_pipeline, settle_ephemeral_api
+    from flows.ephemeral import settle_ephemeral_api
+    from flows.pipeline import run_pipeline
     from skyferry.config import PipelineConfig
 
     config = PipelineConfig(source=source, dataset=dataset, chunk_size=CHUNK, **extra)

@@ -131,7 +131,8 @@ def main() -> dict[str, Any]:
             topologies[side] = root / f"cloud-topology-{side}.yaml"
             topologies[side].write_text("\n".join(lines) + "\n")
         topo = topologies["skyferry"]
-        from flows.pipeline import run_pipeline, settle_ephemeral_api
+        from flows.ephemeral import settle_ephemeral_api
+        from flows.pipeline import run_pipeline
         from skyferry.config import PipelineConfig
 
         warm = run_pipeline(PipelineConfig(source=str(src), dataset="warm", topology=str(topo),

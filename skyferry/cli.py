@@ -68,7 +68,7 @@ def _terminal_errors(verbose: bool) -> None:
 def _settle(result: PipelineResult) -> None:
     """Before this process exits, and stops an ephemeral API with it, let that API record the
     run's last task runs (see ``settle_ephemeral_api``)."""
-    from flows.pipeline import settle_ephemeral_api
+    from flows.ephemeral import settle_ephemeral_api
 
     if not settle_ephemeral_api(result):
         err.print("[yellow]warning:[/] Prefect's local API had not recorded every task run of "

@@ -28,13 +28,13 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from flows.live import LiveStatus
-from flows.pipeline import (
+from flows.ephemeral import (
     EPHEMERAL_RECORDER_BATCH,
     EPHEMERAL_STARTUP_TIMEOUT_S,
     EVENT_VACUUM_STAMPS,
-    _run_settings,
+    run_settings,
 )
+from flows.live import LiveStatus
 from skyferry.manifest import BatchPlan, Catalog, Lineage
 from skyferry.models import ChunkPart, ChunkPlan, ReplicaRecord, SourceFile, StoredChunk
 from skyferry.placement import NodeHealth
@@ -135,7 +135,7 @@ def test_an_ephemeral_api_gets_no_heartbeats_and_batched_task_run_records(
         api_home: Path) -> None:
     with temporary_settings(updates={PREFECT_HOME: api_home},
                             restore_defaults={PREFECT_API_URL}):
-        settings = _run_settings()
+        settings = run_settings()
     assert settings.flows.heartbeat_frequency is None
     recorder = settings.server.services.task_run_recorder
     assert (recorder.batch_size, recorder.flush_interval) == (EPHEMERAL_RECORDER_BATCH, 1.0)
@@ -154,12 +154,12 @@ def test_an_operators_recorder_batch_is_kept_and_a_real_server_is_left_alone(
                                      PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 9,
                                      PREFECT_HOME: api_home},
                             restore_defaults={PREFECT_API_URL}):
-        ours = _run_settings()
+        ours = run_settings()
     assert ours.server.services.task_run_recorder.batch_size == 7
     assert ours.server.ephemeral.startup_timeout_seconds == 9
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api",
                                      PREFECT_HOME: api_home}) as current:
-        settings = _run_settings()
+        settings = run_settings()
     assert settings.flows.heartbeat_frequency == current.flows.heartbeat_frequency
     assert settings.flows.heartbeat_frequency is not None
     assert settings.server.services.task_run_recorder.batch_size == 1
@@ -183,7 +183,7 @@ def test_an_ephemeral_api_vacuums_events_once_per_loop_not_once_per_run(
         api_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with temporary_settings(updates={PREFECT_HOME: api_home},
                             restore_defaults={PREFECT_API_URL}) as current:
-        first, second = _run_settings(), _run_settings()
+        first, second = run_settings(), run_settings()
     loop_s = current.server.services.db_vacuum.loop_seconds
     stamps = json.loads((api_home / EVENT_VACUUM_STAMPS).read_text())
     assert len(stamps) == 1 and abs(time.time() - next(iter(stamps.values()))) < loop_s
@@ -195,7 +195,7 @@ def test_an_ephemeral_api_vacuums_events_once_per_loop_not_once_per_run(
     (api_home / EVENT_VACUUM_STAMPS).write_text(json.dumps({key: last - loop_s - 1}))
     with temporary_settings(updates={PREFECT_HOME: api_home},
                             restore_defaults={PREFECT_API_URL}):
-        third = _run_settings()
+        third = run_settings()
     assert _api_vacuums_events(third, monkeypatch)
     assert json.loads((api_home / EVENT_VACUUM_STAMPS).read_text())[key] >= last
 
@@ -206,7 +206,7 @@ def test_an_operators_vacuum_setting_is_kept(api_home: Path,
                                      PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS: 60,
                                      PREFECT_HOME: api_home},
                             restore_defaults={PREFECT_API_URL}):
-        runs = [_run_settings() for _ in range(2)]
+        runs = [run_settings() for _ in range(2)]
     assert all(_api_vacuums_events(s, monkeypatch) for s in runs)
 
 
@@ -216,5 +216,5 @@ def test_an_unwritable_prefect_home_leaves_the_vacuum_on(
     blocker.write_text("not a directory")
     with temporary_settings(updates={PREFECT_HOME: blocker / "prefect-home"},
                             restore_defaults={PREFECT_API_URL}):
-        runs = [_run_settings() for _ in range(2)]
+        runs = [run_settings() for _ in range(2)]
     assert all(_api_vacuums_events(s, monkeypatch) for s in runs)
