@@ -26,7 +26,9 @@ _PUBLIC_OPTIONS = frozenset({
     "skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths",
     "auto_mkdir", "mode", "max_attempts", "connect_timeout", "signature_version",
 })
-_MIN_LENGTH = 4  # shorter values would mask ordinary words
+_MIN_LENGTH = 6  # shorter values would mask ordinary words
+# Option values that name a mode, not a secret (gcsfs's token="anon", "google_default", ...).
+_MODES = frozenset({"anon", "google_default", "cache", "cloud", "browser", "true", "false"})
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
@@ -35,7 +37,8 @@ _secrets: set[str] = set()
 def register(values: Iterable[str]) -> None:
     """Remember ``values`` as secrets for the rest of the process."""
     with _lock:
-        _secrets.update(v for v in values if isinstance(v, str) and len(v) >= _MIN_LENGTH)
+        _secrets.update(v for v in values if isinstance(v, str) and len(v) >= _MIN_LENGTH
+                        and v.lower() not in _MODES)
 
 
 def _secret_leaves(options: Mapping[str, Any], public: bool = False) -> Iterable[str]:

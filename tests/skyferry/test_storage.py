@@ -135,3 +135,12 @@ print(found, (hwm_kb() - before) // 1024)
                          check=True).stdout.split()
     assert int(out[0]) == size
     assert int(out[1]) < 64  # MB; the whole file mapped at once would add 256
+
+
+def test_scrubbing_masks_secrets_and_leaves_modes_and_words_alone() -> None:
+    from skyferry.secrets import register_options, scrub
+
+    register_options({"token": "anon", "key": "AKIAEXAMPLEKEY9", "endpoint_url": "http://h:1",
+                      "connection_string": "AccountName=a;AccountKey=c2VjcmV0a2V5MTIz;"})
+    text = scrub("CanonicalRequest via http://h:1 with AKIAEXAMPLEKEY9 and c2VjcmV0a2V5MTIz")
+    assert text == "CanonicalRequest via http://h:1 with *** and ***"
