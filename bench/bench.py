@@ -67,7 +67,7 @@ def write_random(path: Path, size: int, seed: int) -> None:
 
 
 def write_csv(path: Path, size: int) -> None:
-    from skyferry.demo import generate_dataset
+    from skyferry.ops.demo import generate_dataset
 
     generate_dataset(path, total_bytes=size, files=1)
     for bad in path.glob("train-*.csv"):
@@ -138,33 +138,26 @@ def bare_pyarrow(src: Path, dst: Path) -> None:
 
 
 def plain_pipeline(source: str, dataset: str) -> float:
-    """The same stage functions without Prefect: a plain thread pool, same parallelism."""
+    """The same chunk sequence without Prefect: a plain thread pool, same parallelism."""
     from skyferry.config import PipelineConfig
-    from skyferry.pipeline import (
-        build_context,
-        build_plan,
-        commit_fn,
-        distribute_chunk_fn,
-        ingest_chunk_fn,
-        journal_chunk_fn,
-        new_source_files,
-        probe_nodes_fn,
-        process_chunk_fn,
-    )
+    from skyferry.distribute.probe import probe_nodes
+    from skyferry.run.batch import commit_batch, journal_chunk, new_source_files, plan_batch
+    from skyferry.run.chunk import move_chunk
+    from skyferry.run.context import open_run
 
     started = time.perf_counter()
-    ctx = build_context(PipelineConfig(source=source, dataset=dataset, chunk_size=CHUNK))
-    probe_nodes_fn(ctx)
-    plan, _ = build_plan(ctx, new_source_files(ctx))
-
-    def one(chunk):  # type: ignore[no-untyped-def]
-        return distribute_chunk_fn(process_chunk_fn(ingest_chunk_fn(chunk, ctx), ctx), ctx)
-
-    with ThreadPoolExecutor(max_workers=ctx.settings.max_in_flight) as pool:
-        stored = list(pool.map(one, plan.chunks))
-    for chunk in stored:
-        journal_chunk_fn(ctx, chunk)
-    commit_fn(ctx, stored)
+    setup = open_run(PipelineConfig(source=source, dataset=dataset, chunk_size=CHUNK))
+    probe_nodes(setup.topology, setup.health, setup.settings.probe_timeout_s)
+    run = plan_batch(setup, new_source_files(setup).files)
+    try:
+        with ThreadPoolExecutor(max_workers=setup.settings.max_in_flight) as pool:
+            stored = [moved[0] for moved in pool.map(lambda c: move_chunk(c, run),
+                                                      run.plan.chunks)]
+        for chunk in stored:
+            journal_chunk(run, chunk)
+        commit_batch(run, stored)
+    finally:
+        run.close()
     sync()
     return time.perf_counter() - started
 
@@ -301,8 +294,8 @@ def main() -> None:
     shutil.rmtree(ROOT / "homes" / "csv")
 
     # ingestion alone: list, plan (quote-aware scan), ranged reads + hashing
-    from skyferry.ingest import plan_chunks, read_chunk
-    from skyferry.listing import list_source
+    from skyferry.ingest.listing import list_source
+    from skyferry.ingest.read import plan_chunks, read_chunk
 
     def ingest() -> None:
         plans = plan_chunks(list_source(str(csv_file)), "auto", CHUNK)

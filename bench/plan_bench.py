@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from skyferry.ingest import plan_chunks
-from skyferry.listing import list_source
-from skyferry.processing import _is_utf8
+from skyferry.ingest.listing import list_source
+from skyferry.ingest.read import plan_chunks
+from skyferry.process.clean import _is_utf8
 
 CHUNK = 64 << 20
 

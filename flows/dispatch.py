@@ -32,24 +32,25 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
+from flows.chunks import move_share
+from flows.cloud_share import cloud_share
+from flows.common import event
 from flows.live import LiveStatus
 from flows.runners import make_task_runner, uses_processes
-from flows.share import cloud_share, event, run_chunk_stages
+from skyferry.distribute.shares import ShareReport, assign_shares, share_deployment
 from skyferry.models import ChunkPlan
-from skyferry.pipeline import RunContext
-from skyferry.shares import ShareReport, assign_shares, share_deployment
+from skyferry.run.context import BatchRun
 
 __all__ = ["dispatch_to_pools", "run_in_process", "POLL_S"]
 
 POLL_S = 1.0  # how often the parent reads its children's states
 
 
-def _child_parameters(ctx: RunContext, cloud: str, chunks: list[int], pool: str | None,
+def _child_parameters(run: BatchRun, cloud: str, chunks: list[int], pool: str | None,
                       live: LiveStatus) -> dict[str, Any]:
-    assert ctx.plan is not None
     return {
-        "config": ctx.config.model_dump(mode="json"),
-        "batch_id": ctx.plan.batch_id,
+        "config": run.config.model_dump(mode="json"),
+        "batch_id": run.plan.batch_id,
         "cloud": cloud,
         "chunks": chunks,
         "pool": pool,
@@ -59,7 +60,7 @@ def _child_parameters(ctx: RunContext, cloud: str, chunks: list[int], pool: str 
     }
 
 
-def run_in_process(ctx: RunContext, todo: list[ChunkPlan], live: LiveStatus) -> list[ShareReport]:
+def run_in_process(run: BatchRun, todo: list[ChunkPlan], live: LiveStatus) -> list[ShareReport]:
     """Run the chunks in this flow run, in one window of ``max_in_flight`` chunks.
 
     With a thread runner the chunks' tasks run in the parent itself: a child flow run costs
@@ -67,18 +68,17 @@ def run_in_process(ctx: RunContext, todo: list[ChunkPlan], live: LiveStatus) -> 
     With a process-based runner (Dask) the chunks run in one ``cloud-share`` subflow that
     carries that runner; its metrics come back in its report. A failure fails the run.
     """
-    assert ctx.plan is not None
     if not todo:
         return []
-    if not uses_processes(ctx.settings):
-        run_chunk_stages(todo, ctx, live)  # journals each chunk; metrics land in ctx
+    if not uses_processes(run.setup.settings):
+        move_share(todo, run, live)  # journals each chunk; metrics land in run.setup
         return []
     with get_client(sync_client=True) as client:  # the API this run reports to
         api_url = str(client.api_url)
-    child = cloud_share.with_options(task_runner=make_task_runner(ctx.settings, api_url))
-    down = {n: ctx.health.reasons.get(n, "") for n in ctx.health.down_nodes()}
+    child = cloud_share.with_options(task_runner=make_task_runner(run.setup.settings, api_url))
+    down = run.setup.down_reasons()
     report: ShareReport = child(**{
-        **_child_parameters(ctx, "all", [c.index for c in todo], None, live),
+        **_child_parameters(run, "all", [c.index for c in todo], None, live),
         "known_down": down})
     return [report]
 
@@ -115,26 +115,27 @@ class _Child:
     created: float
 
 
-def dispatch_to_pools(ctx: RunContext, todo: list[ChunkPlan],
+def dispatch_to_pools(run: BatchRun, todo: list[ChunkPlan],
                       live: LiveStatus) -> list[ShareReport]:
     """Run the shares on the clouds' work pools, concurrently, reassigning dead pools' work."""
     logger = get_run_logger()
-    plan = ctx.plan
+    plan = run.plan
     assert plan is not None
     by_index = {c.index: c for c in plan.chunks}
-    timeout = ctx.config.child_start_timeout_s
+    timeout = run.config.child_start_timeout_s
     reports: list[ShareReport] = []
     children: dict[UUID, _Child] = {}
     launched: set[UUID] = set()
+    where = event(run.config, "distribution", plan.batch_id)
     with get_client(sync_client=True) as client:
         usable: set[str] = set()
-        for cloud in ctx.topology.clouds:
-            pool = ctx.topology.pool_for(cloud)
+        for cloud in run.setup.topology.clouds:
+            pool = run.setup.topology.pool_for(cloud)
             ok, why = _pool_is_live(client, pool)
             if ok and not _deployment_exists(client, share_deployment(cloud)):
                 ok, why = False, f"deployment {share_deployment(cloud)} does not exist"
             logger.info("%s: pool %s %s", cloud, pool, "is live" if ok else f"is out: {why}",
-                        extra=event(ctx, "distribution"))
+                        extra=where)
             if ok:
                 usable.add(cloud)
 
@@ -146,32 +147,32 @@ def dispatch_to_pools(ctx: RunContext, todo: list[ChunkPlan],
                 return
             if not usable:
                 logger.warning("no work pool can take %d chunks; running them in-process",
-                               len(chunks), extra=event(ctx, "distribution"))
-                reports.extend(run_in_process(ctx, chunks, live))
+                               len(chunks), extra=where)
+                reports.extend(run_in_process(run, chunks, live))
                 return
-            for cloud, indices in assign_shares(chunks, ctx.topology, usable).items():
-                pool = ctx.topology.pool_for(cloud)
+            for cloud, indices in assign_shares(chunks, run.setup.topology, usable).items():
+                pool = run.setup.topology.pool_for(cloud)
                 launches += 1
-                run: Any = run_deployment(
+                child_run: Any = run_deployment(
                     share_deployment(cloud), timeout=0, as_subflow=True,
                     idempotency_key=_child_key(plan.batch_id, cloud, launches),
-                    parameters=_child_parameters(ctx, cloud, indices, pool, live),
+                    parameters=_child_parameters(run, cloud, indices, pool, live),
                     flow_run_name=f"{plan.dataset}-{plan.batch_id[:8]}-{cloud}",
                     tags=["skyferry", f"cloud:{cloud}"],
                 )
-                children[run.id] = _Child(cloud, pool, indices, time.monotonic())
-                launched.add(run.id)
+                children[child_run.id] = _Child(cloud, pool, indices, time.monotonic())
+                launched.add(child_run.id)
                 logger.info("%s share: %d chunks → %s (child run %s)", cloud, len(indices),
-                            pool, run.id, extra=event(ctx, "distribution"))
+                            pool, child_run.id, extra=where)
 
         def reassign(run_id: UUID, why: str) -> None:
             child = children.pop(run_id)
             usable.discard(child.cloud)
-            done = ctx.catalog.done_indices(plan.dataset, plan.batch_id)
+            done = run.catalog.done_indices(plan.dataset, plan.batch_id)
             left = [by_index[i] for i in child.chunks if i not in done]
             logger.warning("%s share (child run %s) %s; reassigning %d unfinished chunks",
                            child.cloud, run_id, why, len(left),
-                           extra=event(ctx, "distribution"))
+                           extra=where)
             launch(left)
 
         launch(todo)
@@ -184,7 +185,7 @@ def dispatch_to_pools(ctx: RunContext, todo: list[ChunkPlan],
                 if kind == StateType.COMPLETED:
                     children.pop(run_id)
                     logger.info("%s share completed on %s", child.cloud, child.pool,
-                                extra=event(ctx, "distribution"))
+                                extra=where)
                 elif kind in (StateType.FAILED, StateType.CRASHED, StateType.CANCELLED):
                     reassign(run_id, f"ended {kind.value.lower()} on {child.pool}")
                 elif (kind == StateType.SCHEDULED
@@ -194,7 +195,7 @@ def dispatch_to_pools(ctx: RunContext, todo: list[ChunkPlan],
                         force=True)
                     reassign(run_id, f"was not picked up by {child.pool} in {timeout:.0f}s")
             live.update("distribution")
-    for raw in ctx.catalog.share_reports(plan.dataset, plan.batch_id):
+    for raw in run.catalog.share_reports(plan.dataset, plan.batch_id):
         report = ShareReport.model_validate_json(raw)
         if report.flow_run_id and UUID(report.flow_run_id) in launched:
             reports.append(report)

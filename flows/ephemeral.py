@@ -29,7 +29,7 @@ from prefect.settings import get_current_settings
 from prefect.settings.models.server.services import ServerServicesDBVacuumSettings
 
 from skyferry.metrics import PipelineResult
-from tasks.store import COMMIT_TASK
+from tasks.commit import COMMIT_TASK
 
 __all__ = ["EPHEMERAL_RECORDER_BATCH", "EPHEMERAL_STARTUP_TIMEOUT_S", "EVENT_VACUUM_STAMPS",
            "run_settings", "settle_ephemeral_api"]
@@ -46,17 +46,14 @@ def run_settings() -> PrefectSettings:
     An ephemeral API lives and dies with this process, so:
 
     - no flow-run heartbeats: nothing can watch them, and Prefect's heartbeat thread, which
-      sleeps in 1 s steps, held up the end of every run by up to a second (0.7 s of a 1.1 s
-      run of 1 MiB, measured);
+      sleeps in 1 s steps, holds up the end of every run by up to a second;
     - the server records task-run events in batches (up to ``EPHEMERAL_RECORDER_BATCH`` per
-      write, at least once a second) instead of one database transaction per event. That
-      halved the server's CPU per chunk task (64 empty chunks: 2.0–2.8 s before, 0.9–1.5 s
-      after, measured), CPU the chunks' own work needs on a small machine. Set either
+      write, at least once a second) instead of one database transaction per event: about
+      half the server's CPU per task, CPU the chunks need on a small machine. Set either
       setting and yours is kept;
     - its event vacuum runs at most once per loop (:func:`_pace_event_vacuum`);
     - it has ``EPHEMERAL_STARTUP_TIMEOUT_S`` to start, not Prefect's 20 s: on a new database
-      it first builds its schema, and the first start here took 21-22 s in a benchmark with
-      the cloud servers running (a start timed out at 20 s once). Set
+      it first builds its schema, which can take longer. Set
       ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` and yours is kept.
 
     Against a real server the settings are the server's and the heartbeats stay. A copy,
@@ -86,9 +83,8 @@ def _pace_event_vacuum(current: PrefectSettings) -> ServerServicesDBVacuumSettin
 
     A long-lived Prefect server deletes expired events once per ``db_vacuum.loop_seconds``
     (an hour by default), but an ephemeral API is a new server in every process, and it
-    vacuums as it starts: each ``skyferry run`` paid for it, and the run's first write
-    waited behind it (a progress artifact took 280-380 ms against 11-29 ms, on an API
-    database holding 1,433 task runs; measured). So the vacuum runs in an ephemeral API only
+    vacuums as it starts: each ``skyferry run`` would pay for it, and the run's first write
+    would wait behind it. So the vacuum runs in an ephemeral API only
     when the last one that was let run, on the same database, is ``loop_seconds`` old; the
     time is kept in ``EVENT_VACUUM_STAMPS`` in ``PREFECT_HOME``. An operator who sets
     ``PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED`` keeps their setting.
@@ -119,7 +115,7 @@ def _pace_event_vacuum(current: PrefectSettings) -> ServerServicesDBVacuumSettin
         tmp.write_text(json.dumps(stamps))
         os.replace(tmp, path)
     except OSError as exc:  # the vacuum runs now and next time: slower, never wrong
-        logging.getLogger("skyferry.pipeline").warning(
+        logging.getLogger("skyferry.run").warning(
             "could not record the API's event vacuum in %s: %s", path, exc)
     return vacuum
 

@@ -19,8 +19,8 @@ from prefect.artifacts import create_progress_artifact
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 
-from skyferry.manifest import BatchPlan, Catalog
-from skyferry.placement import NodeHealth
+from skyferry.commit.manifest import BatchPlan, Catalog
+from skyferry.distribute.placement import NodeHealth
 
 __all__ = ["LiveStatus", "create_live_status", "PROGRESS_DESCRIPTION"]
 
@@ -42,10 +42,9 @@ class LiveStatus:
     """Publishes one progress artifact, at most once per ``interval_s`` (each is an API call).
 
     ``update`` only notes the stage and wakes a publisher thread: the caller (the loop that
-    hands out chunks) never waits on the API. A publish took 60–300 ms on a busy ephemeral
-    server; made in-line they held the loop for 17–46% of its time on 64 empty chunks
-    (measured). A forced update stops the publisher and publishes in the caller: the last
-    word is in the artifact when it returns. Use it as a context manager so the publisher
+    hands out chunks) never waits on the API, which can be slow to answer when busy. A
+    forced update stops the publisher and publishes in the caller: the last word is in the
+    artifact when it returns. Use it as a context manager so the publisher
     always stops.
     """
 

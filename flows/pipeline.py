@@ -2,7 +2,8 @@
 
 The parent probes the nodes, lists the source and plans the batch (chunks and replica
 placement), journaling the plan. It splits the chunks into one share per cloud
-(:func:`skyferry.shares.assign_shares`) and runs each share as a ``cloud-share`` child flow:
+(:func:`skyferry.distribute.shares.assign_shares`) and runs each share as a ``cloud-share``
+child flow:
 
 - deployed (``dispatch=auto`` in a deployment run, or ``dispatch=deployments``): through
   ``run_deployment`` on that cloud's work pool, all children at once;
@@ -27,24 +28,25 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.credentials import resolve_credentials_with_blocks
+from flows.common import event, ref
 from flows.dispatch import dispatch_to_pools, run_in_process
 from flows.ephemeral import run_settings
 from flows.live import LiveStatus, create_live_status
-from flows.share import event, ref, stage_error
+from skyferry.commit.lease import DatasetLease
 from skyferry.config import PipelineConfig, Settings, get_settings
+from skyferry.distribute.shares import ShareReport
 from skyferry.errors import SkyferryError, StageError
-from skyferry.lease import DatasetLease
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
 from skyferry.models import ChunkPlan, StoredChunk
-from skyferry.pipeline import RunContext, build_context, summarize
-from skyferry.report import placement_markdown, stage_breakdown
+from skyferry.ops.report import placement_markdown, stage_breakdown
+from skyferry.run.batch import summarize
+from skyferry.run.context import BatchRun, RunSetup, open_run
 from skyferry.secrets import install_scrubber
-from skyferry.shares import ShareReport
 from tasks._common import with_retries
+from tasks.commit import commit_manifest
 from tasks.distribute import probe_nodes
 from tasks.ingest import list_new_files, plan_batch
-from tasks.store import commit_manifest
 
 __all__ = ["multicloud_pipeline", "run_pipeline"]
 
@@ -56,83 +58,86 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
     started = time.perf_counter()
     resolve_credentials_with_blocks()
     try:
-        ctx = build_context(config)
+        setup = open_run(config)
     except SkyferryError as exc:
         raise StageError(str(exc), stage="setup", batch_id=config.batch_id or "unplanned",
                          dataset=config.dataset) from exc
-    try:
-        return _run_batch(config, ctx, started)
-    finally:
-        ctx.close()
-
-
-def _run_batch(config: PipelineConfig, ctx: RunContext, started: float) -> PipelineResult:
     logger = get_run_logger()
-    stage = "ingestion"
     try:
-        latencies = probe_nodes(ref(ctx))
+        latencies = probe_nodes(ref(setup))
         logger.info("nodes: %s", {n: ("down" if v is None else f"{v * 1000:.1f} ms")
                                   for n, v in latencies.items()})
-        lease = DatasetLease(ctx.catalog.store, config.dataset,
+        lease = DatasetLease(setup.catalog.store, config.dataset,
                              on_wait=lambda holder: logger.warning(
                                  "dataset %s is being run by another run (pid %s on %s); "
                                  "waiting for it to end", config.dataset, holder.get("pid"),
                                  holder.get("host")))
         with lease:
-            return _plan_and_move(config, ctx, started)
+            return _run_batch(setup, started)
     except StageError:
         raise
     except Exception as exc:
-        raise stage_error(stage, ctx, exc) from exc
+        raise StageError(str(exc), stage="ingestion", dataset=config.dataset,
+                         batch_id=config.batch_id or "unplanned") from exc
 
 
-def _plan_and_move(config: PipelineConfig, ctx: RunContext, started: float) -> PipelineResult:
+def _run_batch(setup: RunSetup, started: float) -> PipelineResult:
     """List, plan, move and commit, while this run holds the dataset's lease."""
     logger = get_run_logger()
-    stage = "ingestion"
+    config = setup.config
+    if config.batch_id is not None:  # committed before, or by the run this one waited for
+        for manifest in setup.catalog.manifests(config.dataset):
+            if manifest.batch_id == config.batch_id:
+                logger.info("batch %s is already committed; nothing to do", config.batch_id)
+                return PipelineResult(status="already_committed", dataset=config.dataset,
+                                      batch_id=config.batch_id,
+                                      chunks_skipped=len(manifest.chunks),
+                                      duration_s=round(time.perf_counter() - started, 3))
+    listing = with_retries(list_new_files)(ref(setup))
+    if not listing.files:
+        logger.info("no new or changed files under %s", config.source)
+        return PipelineResult(status="up_to_date", dataset=config.dataset,
+                              skipped_files=list(listing.skipped),
+                              duration_s=round(time.perf_counter() - started, 3))
+    run = with_retries(plan_batch)(ref(setup), ref(listing.files))
     try:
-        if config.batch_id is not None:  # committed before, or by the run this one waited for
-            for manifest in ctx.catalog.manifests(config.dataset):
-                if manifest.batch_id == config.batch_id:
-                    logger.info("batch %s is already committed; nothing to do", config.batch_id)
-                    return PipelineResult(status="already_committed", dataset=config.dataset,
-                                          batch_id=config.batch_id,
-                                          chunks_skipped=len(manifest.chunks),
-                                          duration_s=round(time.perf_counter() - started, 3))
-        files = with_retries(list_new_files)(ref(ctx))
-        if not files:
-            logger.info("no new or changed files under %s", config.source)
-            return PipelineResult(status="up_to_date", dataset=config.dataset,
-                                  skipped_files=list(ctx.skipped_files),
-                                  duration_s=round(time.perf_counter() - started, 3))
-        plan, resumed = with_retries(plan_batch)(ref(ctx), ref(files))
-        done = ctx.catalog.done_chunks(plan.dataset, plan.batch_id) if resumed else {}
-        todo = [c for c in plan.chunks if c.index not in done]
-        logger.info("batch %s: %d chunks, %d to do, %d already stored", plan.batch_id,
-                    len(plan.chunks), len(todo), len(done), extra=event(ctx, "ingestion"))
+        return _move_and_commit(run, listing.skipped, started)
+    finally:
+        run.close()
+
+
+def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float) -> PipelineResult:
+    logger = get_run_logger()
+    config, plan = run.config, run.plan
+    done = run.catalog.done_chunks(plan.dataset, plan.batch_id) if run.resumed else {}
+    todo = [c for c in plan.chunks if c.index not in done]
+    logger.info("batch %s: %d chunks, %d to do, %d already stored", plan.batch_id,
+                len(plan.chunks), len(todo), len(done),
+                extra=event(config, "ingestion", plan.batch_id))
+    stage = "distribution"
+    try:
         progress = create_live_status(plan, len(done))
-        stage = "distribution"
-        with LiveStatus(progress, ctx.catalog, plan, started_at=time.time(),
-                        done_at_start=len(done), health=ctx.health) as live:
+        with LiveStatus(progress, run.catalog, plan, started_at=time.time(),
+                        done_at_start=len(done), health=run.setup.health) as live:
             if config.dispatch == "deployments" or (config.dispatch == "auto" and _deployed()):
-                reports = dispatch_to_pools(ctx, todo, live)
+                reports = dispatch_to_pools(run, todo, live)
             else:
-                reports = run_in_process(ctx, todo, live)
+                reports = run_in_process(run, todo, live)
             stage = "storage"
-            new = _collect(ctx, todo, reports)
+            new = _collect(run, todo, reports)
             live.update("storage", force=True)
-        commit = with_retries(commit_manifest)
-        manifest, key = commit(ref(ctx), ref(list(done.values()) + new))
+        manifest, key = with_retries(commit_manifest)(ref(run), ref(list(done.values()) + new))
     except StageError:
         raise
     except Exception as exc:
-        raise stage_error(stage, ctx, exc) from exc
-    result = summarize(ctx, manifest, key, new, len(done), started)
+        raise StageError(str(exc), stage=stage, dataset=config.dataset,
+                         batch_id=plan.batch_id) from exc
+    result = summarize(run, manifest, key, new, len(done), started, skipped_files)
     result.flow_run_id = str(flow_run.id) if flow_run.id else None
     publish_artifacts(result)
     logger.info("committed %s: %d chunks, %d rows stored, %d rejected", key,
                 len(manifest.chunks), result.rows_stored, result.rows_rejected,
-                extra=event(ctx, "storage"))
+                extra=event(config, "storage", plan.batch_id))
     return result
 
 
@@ -146,22 +151,22 @@ def _deployed() -> bool:
     return run is not None and run.flow_run is not None and run.flow_run.deployment_id is not None
 
 
-def _collect(ctx: RunContext, todo: list[ChunkPlan],
+def _collect(run: BatchRun, todo: list[ChunkPlan],
              reports: list[ShareReport]) -> list[StoredChunk]:
-    """The chunks the children journaled; merge their metrics and node health into ``ctx``."""
-    assert ctx.plan is not None
-    journal = ctx.catalog.done_chunks(ctx.plan.dataset, ctx.plan.batch_id)
+    """The chunks the children journaled; merge their metrics and node health into the run."""
+    plan, setup = run.plan, run.setup
+    journal = run.catalog.done_chunks(plan.dataset, plan.batch_id)
     missing = [c.index for c in todo if c.index not in journal]
     if missing:
         raise StageError(
-            f"{len(missing)} chunks of batch {ctx.plan.batch_id} were not stored by any "
-            f"child run: {missing[:20]}", stage="distribution", batch_id=ctx.plan.batch_id,
-            dataset=ctx.config.dataset)
+            f"{len(missing)} chunks of batch {plan.batch_id} were not stored by any "
+            f"child run: {missing[:20]}", stage="distribution", batch_id=plan.batch_id,
+            dataset=plan.dataset)
     for report in reports:
-        ctx.recorder.merge(report.stages)
+        setup.recorder.merge(report.stages)
         for node, reason in report.down_reasons.items():
-            if ctx.health.healthy(node):  # keep the first reason a node was found down
-                ctx.health.mark(node, "down", reason)
+            if setup.health.healthy(node):  # keep the first reason a node was found down
+                setup.health.mark(node, "down", reason)
     return [journal[c.index] for c in todo]
 
 
@@ -192,7 +197,7 @@ def run_pipeline(config: PipelineConfig, settings: Settings | None = None) -> Pi
         result: PipelineResult = state.result()
         return result
     except StageError as exc:
-        logging.getLogger("skyferry.pipeline").error("%s", exc)
+        logging.getLogger("skyferry.run").error("%s", exc)
         run_id = state.state_details.flow_run_id
         return PipelineResult(status="failed", dataset=config.dataset, batch_id=exc.batch_id,
                               error=str(exc), error_stage=exc.stage,

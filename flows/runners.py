@@ -1,4 +1,4 @@
-"""The task runner of the stage tasks: threads by default, or Dask (``SKYFERRY_TASK_RUNNER``)."""
+"""The task runner of the chunk tasks: threads by default, or Dask (``SKYFERRY_TASK_RUNNER``)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,18 @@ from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from skyferry.config import Settings
+from skyferry.config import Settings, get_settings
 from skyferry.errors import ConfigError
 
-__all__ = ["make_task_runner", "uses_processes"]
+__all__ = ["SettingsTaskRunner", "make_task_runner", "uses_processes"]
 
 
 def make_task_runner(settings: Settings, api_url: str | None = None) -> Any:
     """A fresh task runner for the chunk tasks of one run, as ``settings`` asks.
 
-    ``threads``: each stage is a task, sharing the run's in-memory context. ``dask``: the
-    fused ``move-chunk`` task runs on Dask worker processes (a local cluster of one process
-    per core, or the scheduler at ``SKYFERRY_DASK_ADDRESS``).
+    ``threads``: the tasks share the run's in-memory batch. ``dask``: the ``move-chunk``
+    tasks run on Dask worker processes (a local cluster of one process per core, or the
+    scheduler at ``SKYFERRY_DASK_ADDRESS``).
 
     ``api_url`` is the Prefect API the local cluster's workers report to. Without it, on the
     ephemeral API, every worker process would start a temporary API server of its own.
@@ -40,6 +40,18 @@ def make_task_runner(settings: Settings, api_url: str | None = None) -> Any:
     return DaskTaskRunner(cluster_kwargs=cluster)
 
 
+class SettingsTaskRunner(ThreadPoolTaskRunner[Any]):
+    """A flow's task runner, chosen from the settings when a run starts, not at import.
+
+    Prefect starts each flow run with a duplicate of its flow's runner: this one's
+    duplicate is the runner the current settings ask for.
+    """
+
+    def duplicate(self) -> Any:
+        return make_task_runner(get_settings())
+
+
 def uses_processes(settings: Settings) -> bool:
-    """Whether chunk tasks may run in another process (and so must be fused)."""
+    """Whether chunk tasks may run in another process (and so must take serializable
+    arguments)."""
     return settings.task_runner != "threads"

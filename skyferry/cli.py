@@ -48,7 +48,7 @@ class _NoEngineFailures(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR
                     and record.name.startswith(("prefect.flow_runs", "prefect.task_runs",
-                                                "skyferry.pipeline")))
+                                                "skyferry.run")))
 
 
 def _terminal_errors(verbose: bool) -> None:
@@ -123,7 +123,7 @@ def print_summary(result: PipelineResult, rejects: list[dict[str, Any]] | None =
 
 
 def _rejects(result: PipelineResult, topology: str | None) -> list[dict[str, Any]]:
-    from skyferry.manifest import Catalog
+    from skyferry.commit.manifest import Catalog
 
     if result.status != "completed" or not result.batch_id:
         return []
@@ -185,7 +185,7 @@ def export(
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
 ) -> None:
     """Read a committed dataset back, verifying every chunk, and write it to a file."""
-    from skyferry.export import export_dataset
+    from skyferry.ops.export import export_dataset
 
     try:
         report = export_dataset(dataset, to, batch_id=batch, topology=load_topology(topology))
@@ -206,28 +206,26 @@ def nodes(
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
 ) -> None:
     """Probe every node and show its cloud, region, health and latency."""
-    from skyferry.manifest import Catalog
-    from skyferry.pipeline import RunContext, probe_nodes_fn
+    from skyferry.distribute.placement import NodeHealth
+    from skyferry.distribute.probe import probe_nodes
 
     try:
         topo = load_topology(topology)
     except SkyferryError as exc:
         _fail(exc)
-    ctx = RunContext(config=PipelineConfig(source=".", dataset="probe"), settings=get_settings(),
-                     topology=topo, catalog=Catalog(topo.catalog_store()), schema=None,
-                     transforms=[], source_cloud=topo.source_cloud)
-    latencies = probe_nodes_fn(ctx)
+    health = NodeHealth()
+    latencies = probe_nodes(topo, health, get_settings().probe_timeout_s)
     table = Table(title="nodes", title_justify="left")
     for col in ("node", "cloud", "region", "health", "latency ms", "url"):
         table.add_column(col)
     for node in topo.nodes:
-        state = ctx.health.states.get(node.name, "healthy")
+        state = health.states.get(node.name, "healthy")
         latency = latencies.get(node.name)
         style = "green" if state == "healthy" else "red"
         table.add_row(node.name, node.cloud, node.region, f"[{style}]{state}[/]",
                       "-" if latency is None else f"{latency * 1000:.1f}", node.url)
     console.print(table)
-    for name, reason in ctx.health.reasons.items():
+    for name, reason in health.reasons.items():
         console.print(f"[red]{name}[/]: {reason}")
 
 
@@ -242,7 +240,7 @@ def status(
     _prefect_quiet()
     from prefect.client.orchestration import get_client
 
-    from skyferry.status import fetch_status, render_status, watch
+    from skyferry.ops.status import fetch_status, render_status, watch
 
     try:
         with get_client(sync_client=True) as client:
@@ -271,11 +269,11 @@ def profile(
     """Run the pipeline N times; print the stage breakdown's spread and the bottlenecks."""
     _prefect_quiet()
     from flows.pipeline import run_pipeline
-    from skyferry.demo import generate_dataset
-    from skyferry.gc import drop_dataset
+    from skyferry.ops.demo import generate_dataset
+    from skyferry.ops.gc import drop_dataset
 
     _terminal_errors(False)
-    from skyferry.profile import profile_results, profile_table, write_chart
+    from skyferry.ops.profile import profile_results, profile_table, write_chart
 
     settings = get_settings()
     if source is None:
@@ -319,7 +317,7 @@ def gc(
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
 ) -> None:
     """Delete objects no manifest claims that are older than the grace period."""
-    from skyferry.gc import collect_garbage
+    from skyferry.ops.gc import collect_garbage
 
     try:
         grace_s = parse_duration(grace)
@@ -348,8 +346,8 @@ def demo(
     from importlib import resources
 
     from flows.pipeline import run_pipeline
-    from skyferry.demo import generate_dataset
-    from skyferry.export import export_dataset
+    from skyferry.ops.demo import generate_dataset
+    from skyferry.ops.export import export_dataset
 
     _terminal_errors(False)
     settings = get_settings()

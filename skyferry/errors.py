@@ -195,29 +195,33 @@ class ManifestError(SkyferryError, TerminalException):
 
 
 class StageError(SkyferryError):
-    """A failure inside a stage, naming the stage and the batch. The cause is chained."""
+    """The one boundary of a stage's failure: names the stage, the dataset, the batch and,
+    where there is one, the chunk. Raised once, ``from`` its cause."""
 
-    def __init__(self, message: str, *, stage: str, batch_id: str, dataset: str) -> None:
-        super().__init__(f"stage {stage} failed for {dataset}/batch={batch_id}: {message}")
+    def __init__(self, message: str, *, stage: str, batch_id: str, dataset: str,
+                 chunk: int | None = None) -> None:
+        where = f"{dataset}/batch={batch_id}" + (f" chunk {chunk}" if chunk is not None else "")
+        super().__init__(f"stage {stage} failed for {where}: {message}")
+        self.message = message
         self.stage = stage
         self.batch_id = batch_id
         self.dataset = dataset
+        self.chunk = chunk
+
+    def __reduce__(self) -> tuple[object, ...]:  # a worker process sends it back pickled
+        return (_stage_error, (self.message, self.stage, self.batch_id, self.dataset,
+                               self.chunk))
 
 
-def mark_stage(exc: BaseException, stage: str) -> None:
-    """Note on ``exc`` the stage it was raised in (one task runs a chunk's three stages)."""
-    if getattr(exc, "skyferry_stage", None) is None:
-        exc.skyferry_stage = stage  # type: ignore[attr-defined]
-
-
-def stage_of(exc: BaseException, default: str) -> str:
-    """The stage :func:`mark_stage` noted on ``exc``, else ``default``."""
-    stage = getattr(exc, "skyferry_stage", None)
-    return stage if isinstance(stage, str) else default
+def _stage_error(message: str, stage: str, batch_id: str, dataset: str,
+                 chunk: int | None) -> StageError:
+    return StageError(message, stage=stage, batch_id=batch_id, dataset=dataset, chunk=chunk)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True when retrying the same call may succeed."""
+    """True when retrying the same call may succeed (a stage's failure: when its cause may)."""
+    if isinstance(exc, StageError) and exc.__cause__ is not None:
+        return is_transient(exc.__cause__)
     if isinstance(exc, TerminalException):
         return False
     if isinstance(exc, TransientException):

@@ -1,5 +1,5 @@
-"""Content hashes: BLAKE3, a cryptographic hash 2.5x faster than SHA-256 here (4.4 vs 1.8 GB/s
-on one core). Every chunk, source range and replica is checked with it.
+"""Content hashes: BLAKE3, a cryptographic hash that is faster than SHA-256 on one core.
+Every chunk, source range and replica is checked with it.
 """
 
 from __future__ import annotations

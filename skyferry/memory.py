@@ -1,17 +1,14 @@
 """Keep big buffers' memory in the process, so each chunk does not pay for fresh pages.
 
 A chunk's bytes are one allocation of tens of MB. glibc serves an allocation that large with a
-fresh ``mmap`` and gives it back on free, so every chunk faults in new, zeroed pages. On the
-2-core VMs we measure on that costs about 0.2 s per 64 MB read, against 0.045 s once the
-allocator keeps the memory. Two things decide it:
+fresh ``mmap`` and gives it back on free, so every chunk faults in new, zeroed pages, which
+costs several times the read itself on small VMs. Two things decide it:
 
 - the mmap threshold (32 MB at most by default), above which glibc maps instead of reusing;
 - the arena. Chunks are read in worker threads, and glibc gives threads their own arenas,
   whose heaps are at most 64 MB each: a 64 MB chunk can never come from one, so it is mapped
   fresh whatever the threshold. With one arena every thread allocates from the main heap,
-  where freed chunk buffers are reused. Measured on a 4 GiB run of 64 MB chunks: 1.11 million
-  page faults with the threads' arenas, 0.15 million with one; in a plain thread pool on
-  tmpfs the chunks' reads took 4.4 s of thread time instead of 15.4 s.
+  where freed chunk buffers are reused (``docs/benchmarks.md`` has the page faults).
 
 Memory stays bounded: the window of chunks in flight bounds what is live, and freed blocks are
 reused, not multiplied. The arena limit only binds threads that have not allocated yet, so

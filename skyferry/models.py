@@ -78,14 +78,12 @@ class IngestedChunk(_Record):
 
 
 class ProcessedChunk(_Record):
-    """Where the processed bytes are: the run's in-memory staging area (keyed by the chunk's
-    index), or, for binary chunks, the source ranges themselves."""
+    """A processed chunk's record; its bytes travel beside it (``skyferry.run.chunk``)."""
 
     plan: ChunkPlan
     source_digest: str
     digest: str
     size: int
-    staged: bool
     rows_in: int
     rows_out: int
     rows_rejected: int

@@ -231,11 +231,10 @@ class Store:
 
         Returns ``(hexdigest, size)``; memory stays at one block whatever the object's size.
         A local file is hashed through read-only mappings of the page cache instead, one
-        ``block``-sized window at a time: no copy into Python, half the CPU of reading it
-        (0.55 vs 1.1 s for 2 GiB, measured). Each window is unmapped before the next is
-        mapped, so a replica's pages count toward this process's resident memory one window
-        at a time, not a whole chunk each (a whole-file mapping made the 4 GiB run's peak
-        resident set swing by hundreds of MB with how many verifies overlapped). skyferry
+        ``block``-sized window at a time: no copy into Python, about half the CPU of reading
+        it. Each window is unmapped before the next is mapped, so a replica's pages count
+        toward this process's resident memory one window at a time, not a whole chunk each.
+        skyferry
         never rewrites a file in place (a put is a new file renamed over the key), so a
         mapped replica cannot shrink under the hash; only an outside truncation could.
         """

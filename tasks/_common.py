@@ -1,23 +1,21 @@
-"""What the stage tasks share: the retry policy of I/O tasks, and stage accounting."""
+"""What the tasks share: the retry policy of I/O tasks, and a chunk stage as a task."""
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any, TypeVar
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NONE
 from prefect.runtime import task_run
-from pydantic import BaseModel
 
 from skyferry.config import get_settings
 from skyferry.errors import is_transient
-from skyferry.pipeline import RunContext
+from skyferry.run.chunk import run_stage, stage_bytes
+from skyferry.run.context import BatchRun
 
-__all__ = ["finish", "io_task", "retry_transient", "with_retries"]
-
-R = TypeVar("R", bound=BaseModel)
+__all__ = ["attempt", "io_task", "retry_transient", "run_stage_task", "with_retries"]
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -30,7 +28,7 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def io_task(name: str) -> Any:
-    """``@task`` for a stage that does I/O: only transient errors are retried.
+    """``@task`` for a step that does I/O: only transient errors are retried.
 
     Its retries come from the settings when it is called, through :func:`with_retries`.
     Arguments arrive as in-process references, so there is no input caching.
@@ -54,9 +52,17 @@ def with_retries(io: Any) -> Any:
         return _configured[key]
 
 
-def finish(ctx: RunContext, stage: str, record: R, started: float, nbytes: int) -> R:
-    """Record a finished item of ``stage`` (bytes, busy time, retries) and stamp its attempts."""
-    attempts = int(task_run.run_count or 1)
-    ctx.recorder.record(stage, nbytes=nbytes, seconds=time.perf_counter() - started,
-                        attempts=attempts)
-    return record.model_copy(update={"attempts": attempts})
+def attempt() -> int:
+    """This task run's attempt: 1, then 2 on its first retry, and so on."""
+    return int(task_run.run_count or 1)
+
+
+def run_stage_task(stage: str, value: Any, run: BatchRun) -> Any:
+    """One stage of one chunk as the body of a task: run it, and count its bytes, busy time
+    and retries in the run's metrics."""
+    tries = attempt()
+    started = time.perf_counter()
+    out = run_stage(stage, value, run, tries)
+    run.setup.recorder.record(stage, nbytes=stage_bytes(stage, value, out),
+                              seconds=time.perf_counter() - started, attempts=tries)
+    return out

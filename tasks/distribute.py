@@ -1,28 +1,26 @@
-"""Distribute stage tasks: probe the nodes, then write and verify each chunk's replicas."""
+"""Distribute tasks: probe the nodes, and write and verify one chunk's replicas."""
 
 from __future__ import annotations
 
-import time
-
 from prefect import task
 from prefect.cache_policies import NONE
-from prefect.runtime import task_run
 
-from skyferry.models import ProcessedChunk, StoredChunk
-from skyferry.pipeline import RunContext, distribute_chunk_fn, probe_nodes_fn
-from tasks._common import finish, io_task
+from skyferry.distribute import probe
+from skyferry.models import StoredChunk
+from skyferry.run.chunk import Processed
+from skyferry.run.context import BatchRun, RunSetup
+from tasks._common import io_task, run_stage_task
 
-__all__ = ["distribute_chunk", "probe_nodes"]
+__all__ = ["probe_nodes", "write_replicas"]
 
 
 @task(name="probe-nodes", cache_policy=NONE)
-def probe_nodes(ctx: RunContext) -> dict[str, float | None]:
-    """The failure detector: each node's round trip, or None when it is down."""
-    return probe_nodes_fn(ctx)
+def probe_nodes(setup: RunSetup) -> dict[str, float | None]:
+    """Each node's round trip, or None when it is down; marks the run's node health."""
+    return probe.probe_nodes(setup.topology, setup.health, setup.settings.probe_timeout_s)
 
 
 @io_task("write-replicas")
-def distribute_chunk(processed: ProcessedChunk, ctx: RunContext) -> StoredChunk:
-    started = time.perf_counter()
-    result = distribute_chunk_fn(processed, ctx, attempt=int(task_run.run_count or 1))
-    return finish(ctx, "distribution", result, started, processed.size * len(result.verified))
+def write_replicas(processed: Processed, run: BatchRun) -> StoredChunk:
+    result: StoredChunk = run_stage_task("distribution", processed, run)
+    return result

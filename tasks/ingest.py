@@ -1,29 +1,28 @@
-"""Ingest stage tasks: list the source, plan the batch, read and hash each chunk."""
+"""Ingest tasks: list what is new in the source, plan the batch, read one chunk."""
 
 from __future__ import annotations
 
-import time
-
-from skyferry.manifest import BatchPlan
-from skyferry.models import ChunkPlan, IngestedChunk, SourceFile
-from skyferry.pipeline import RunContext, build_plan, ingest_chunk_fn, new_source_files
-from tasks._common import finish, io_task
+from skyferry.ingest.listing import Listing
+from skyferry.models import ChunkPlan, SourceFile
+from skyferry.run import batch
+from skyferry.run.chunk import Ingested
+from skyferry.run.context import BatchRun, RunSetup
+from tasks._common import io_task, run_stage_task
 
 __all__ = ["ingest_chunk", "list_new_files", "plan_batch"]
 
 
 @io_task("list-new-files")
-def list_new_files(ctx: RunContext) -> list[SourceFile]:
-    return new_source_files(ctx)
+def list_new_files(setup: RunSetup) -> Listing:
+    return batch.new_source_files(setup)
 
 
 @io_task("plan-batch")
-def plan_batch(ctx: RunContext, files: list[SourceFile]) -> tuple[BatchPlan, bool]:
-    return build_plan(ctx, files)
+def plan_batch(setup: RunSetup, files: list[SourceFile]) -> BatchRun:
+    return batch.plan_batch(setup, files)
 
 
 @io_task("ingest-chunk")
-def ingest_chunk(chunk: ChunkPlan, ctx: RunContext) -> IngestedChunk:
-    started = time.perf_counter()
-    result = ingest_chunk_fn(chunk, ctx)
-    return finish(ctx, "ingestion", result, started, result.bytes_read)
+def ingest_chunk(chunk: ChunkPlan, run: BatchRun) -> Ingested:
+    result: Ingested = run_stage_task("ingestion", chunk, run)
+    return result

@@ -1,53 +1,37 @@
-"""The chunk task: one chunk through ingest → process → distribute.
+"""The chunk tasks: one chunk through every stage in one task run.
 
-By default (``task_granularity="chunk"``) each chunk is one ``move-chunk`` task: its stages are
-timed steps inside it, and a retry resumes at the stage that failed. Two flavours:
-
-- ``move_chunk_here`` for thread runners: it shares the run's in-memory context;
-- ``move_chunk`` for process-based runners (Dask): it takes only serializable arguments,
-  rebuilds the context once per worker process, and keeps the chunk's bytes in that process.
+- ``move_chunk`` for thread runners: it shares the run's in-memory batch, and its retries
+  resume at the stage that failed (the chunk's progress is an argument, kept across them);
+- ``move_chunk_on_worker`` for process-based runners (Dask): it takes only serializable
+  arguments, rebuilds the batch once per worker process, and starts a retry over.
 """
 
 from __future__ import annotations
 
-from prefect.runtime import task_run
-
 from blocks.credentials import resolve_credentials_with_blocks
-from skyferry.models import ChunkPlan, StoredChunk
-from skyferry.pipeline import RunContext, move_chunk_fn, worker_context
-from tasks._common import io_task
+from skyferry.models import ChunkPlan
+from skyferry.run import chunk as sequence
+from skyferry.run.chunk import ChunkProgress, Moved
+from skyferry.run.context import BatchRun, worker_run
+from tasks._common import attempt, io_task
 
-__all__ = ["move_chunk", "move_chunk_here"]
-
-Moved = tuple[StoredChunk, dict[str, list[float]], str]
-
-
-def _attempt() -> int:
-    return int(task_run.run_count or 1)
+__all__ = ["move_chunk", "move_chunk_on_worker"]
 
 
 @io_task("move-chunk")
-def move_chunk_here(chunk: ChunkPlan, ctx: RunContext,
-                    outbox: dict[int, Moved] | None = None) -> Moved:
-    """Move ``chunk``; also leave the outcome in ``outbox`` (keyed by index), if given.
+def move_chunk(chunk: ChunkPlan, run: BatchRun, progress: ChunkProgress) -> Moved:
+    """Move ``chunk``; its outcome is also left in ``progress.moved``.
 
     The loop that hands out chunks reads it there: reading a result through its future
     hops to Prefect's event-loop thread, which is busy sending the runs' events.
     """
-    attempt = _attempt()
-    stored, timings, started_at = move_chunk_fn(chunk, ctx, attempt)
-    moved = stored.model_copy(update={"attempts": attempt}), timings, started_at
-    if outbox is not None:
-        outbox[chunk.index] = moved
-    return moved
+    return sequence.move_chunk(chunk, run, attempt(), progress)
 
 
-@io_task("move-chunk")
-def move_chunk(chunk: ChunkPlan, config_json: str, batch_id: str,
-               known_down: dict[str, str]) -> Moved:
+@io_task("move-chunk-on-worker")
+def move_chunk_on_worker(chunk: ChunkPlan, config_json: str, batch_id: str,
+                         known_down: dict[str, str]) -> Moved:
     resolve_credentials_with_blocks()  # a Dask worker's own process
-    ctx = worker_context(config_json, batch_id, known_down)
-    attempt = _attempt()
+    run = worker_run(config_json, batch_id, known_down)
     # a retry may land on another worker process: start it over, hold nothing back here
-    stored, timings, started_at = move_chunk_fn(chunk, ctx, attempt, resume=False)
-    return stored.model_copy(update={"attempts": attempt}), timings, started_at
+    return sequence.move_chunk(chunk, run, attempt())

@@ -23,7 +23,7 @@ from sf_data import write_ml_csv
 from sf_prefect import BIN, ROOT, PrefectServer, wait_for
 from sf_proxy import RefusingProxy, chunk_upload, refusing_topology
 
-from skyferry.manifest import Catalog
+from skyferry.commit.manifest import Catalog
 from skyferry.storage import Store
 
 pytestmark = [pytest.mark.server, pytest.mark.integration]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from sf_data import SCHEMA_YAML
 
-from skyferry.manifest import Catalog, Manifest
+from skyferry.commit.manifest import Catalog, Manifest
 from skyferry.topology import load_topology
 
 

@@ -19,9 +19,9 @@ import sf_servers
 from sf_data import write_ml_csv
 
 from flows.pipeline import run_pipeline
+from skyferry.commit.manifest import Catalog, Manifest
 from skyferry.config import PipelineConfig
-from skyferry.export import DatasetReader, export_dataset
-from skyferry.manifest import Catalog, Manifest
+from skyferry.ops.export import DatasetReader, export_dataset
 from skyferry.topology import load_topology
 
 pytestmark = [pytest.mark.integration, pytest.mark.clouds,

@@ -9,8 +9,8 @@ import pytest
 from sf_data import replica_digest, write_ml_csv
 
 from flows.pipeline import run_pipeline
+from skyferry.commit.manifest import Catalog
 from skyferry.config import PipelineConfig, get_settings
-from skyferry.manifest import Catalog
 from skyferry.storage import Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]

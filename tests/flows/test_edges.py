@@ -15,6 +15,7 @@ from sf_data import write_ml_csv
 
 from flows.pipeline import multicloud_pipeline, run_pipeline
 from skyferry.config import PipelineConfig
+from skyferry.distribute.probe import probe_nodes
 from skyferry.errors import (
     FormatError,
     InsufficientNodesError,
@@ -23,9 +24,10 @@ from skyferry.errors import (
     StageError,
     TopologyError,
 )
-from skyferry.export import DatasetReader, export_dataset
-from skyferry.gc import collect_garbage
-from skyferry.pipeline import build_context, build_plan, new_source_files, probe_nodes_fn
+from skyferry.ops.export import DatasetReader, export_dataset
+from skyferry.ops.gc import collect_garbage
+from skyferry.run.batch import new_source_files, plan_batch
+from skyferry.run.context import open_run
 from skyferry.topology import load_topology
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
@@ -194,9 +196,11 @@ def test_gc_never_touches_a_pending_batchs_temp_files(home: Path, tmp_path: Path
     src = tmp_path / "f.bin"
     src.write_bytes(b"z" * 1000)
     config = PipelineConfig(source=str(src), dataset="g", chunk_size=400)
-    ctx = build_context(config)
-    probe_nodes_fn(ctx)
-    plan, _ = build_plan(ctx, new_source_files(ctx))
+    setup = open_run(config)
+    probe_nodes(setup.topology, setup.health, setup.settings.probe_timeout_s)
+    run = plan_batch(setup, new_source_files(setup).files)
+    run.close()
+    plan = run.plan
     key = plan.key(plan.chunks[0])
     node_dir = home / "nodes" / plan.chunks[0].nodes[0]
     temp = node_dir / Path(key).parent / f".tmp-{uuid.uuid4().hex}-{Path(key).name}"

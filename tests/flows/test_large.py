@@ -11,7 +11,7 @@ from sf_data import replica_digest
 
 from flows.pipeline import run_pipeline
 from skyferry.config import PipelineConfig
-from skyferry.export import export_dataset
+from skyferry.ops.export import export_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -29,7 +29,7 @@ def test_one_gigabyte_binary_end_to_end(home: Path, tmp_path: Path) -> None:
     result = run_pipeline(PipelineConfig(source=str(src), dataset="big", chunk_size="64MB"))
     assert result.status == "completed", result.error
     assert result.chunks_processed == 16 and result.bytes_stored == 1_024_000_000
-    from skyferry.manifest import Catalog
+    from skyferry.commit.manifest import Catalog
     from skyferry.topology import load_topology
 
     (manifest,) = Catalog(load_topology().catalog_store()).manifests("big")
@@ -49,7 +49,7 @@ def test_one_gigabyte_binary_end_to_end(home: Path, tmp_path: Path) -> None:
 def test_one_gigabyte_csv_end_to_end(home: Path, tmp_path: Path) -> None:
     from importlib import resources
 
-    from skyferry.demo import BAD_ROWS, generate_dataset
+    from skyferry.ops.demo import BAD_ROWS, generate_dataset
 
     generate_dataset(tmp_path / "csv", total_bytes=1_000_000_000, files=4)
     schema = resources.files("skyferry").joinpath("schemas/demo.yaml")

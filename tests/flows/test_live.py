@@ -35,9 +35,9 @@ from flows.ephemeral import (
     run_settings,
 )
 from flows.live import LiveStatus
-from skyferry.manifest import BatchPlan, Catalog, Lineage
+from skyferry.commit.manifest import BatchPlan, Catalog, Lineage
+from skyferry.distribute.placement import NodeHealth
 from skyferry.models import ChunkPart, ChunkPlan, ReplicaRecord, SourceFile, StoredChunk
-from skyferry.placement import NodeHealth
 from skyferry.storage import Store
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

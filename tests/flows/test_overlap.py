@@ -15,7 +15,7 @@ from typing import IO
 import pytest
 from sf_data import write_ml_csv
 
-from skyferry.export import DatasetReader
+from skyferry.ops.export import DatasetReader
 from skyferry.topology import load_topology
 
 pytestmark = pytest.mark.integration

@@ -15,11 +15,11 @@ import pytest
 from sf_data import replica_digest, write_ml_csv
 
 from flows.pipeline import run_pipeline
+from skyferry.commit.manifest import Manifest
 from skyferry.config import PipelineConfig
 from skyferry.errors import IntegrityError
-from skyferry.export import DatasetReader, export_dataset
-from skyferry.gc import collect_garbage
-from skyferry.manifest import Manifest
+from skyferry.ops.export import DatasetReader, export_dataset
+from skyferry.ops.gc import collect_garbage
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -59,7 +59,7 @@ def test_csv_rows_survive_every_stage(home: Path, tmp_path: Path, schema_file: P
     pd.testing.assert_frame_equal(exported, expected, check_dtype=False)
 
     reasons = Counter()
-    from skyferry.manifest import Catalog
+    from skyferry.commit.manifest import Catalog
     from skyferry.topology import load_topology
     catalog = Catalog(load_topology().catalog_store())
     for chunk in manifest.chunks:

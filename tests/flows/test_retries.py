@@ -18,8 +18,8 @@ from sf_data import write_ml_csv
 from sf_proxy import RefusingProxy, chunk_upload, refusing_topology
 
 from flows.pipeline import run_pipeline
+from skyferry.commit.manifest import Catalog
 from skyferry.config import PipelineConfig, get_settings
-from skyferry.manifest import Catalog
 from skyferry.storage import Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.clouds,

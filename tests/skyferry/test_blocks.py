@@ -9,7 +9,7 @@ import pytest
 from blocks.storage_node import StorageNode, topology_from_blocks
 from flows.pipeline import run_pipeline
 from skyferry.config import PipelineConfig
-from skyferry.export import DatasetReader
+from skyferry.ops.export import DatasetReader
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from skyferry.chunking import binary_segments, pack_segments, text_segments
-from skyferry.ingest import plan_chunks, plan_file
-from skyferry.listing import list_source
+from skyferry.ingest.chunking import binary_segments, pack_segments, text_segments
+from skyferry.ingest.listing import list_source
+from skyferry.ingest.read import plan_chunks, plan_file
 
 TRICKY_ROWS = [
     ["id", "text", "value"],

@@ -16,9 +16,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skyferry.ingest import plan_chunks, read_chunk, with_headers
-from skyferry.listing import list_source
-from skyferry.processing import decode_parts
+from skyferry.ingest.listing import list_source
+from skyferry.ingest.read import plan_chunks, read_chunk, with_headers
+from skyferry.process.clean import decode_parts
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

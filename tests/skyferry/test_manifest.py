@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from skyferry.commit.manifest import BatchPlan, Catalog, Lineage, Manifest, chunk_key
 from skyferry.errors import BatchNotFoundError
-from skyferry.manifest import BatchPlan, Catalog, Lineage, Manifest, chunk_key
 from skyferry.models import ChunkPart, ChunkPlan, ReplicaRecord, SourceFile, StoredChunk
 from skyferry.storage import Store
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from skyferry.distribute.placement import NodeHealth, Placer
 from skyferry.errors import InsufficientNodesError
-from skyferry.placement import NodeHealth, Placer
 from skyferry.topology import load_topology
 
 

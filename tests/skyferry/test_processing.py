@@ -8,8 +8,8 @@ import pytest
 
 from skyferry.errors import FormatError, SchemaError, TransformError
 from skyferry.models import ChunkPart
-from skyferry.processing import load_transforms, process_parts
-from skyferry.schema import Schema
+from skyferry.process.clean import load_transforms, process_parts
+from skyferry.process.schema import Schema
 
 SCHEMA = Schema.model_validate({"columns": {
     "id": {"type": "int64", "nullable": False},

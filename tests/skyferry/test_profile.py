@@ -9,9 +9,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from skyferry.cli import app
-from skyferry.manifest import Catalog
+from skyferry.commit.manifest import Catalog
 from skyferry.metrics import PipelineResult, StageMetrics
-from skyferry.profile import profile_results, write_chart
+from skyferry.ops.profile import profile_results, write_chart
 from skyferry.storage import Store
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from skyferry.distribute.placement import NodeHealth, Placer
+from skyferry.distribute.replication import ReplicaWriter
 from skyferry.errors import NodeUnavailableError
 from skyferry.hashing import content_hash
-from skyferry.placement import NodeHealth, Placer
-from skyferry.replication import ReplicaWriter
 from skyferry.storage import Store
 from skyferry.topology import load_topology
 

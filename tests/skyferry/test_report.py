@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from skyferry.metrics import PipelineResult, StageMetrics
-from skyferry.report import placement_markdown, stage_breakdown
+from skyferry.ops.report import placement_markdown, stage_breakdown
 
 
 def _result() -> PipelineResult:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from skyferry.distribute.placement import NodeHealth, Placer
+from skyferry.distribute.shares import assign_shares
 from skyferry.models import ChunkPart, ChunkPlan
-from skyferry.placement import NodeHealth, Placer
-from skyferry.shares import assign_shares
 from skyferry.topology import load_topology
 
 

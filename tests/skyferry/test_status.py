@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from flows.pipeline import run_pipeline
 from skyferry.cli import app
 from skyferry.config import PipelineConfig
-from skyferry.status import fetch_status, render_status, status_line
+from skyferry.ops.status import fetch_status, render_status, status_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 

@@ -6,7 +6,7 @@ import pytest
 
 from skyferry.config import get_settings
 from tasks._common import with_retries
-from tasks.move import move_chunk_here
+from tasks.move import move_chunk
 
 
 @pytest.mark.parametrize("delays", [[0.5], [1.0, 2.0, 4.0]])
@@ -15,10 +15,10 @@ def test_retries_follow_the_settings_of_the_moment(delays: list[float],
     monkeypatch.setenv("SKYFERRY_RETRY_DELAYS", str(delays))
     get_settings.cache_clear()
     try:
-        configured = with_retries(move_chunk_here)
+        configured = with_retries(move_chunk)
         assert configured.retries == len(delays)
         assert configured.retry_delay_seconds == delays
         assert configured.name == "move-chunk"
-        assert configured.retry_condition_fn is move_chunk_here.retry_condition_fn
+        assert configured.retry_condition_fn is move_chunk.retry_condition_fn
     finally:
         get_settings.cache_clear()

@@ -12,8 +12,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from skyferry.commit.manifest import Catalog
 from skyferry.errors import StorageError
-from skyferry.manifest import Catalog
 from skyferry.storage import ObjectInfo, Store
 from skyferry.topology import Topology
 

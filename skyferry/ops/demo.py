@@ -11,7 +11,7 @@ import pyarrow.csv as pacsv
 
 __all__ = ["BAD_ROWS", "generate_dataset"]
 
-logger = logging.getLogger("skyferry.demo")
+logger = logging.getLogger("skyferry.ops.demo")
 
 FEATURES = 8
 CATEGORIES = ["cat", "dog", "bird", "fish", "horse"]

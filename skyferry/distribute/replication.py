@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
+from skyferry.distribute.placement import NodeHealth, Placer
 from skyferry.errors import (
     NodeUnavailableError,
     QuorumNotMetError,
@@ -22,7 +23,6 @@ from skyferry.errors import (
     StorageError,
 )
 from skyferry.models import ReplicaRecord
-from skyferry.placement import NodeHealth, Placer
 from skyferry.storage import Store
 from skyferry.topology import Node, Topology
 
@@ -115,11 +115,10 @@ class ReplicaWriter:
     def _deadline(self, node: Node, ticket: tuple[int, int]) -> float:
         """The node's timeout, plus the time to move the bytes sharing it at 4 MB/s.
 
-        The writes in flight to one node share its bandwidth: with 8 chunks of 16 MiB in
-        flight, writes to a 26 MB/s node (the GCS emulator) took longer than one chunk's
-        allowance, and a slow but healthy node was called hung (measured). A write's
-        allowance counts the bytes in flight to the node when it was queued (its own
-        included) and every byte queued to the node after it: those share the node with it.
+        The writes in flight to one node share its bandwidth, so a deadline for one write
+        alone would call a slow but healthy node hung. A write's allowance counts the bytes
+        in flight to the node when it was queued (its own included) and every byte queued
+        to the node after it: those share the node with it.
         """
         queued, entered = ticket
         with self._lock:

@@ -19,17 +19,17 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from skyferry.commit.manifest import Catalog, Manifest
 from skyferry.errors import IntegrityError, StorageError, TopologyError, UnsafeKeyError
 from skyferry.hashing import content_hash
-from skyferry.manifest import Catalog, Manifest
+from skyferry.ingest.versions import LiveSource, live_parts, live_sources
 from skyferry.models import SourceFile, StoredChunk
 from skyferry.storage import Store
 from skyferry.topology import Topology, load_topology
-from skyferry.versions import LiveSource, live_parts, live_sources
 
 __all__ = ["DatasetReader", "ExportReport", "export_dataset"]
 
-logger = logging.getLogger("skyferry.export")
+logger = logging.getLogger("skyferry.ops.export")
 
 
 @dataclass
@@ -75,7 +75,7 @@ class DatasetReader:
         return manifests
 
     def live(self) -> dict[str, LiveSource]:
-        """Each source file's newest committed version (see :mod:`skyferry.versions`)."""
+        """Each source file's newest committed version (see :mod:`skyferry.ingest.versions`)."""
         if self._live is None:
             self._live = live_sources(self.manifests())
         return self._live
@@ -108,7 +108,7 @@ class DatasetReader:
             dataset=manifest.dataset, batch_id=manifest.batch_id, chunk=chunk.index)
 
     def iter_chunks(self) -> Iterator[tuple[Manifest, StoredChunk, bytes]]:
-        """Every chunk that holds a live source version (see :mod:`skyferry.versions`)."""
+        """Every chunk that holds a live source version (see :mod:`skyferry.ingest.versions`)."""
         for manifest in self.manifests():
             self.report.batches.append(manifest.batch_id)
             for chunk in manifest.chunks:

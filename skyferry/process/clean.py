@@ -26,10 +26,10 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from skyferry.chunking import csv_record_around
 from skyferry.errors import FormatError, SchemaError, TransformError
+from skyferry.ingest.chunking import csv_record_around
 from skyferry.models import ChunkPart
-from skyferry.schema import Schema
+from skyferry.process.schema import Schema
 from skyferry.storage import open_url
 
 __all__ = ["ProcessOutput", "Transform", "decode_parts", "encode_parquet", "load_transforms",
@@ -481,8 +481,8 @@ def _transform(table: pa.Table, out: ProcessOutput, transforms: Sequence[tuple[s
 
 def encode_parquet(table: pa.Table) -> pa.Buffer:
     """zstd Parquet. Dictionary encoding only where it can pay: not on floating-point
-    columns, whose values rarely repeat. Trying it there costs ~40% of the encode time
-    before the writer falls back to plain encoding, and the file comes out larger."""
+    columns, whose values rarely repeat: trying it there costs encode time before the
+    writer falls back to plain encoding, and the file comes out larger."""
     dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", use_dictionary=dictionary)

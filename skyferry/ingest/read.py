@@ -8,16 +8,16 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from skyferry.chunking import binary_segments, pack_segments, parquet_segments, text_segments
 from skyferry.errors import FormatError, SourceChangedError, SourceError, SourceNotFoundError
 from skyferry.hashing import new_hasher
-from skyferry.listing import check_format, detect_format
+from skyferry.ingest.chunking import binary_segments, pack_segments, parquet_segments, text_segments
+from skyferry.ingest.listing import check_format, detect_format
 from skyferry.models import ChunkPart, ChunkPlan, SourceFile
 from skyferry.storage import open_url
 
 __all__ = ["iter_part_bytes", "plan_chunks", "read_chunk", "read_range", "with_headers"]
 
-logger = logging.getLogger("skyferry.ingest")
+logger = logging.getLogger("skyferry.ingest.read")
 
 
 def read_range(url: str, start: int, end: int, options: Mapping[str, Any] | None = None) -> bytes:

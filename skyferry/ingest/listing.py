@@ -20,7 +20,7 @@ from skyferry.storage import open_url
 __all__ = ["CLOUD_BY_PROTOCOL", "Listing", "detect_format", "list_source", "list_source_files",
            "source_cloud"]
 
-logger = logging.getLogger("skyferry.ingest")
+logger = logging.getLogger("skyferry.ingest.read")
 
 CLOUD_BY_PROTOCOL = {"s3": "aws", "s3a": "aws", "gs": "gcp", "gcs": "gcp", "az": "azure",
                      "abfs": "azure", "abfss": "azure"}

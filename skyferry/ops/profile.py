@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.table import Table
 
 from skyferry.metrics import STAGES, PipelineResult
-from skyferry.report import ADVICE, BOTTLENECK_SHARE
+from skyferry.ops.report import ADVICE, BOTTLENECK_SHARE
 
 __all__ = ["ProfileReport", "StageSpread", "profile_results", "profile_table", "write_chart"]
 

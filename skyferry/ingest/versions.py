@@ -19,15 +19,15 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from skyferry.commit.manifest import Manifest
 from skyferry.hashing import new_hasher
-from skyferry.ingest import read_range
-from skyferry.listing import detect_format
-from skyferry.manifest import Manifest
+from skyferry.ingest.listing import detect_format
+from skyferry.ingest.read import read_range
 from skyferry.models import ChunkPart, SourceFile, StoredChunk
 
 __all__ = ["LiveSource", "grown_from", "live_parts", "live_sources"]
 
-logger = logging.getLogger("skyferry.ingest")
+logger = logging.getLogger("skyferry.ingest.read")
 
 _APPENDABLE = ("csv", "jsonl", "binary")
 _BLOCK = 8 << 20

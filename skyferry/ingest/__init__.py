@@ -1,0 +1,1 @@
+"""Stage 1, ingest: list the source, find what is new, cut record-aligned chunks, read them."""

@@ -1,0 +1,18 @@
+"""Commit task: write the batch's manifest atomically."""
+
+from __future__ import annotations
+
+from skyferry.commit.manifest import Manifest
+from skyferry.models import StoredChunk
+from skyferry.run import batch
+from skyferry.run.context import BatchRun
+from tasks._common import io_task
+
+__all__ = ["COMMIT_TASK", "commit_manifest"]
+
+COMMIT_TASK = "commit-manifest"  # a committed run's last task
+
+
+@io_task(COMMIT_TASK)
+def commit_manifest(run: BatchRun, chunks: list[StoredChunk]) -> tuple[Manifest, str]:
+    return batch.commit_batch(run, chunks)
