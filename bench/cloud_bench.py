@@ -29,9 +29,9 @@ from typing import Any
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests.helpers
 
-import sf_servers  # noqa: E402
+from tests.helpers import sf_servers  # noqa: E402
 
 MIB = 1 << 20
 SIZE = int(os.environ.get("BENCH_CLOUD_MIB", "384")) * MIB

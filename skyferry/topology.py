@@ -145,7 +145,7 @@ class Node(BaseModel):
     work_pool: str | None = Field(default=None, description="Work pool that computes near it.")
     enabled: bool = Field(default=True, description="false marks the node down.")
 
-    def store(self) -> Store:
+    def open_store(self) -> Store:
         """The node's store. A backend that refuses its options (a malformed connection
         string, a token it cannot read) is a :class:`NodeUnavailableError` naming the node,
         with every secret of the options scrubbed from the message."""

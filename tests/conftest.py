@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-HELPERS = Path(__file__).parent / "helpers"
-sys.path.insert(0, str(HELPERS))  # test-only modules: data builders, faults, transforms
 
 # A short retry backoff (read when a task is called), and a quiet Prefect (before it loads).
 os.environ.setdefault("SKYFERRY_RETRY_DELAYS", "[0.05, 0.05]")
@@ -42,16 +38,10 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     get_settings.cache_clear()
 
 
-@pytest.fixture
-def helpers_on_path() -> Path:
-    """tests/helpers is importable, so transforms can be named as module:function."""
-    return HELPERS
-
-
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """moto (S3), gcp-storage-emulator (GCS) and Azurite (Azure Blob), once per session."""
-    import sf_servers
+    from tests.helpers import sf_servers
 
     logs = tmp_path_factory.mktemp("server-logs")
     started = {
@@ -71,7 +61,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
 @pytest.fixture
 def clouds(servers: dict[str, Any]) -> Iterator[Any]:
     """Fresh buckets/containers on every server for one test, and a way to reach them."""
-    import sf_servers
+    from tests.helpers import sf_servers
 
     env = sf_servers.CloudEnv(servers)
     env.reset()

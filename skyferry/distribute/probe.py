@@ -51,5 +51,5 @@ def probe_nodes(topology: Topology, health: NodeHealth,
 
 
 def _probe(node: Node, stores: dict[str, Store]) -> float:
-    store = stores[node.name] = node.store()
+    store = stores[node.name] = node.open_store()
     return store.probe()

@@ -125,10 +125,10 @@ class ReplicaWriter:
             later = self._entered.get(node.name, 0) - entered
         return node.timeout_s + (queued + later) / 4e6
 
-    def store(self, node: Node) -> Store:
+    def store_of(self, node: Node) -> Store:
         with self._lock:
             if node.name not in self._stores:
-                self._stores[node.name] = node.store()
+                self._stores[node.name] = node.open_store()
             return self._stores[node.name]
 
     def recheck(self, names: list[str], timeout: float) -> list[str]:
@@ -142,13 +142,13 @@ class ReplicaWriter:
         if not down:
             return []
         pool = ThreadPoolExecutor(max_workers=len(down))
-        futures = {n.name: pool.submit(self.store(n).probe) for n in down}
+        futures = {n.name: pool.submit(self.store_of(n).probe) for n in down}
         back = []
         for name, future in futures.items():
             try:
                 future.result(timeout=timeout)
             except FutureTimeout:  # still hung: it stays marked, and its probe is stopped
-                self.store(self.topology.node(name)).cancel()
+                self.store_of(self.topology.node(name)).cancel()
                 continue
             except Exception:  # still down: it stays marked
                 continue
@@ -186,7 +186,7 @@ class ReplicaWriter:
             if slot is not None:
                 self._wait_for_slot(node, slot, key)
             try:
-                store = self.store(node)
+                store = self.store_of(node)
                 store.put(key, data)
                 verify_replica(store, key, digest, len(data), md5)
             finally:
@@ -241,7 +241,7 @@ class ReplicaWriter:
                     targets.append(node)
             if not targets:
                 break
-            if md5 is None and any(not self.store(n).is_local for n in targets):
+            if md5 is None and any(not self.store_of(n).is_local for n in targets):
                 md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
             pool = self._pool
             started = time.monotonic()
@@ -261,7 +261,7 @@ class ReplicaWriter:
                 errors.append(str(exc))
                 self.health.mark(node.name, "down", str(exc))
                 if not futures[node.name].done():  # hung: its calls in flight are abandoned
-                    self.store(node).cancel()
+                    self.store_of(node).cancel()
             targets = []  # a hung write keeps its thread; the run moves on
             if not failed:
                 break

@@ -82,7 +82,7 @@ class DatasetReader:
 
     def _store(self, node: str) -> Store:
         if node not in self._stores:
-            self._stores[node] = self.topology.node(node).store()
+            self._stores[node] = self.topology.node(node).open_store()
         return self._stores[node]
 
     def chunk_bytes(self, manifest: Manifest, chunk: StoredChunk) -> bytes:

@@ -55,7 +55,7 @@ def collect_garbage(topology: Topology, *, grace_s: float, now: float | None = N
     for node in topology.nodes:
         if node.enabled:
             try:
-                stores.append((node.name, node.store()))
+                stores.append((node.name, node.open_store()))
             except StorageError as exc:
                 report.errors.append(f"{node.name}: {exc}")
     stores.append(("catalog", catalog.store))
@@ -119,7 +119,7 @@ def drop_dataset(topology: Topology, dataset: str) -> int:
         if not node.enabled:
             continue
         try:
-            store = node.store()
+            store = node.open_store()
             for obj in list(store.list(dataset)):
                 store.delete(obj.key)
                 deleted += 1

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sf_servers
-from sf_data import write_ml_csv
-from sf_prefect import BIN, ROOT, PrefectServer, wait_for
-from sf_proxy import RefusingProxy, chunk_upload, refusing_topology
 
 from skyferry.commit.manifest import Catalog
 from skyferry.storage import Store
+from tests.helpers import sf_servers
+from tests.helpers.sf_data import write_ml_csv
+from tests.helpers.sf_prefect import BIN, ROOT, PrefectServer, wait_for
+from tests.helpers.sf_proxy import RefusingProxy, chunk_upload, refusing_topology
 
 pytestmark = [pytest.mark.server, pytest.mark.integration]
 

@@ -4,10 +4,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sf_data import SCHEMA_YAML
 
 from skyferry.commit.manifest import Catalog, Manifest
 from skyferry.topology import load_topology
+from tests.helpers.sf_data import SCHEMA_YAML
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sf_data import write_ml_csv
 
 from flows.pipeline import multicloud_pipeline, run_pipeline
 from skyferry.config import PipelineConfig
@@ -19,6 +18,7 @@ from skyferry.errors import (
     UnsafeKeyError,
     ZeroByteFileError,
 )
+from tests.helpers.sf_data import write_ml_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 

@@ -15,14 +15,14 @@ from typing import Any
 
 import blake3
 import pytest
-import sf_servers
-from sf_data import write_ml_csv
 
 from flows.pipeline import run_pipeline
 from skyferry.commit.manifest import Catalog, Manifest
 from skyferry.config import PipelineConfig
 from skyferry.ops.export import DatasetReader, export_dataset
 from skyferry.topology import load_topology
+from tests.helpers import sf_servers
+from tests.helpers.sf_data import write_ml_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.clouds,
               pytest.mark.usefixtures("prefect_harness")]
@@ -187,7 +187,7 @@ def _artifacts_text() -> str:
 
 def test_azure_killed_mid_run(clouds: sf_servers.CloudEnv, topology: Path, tmp_path: Path,
                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import sf_faults
+    from tests.helpers import sf_faults
 
     sf_faults.reset()
     assert clouds.az.proc is not None
@@ -195,7 +195,7 @@ def test_azure_killed_mid_run(clouds: sf_servers.CloudEnv, topology: Path, tmp_p
     monkeypatch.setenv("SF_SIGNAL", "SIGKILL")
     source = _source(clouds, tmp_path, 6000)
     result = run_pipeline(_config(source, topology, "killed",
-                                  transforms=["sf_faults:signal_server_on_second_chunk"]))
+                                  transforms=["tests.helpers.sf_faults:signal_server_on_second_chunk"]))
     assert result.status == "completed", result.error
     assert "azure-node-1" in result.down_nodes
     assert result.node_failures_handled >= 1
@@ -215,7 +215,7 @@ def test_azure_killed_mid_run(clouds: sf_servers.CloudEnv, topology: Path, tmp_p
 
 def test_a_hung_server_is_routed_around(clouds: sf_servers.CloudEnv, topology: Path,
                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sf_faults
+    from tests.helpers import sf_faults
 
     sf_faults.reset()
     assert clouds.az.proc is not None
@@ -224,7 +224,7 @@ def test_a_hung_server_is_routed_around(clouds: sf_servers.CloudEnv, topology: P
     source = _source(clouds, tmp_path, 4000)
     try:
         result = run_pipeline(_config(source, topology, "hung",
-                                      transforms=["sf_faults:signal_server_on_second_chunk"]))
+                                      transforms=["tests.helpers.sf_faults:signal_server_on_second_chunk"]))
     finally:
         clouds.az.signal(signal.SIGCONT)
     assert result.status == "completed", result.error

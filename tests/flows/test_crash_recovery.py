@@ -10,16 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
-from sf_data import replica_digest, write_ml_csv
 
 from flows.pipeline import run_pipeline
 from skyferry.commit.manifest import Catalog, Manifest
 from skyferry.config import PipelineConfig, get_settings
 from skyferry.topology import load_topology
+from tests.helpers.sf_data import replica_digest, write_ml_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
-HELPERS = Path(__file__).parents[1] / "helpers"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _manifests() -> list[Manifest]:
@@ -30,12 +30,12 @@ def _comparable(m: Manifest) -> dict[str, object]:
     return m.model_dump(exclude={"created_at", "partition_date"}, mode="json")
 
 
-def test_kill_9_then_rerun_matches_a_clean_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               helpers_on_path: Path) -> None:
+def test_kill_9_then_rerun_matches_a_clean_run(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     write_ml_csv(src / "a.csv", 12_000, seed=11)
     config = PipelineConfig(source=str(src), dataset="crash", chunk_size="40KB",
-                            transforms=["sf_faults:block_on_sixth_chunk"])
+                            transforms=["tests.helpers.sf_faults:block_on_sixth_chunk"])
 
     # 1. the clean run, in its own data directory
     clean_home = tmp_path / "clean"
@@ -52,8 +52,8 @@ def test_kill_9_then_rerun_matches_a_clean_run(tmp_path: Path, monkeypatch: pyte
     env = dict(os.environ, SKYFERRY_HOME=str(crash_home), SF_BLOCK_MARKER=str(marker),
                SKYFERRY_MAX_IN_FLIGHT="2", PREFECT_API_URL="")
     env.pop("PREFECT_API_URL")
-    child = subprocess.Popen([sys.executable, str(HELPERS / "sf_run.py"),
-                              config.model_dump_json()], env=env, start_new_session=True,
+    child = subprocess.Popen([sys.executable, "-m", "tests.helpers.sf_run",
+                              config.model_dump_json()], env=env, start_new_session=True, cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=log.open("wb"))
     deadline = time.monotonic() + 240
     while not marker.exists():

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sf_data import replica_digest, write_ml_csv
 
 from flows.pipeline import run_pipeline
 from skyferry.commit.manifest import Catalog
 from skyferry.config import PipelineConfig, get_settings
 from skyferry.storage import Store
+from tests.helpers.sf_data import replica_digest, write_ml_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 

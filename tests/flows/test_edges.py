@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sf_data import write_ml_csv
 
 from flows.pipeline import multicloud_pipeline, run_pipeline
 from skyferry.config import PipelineConfig
@@ -29,6 +28,7 @@ from skyferry.ops.gc import collect_garbage
 from skyferry.run.batch import new_source_files, plan_batch
 from skyferry.run.context import open_run
 from skyferry.topology import load_topology
+from tests.helpers.sf_data import write_ml_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -80,12 +80,11 @@ def test_an_unknown_cloud_is_a_topology_error(home: Path, tmp_path: Path) -> Non
     assert isinstance(cause, TopologyError) and "'venus'" in str(cause)
 
 
-def test_rows_that_transforms_add_are_accounted(home: Path, tmp_path: Path,
-                                                helpers_on_path: Path) -> None:
+def test_rows_that_transforms_add_are_accounted(home: Path, tmp_path: Path) -> None:
     src = tmp_path / "a.csv"
     write_ml_csv(src, 1000, seed=5)
     result = run_pipeline(PipelineConfig(source=str(src), dataset="d",
-                                         transforms=["sf_transforms:duplicate_rows"]))
+                                         transforms=["tests.helpers.sf_transforms:duplicate_rows"]))
     assert result.status == "completed", result.error
     assert (result.rows_in, result.rows_added, result.rows_dropped) == (1000, 1000, 0)
     assert (result.rows_stored, result.rows_rejected) == (2000, 0)

@@ -18,17 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sf_servers
-from sf_data import write_ml_csv
 
 from flows.pipeline import run_pipeline
 from skyferry.config import PipelineConfig
+from tests.helpers import sf_servers
+from tests.helpers.sf_data import write_ml_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.clouds,
               pytest.mark.usefixtures("prefect_harness")]
 
 ROOT = Path(__file__).resolve().parents[2]
-HELPERS = ROOT / "tests" / "helpers"
 
 
 @pytest.fixture
@@ -65,8 +64,8 @@ def _source(tmp_path: Path) -> Path:
 
 def test_no_replica_writer_outlives_a_run_whose_node_hung(
         clouds: sf_servers.CloudEnv, stoppable_s3: Path, tmp_path: Path,
-        helpers_on_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sf_faults
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.helpers import sf_faults
 
     sf_faults.reset()
     assert clouds.s3.proc is not None
@@ -74,7 +73,7 @@ def test_no_replica_writer_outlives_a_run_whose_node_hung(
     monkeypatch.setenv("SF_SIGNAL", "SIGSTOP")
     result = run_pipeline(PipelineConfig(
         source=str(_source(tmp_path)), dataset="hung", topology=str(stoppable_s3),
-        chunk_size="200KB", transforms=["sf_faults:signal_server_on_second_chunk"]))
+        chunk_size="200KB", transforms=["tests.helpers.sf_faults:signal_server_on_second_chunk"]))
     assert result.status == "completed", result.error
     assert {"s3-a", "s3-b"} <= set(result.down_nodes)
     assert _replica_threads() == []
@@ -85,13 +84,13 @@ def test_the_command_exits_once_the_run_ends(clouds: sf_servers.CloudEnv, stoppa
     assert clouds.s3.proc is not None
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
     env.update(SKYFERRY_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
-               PYTHONPATH=str(HELPERS), SF_SIGNAL_PID=str(clouds.s3.proc.pid),
+               PYTHONPATH=str(ROOT), SF_SIGNAL_PID=str(clouds.s3.proc.pid),
                SF_SIGNAL="SIGSTOP")
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "skyferry.cli", "run", str(_source(tmp_path)), "--dataset",
          "hung-cli", "--topology", str(stoppable_s3), "--chunk-size", "200KB", "--json",
-         "--transform", "sf_faults:signal_server_on_second_chunk"],
+         "--transform", "tests.helpers.sf_faults:signal_server_on_second_chunk"],
         env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     took = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-3000:]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sf_data import replica_digest
 
 from flows.pipeline import run_pipeline
 from skyferry.config import PipelineConfig
 from skyferry.ops.export import export_dataset
+from tests.helpers.sf_data import replica_digest
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 

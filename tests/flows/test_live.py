@@ -35,25 +35,17 @@ from flows.ephemeral import (
     run_settings,
 )
 from flows.live import LiveStatus
-from skyferry.commit.manifest import BatchPlan, Catalog, Lineage
+from skyferry.commit.manifest import BatchPlan, Catalog
 from skyferry.distribute.placement import NodeHealth
-from skyferry.models import ChunkPart, ChunkPlan, ReplicaRecord, SourceFile, StoredChunk
+from skyferry.models import ReplicaRecord, StoredChunk
 from skyferry.storage import Store
+from tests.helpers.sf_data import small_plan
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def _plan(n: int) -> BatchPlan:
-    src = SourceFile(url="file:///s/a.bin", size=10 * n, fingerprint="mtime:1")
-    chunks = [ChunkPlan(index=i, format="binary", nodes=("n1", "n2"),
-                        parts=(ChunkPart(source=src.url, start=10 * i, end=10 * i + 10),))
-              for i in range(n)]
-    return BatchPlan(dataset="live", batch_id="b1", partition_date="2026-11-23",
-                     created_at="2026-11-23T00:00:00+00:00", replicas=2, quorum=2,
-                     source_cloud="aws",
-                     lineage=Lineage(sources=[src], code_version="0.1.0", schema=None,
-                                     transforms=[], format="binary", chunk_size=10),
-                     chunks=chunks)
+    return small_plan("live", n, date="2026-11-23")
 
 
 def _journal(catalog: Catalog, plan: BatchPlan, i: int) -> None:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from sf_data import write_ml_csv
+
+from tests.helpers.sf_data import write_ml_csv
 
 pytestmark = [pytest.mark.integration]
 

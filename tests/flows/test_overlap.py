@@ -13,21 +13,20 @@ from pathlib import Path
 from typing import IO
 
 import pytest
-from sf_data import write_ml_csv
 
 from skyferry.ops.export import DatasetReader
 from skyferry.topology import load_topology
+from tests.helpers.sf_data import write_ml_csv
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-HELPERS = ROOT / "tests" / "helpers"
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
     env.update(SKYFERRY_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
-               PYTHONPATH=str(HELPERS), SF_HELD=str(tmp_path / "held"),
+               PYTHONPATH=str(ROOT), SF_HELD=str(tmp_path / "held"),
                SF_RELEASE=str(tmp_path / "release"), PREFECT_LOGGING_LEVEL="WARNING")
     os.mkfifo(tmp_path / "held")
     os.mkfifo(tmp_path / "release")
@@ -77,7 +76,7 @@ def test_a_second_run_waits_for_the_first(tmp_path: Path) -> None:
     src = tmp_path / "src"
     write_ml_csv(src / "a.csv", 3000, seed=4)
     env = _env(tmp_path)
-    first = _start(src, env, "--transform", "sf_faults:hold_on_second_chunk")
+    first = _start(src, env, "--transform", "tests.helpers.sf_faults:hold_on_second_chunk")
     _wait_until_held(tmp_path)
     second = _start(src, env)
     assert second.stderr is not None
@@ -98,12 +97,13 @@ def test_a_run_takes_over_from_a_killed_holder(tmp_path: Path) -> None:
     src = tmp_path / "src"
     write_ml_csv(src / "a.csv", 3000, seed=4)
     env = _env(tmp_path)
-    first = _start(src, env, "--transform", "sf_faults:hold_on_second_chunk")
+    first = _start(src, env, "--transform", "tests.helpers.sf_faults:hold_on_second_chunk")
     _wait_until_held(tmp_path)
     os.killpg(first.pid, signal.SIGKILL)
     first.communicate(timeout=60)
     assert any(p.endswith("lease.json") for p in _pending(tmp_path))
-    second = _start(src, env, "--transform", "sf_faults:hold_on_second_chunk")  # same batch
+    # the same batch
+    second = _start(src, env, "--transform", "tests.helpers.sf_faults:hold_on_second_chunk")
     _wait_until_held(tmp_path)
     with open(tmp_path / "release", "w") as release:
         release.write("go\n")

@@ -12,7 +12,6 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from sf_data import replica_digest, write_ml_csv
 
 from flows.pipeline import run_pipeline
 from skyferry.commit.manifest import Manifest
@@ -20,6 +19,7 @@ from skyferry.config import PipelineConfig
 from skyferry.errors import IntegrityError
 from skyferry.ops.export import DatasetReader, export_dataset
 from skyferry.ops.gc import collect_garbage
+from tests.helpers.sf_data import replica_digest, write_ml_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -100,10 +100,9 @@ def test_binary_bytes_round_trip_through_three_clouds(home: Path, tmp_path: Path
 
 
 def test_a_node_that_dies_mid_run_is_routed_around(home: Path, tmp_path: Path,
-                                                  helpers_on_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   committed: Committed) -> None:
-    import sf_faults
+    from tests.helpers import sf_faults
 
     sf_faults.reset()
     monkeypatch.setenv("SF_BREAK_NODE", "aws-node-2")
@@ -111,7 +110,7 @@ def test_a_node_that_dies_mid_run_is_routed_around(home: Path, tmp_path: Path,
     write_ml_csv(src / "a.csv", 6000, seed=4)
     result = run_pipeline(PipelineConfig(
         source=str(src), dataset="failover", chunk_size="30KB",
-        transforms=["sf_faults:break_node_on_second_chunk"]))
+        transforms=["tests.helpers.sf_faults:break_node_on_second_chunk"]))
     assert result.status == "completed", result.error
     assert "aws-node-2" in result.down_nodes
     assert result.node_failures_handled >= 1
@@ -247,7 +246,7 @@ def test_parquet_and_jsonl_sources(home: Path, tmp_path: Path) -> None:
 def test_a_replica_no_node_can_take_becomes_a_hint(home: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   committed: Committed) -> None:
-    import sf_faults
+    from tests.helpers import sf_faults
 
     sf_faults.reset()
     monkeypatch.setenv("SF_BREAK_NODE", "g1")
@@ -263,7 +262,7 @@ nodes:
     write_ml_csv(src / "a.csv", 3000, seed=9)
     result = run_pipeline(PipelineConfig(source=str(src), dataset="h", topology=str(topo),
                                          chunk_size="20KB",
-                                         transforms=["sf_faults:break_node_on_second_chunk"]))
+                                         transforms=["tests.helpers.sf_faults:break_node_on_second_chunk"]))
     assert result.status == "completed", result.error
     (manifest,) = committed("h")
     hinted = [c for c in manifest.chunks if any(r.state == "hinted" for r in c.replicas)]

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-import sf_servers
-from sf_data import write_ml_csv
-from sf_proxy import RefusingProxy, chunk_upload, refusing_topology
 
 from flows.pipeline import run_pipeline
 from skyferry.commit.manifest import Catalog
 from skyferry.config import PipelineConfig, get_settings
 from skyferry.storage import Store
+from tests.helpers import sf_servers
+from tests.helpers.sf_data import write_ml_csv
+from tests.helpers.sf_proxy import RefusingProxy, chunk_upload, refusing_topology
 
 pytestmark = [pytest.mark.integration, pytest.mark.clouds,
               pytest.mark.usefixtures("prefect_harness")]

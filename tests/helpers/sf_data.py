@@ -8,6 +8,9 @@ from pathlib import Path
 import blake3
 import numpy as np
 
+from skyferry.commit.manifest import BatchPlan, Lineage
+from skyferry.models import ChunkPart, ChunkPlan, SourceFile
+
 
 def write_ml_csv(path: Path, rows: int, *, seed: int, start_id: int = 0,
                  bad_rows: bool = False) -> int:
@@ -43,3 +46,19 @@ def replica_digest(home: Path, node: str, key: str) -> str | None:
     if not path.is_file():
         return None
     return str(blake3.blake3(path.read_bytes()).hexdigest())
+
+
+def small_plan(dataset: str, chunks: int, fmt: str = "binary", *,
+               date: str = "2026-11-22") -> BatchPlan:
+    """A journaled-plan-shaped batch of ``chunks`` 10-byte chunks of one source file, on two
+    nodes (``n1``, ``n2``), batch ``b1``."""
+    src = SourceFile(url=f"file:///s/{dataset}.{fmt}", size=10 * chunks, fingerprint="mtime:1")
+    planned = [ChunkPlan(index=i, format=fmt, nodes=("n1", "n2"),  # type: ignore[arg-type]
+                         parts=(ChunkPart(source=src.url, start=10 * i, end=10 * i + 10),))
+               for i in range(chunks)]
+    return BatchPlan(dataset=dataset, batch_id="b1", partition_date=date,
+                     created_at=f"{date}T00:00:00+00:00", replicas=2, quorum=2,
+                     source_cloud="aws",
+                     lineage=Lineage(sources=[src], code_version="0.1.0", schema=None,
+                                     transforms=[], format=fmt, chunk_size=10),  # type: ignore[arg-type]
+                     chunks=planned)

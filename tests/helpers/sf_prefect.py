@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sf_servers import ROOT, free_port
+
+from tests.helpers.sf_servers import ROOT, free_port
 
 BIN = Path(sys.executable).parent
 

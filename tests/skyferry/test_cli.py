@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from sf_data import write_ml_csv
 from typer.testing import CliRunner
 
 from skyferry.cli import app
+from tests.helpers.sf_data import write_ml_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 runner = CliRunner()

@@ -4,22 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from skyferry.commit.manifest import BatchPlan, Catalog, Lineage, Manifest, chunk_key
+from skyferry.commit.manifest import BatchPlan, Catalog, Manifest, chunk_key
 from skyferry.errors import BatchNotFoundError
-from skyferry.models import ChunkPart, ChunkPlan, ReplicaRecord, SourceFile, StoredChunk
+from skyferry.models import ReplicaRecord, StoredChunk
 from skyferry.storage import Store
+from tests.helpers.sf_data import small_plan
 
 
 def _plan() -> BatchPlan:
-    src = SourceFile(url="file:///s/a.csv", size=30, fingerprint="mtime:1")
-    chunks = [ChunkPlan(index=i, format="csv", parts=(ChunkPart(source=src.url, start=i * 10,
-                        end=i * 10 + 10),), nodes=("n1", "n2")) for i in range(3)]
-    return BatchPlan(dataset="ds", batch_id="b1", partition_date="2026-11-22",
-                     created_at="2026-11-22T00:00:00+00:00", replicas=2, quorum=2,
-                     source_cloud="aws",
-                     lineage=Lineage(sources=[src], code_version="0.1.0", schema=None,
-                                     transforms=[], format="auto", chunk_size=10),
-                     chunks=chunks)
+    return small_plan("ds", 3, "csv")
 
 
 def _stored(plan: BatchPlan, i: int) -> StoredChunk:

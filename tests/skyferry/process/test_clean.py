@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -81,9 +80,9 @@ def test_a_header_that_is_not_utf8_is_a_format_error_naming_the_file() -> None:
         process_parts([(PART, b"2,0.25,1\n", b"id,\xff\xfe,label\n")], "csv", None, [], "t")
 
 
-def test_transforms_apply_and_dropped_rows_are_counted(helpers_on_path: Path) -> None:
-    table, out = _run(CSV, SCHEMA, ["sf_transforms:add_feature_sum",
-                                    "sf_transforms:drop_negative_f0"])
+def test_transforms_apply_and_dropped_rows_are_counted() -> None:
+    table, out = _run(CSV, SCHEMA, ["tests.helpers.sf_transforms:add_feature_sum",
+                                    "tests.helpers.sf_transforms:drop_negative_f0"])
     assert table.column("id").to_pylist() == [1, 8]
     assert table.column("feature_sum").to_pylist() == pytest.approx([1.5, 8.4])
     assert (out.rows_added, out.rows_dropped) == (0, 1)
@@ -91,18 +90,18 @@ def test_transforms_apply_and_dropped_rows_are_counted(helpers_on_path: Path) ->
     assert not any("transform" in r["reason"] for r in out.rejects)
 
 
-def test_rows_a_transform_adds_are_counted(helpers_on_path: Path) -> None:
-    table, out = _run(CSV, SCHEMA, ["sf_transforms:duplicate_rows",
-                                    "sf_transforms:drop_negative_f0"])
+def test_rows_a_transform_adds_are_counted() -> None:
+    table, out = _run(CSV, SCHEMA, ["tests.helpers.sf_transforms:duplicate_rows",
+                                    "tests.helpers.sf_transforms:drop_negative_f0"])
     assert (out.rows_added, out.rows_dropped) == (table.num_rows // 2 + 1, 2)
     assert out.rows_in + out.rows_added - out.rows_dropped == table.num_rows + out.rows_rejected
 
 
-def test_bad_transforms_are_typed_errors(helpers_on_path: Path) -> None:
+def test_bad_transforms_are_typed_errors() -> None:
     with pytest.raises(TransformError, match="cannot import"):
         load_transforms(["no_such_module_xyz:fn"])
     with pytest.raises(TransformError, match="returned int"):
-        _run(CSV, SCHEMA, ["sf_transforms:not_a_frame"])
+        _run(CSV, SCHEMA, ["tests.helpers.sf_transforms:not_a_frame"])
 
 
 def test_missing_schema_column_names_the_file() -> None:

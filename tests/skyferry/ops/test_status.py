@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from sf_data import write_ml_csv
 from typer.testing import CliRunner
 
 from flows.pipeline import run_pipeline
 from skyferry.cli import app
 from skyferry.config import PipelineConfig
 from skyferry.ops.status import fetch_status, render_status, status_line
+from tests.helpers.sf_data import write_ml_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 

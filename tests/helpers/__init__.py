@@ -1,0 +1,1 @@
+"""Test helpers: local cloud servers, a Prefect server, data builders, faults, transforms."""

@@ -1,0 +1,52 @@
+"""The tasks are thin: through ``.fn()``, each returns what its domain function returns and
+counts its stage in the run's metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from skyferry.commit.manifest import Catalog
+from skyferry.config import PipelineConfig
+from skyferry.hashing import content_hash
+from skyferry.run.chunk import ChunkProgress
+from skyferry.run.context import open_run
+from tasks.commit import commit_manifest
+from tasks.distribute import probe_nodes, write_replicas
+from tasks.ingest import ingest_chunk, list_new_files, plan_batch
+from tasks.move import move_chunk
+from tasks.process import process_chunk
+from tests.helpers.sf_data import replica_digest, write_ml_csv
+
+
+def test_the_stage_tasks_walk_a_batch_and_commit_it(home: Path, tmp_path: Path) -> None:
+    write_ml_csv(tmp_path / "s" / "a.csv", 1_200, seed=8)
+    setup = open_run(PipelineConfig(source=str(tmp_path / "s"), dataset="fn",
+                                    chunk_size="16KB"))
+    latencies = probe_nodes.fn(setup)
+    assert set(latencies) == {n.name for n in setup.topology.nodes}
+    assert all(v is not None for v in latencies.values())
+    listing = list_new_files.fn(setup)
+    assert [f.path for f in listing.files] == ["a.csv"] and listing.skipped == []
+    run = plan_batch.fn(setup, listing.files)
+    try:
+        first, *rest = run.plan.chunks
+        ingested = ingest_chunk.fn(first, run)
+        assert b"".join(ingested.pieces) == (tmp_path / "s" / "a.csv").read_bytes()[
+            first.parts[0].start:first.parts[0].end]
+        processed = process_chunk.fn(ingested, run)
+        assert processed.record.digest == content_hash(processed.data)
+        stored = [write_replicas.fn(processed, run)]
+        stored += [move_chunk.fn(c, run, ChunkProgress())[0] for c in rest]
+        metrics = setup.recorder.metrics()
+        assert metrics["ingestion"].items == 1 and metrics["ingestion"].bytes == first.size
+        assert metrics["processing"].items == 1 and metrics["distribution"].items == 1
+        manifest, key = commit_manifest.fn(run, stored)
+    finally:
+        run.close()
+    committed = Catalog(setup.topology.catalog_store()).manifest("fn")
+    assert committed.batch_id == manifest.batch_id
+    assert key == run.catalog.manifest_key("fn", manifest.partition_date, manifest.batch_id)
+    assert committed.rows_stored == 1_200
+    for chunk in committed.chunks:
+        for replica in chunk.verified:
+            assert replica_digest(home, replica.node, chunk.key) == chunk.digest
