@@ -22,7 +22,7 @@ from flows.runners import uses_processes
 from skyferry.errors import StageError
 from skyferry.models import ChunkPlan, StoredChunk
 from skyferry.run.batch import journal_chunk
-from skyferry.run.chunk import STAGES, ChunkProgress, Moved, next_stage, run_stage
+from skyferry.run.chunk import STAGES, ChunkProgress, Moved, next_stage, process, run_stage
 from skyferry.run.context import BatchRun
 from tasks._common import with_retries
 from tasks.distribute import write_replicas
@@ -197,7 +197,7 @@ def move_chunks_by_stage(chunks: list[ChunkPlan], run: BatchRun,
             after = next_stage(stage)
             if after == "processing" and value.record.plan.format == "binary":
                 # binary passes through unchanged: no processing task to pay for
-                value = run_stage(after, value, run)
+                value = run_stage(after, process, value, run)
                 after = next_stage(after)
         except Exception as exc:
             window.release()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -16,6 +17,8 @@ from skyferry.run.chunk import run_stage, stage_bytes
 from skyferry.run.context import BatchRun
 
 __all__ = ["attempt", "io_task", "retry_transient", "run_stage_task", "with_retries"]
+
+T = TypeVar("T")
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -57,12 +60,13 @@ def attempt() -> int:
     return int(task_run.run_count or 1)
 
 
-def run_stage_task(stage: str, value: Any, run: BatchRun) -> Any:
+def run_stage_task(stage: str, step: Callable[[Any, BatchRun, int], T], value: Any,
+                   run: BatchRun) -> T:
     """One stage of one chunk as the body of a task: run it, and count its bytes, busy time
     and retries in the run's metrics."""
     tries = attempt()
     started = time.perf_counter()
-    out = run_stage(stage, value, run, tries)
+    out = run_stage(stage, step, value, run, tries)
     run.setup.recorder.record(stage, nbytes=stage_bytes(stage, value, out),
                               seconds=time.perf_counter() - started, attempts=tries)
     return out

@@ -7,6 +7,7 @@ from prefect.cache_policies import NONE
 
 from skyferry.distribute import probe
 from skyferry.models import StoredChunk
+from skyferry.run import chunk as chunk_stages
 from skyferry.run.chunk import Processed
 from skyferry.run.context import BatchRun, RunSetup
 from tasks._common import io_task, run_stage_task
@@ -22,5 +23,4 @@ def probe_nodes(setup: RunSetup) -> dict[str, float | None]:
 
 @io_task("write-replicas")
 def write_replicas(processed: Processed, run: BatchRun) -> StoredChunk:
-    result: StoredChunk = run_stage_task("distribution", processed, run)
-    return result
+    return run_stage_task("distribution", chunk_stages.write_replicas, processed, run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from skyferry.ingest.listing import Listing
 from skyferry.models import ChunkPlan, SourceFile
 from skyferry.run import batch
+from skyferry.run import chunk as chunk_stages
 from skyferry.run.chunk import Ingested
 from skyferry.run.context import BatchRun, RunSetup
 from tasks._common import io_task, run_stage_task
@@ -24,5 +25,4 @@ def plan_batch(setup: RunSetup, files: list[SourceFile]) -> BatchRun:
 
 @io_task("ingest-chunk")
 def ingest_chunk(chunk: ChunkPlan, run: BatchRun) -> Ingested:
-    result: Ingested = run_stage_task("ingestion", chunk, run)
-    return result
+    return run_stage_task("ingestion", chunk_stages.ingest, chunk, run)

@@ -10,8 +10,9 @@ Journaling the stored chunk is the caller's: see :func:`skyferry.run.batch.journ
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
@@ -26,6 +27,8 @@ __all__ = ["STAGES", "ChunkProgress", "Ingested", "Moved", "Processed", "ingest"
            "next_stage", "process", "run_stage", "write_replicas"]
 
 STAGES = ("ingestion", "processing", "distribution")
+
+T = TypeVar("T")
 
 Moved = tuple[StoredChunk, dict[str, list[float]], str]
 """A moved chunk: the stored record; per stage, ``[bytes, seconds]``; and the stage the
@@ -111,10 +114,6 @@ def write_replicas(processed: Processed, run: BatchRun, attempt: int = 1) -> Sto
     )
 
 
-_STEPS: dict[str, Any] = {"ingestion": ingest, "processing": process,
-                          "distribution": write_replicas}
-
-
 def next_stage(stage: str) -> str | None:
     """The stage after ``stage``, or None after the last."""
     at = STAGES.index(stage)
@@ -134,11 +133,13 @@ def stage_bytes(stage: str, value: Any, out: Any) -> int:
     return int(out.size * len(out.verified))
 
 
-def run_stage(stage: str, value: Any, run: BatchRun, attempt: int = 1) -> Any:
-    """One stage of one chunk. Its failure is raised here, once, as a :class:`StageError`
-    that names the stage, the dataset, the batch and the chunk, ``from`` its cause."""
+def run_stage(stage: str, step: Callable[[Any, BatchRun, int], T], value: Any, run: BatchRun,
+              attempt: int = 1) -> T:
+    """``step`` (one stage of one chunk) on ``value``. Its failure is raised here, once, as a
+    :class:`StageError` that names the stage, the dataset, the batch and the chunk, ``from``
+    its cause."""
     try:
-        return _STEPS[stage](value, run, attempt)
+        return step(value, run, attempt)
     except Exception as exc:
         raise StageError(str(exc), stage=stage, batch_id=run.plan.batch_id,
                          dataset=run.config.dataset, chunk=_index(value)) from exc
@@ -150,9 +151,18 @@ class ChunkProgress:
     the stage that failed; a finished move leaves its outcome in ``moved``."""
 
     stage: str = STAGES[0]
-    value: Any = None  # the finished stage's output; None before the first stage
+    value: Any = None  # the last finished stage's output, until the chunk is stored
     timings: dict[str, list[float]] = field(default_factory=dict)
     moved: Moved | None = None
+
+    def step(self, stage: str, step: Callable[[Any, BatchRun, int], T], value: Any,
+             run: BatchRun, attempt: int) -> T:
+        """Run ``stage`` and time it; a later stage resumes from its output."""
+        began = time.perf_counter()
+        out = run_stage(stage, step, value, run, attempt)
+        self.timings[stage] = [stage_bytes(stage, value, out), time.perf_counter() - began]
+        self.stage, self.value = next_stage(stage) or stage, out
+        return out
 
 
 def move_chunk(chunk: ChunkPlan, run: BatchRun, attempt: int = 1,
@@ -165,17 +175,11 @@ def move_chunk(chunk: ChunkPlan, run: BatchRun, attempt: int = 1,
     progress = progress if progress is not None else ChunkProgress()
     started_at = progress.stage
     with run.setup.window:  # a slot, for as long as the chunk's bytes are here
-        stage: str | None = progress.stage
-        value: Any = chunk if progress.value is None else progress.value
-        while stage is not None:
-            began = time.perf_counter()
-            out = run_stage(stage, value, run, attempt)
-            progress.timings[stage] = [stage_bytes(stage, value, out),
-                                       time.perf_counter() - began]
-            stage, value = next_stage(stage), out
-            if stage is not None:
-                progress.stage, progress.value = stage, value
-    stored: StoredChunk = value  # the last stage's output
+        if progress.stage == "ingestion":
+            progress.step("ingestion", ingest, chunk, run, attempt)
+        if progress.stage == "processing":
+            progress.step("processing", process, progress.value, run, attempt)
+        stored = progress.step("distribution", write_replicas, progress.value, run, attempt)
     moved: Moved = (stored, dict(progress.timings), started_at)
     progress.value, progress.moved = None, moved
     return moved
