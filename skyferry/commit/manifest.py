@@ -1,4 +1,4 @@
-"""Store: batch plans, the pending journal, and the manifest that commits a batch.
+"""The catalog: batch plans, the pending journal, and the manifest that commits a batch.
 
 The catalog layout (all keys relative to the catalog store)::
 

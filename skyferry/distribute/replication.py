@@ -1,4 +1,4 @@
-"""Distribute: write a chunk's replicas concurrently, verify each, and reach the quorum.
+"""Write a chunk's replicas concurrently, verify each, and reach the quorum.
 
 A failed replica marks its node down for the run and moves to the next ranked node. Every
 planned node that did not get its replica is recorded as a hint, so a later repair can put

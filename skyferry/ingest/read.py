@@ -1,4 +1,4 @@
-"""Ingest: plan record-aligned chunks over source files, and read them with ranged reads."""
+"""Plan record-aligned chunks over source files, and read them with ranged reads."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Process: decode a chunk, validate it against a schema, apply transforms, encode Parquet.
+"""Decode a chunk, validate it against a schema, apply transforms, encode Parquet.
 
 Invalid rows are never dropped silently: each becomes a reject with its reason, its source
 and its row. Transforms may add or drop rows; each chunk counts them, so that for every chunk
