@@ -120,6 +120,9 @@ class StoredChunk(_Record):
     replicas: tuple[ReplicaRecord, ...]
     node_failures: int = 0
     attempts: int = 1
+    md5: str | None = Field(
+        default=None, description="MD5 of the bytes, kept when a store that checksums uploads "
+        "holds a replica: a verify compares it with the store's own checksum, reading nothing")
 
     @property
     def verified(self) -> list[ReplicaRecord]:

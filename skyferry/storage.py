@@ -35,7 +35,7 @@ from skyferry.errors import (
 from skyferry.hashing import new_hasher
 from skyferry.secrets import scrub
 
-__all__ = ["ObjectInfo", "Store", "open_url", "safe_key"]
+__all__ = ["ObjectInfo", "Store", "open_url", "safe_key", "temp_target"]
 
 logger = logging.getLogger("skyferry.storage")
 
@@ -166,7 +166,9 @@ class Store:
         return NodeUnavailableError(f"failed to {where}: {detail}", node=self.name, key=key)
 
     def put(self, key: str, data: bytes | memoryview) -> None:
-        """Write ``data`` under ``key``; atomic (temp file + rename) on local disks."""
+        """Write ``data`` under ``key``. On a local disk the write is atomic and durable: a
+        temp file, flushed (``fsync``), renamed over the key, and the folder flushed, so a
+        replica or manifest that counts as written survives a power loss."""
         path = self.path(key)
         try:
             if self.is_local:
@@ -176,11 +178,14 @@ class Store:
                     try:
                         fh = open(tmp, "wb")
                     except FileNotFoundError:  # the first object under this prefix
-                        os.makedirs(parent, exist_ok=True)
+                        _make_dirs_durable(parent)
                         fh = open(tmp, "wb")
                     with fh:
                         fh.write(data)
+                        fh.flush()
+                        os.fsync(fh.fileno())
                     os.replace(tmp, path)
+                    _fsync_dir(parent)
                 except BaseException:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
@@ -201,7 +206,7 @@ class Store:
         path = self.path(key)
         try:
             if self.is_local:
-                os.makedirs(posixpath.dirname(path), exist_ok=True)
+                _make_dirs_durable(posixpath.dirname(path))
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 except FileExistsError:
@@ -210,6 +215,7 @@ class Store:
                     fh.write(data)
                     fh.flush()
                     os.fsync(fh.fileno())
+                _fsync_dir(posixpath.dirname(path))
                 return True
             if self._call("exists", path):
                 return False
@@ -350,6 +356,38 @@ class Store:
             )
         self.delete(key)
         return time.perf_counter() - started
+
+
+def temp_target(key: str) -> str | None:
+    """The key a local write's temp file (``.tmp-<32 hex>-<name>``) will be renamed to."""
+    head, _, name = key.rpartition("/")
+    if name.startswith(".tmp-") and len(name) > 38 and name[37] == "-":
+        return f"{head}/{name[38:]}" if head else name[38:]
+    return None
+
+
+def _fsync_dir(path: str) -> None:
+    """Flush a folder's entries (a file renamed or created in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs_durable(path: str) -> None:
+    """``os.makedirs``, with each new folder's parent flushed so the folder itself survives."""
+    missing = []
+    head = path
+    while head and not os.path.isdir(head):
+        missing.append(head)
+        head = posixpath.dirname(head)
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            continue
+        _fsync_dir(posixpath.dirname(folder) or "/")
 
 
 def _mtime(info: Mapping[str, Any]) -> float | None:

@@ -69,6 +69,7 @@ class WriteOutcome:
     node_failures: int
     cross_cloud: int
     errors: list[str] = field(default_factory=list)
+    md5: str | None = None  # the bytes' MD5, when a store that checksums uploads got a replica
 
 
 class ReplicaWriter:
@@ -280,4 +281,4 @@ class ReplicaWriter:
             )
         cross = sum(1 for n in verified if n.cloud != self.source_cloud)
         return WriteOutcome(replicas=replicas, node_failures=failures, cross_cloud=cross,
-                            errors=errors)
+                            errors=errors, md5=md5)

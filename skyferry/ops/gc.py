@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from skyferry.commit.manifest import Catalog
 from skyferry.errors import StorageError
-from skyferry.storage import ObjectInfo, Store
+from skyferry.storage import ObjectInfo, Store, temp_target
 from skyferry.topology import Topology
 
 __all__ = ["GcReport", "collect_garbage", "drop_dataset"]
@@ -28,14 +28,6 @@ class GcReport:
     deleted: list[str] = field(default_factory=list)
     kept_young: int = 0
     errors: list[str] = field(default_factory=list)
-
-
-def _temp_target(key: str) -> str | None:
-    """The key a local write's temp file (``.tmp-<32 hex>-<name>``) will be renamed to."""
-    head, _, name = key.rpartition("/")
-    if name.startswith(".tmp-") and len(name) > 38 and name[37] == "-":
-        return f"{head}/{name[38:]}" if head else name[38:]
-    return None
 
 
 def collect_garbage(topology: Topology, *, grace_s: float, now: float | None = None,
@@ -87,7 +79,7 @@ def collect_garbage(topology: Topology, *, grace_s: float, now: float | None = N
             kept_prefixes += [f"{dataset}/{date}/{batch}/", f"rejects/{dataset}/{batch}/"]
     for name, store, obj in listed:
         report.scanned += 1
-        key = _temp_target(obj.key) or obj.key
+        key = temp_target(obj.key) or obj.key
         if key in claimed or key.startswith(tuple(kept_prefixes)):
             continue
         if obj.mtime is not None and now - obj.mtime < grace_s:

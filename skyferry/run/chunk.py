@@ -110,7 +110,7 @@ def write_replicas(processed: Processed, run: BatchRun, attempt: int = 1) -> Sto
         rejects_key=record.rejects_key, parts=chunk.parts,
         part_digests=record.part_digests, part_rows=record.part_rows,
         replicas=tuple(outcome.replicas), node_failures=outcome.node_failures,
-        attempts=attempt,
+        attempts=attempt, md5=outcome.md5,
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from skyferry.commit.manifest import BatchPlan, Lineage
+from skyferry.commit.manifest import BatchPlan, Lineage, Manifest
 from skyferry.models import ChunkPart, ChunkPlan, SourceFile
 
 
@@ -62,3 +62,24 @@ def small_plan(dataset: str, chunks: int, fmt: str = "binary", *,
                      lineage=Lineage(sources=[src], code_version="0.1.0", schema=None,
                                      transforms=[], format=fmt, chunk_size=10),  # type: ignore[arg-type]
                      chunks=planned)
+
+
+def commit_without_prefect(source: Path, dataset: str, **options: object) -> Manifest:
+    """Commit ``source`` as ``dataset`` through the domain's own sequence, with no flow: the
+    nodes probed, the batch planned, every chunk moved and journaled, the manifest written."""
+    from skyferry.config import PipelineConfig
+    from skyferry.distribute.probe import probe_nodes
+    from skyferry.run.batch import commit_batch, journal_chunk, new_source_files, plan_batch
+    from skyferry.run.chunk import move_chunk
+    from skyferry.run.context import open_run
+
+    setup = open_run(PipelineConfig(source=str(source), dataset=dataset, **options))
+    probe_nodes(setup.topology, setup.health, setup.settings.probe_timeout_s)
+    run = plan_batch(setup, new_source_files(setup).files)
+    try:
+        stored = [move_chunk(chunk, run)[0] for chunk in run.plan.chunks]
+        for chunk in stored:
+            journal_chunk(run, chunk)
+        return commit_batch(run, stored)[0]
+    finally:
+        run.close()

@@ -144,3 +144,32 @@ def test_scrubbing_masks_secrets_and_leaves_modes_and_words_alone() -> None:
                       "connection_string": "AccountName=a;AccountKey=c2VjcmV0a2V5MTIz;"})
     text = scrub("CanonicalRequest via http://h:1 with AKIAEXAMPLEKEY9 and c2VjcmV0a2V5MTIz")
     assert text == "CanonicalRequest via http://h:1 with *** and ***"
+
+
+def test_a_local_write_is_flushed_file_and_folders_before_it_counts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``put`` and ``create`` return from has been fsynced: the bytes, the new name in its
+    folder, and every folder the write had to create."""
+    import os
+
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store = Store(f"file://{tmp_path}/node", name="n")
+    store.put("ds/date=1/batch=b/chunk-00000.bin", b"replica")
+    folder = tmp_path / "node" / "ds" / "date=1" / "batch=b"
+    assert (folder / "chunk-00000.bin").read_bytes() == b"replica"
+    temp = [p for p in flushed if Path(p).name.startswith(".tmp-")]
+    assert len(temp) == 1 and Path(temp[0]).parent == folder  # the bytes, before the rename
+    # each folder the write created, in its parent; then the final name, in its folder
+    assert [p for p in flushed if p not in temp] == [
+        str(tmp_path), str(tmp_path / "node"), str(tmp_path / "node" / "ds"),
+        str(tmp_path / "node" / "ds" / "date=1"), str(folder)]
+    flushed.clear()
+    assert store.create("lease.json", b"{}")
+    assert flushed == [str(tmp_path / "node" / "lease.json"), str(tmp_path / "node")]

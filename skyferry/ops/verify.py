@@ -1,0 +1,211 @@
+"""Verify a committed dataset where its replicas are: each one present, the right size, the
+right bytes; and what lies under the dataset that no manifest claims.
+
+Two levels, as a scrub has:
+
+- **default**: each node is listed once; a replica must be there with the chunk's size, and,
+  on a store that checksums uploads (S3, GCS, Azure), with the MD5 the manifest recorded
+  (one metadata request, no data read);
+- **deep**: every byte of every replica is read and checked against the chunk's content hash,
+  at a bounded rate.
+
+A node that cannot be listed, or whose listing is empty while the manifests place replicas
+on it, is reported as unreachable: its replicas are not judged, so an outage never reads as
+thousands of missing replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from skyferry.commit.manifest import Catalog, Manifest
+from skyferry.errors import ObjectNotFoundError, StorageError, TopologyError
+from skyferry.models import StoredChunk
+from skyferry.storage import ObjectInfo, Store, temp_target
+from skyferry.topology import Topology
+
+__all__ = ["ReplicaCheck", "VerifyReport", "verify_dataset"]
+
+logger = logging.getLogger("skyferry.ops.verify")
+
+ReplicaStatus = Literal["ok", "missing", "differs", "unreadable"]
+DAMAGED = ("missing", "differs", "unreadable")
+
+
+@dataclass(frozen=True)
+class ReplicaCheck:
+    """One listed replica of one chunk, and what verifying it found."""
+
+    batch_id: str
+    chunk: int
+    key: str
+    node: str
+    status: ReplicaStatus
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    dataset: str
+    level: Literal["default", "deep"]
+    replicas: list[ReplicaCheck] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)  # "node:key"
+    unreachable: dict[str, str] = field(default_factory=dict)  # node -> why
+    not_checked: int = 0  # replicas on unreachable nodes
+    hints: int = 0  # replicas placement wanted on a node that did not get them
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        found: Counter[str] = Counter(c.status for c in self.replicas)
+        return {s: found[s] for s in ("ok", *DAMAGED)}
+
+    @property
+    def damaged(self) -> list[ReplicaCheck]:
+        return [c for c in self.replicas if c.status in DAMAGED]
+
+    @property
+    def healthy(self) -> bool:
+        """Every replica that could be checked is ``ok``."""
+        return not self.damaged
+
+    def to_json(self) -> str:
+        body = asdict(self)
+        body.update(counts=self.counts(), healthy=self.healthy)
+        return json.dumps(body, indent=1)
+
+
+class _Throttle:
+    """At most ``mb_s`` MB per second over the whole verify, shared by its threads."""
+
+    def __init__(self, mb_s: float | None) -> None:
+        self.rate = mb_s * 1e6 if mb_s else None
+        self.started = time.monotonic()
+        self.taken = 0
+        self.lock = threading.Lock()
+
+    def take(self, nbytes: int) -> None:
+        if self.rate is None:
+            return
+        with self.lock:
+            self.taken += nbytes
+            due = self.started + self.taken / self.rate
+        wait = due - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)  # pacing reads, so a verify can run beside ingestion
+
+
+def _claimed(catalog: Catalog, dataset: str, manifests: list[Manifest]) -> set[str]:
+    """Every key a manifest of ``dataset`` or a pending batch of it claims."""
+    keys = {chunk.key for manifest in manifests for chunk in manifest.chunks}
+    for plan, _ in catalog.pending_plans():
+        if plan.dataset == dataset:
+            keys.update(plan.key(c) for c in plan.chunks)
+    return keys
+
+
+def _list_node(topology: Topology, name: str, dataset: str
+               ) -> tuple[Store | None, dict[str, ObjectInfo], str]:
+    """The node's store and its objects under ``dataset``, or why it cannot be read."""
+    node = topology.node(name)
+    if not node.enabled:
+        return None, {}, "disabled in the topology"
+    try:
+        store = node.open_store()
+        return store, {o.key: o for o in store.list(dataset)}, ""
+    except (StorageError, TopologyError) as exc:
+        return None, {}, f"cannot be listed: {exc}"
+
+
+def _check(store: Store, listing: dict[str, ObjectInfo], manifest: Manifest,
+           chunk: StoredChunk, node: str, deep: bool, throttle: _Throttle,
+           read: list[int]) -> ReplicaCheck:
+    def found(status: ReplicaStatus, detail: str = "") -> ReplicaCheck:
+        return ReplicaCheck(manifest.batch_id, chunk.index, chunk.key, node, status, detail)
+
+    info = listing.get(chunk.key)
+    if info is None:
+        return found("missing", "not on the node")
+    if info.size != chunk.size:
+        return found("differs", f"{info.size} bytes, {chunk.size} expected")
+    try:
+        if deep:
+            throttle.take(chunk.size)
+            digest, size = store.digest_of(chunk.key)
+            read.append(size)
+            if (digest, size) != (chunk.digest, chunk.size):
+                return found("differs", "content hash does not match")
+        elif chunk.md5 is not None and not store.is_local:
+            size, md5 = store.stored_md5(chunk.key)
+            if md5 is not None and md5 != chunk.md5:
+                return found("differs", "the store's checksum does not match")
+    except ObjectNotFoundError:
+        return found("missing", "vanished while verifying")
+    except StorageError as exc:
+        return found("unreadable", str(exc))
+    return found("ok")
+
+
+def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = None,
+                   deep: bool = False, concurrency: int = 4,
+                   max_mb_s: float | None = None) -> VerifyReport:
+    """Check every replica the committed manifests of ``dataset`` list (one batch with
+    ``batch_id``); see the module's docstring for the two levels."""
+    started = time.perf_counter()
+    catalog = Catalog(topology.catalog_store())
+    every = catalog.manifests(dataset)
+    manifests = [catalog.manifest(dataset, batch_id)] if batch_id else every
+    if not manifests:
+        catalog.manifest(dataset)  # raises BatchNotFoundError naming the catalog
+    report = VerifyReport(dataset=dataset, level="deep" if deep else "default")
+    wanted: Counter[str] = Counter(r.node for m in manifests for c in m.chunks
+                                   for r in c.verified)
+    nodes: dict[str, tuple[Store, dict[str, ObjectInfo]]] = {}
+    for node in topology.nodes:
+        store, listing, why = _list_node(topology, node.name, dataset)
+        if store is not None and not listing and wanted[node.name]:
+            why = (f"its listing of {dataset}/ is empty, but the manifests place "
+                   f"{wanted[node.name]} replicas there")
+        if why:
+            report.unreachable[node.name] = why
+        elif store is not None:
+            nodes[node.name] = (store, listing)
+    throttle, read = _Throttle(max_mb_s), list[int]()
+    jobs: list[tuple[Store, dict[str, ObjectInfo], Manifest, StoredChunk, str]] = []
+    for manifest in manifests:
+        for chunk in manifest.chunks:
+            short = len(chunk.verified) < manifest.replication_factor
+            for replica in chunk.replicas:
+                if replica.state == "hinted":
+                    report.hints += 1
+                    if short and replica.node in nodes:
+                        report.replicas.append(ReplicaCheck(
+                            manifest.batch_id, chunk.index, chunk.key, replica.node,
+                            "missing", "hinted: placement wanted it here; never written"))
+                    continue
+                if replica.node not in nodes:
+                    report.not_checked += 1
+                    continue
+                store, listing = nodes[replica.node]
+                jobs.append((store, listing, manifest, chunk, replica.node))
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        report.replicas += pool.map(
+            lambda j: _check(j[0], j[1], j[2], j[3], j[4], deep, throttle, read), jobs)
+    claimed = _claimed(catalog, dataset, every)
+    for name, (_, listing) in sorted(nodes.items()):
+        for key in sorted(listing):
+            if (temp_target(key) or key) not in claimed:
+                report.orphans.append(f"{name}:{key}")
+    report.bytes_read = sum(read)
+    report.seconds = round(time.perf_counter() - started, 3)
+    counts = report.counts()
+    logger.info("verify %s (%s): %s; %d orphans; %d unreachable nodes", dataset, report.level,
+                counts, len(report.orphans), len(report.unreachable))
+    return report
