@@ -360,6 +360,51 @@ def verify(
 
 
 @app.command()
+def repair(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    batch: Annotated[Optional[str], typer.Option("--batch", help="one batch only")] = None,
+    deep: Annotated[bool, typer.Option("--deep", help="find damage by reading every byte")
+                    ] = False,
+    max_node_share: Annotated[float, typer.Option(
+        help="stop, touching nothing, if one node lost more than this share of its replicas")
+    ] = 0.5,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+) -> None:
+    """Re-create missing and damaged replicas from good ones, and replay hints. Exit 0: every
+    chunk has R verified replicas; 1: a chunk is unrecoverable or short, or the repair
+    stopped; 2: an error."""
+    from skyferry.ops.repair import repair_dataset
+
+    try:
+        report = repair_dataset(load_topology(topology), dataset, batch_id=batch, deep=deep,
+                                max_node_share=max_node_share,
+                                probe_timeout_s=get_settings().probe_timeout_s)
+    except SkyferryError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        found = report.found.counts()
+        console.print(f"[bold]{dataset}[/]: found "
+                      + ", ".join(f"{n} {s}" for s, n in found.items())
+                      + f"; re-created {len(report.recreated)} replicas "
+                      f"({report.bytes_copied / 1e6:.1f} MB), replayed "
+                      f"{report.hints_replayed} hints, removed {len(report.removed)} bad "
+                      f"copies in {report.seconds:.1f}s")
+        for line in report.recreated[:20]:
+            console.print(f"  {line}")
+        for node, why in report.braked.items():
+            err.print(f"[bold red]stopped:[/] {node}: {why}")
+        for line in report.unrecoverable:
+            err.print(f"[bold red]unrecoverable:[/] {line}")
+        for line in report.short:
+            err.print(f"[bold red]short:[/] {line}")
+    if not report.complete:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def gc(
     grace: Annotated[str, typer.Option(help="grace period in seconds, or 1h/1d")] = "1d",
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,

@@ -24,6 +24,7 @@ keyword-only attributes so callers (and retry conditions) never parse messages.
     │   ├── InsufficientNodesError   (fewer healthy nodes than the quorum) TerminalException
     │   └── QuorumNotMetError        (a chunk reached < W verified replicas) TransientException
     ├── IntegrityError               (no healthy replica of a chunk is left) TerminalException
+    ├── ReplicasAtRiskError          (a verify or repair left replicas damaged) TerminalException
     ├── BatchNotFoundError           (no committed manifest for a dataset/batch)
     ├── ManifestError                (a committed manifest that cannot be read) TerminalException
     └── StageError                   (wraps any of the above with the stage and batch)
@@ -44,6 +45,7 @@ __all__ = [
     "ObjectNotFoundError",
     "PlacementError",
     "QuorumNotMetError",
+    "ReplicasAtRiskError",
     "ReplicaVerificationError",
     "SchemaError",
     "SkyferryError",
@@ -179,6 +181,14 @@ class IntegrityError(SkyferryError, TerminalException):
         self.dataset = dataset
         self.batch_id = batch_id
         self.chunk = chunk
+
+
+class ReplicasAtRiskError(SkyferryError, TerminalException):
+    """A verify found damaged replicas, or a repair could not bring every chunk back to R."""
+
+    def __init__(self, message: str, *, dataset: str) -> None:
+        super().__init__(message)
+        self.dataset = dataset
 
 
 class BatchNotFoundError(SkyferryError, LookupError, TerminalException):

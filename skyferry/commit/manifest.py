@@ -6,6 +6,7 @@ The catalog layout (all keys relative to the catalog store)::
     pending/<dataset>/batch=<id>/plan.json                  # a batch in progress
     pending/<dataset>/batch=<id>/chunk-<n>.json             # a chunk whose replicas verified
     rejects/<dataset>/batch=<id>/chunk-<n>.jsonl            # rejected rows with reasons
+    suspects/<dataset>/batch=<id>/chunk-<n>-<node>.json     # a replica a reader found bad
 
 Data objects on nodes live at ``<dataset>/date=<date>/batch=<id>/chunk-<n>.<ext>``.
 A reader trusts only what a committed manifest lists.
@@ -227,6 +228,27 @@ class Catalog:
             if info.key.endswith("/plan.json"):
                 plans.append((BatchPlan.model_validate_json(self.store.get(info.key)), info.mtime))
         return plans
+
+    # suspects: replicas a reader found bad, for the next verify to look at first -------
+    def _suspect(self, dataset: str, batch_id: str, chunk: int, node: str) -> str:
+        return safe_key("suspects", dataset, f"batch={batch_id}", f"chunk-{chunk:05d}-{node}.json")
+
+    def note_suspect(self, dataset: str, batch_id: str, chunk: int, node: str, why: str) -> None:
+        """Remember that a reader found this replica bad (a failover)."""
+        self.store.put(self._suspect(dataset, batch_id, chunk, node),
+                       json.dumps({"node": node, "why": why}).encode())
+
+    def suspects(self, dataset: str) -> set[tuple[str, int, str]]:
+        """``(batch_id, chunk, node)`` of every replica a reader found bad."""
+        found = set()
+        for info in self.store.list(safe_key("suspects", dataset)):
+            _, _, batch, name = info.key.split("/", 3)
+            chunk, _, node = name[len("chunk-"):-len(".json")].partition("-")
+            found.add((batch[len("batch="):], int(chunk), node))
+        return found
+
+    def clear_suspect(self, dataset: str, batch_id: str, chunk: int, node: str) -> None:
+        self.store.delete(self._suspect(dataset, batch_id, chunk, node))
 
     # rejects ------------------------------------------------------------------------------
     def rejects_key(self, dataset: str, batch_id: str, index: int) -> str:

@@ -85,6 +85,15 @@ class DatasetReader:
             self._stores[node] = self.topology.node(node).open_store()
         return self._stores[node]
 
+    def _suspect(self, manifest: Manifest, chunk: StoredChunk, node: str, why: str) -> None:
+        """Note a bad replica in the catalog, so that the next verify reads it first."""
+        try:
+            self.catalog.note_suspect(manifest.dataset, manifest.batch_id, chunk.index, node,
+                                      why)
+        except StorageError as exc:
+            logger.warning("could not note the bad replica of chunk %d on %s: %s",
+                           chunk.index, node, exc)
+
     def chunk_bytes(self, manifest: Manifest, chunk: StoredChunk) -> bytes:
         """The chunk's bytes from the first replica whose hash matches."""
         problems = []
@@ -93,6 +102,7 @@ class DatasetReader:
                 data = self._store(replica.node).get(chunk.key)
             except (StorageError, TopologyError) as exc:
                 problems.append(f"{replica.node}: {exc}")
+                self._suspect(manifest, chunk, replica.node, str(exc))
                 continue
             if len(data) == chunk.size and content_hash(data) == chunk.digest:
                 if problems:
@@ -102,6 +112,7 @@ class DatasetReader:
                                    replica.node, "; ".join(problems))
                 return data
             problems.append(f"{replica.node}: hash mismatch (replica corrupt)")
+            self._suspect(manifest, chunk, replica.node, "hash mismatch")
         raise IntegrityError(
             f"no healthy replica of chunk {chunk.index} of {manifest.dataset}/batch="
             f"{manifest.batch_id}: {'; '.join(problems) or 'no verified replicas'}",

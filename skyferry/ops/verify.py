@@ -76,6 +76,18 @@ class VerifyReport:
         """Every replica that could be checked is ``ok``."""
         return not self.damaged
 
+    def by_node(self) -> list[dict[str, object]]:
+        """One row per node: its replicas by status, its orphans, and whether it answered."""
+        rows = []
+        nodes = sorted({c.node for c in self.replicas} | set(self.unreachable)
+                       | {o.split(":", 1)[0] for o in self.orphans})
+        for node in nodes:
+            mine: Counter[str] = Counter(c.status for c in self.replicas if c.node == node)
+            rows.append({"node": node, **{s: mine[s] for s in ("ok", *DAMAGED)},
+                         "orphans": sum(1 for o in self.orphans if o.startswith(node + ":")),
+                         "unreachable": self.unreachable.get(node, "")})
+        return rows
+
     def to_json(self) -> str:
         body = asdict(self)
         body.update(counts=self.counts(), healthy=self.healthy)
@@ -127,6 +139,8 @@ def _list_node(topology: Topology, name: str, dataset: str
 def _check(store: Store, listing: dict[str, ObjectInfo], manifest: Manifest,
            chunk: StoredChunk, node: str, deep: bool, throttle: _Throttle,
            read: list[int]) -> ReplicaCheck:
+    """One replica: listed with its size; then its store's checksum, or (``deep``) its
+    bytes."""
     def found(status: ReplicaStatus, detail: str = "") -> ReplicaCheck:
         return ReplicaCheck(manifest.batch_id, chunk.index, chunk.key, node, status, detail)
 
@@ -165,6 +179,7 @@ def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
     if not manifests:
         catalog.manifest(dataset)  # raises BatchNotFoundError naming the catalog
     report = VerifyReport(dataset=dataset, level="deep" if deep else "default")
+    suspects = catalog.suspects(dataset)  # a reader found these bad: read them at any level
     wanted: Counter[str] = Counter(r.node for m in manifests for c in m.chunks
                                    for r in c.verified)
     nodes: dict[str, tuple[Store, dict[str, ObjectInfo]]] = {}
@@ -197,7 +212,9 @@ def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
                 jobs.append((store, listing, manifest, chunk, replica.node))
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         report.replicas += pool.map(
-            lambda j: _check(j[0], j[1], j[2], j[3], j[4], deep, throttle, read), jobs)
+            lambda j: _check(j[0], j[1], j[2], j[3], j[4],
+                             deep or (j[2].batch_id, j[3].index, j[4]) in suspects,
+                             throttle, read), jobs)
     claimed = _claimed(catalog, dataset, every)
     for name, (_, listing) in sorted(nodes.items()):
         for key in sorted(listing):
