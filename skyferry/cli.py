@@ -87,6 +87,10 @@ def print_summary(result: PipelineResult, rejects: list[dict[str, Any]] | None =
     if result.error:
         err.print(f"[bold red]error:[/] {result.error_type or 'Error'}: {result.error}")
         return
+    if result.chunks_at_risk:
+        err.print(f"[bold yellow]at risk:[/] {len(result.chunks_at_risk)} chunks have every "
+                  "replica in one cloud (--min-clouds 1); losing it loses them: "
+                  f"{result.chunks_at_risk[:20]}")
     if result.skipped_files:
         console.print(f"[yellow]passed over {len(result.skipped_files)} hidden or marker "
                       f"files[/] (name them with a glob to take them): "
@@ -146,6 +150,9 @@ def run(
     chunk_size: Annotated[str, typer.Option("--chunk-size", help="e.g. 64MB, 65536")] = "64MiB",
     replicas: Annotated[int, typer.Option(help="replication factor")] = 3,
     quorum: Annotated[int, typer.Option(help="write quorum")] = 2,
+    min_clouds: Annotated[int, typer.Option(
+        "--min-clouds", help="clouds each chunk's replicas must span; 1: availability first")
+    ] = 2,
     transform: Annotated[Optional[list[str]], typer.Option(help="module:function")] = None,
     schema: Annotated[Optional[str], typer.Option("--schema", help="schema YAML")] = None,
     source_cloud: Annotated[Optional[str], typer.Option(help="cloud of a local source")] = None,
@@ -160,7 +167,8 @@ def run(
             source=source, dataset=dataset, topology=topology, batch_id=batch_id,
             format=format,  # type: ignore[arg-type]  # pydantic validates the literal
             chunk_size=parse_size(chunk_size), replicas=replicas, quorum=quorum,
-            transforms=transform or [], schema_path=schema, source_cloud=source_cloud,
+            min_clouds=min_clouds, transforms=transform or [], schema_path=schema,
+            source_cloud=source_cloud,
         )
     except ValueError as exc:
         _fail(exc)

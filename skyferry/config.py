@@ -166,6 +166,11 @@ class PipelineConfig(BaseModel):
     chunk_size: Size = Field(default=DEFAULT_CHUNK_SIZE, description="Target chunk size.")
     replicas: int = Field(default=3, ge=1, description="Replication factor.")
     quorum: int = Field(default=2, ge=1, description="Verified replicas a chunk needs.")
+    min_clouds: int = Field(
+        default=2, ge=1,
+        description="Clouds a chunk's verified replicas must span (at most the topology's "
+                    "clouds), so that losing one cloud loses no committed chunk. 1 takes "
+                    "availability instead: the manifest then lists the chunks at risk.")
     transforms: list[str] = Field(
         default_factory=list, description="DataFrame -> DataFrame functions, module:function."
     )

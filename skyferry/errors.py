@@ -22,6 +22,7 @@ keyword-only attributes so callers (and retry conditions) never parse messages.
     │   └── ReplicaVerificationError ............... TransientException
     ├── PlacementError
     │   ├── InsufficientNodesError   (fewer healthy nodes than the quorum) TerminalException
+    │   ├── InsufficientCloudsError  (healthy nodes span fewer clouds than min_clouds) Terminal
     │   └── QuorumNotMetError        (a chunk reached < W verified replicas) TransientException
     ├── IntegrityError               (no healthy replica of a chunk is left) TerminalException
     ├── ReplicasAtRiskError          (a verify or repair left replicas damaged) TerminalException
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigError",
     "EmptySourceError",
     "FormatError",
+    "InsufficientCloudsError",
     "InsufficientNodesError",
     "IntegrityError",
     "ManifestError",
@@ -164,6 +166,13 @@ class InsufficientNodesError(PlacementError, TerminalException):
     def __init__(self, message: str, *, healthy: int, required: int) -> None:
         super().__init__(message)
         self.healthy = healthy
+        self.required = required
+
+
+class InsufficientCloudsError(PlacementError, TerminalException):
+    def __init__(self, message: str, *, clouds: list[str], required: int) -> None:
+        super().__init__(message)
+        self.clouds = clouds
         self.required = required
 
 

@@ -53,6 +53,9 @@ class PipelineResult(BaseModel):
     down_reasons: dict[str, str] = Field(default_factory=dict)
     skipped_files: list[str] = Field(
         default_factory=list, description="hidden or marker files a folder listing passed over")
+    chunks_at_risk: list[int] = Field(
+        default_factory=list, description="chunks whose replicas are all in one cloud (a run "
+        "with min_clouds 1): losing that cloud loses them")
     error: str | None = None
     error_stage: str | None = None
     error_type: str | None = Field(default=None, description="the type of the error's cause")

@@ -120,6 +120,9 @@ class StoredChunk(_Record):
     replicas: tuple[ReplicaRecord, ...]
     node_failures: int = 0
     attempts: int = 1
+    at_risk: bool = Field(
+        default=False, description="Its verified replicas are all in one cloud, although the "
+        "topology has more")
     md5: str | None = Field(
         default=None, description="MD5 of the bytes, kept when a store that checksums uploads "
         "holds a replica: a verify compares it with the store's own checksum, reading nothing")

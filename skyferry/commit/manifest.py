@@ -60,6 +60,7 @@ class BatchPlan(BaseModel):
     created_at: str
     replicas: int
     quorum: int
+    min_clouds: int = 1
     source_cloud: str
     lineage: Lineage
     chunks: list[ChunkPlan]
@@ -88,6 +89,10 @@ class Manifest(BaseModel):
     rows_added: int = 0
     rows_dropped: int = 0
     bytes_stored: int
+    chunks_at_risk: list[int] = Field(
+        default_factory=list, description="Chunks whose verified replicas are all in one "
+        "cloud although the topology has more (a run with min_clouds 1): losing that cloud "
+        "loses them")
 
     @classmethod
     def from_plan(cls, plan: BatchPlan, chunks: list[StoredChunk]) -> Manifest:
@@ -107,6 +112,7 @@ class Manifest(BaseModel):
             rows_added=sum(c.rows_added for c in ordered),
             rows_dropped=sum(c.rows_dropped for c in ordered),
             bytes_stored=sum(c.size for c in ordered),
+            chunks_at_risk=[c.index for c in ordered if c.at_risk],
         )
 
     def to_json(self) -> bytes:

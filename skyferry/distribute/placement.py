@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from skyferry.errors import InsufficientNodesError
+from skyferry.errors import InsufficientCloudsError, InsufficientNodesError
 from skyferry.topology import Node, Topology
 
 __all__ = ["NodeHealth", "Placer", "HealthState"]
@@ -85,8 +85,18 @@ class Placer:
             self.load[node.name] += size
         return chosen
 
-    def plan(self, sizes: Sequence[int], health: NodeHealth, quorum: int) -> list[list[str]]:
+    def plan(self, sizes: Sequence[int], health: NodeHealth, quorum: int,
+             min_clouds: int = 1) -> list[list[str]]:
         usable = [n for n in self.topology.nodes if health.healthy(n.name)]
+        clouds = sorted({n.cloud for n in usable})
+        if len(clouds) < min_clouds:
+            down = "; ".join(f"{n} ({health.reasons.get(n, 'down')})"
+                             for n in health.down_nodes())
+            raise InsufficientCloudsError(
+                f"the healthy nodes span {len(clouds)} cloud(s) ({', '.join(clouds) or 'none'})"
+                f", and each chunk's replicas must span {min_clouds}; down: {down or 'none'}. "
+                "min_clouds: 1 takes availability instead, with the chunks at risk listed",
+                clouds=clouds, required=min_clouds)
         if len(usable) < quorum:
             down = "; ".join(f"{n} ({health.reasons.get(n, 'down')})"
                              for n in health.down_nodes())

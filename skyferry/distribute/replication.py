@@ -70,6 +70,7 @@ class WriteOutcome:
     cross_cloud: int
     errors: list[str] = field(default_factory=list)
     md5: str | None = None  # the bytes' MD5, when a store that checksums uploads got a replica
+    at_risk: bool = False  # every verified replica in one cloud, though there are more
 
 
 class ReplicaWriter:
@@ -212,8 +213,12 @@ class ReplicaWriter:
                 continue  # writes queued to the node since may have extended the allowance
 
     def write(self, chunk: int, key: str, data: bytes | memoryview, digest: str,
-              planned: list[str], quorum: int) -> WriteOutcome:
-        """Write ``data`` to the planned nodes (or replacements) and verify every replica."""
+              planned: list[str], quorum: int, min_clouds: int = 1) -> WriteOutcome:
+        """Write ``data`` to the planned nodes (or replacements) and verify every replica.
+
+        ``quorum`` replicas must verify, spanning ``min_clouds`` clouds: while the replicas
+        span fewer, one more is written on a healthy node of another cloud.
+        """
         wanted = len(planned)
         nodes = [self.topology.node(n) for n in planned]
         failures = 0
@@ -229,14 +234,16 @@ class ReplicaWriter:
         errors: list[str] = []
         md5: str | None = None  # for stores that checksum uploads; computed once, if needed
         while True:
-            missing = wanted - len(verified) - len(targets)
-            if missing > 0:
+            current = verified + targets
+            clouds = {n.cloud for n in current}
+            missing = wanted - len(current)
+            if missing > 0 or len(clouds) < min_clouds:
                 usable = [n for n in self.topology.nodes if self.health.healthy(n.name)]
-                current = verified + targets
                 spare = self.placer.rank(n for n in usable if n.name not in used)
-                clouds = {n.cloud for n in current}
                 if len(clouds) < 2:
                     spare.sort(key=lambda n: n.cloud in clouds)  # stable: other clouds first
+                if missing <= 0:  # enough replicas, too few clouds: one more, elsewhere
+                    spare, missing = [n for n in spare if n.cloud not in clouds], 1
                 for node in spare[:missing]:
                     used.add(node.name)
                     targets.append(node)
@@ -273,12 +280,18 @@ class ReplicaWriter:
         for name in hinted:
             node = self.topology.node(name)
             replicas.append(ReplicaRecord(node=node.name, cloud=node.cloud, state="hinted"))
-        if len(verified) < quorum:
+        spanned = sorted({n.cloud for n in verified})
+        if len(verified) < quorum or len(spanned) < min_clouds:
+            down = "; ".join(f"{n} ({self.health.reasons.get(n, 'down')})"
+                             for n in self.health.down_nodes())
             raise QuorumNotMetError(
-                f"chunk {chunk} reached {len(verified)} verified replicas of a quorum of "
-                f"{quorum}: {'; '.join(errors) or 'no healthy nodes left'}",
+                f"chunk {chunk} reached {len(verified)} verified replicas in "
+                f"{len(spanned)} cloud(s) ({', '.join(spanned) or 'none'}), of a quorum of "
+                f"{quorum} spanning {min_clouds}; down: {down or 'none'}"
+                + (f"; {'; '.join(errors)}" if errors else ""),
                 chunk=chunk, verified=len(verified), quorum=quorum,
             )
         cross = sum(1 for n in verified if n.cloud != self.source_cloud)
+        at_risk = len(spanned) < 2 <= len(self.topology.clouds)
         return WriteOutcome(replicas=replicas, node_failures=failures, cross_cloud=cross,
-                            errors=errors, md5=md5)
+                            errors=errors, md5=md5, at_risk=at_risk)

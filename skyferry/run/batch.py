@@ -75,6 +75,7 @@ def plan_batch(setup: RunSetup, files: list[SourceFile]) -> BatchRun:
         created_at=now.isoformat(timespec="seconds"),
         replicas=config.replicas,
         quorum=config.quorum,
+        min_clouds=min(config.min_clouds, len(setup.topology.clouds)),
         source_cloud=setup.source_cloud,
         lineage=Lineage(
             sources=files,
@@ -96,7 +97,8 @@ def plan_batch(setup: RunSetup, files: list[SourceFile]) -> BatchRun:
         logger.warning("batch %s had a different plan; starting it again", batch_id)
         setup.catalog.drop_pending(config.dataset, batch_id)
     placer = new_placer(setup)
-    nodes = placer.plan([c.size for c in chunks], setup.health, config.quorum)
+    nodes = placer.plan([c.size for c in chunks], setup.health, config.quorum,
+                        draft.min_clouds)
     placed = [c.model_copy(update={"nodes": tuple(n)}) for c, n in zip(chunks, nodes,
                                                                         strict=True)]
     plan = draft.model_copy(update={"batch_id": batch_id, "chunks": placed})
@@ -155,5 +157,5 @@ def summarize(run: BatchRun, manifest: Manifest, key: str, new: list[StoredChunk
         bytes_in=sum(s.size - s.extends for s in manifest.lineage.sources),
         bytes_stored=manifest.bytes_stored, stages=stages, node_failures_handled=failures,
         down_nodes=setup.health.down_nodes(), skipped_files=list(skipped_files),
-        down_reasons=setup.down_reasons(),
+        down_reasons=setup.down_reasons(), chunks_at_risk=list(manifest.chunks_at_risk),
     )

@@ -101,7 +101,7 @@ def write_replicas(processed: Processed, run: BatchRun, attempt: int = 1) -> Sto
         run.writer.recheck(list(chunk.nodes), run.setup.settings.probe_timeout_s)
     key = run.plan.key(chunk)
     outcome = run.writer.write(chunk.index, key, memoryview(processed.data), record.digest,
-                               list(chunk.nodes), run.plan.quorum)
+                               list(chunk.nodes), run.plan.quorum, run.plan.min_clouds)
     return StoredChunk(
         index=chunk.index, key=key, format=chunk.format, digest=record.digest,
         size=record.size, source_digest=record.source_digest, rows_in=record.rows_in,
@@ -110,7 +110,7 @@ def write_replicas(processed: Processed, run: BatchRun, attempt: int = 1) -> Sto
         rejects_key=record.rejects_key, parts=chunk.parts,
         part_digests=record.part_digests, part_rows=record.part_rows,
         replicas=tuple(outcome.replicas), node_failures=outcome.node_failures,
-        attempts=attempt, md5=outcome.md5,
+        attempts=attempt, md5=outcome.md5, at_risk=outcome.at_risk,
     )
 
 
