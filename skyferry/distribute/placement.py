@@ -88,6 +88,14 @@ class Placer:
     def plan(self, sizes: Sequence[int], health: NodeHealth, quorum: int,
              min_clouds: int = 1) -> list[list[str]]:
         usable = [n for n in self.topology.nodes if health.healthy(n.name)]
+        if len(usable) < quorum:
+            down = "; ".join(f"{n} ({health.reasons.get(n, 'down')})"
+                             for n in health.down_nodes())
+            raise InsufficientNodesError(
+                f"only {len(usable)} healthy nodes ({', '.join(n.name for n in usable) or 'none'})"
+                f" for a write quorum of {quorum}; down: {down}",
+                healthy=len(usable), required=quorum,
+            )
         clouds = sorted({n.cloud for n in usable})
         if len(clouds) < min_clouds:
             down = "; ".join(f"{n} ({health.reasons.get(n, 'down')})"
@@ -97,12 +105,4 @@ class Placer:
                 f", and each chunk's replicas must span {min_clouds}; down: {down or 'none'}. "
                 "min_clouds: 1 takes availability instead, with the chunks at risk listed",
                 clouds=clouds, required=min_clouds)
-        if len(usable) < quorum:
-            down = "; ".join(f"{n} ({health.reasons.get(n, 'down')})"
-                             for n in health.down_nodes())
-            raise InsufficientNodesError(
-                f"only {len(usable)} healthy nodes ({', '.join(n.name for n in usable) or 'none'})"
-                f" for a write quorum of {quorum}; down: {down}",
-                healthy=len(usable), required=quorum,
-            )
         return [[n.name for n in self.choose(size, usable)] for size in sizes]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -260,13 +261,23 @@ nodes:
 """)
     src = tmp_path / "src"
     write_ml_csv(src / "a.csv", 3000, seed=9)
-    result = run_pipeline(PipelineConfig(source=str(src), dataset="h", topology=str(topo),
-                                         chunk_size="20KB",
-                                         transforms=["tests.helpers.sf_faults:break_node_on_second_chunk"]))
+    config = PipelineConfig(source=str(src), dataset="h", topology=str(topo), chunk_size="20KB",
+                            transforms=["tests.helpers.sf_faults:break_node_on_second_chunk"])
+    # with its only gcp node gone, a chunk's replicas span one cloud: no quorum by default
+    failed = run_pipeline(config)
+    assert failed.status == "failed" and failed.error_type == "QuorumNotMetError"
+    assert "1 cloud(s) (aws)" in (failed.error or "") and "g1" in (failed.error or "")
+    assert committed("h") == []
+    # availability instead: the chunks commit on aws alone, marked at risk, with g1's hint
+    (home / "nodes" / "g1").unlink()  # g1 answers its probe again, and breaks again mid-run
+    shutil.rmtree(home / "nodes" / "g1.gone-0")  # where the fault moves its folder
+    sf_faults.reset()
+    result = run_pipeline(config.model_copy(update={"min_clouds": 1, "dataset": "h2"}))
     assert result.status == "completed", result.error
-    (manifest,) = committed("h")
+    (manifest,) = committed("h2")
     hinted = [c for c in manifest.chunks if any(r.state == "hinted" for r in c.replicas)]
     assert hinted, "chunks written after g1 died must carry a hint for it"
+    assert manifest.chunks_at_risk == [c.index for c in hinted] == result.chunks_at_risk
     for chunk in hinted:
         assert [r.node for r in chunk.replicas if r.state == "hinted"] == ["g1"]
         assert {r.node for r in chunk.verified} == {"a1", "a2"}
