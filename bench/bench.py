@@ -396,8 +396,8 @@ def maintenance(home: Path, dataset: str) -> None:
         figures[name] = round(replicas / 1e6 / report.seconds, 1)
         say(f"{name:<23} {figures[name]}  ({replicas / 1e6:.0f} MB of replicas in "
             f"{report.seconds:.2f}s, {report.bytes_read / 1e6:.0f} MB read)")
-    for chunk in manifest.chunks:  # one replica of every chunk lost
-        (home / "nodes" / chunk.verified[0].node / chunk.key).unlink()
+    for i, chunk in enumerate(manifest.chunks):  # one replica of every chunk, over the nodes
+        (home / "nodes" / chunk.verified[i % len(chunk.verified)].node / chunk.key).unlink()
     sync()
     repaired = repair_dataset(topology, dataset, max_node_share=1.0)
     assert repaired.complete and repaired.bytes_copied == manifest.bytes_stored

@@ -48,6 +48,11 @@ def verify_and_repair(dataset: str, batch_id: str | None = None, deep: bool = Fa
             f"{node}: {why}" for node, why in repaired.braked.items()]
         raise ReplicasAtRiskError(f"repair of {dataset} left chunks at risk: "
                                   + "; ".join(left[:10]), dataset=dataset)
+    if found.not_checked:
+        raise ReplicasAtRiskError(
+            f"{dataset}: {found.not_checked} replicas on unreachable nodes were not checked: "
+            + "; ".join(f"{n}: {why}" for n, why in found.unreachable.items()),
+            dataset=dataset)
     if not repair and not found.healthy:
         raise ReplicasAtRiskError(
             f"{dataset}: {len(found.damaged)} damaged replicas "

@@ -381,7 +381,7 @@ def repair(
 ) -> None:
     """Re-create missing and damaged replicas from good ones, and replay hints. Exit 0: every
     chunk has R verified replicas; 1: a chunk is unrecoverable or short, or the repair
-    stopped; 2: an error."""
+    stopped; 3: repaired, but a node could not be checked; 2: an error."""
     from skyferry.ops.repair import repair_dataset
 
     try:
@@ -410,6 +410,11 @@ def repair(
             err.print(f"[bold red]short:[/] {line}")
     if not report.complete:
         raise typer.Exit(code=1)
+    if report.found.not_checked:
+        if not as_json:
+            err.print(f"[bold yellow]not checked:[/] {report.found.not_checked} replicas on "
+                      f"unreachable nodes ({', '.join(report.found.unreachable)})")
+        raise typer.Exit(code=3)
 
 
 @app.command()

@@ -140,3 +140,15 @@ def test_a_replica_an_export_failed_over_is_read_by_the_next_verify(
     assert repair_dataset(load_topology(), "r").complete
     assert Catalog(load_topology().catalog_store()).suspects("r") == set()
     assert verify_dataset(load_topology(), "r", deep=True).healthy
+
+
+def test_repair_does_not_act_on_a_node_that_lists_empty(home: Path, committed: Manifest) -> None:
+    node = committed.chunks[0].verified[0].node
+    for path in sorted((home / "nodes" / node).rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    out = runner.invoke(app, ["repair", "r", "--json"])
+    assert out.exit_code == 3
+    body = json.loads(out.output)
+    assert body["recreated"] == [] and body["removed"] == []
+    assert node in body["found"]["unreachable"]
+    assert Catalog(load_topology().catalog_store()).manifest("r") == committed
