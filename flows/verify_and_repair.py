@@ -44,7 +44,7 @@ def verify_and_repair(dataset: str, batch_id: str | None = None, deep: bool = Fa
     logger.info("%s %s (%s): %s", "repaired" if repair else "verified", dataset, found.level,
                 found.counts())
     if repair and not repaired.complete:
-        left = repaired.unrecoverable + repaired.short + [
+        left = repaired.unrecoverable + repaired.short + repaired.copies_failed + [
             f"{node}: {why}" for node, why in repaired.braked.items()]
         raise ReplicasAtRiskError(f"repair of {dataset} left chunks at risk: "
                                   + "; ".join(left[:10]), dataset=dataset)
@@ -56,8 +56,8 @@ def verify_and_repair(dataset: str, batch_id: str | None = None, deep: bool = Fa
     if not repair and not found.healthy:
         raise ReplicasAtRiskError(
             f"{dataset}: {len(found.damaged)} damaged replicas "
-            + ", ".join(f"{n} {s}" for s, n in found.counts().items() if s != "ok" and n),
-            dataset=dataset)
+            + ", ".join(f"{n} {s}" for s, n in found.counts().items() if s != "ok" and n)
+            + f"; {len(found.damaged_copies)} damaged manifest copies", dataset=dataset)
     return dict(body)
 
 

@@ -127,11 +127,11 @@ def print_summary(result: PipelineResult, rejects: list[dict[str, Any]] | None =
 
 
 def _rejects(result: PipelineResult, topology: str | None) -> list[dict[str, Any]]:
-    from skyferry.commit.manifest import Catalog
+    from skyferry.commit.manifest import open_catalog
 
     if result.status != "completed" or not result.batch_id:
         return []
-    catalog = Catalog(load_topology(topology).catalog_store())
+    catalog = open_catalog(load_topology(topology))
     manifest = catalog.manifest(result.dataset, result.batch_id)
     found: list[dict[str, Any]] = []
     for chunk in manifest.chunks:
@@ -330,8 +330,10 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
 ) -> None:
-    """Check every replica of a committed dataset. Exit 0: all ok; 1: a replica is missing,
-    differs or is unreadable; 3: none damaged, but a node could not be checked."""
+    """Check every replica, and every manifest copy, of a committed dataset. Exit 0: all ok;
+    1: one is missing, differs or is unreadable; 3: none damaged, but a node or the catalog
+    could not be checked."""
+    from skyferry.commit.copies import CATALOG
     from skyferry.ops.verify import verify_dataset
 
     try:
@@ -348,6 +350,11 @@ def verify(
                       + ", ".join(f"{n} {s}" for s, n in counts.items())
                       + f"; {len(report.orphans)} orphans; {mb:.1f} MB read in "
                       f"{report.seconds:.1f}s")
+        console.print("manifest copies: " + ", ".join(
+            f"{n} {s}" for s, n in report.copy_counts().items()))
+        for copy in report.damaged_copies[:20]:
+            console.print(f"[red]manifest copy {copy.status}[/] {copy.place}:{copy.key} "
+                          f"{copy.detail}")
         if report.damaged:
             table = Table(title="damaged replicas", title_justify="left")
             for col in ("batch", "chunk", "node", "status", "detail"):
@@ -361,9 +368,9 @@ def verify(
         for node, why in report.unreachable.items():
             err.print(f"[bold red]unreachable:[/] {node}: {why} "
                       f"({report.not_checked} replicas not checked in all)")
-    if report.damaged:
+    if not report.healthy:
         raise typer.Exit(code=1)
-    if report.unreachable and report.not_checked:
+    if report.unreachable and (report.not_checked or CATALOG in report.unreachable):
         raise typer.Exit(code=3)
 
 
@@ -399,7 +406,8 @@ def repair(
                       + f"; re-created {len(report.recreated)} replicas "
                       f"({report.bytes_copied / 1e6:.1f} MB), replayed "
                       f"{report.hints_replayed} hints, removed {len(report.removed)} bad "
-                      f"copies in {report.seconds:.1f}s")
+                      f"copies, restored {len(report.copies_restored)} manifest copies in "
+                      f"{report.seconds:.1f}s")
         for line in report.recreated[:20]:
             console.print(f"  {line}")
         for node, why in report.braked.items():
@@ -408,6 +416,8 @@ def repair(
             err.print(f"[bold red]unrecoverable:[/] {line}")
         for line in report.short:
             err.print(f"[bold red]short:[/] {line}")
+        for line in report.copies_failed:
+            err.print(f"[bold red]manifest copy not restored:[/] {line}")
     if not report.complete:
         raise typer.Exit(code=1)
     if report.found.not_checked:

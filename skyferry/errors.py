@@ -28,6 +28,7 @@ keyword-only attributes so callers (and retry conditions) never parse messages.
     ├── ReplicasAtRiskError          (a verify or repair left replicas damaged) TerminalException
     ├── BatchNotFoundError           (no committed manifest for a dataset/batch)
     ├── ManifestError                (a committed manifest that cannot be read) TerminalException
+    ├── ManifestQuorumError          (too few copies of a manifest were written) Transient
     └── StageError                   (wraps any of the above with the stage and batch)
 """
 
@@ -43,6 +44,7 @@ __all__ = [
     "InsufficientNodesError",
     "IntegrityError",
     "ManifestError",
+    "ManifestQuorumError",
     "NodeUnavailableError",
     "ObjectNotFoundError",
     "PlacementError",
@@ -211,6 +213,18 @@ class ManifestError(SkyferryError, TerminalException):
     def __init__(self, message: str, *, key: str) -> None:
         super().__init__(message)
         self.key = key
+
+
+class ManifestQuorumError(SkyferryError, TransientException):
+    """A commit wrote too few copies of its manifest, or too few clouds held them; the batch
+    is not committed, and the copies that were written are removed."""
+
+    def __init__(self, message: str, *, key: str, written: list[str],
+                 failed: dict[str, str]) -> None:
+        super().__init__(message)
+        self.key = key
+        self.written = written
+        self.failed = failed
 
 
 class StageError(SkyferryError):

@@ -8,25 +8,33 @@ The catalog layout (all keys relative to the catalog store)::
     rejects/<dataset>/batch=<id>/chunk-<n>.jsonl            # rejected rows with reasons
     suspects/<dataset>/batch=<id>/chunk-<n>-<node>.json     # a replica a reader found bad
 
-Data objects on nodes live at ``<dataset>/date=<date>/batch=<id>/chunk-<n>.<ext>``.
-A reader trusts only what a committed manifest lists.
+Data objects on nodes live at ``<dataset>/date=<date>/batch=<id>/chunk-<n>.<ext>``, and
+each node that holds a batch's data keeps a copy of its manifest at the catalog's key
+(:mod:`skyferry.commit.copies`). A reader trusts only what a committed manifest lists.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from skyferry.config import describe_validation_error
-from skyferry.errors import BatchNotFoundError, ManifestError, ObjectNotFoundError
+from skyferry.commit.copies import CATALOG, Places, Survey
+from skyferry.errors import (
+    BatchNotFoundError,
+    ManifestError,
+    ManifestQuorumError,
+    ObjectNotFoundError,
+)
 from skyferry.hashing import HASH_ALGORITHM
 from skyferry.models import ChunkPlan, SourceFile, StoredChunk
 from skyferry.storage import Store, safe_key
+from skyferry.topology import Node, Topology
 
-__all__ = ["BatchPlan", "Catalog", "Lineage", "Manifest", "chunk_key"]
+__all__ = ["BatchPlan", "Catalog", "Lineage", "Manifest", "chunk_key", "open_catalog"]
 
 logger = logging.getLogger("skyferry.store")
 
@@ -74,6 +82,8 @@ class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True)
 
     version: int = MANIFEST_VERSION
+    revision: int = Field(default=0, description="Raised by each rewrite (a repair): of two "
+                          "copies, the higher revision is the newer")
     hash_algorithm: str = HASH_ALGORITHM
     dataset: str
     batch_id: str
@@ -81,6 +91,8 @@ class Manifest(BaseModel):
     created_at: str
     replication_factor: int
     write_quorum: int
+    min_clouds: int = Field(default=1, description="Clouds a chunk's verified replicas, "
+                            "and the manifest's node copies, span")
     chunks: list[StoredChunk]
     lineage: Lineage
     rows_in: int
@@ -104,6 +116,7 @@ class Manifest(BaseModel):
             created_at=plan.created_at,
             replication_factor=plan.replicas,
             write_quorum=plan.quorum,
+            min_clouds=plan.min_clouds,
             chunks=ordered,
             lineage=plan.lineage,
             rows_in=sum(c.rows_in for c in ordered),
@@ -118,39 +131,99 @@ class Manifest(BaseModel):
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=1, by_alias=True).encode()
 
+    def holders(self) -> dict[str, str]:
+        """Node -> cloud of every node holding a verified replica of one of its chunks."""
+        return {r.node: r.cloud for c in self.chunks for r in c.verified}
+
+
+def _revision(body: bytes) -> int | None:
+    try:
+        return Manifest.model_validate_json(body).revision
+    except ValidationError:
+        return None
+
+
+def open_catalog(topology: Topology) -> Catalog:
+    """The topology's catalog, with its enabled nodes as the places manifests are copied to."""
+    return Catalog(topology.catalog_store(), [n for n in topology.nodes if n.enabled])
+
 
 class Catalog:
-    """Manifests, the pending journal and rejects, on the catalog store."""
+    """Manifests, the pending journal and rejects, on the catalog store; copies of each
+    manifest on the ``nodes`` that hold its batch (none: the catalog alone)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, nodes: Sequence[Node] = ()) -> None:
         self.store = store
+        self.places = Places(store, {n.name: n.open_store for n in nodes})
 
     # committed manifests -------------------------------------------------------------
     def manifest_key(self, dataset: str, date: str, batch_id: str) -> str:
         return safe_key("manifests", dataset, f"date={date}", f"batch={batch_id}.json")
 
-    def commit(self, manifest: Manifest) -> str:
-        """Write the manifest atomically: from here on the batch is visible."""
-        key = self.manifest_key(manifest.dataset, manifest.partition_date, manifest.batch_id)
-        self.store.put(key, manifest.to_json())
-        logger.info("committed %s (%d chunks)", key, len(manifest.chunks))
+    def key_of(self, manifest: Manifest) -> str:
+        return self.manifest_key(manifest.dataset, manifest.partition_date, manifest.batch_id)
+
+    def copy_places(self, manifest: Manifest) -> list[str]:
+        """Where the manifest's copies belong: the catalog, and the holders this catalog
+        copies to."""
+        return [CATALOG, *sorted(n for n in manifest.holders() if n in self.places.openers)]
+
+    def commit(self, manifest: Manifest, *, previous: Manifest | None = None) -> str:
+        """Commit the manifest: a majority of its node copies, then the catalog's copy.
+
+        From the catalog's copy on, the batch is visible. Too few node copies, or node
+        copies in too few clouds, is a :class:`ManifestQuorumError` naming the nodes that
+        failed, and no copy is left. ``previous``, the manifest this one rewrites: its copies
+        on nodes that no longer hold the batch are removed.
+        """
+        key = self.key_of(manifest)
+        body = manifest.to_json()
+        holders = {n: c for n, c in manifest.holders().items() if n in self.places.openers}
+        written, failed = self.places.write(key, body, holders)
+        need = len(holders) // 2 + 1 if holders else 0
+        clouds = min(manifest.min_clouds, len(set(holders.values())))
+        if len(written) < need or len({holders[n] for n in written}) < clouds:
+            self.places.remove(key, written)
+            raise ManifestQuorumError(
+                f"manifest {key}: {len(written)} of {len(holders)} node copies written "
+                f"({need} needed, in {clouds} clouds); failed: "
+                + "; ".join(f"{n}: {why}" for n, why in sorted(failed.items())),
+                key=key, written=written, failed=failed)
+        try:
+            self.store.put(key, body)
+        except Exception:
+            self.places.remove(key, written)
+            raise
+        if previous is not None:
+            retired = set(previous.holders()) - set(holders)
+            self.places.remove(key, (n for n in retired if n in self.places.openers))
+        for node, why in sorted(failed.items()):
+            logger.warning("manifest %s: no copy on %s (repair restores it): %s", key, node,
+                           why)
+        logger.info("committed %s (%d chunks; copies on %s)", key, len(manifest.chunks),
+                    ", ".join([CATALOG, *written]))
         return key
+
+    def restore(self, key: str, body: bytes, places: list[str]) -> dict[str, str]:
+        """Write a manifest's copy where it is missing or differs; why each place failed."""
+        return self.places.write(key, body, places)[1]
+
+    def survey(self, dataset: str) -> Survey:
+        """Every place's listing of the dataset's manifests (see :mod:`skyferry.commit.copies`)."""
+        return self.places.survey(safe_key("manifests", dataset), _revision)
 
     def scan(self, dataset: str) -> tuple[list[Manifest], list[ManifestError]]:
         """Every committed manifest of ``dataset``, oldest first, and those that cannot be read.
 
+        The catalog's manifests and those only the nodes keep, so a lost catalog loses none.
         One damaged manifest does not hide the others: it is returned as a
         :class:`ManifestError` that names its key, and callers decide what it means for them.
         """
-        found, unreadable = [], []
-        for info in self.store.list(safe_key("manifests", dataset)):
-            if info.key.endswith(".json") and "/batch=" in info.key:
-                try:
-                    found.append(Manifest.model_validate_json(self.store.get(info.key)))
-                except ValidationError as exc:
-                    unreadable.append(ManifestError(
-                        f"manifest {info.key} in {self.store.url} is unreadable: "
-                        f"{describe_validation_error(exc)[:300]}", key=info.key))
+        survey = self.survey(dataset)
+        found = [Manifest.model_validate_json(e.body) for e in survey.entries.values()]
+        unreadable = [ManifestError(f"manifest {key} is unreadable in every place that keeps "
+                                    f"it: {why[:300]}", key=key)
+                      for key, why in survey.unreadable.items()]
         for error in unreadable:
             logger.warning("%s", error)
         return sorted(found, key=lambda m: (m.created_at, m.batch_id)), unreadable
@@ -175,12 +248,22 @@ class Catalog:
         return manifests[-1]
 
     def datasets(self) -> list[str]:
-        names = set()
-        for info in self.store.list("manifests"):
-            parts = info.key.split("/")
-            if len(parts) > 2:
-                names.add(parts[1])
-        return sorted(names)
+        """Every dataset with a manifest in any place that can be listed."""
+        listed, _ = self.places.each(self.places.names,
+                                     lambda store: [o.key for o in store.list("manifests")])
+        return sorted({parts[1] for keys in listed.values() for key in keys
+                       if len(parts := key.split("/")) > 2})
+
+    def retract(self, manifest: Manifest) -> None:
+        """Delete every copy of a manifest, the catalog's last: the batch stops being
+        visible. A node copy that cannot be deleted keeps the catalog's, and raises."""
+        key = self.key_of(manifest)
+        stayed = self.places.remove(key, self.copy_places(manifest)[1:])
+        if stayed:
+            raise ManifestQuorumError(
+                f"manifest {key} stays: its copies on {', '.join(sorted(stayed))} could not "
+                "be deleted", key=key, written=sorted(stayed), failed=stayed)
+        self.store.delete(key)
 
     # the pending journal ------------------------------------------------------------------
     def _pending(self, dataset: str, batch_id: str, name: str) -> str:

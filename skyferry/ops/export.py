@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from skyferry.commit.manifest import Catalog, Manifest
+from skyferry.commit.manifest import Manifest, open_catalog
 from skyferry.errors import IntegrityError, StorageError, TopologyError, UnsafeKeyError
 from skyferry.hashing import content_hash
 from skyferry.ingest.versions import LiveSource, live_parts, live_sources
@@ -50,7 +50,7 @@ class DatasetReader:
                  batch_id: str | None = None) -> None:
         self.dataset = dataset
         self.topology = topology or load_topology()
-        self.catalog = Catalog(self.topology.catalog_store())
+        self.catalog = open_catalog(self.topology)
         self.batch_id = batch_id
         self.report = ExportReport()
         self._stores: dict[str, Store] = {}

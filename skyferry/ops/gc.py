@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from skyferry.commit.manifest import Catalog
+from skyferry.commit.manifest import open_catalog
 from skyferry.errors import StorageError
 from skyferry.storage import ObjectInfo, Store, temp_target
 from skyferry.topology import Topology
@@ -40,7 +40,7 @@ def collect_garbage(topology: Topology, *, grace_s: float, now: float | None = N
     read keeps its whole batch. A node that cannot be listed is reported, never skipped
     silently.
     """
-    catalog = Catalog(topology.catalog_store())
+    catalog = open_catalog(topology)
     now = time.time() if now is None else now
     report = GcReport()
     stores: list[tuple[str, Store]] = []
@@ -96,25 +96,28 @@ def collect_garbage(topology: Topology, *, grace_s: float, now: float | None = N
 
 
 def drop_dataset(topology: Topology, dataset: str) -> int:
-    """Delete a dataset: its manifests first (it stops being visible), then its objects.
+    """Delete a dataset: every copy of its manifests first (it stops being visible), then
+    its objects.
 
-    Returns how many objects were deleted. What a node that is down still holds is left for
+    Returns how many objects were deleted. A manifest copy on a node that is down stops the
+    drop before any data goes (:class:`~skyferry.errors.ManifestQuorumError`): the copy
+    would bring the batch back. What a down node still holds of the data is left for
     :func:`collect_garbage` (nothing claims it any more).
     """
-    catalog = Catalog(topology.catalog_store())
+    catalog = open_catalog(topology)
     manifests = catalog.manifests(dataset)
     for manifest in manifests:
-        catalog.store.delete(catalog.manifest_key(dataset, manifest.partition_date,
-                                                  manifest.batch_id))
+        catalog.retract(manifest)
     deleted = len(manifests)
     for node in topology.nodes:
         if not node.enabled:
             continue
         try:
             store = node.open_store()
-            for obj in list(store.list(dataset)):
-                store.delete(obj.key)
-                deleted += 1
+            for prefix in (dataset, f"manifests/{dataset}"):
+                for obj in list(store.list(prefix)):
+                    store.delete(obj.key)
+                    deleted += 1
         except StorageError as exc:
             logger.warning("drop %s: node %s: %s", dataset, node.name, exc)
     for obj in list(catalog.store.list(f"rejects/{dataset}")):

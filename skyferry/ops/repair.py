@@ -11,8 +11,11 @@ unreadable, or a hint that was never written):
 - only then does it remove a bad copy that is left on a node it did not rewrite;
 - a hint whose node is healthy is replayed: that node is the first choice for a new
   replica, as placement wanted; a hint of a chunk that has R replicas again is dropped;
-- it records the chunk's replicas in its manifest, rewritten atomically, once every new
-  replica is verified.
+- it records the chunk's replicas in its manifest, rewritten atomically with a higher
+  revision, once every new replica is verified, and commits it as a run does: to the
+  catalog and to every node now holding the batch;
+- a manifest copy that is missing or differs, in the catalog or on a node, is written again
+  from the copy a reader uses: a lost catalog comes back this way.
 
 A node that could not be listed is not acted on: its replicas stay in the manifest as they
 are. Before it touches anything, a repair stops if one node would lose more than
@@ -28,11 +31,11 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from skyferry.commit.manifest import Catalog, Manifest
+from skyferry.commit.manifest import Catalog, Manifest, open_catalog
 from skyferry.distribute.placement import NodeHealth, Placer
 from skyferry.distribute.probe import probe_nodes
 from skyferry.distribute.replication import verify_replica
-from skyferry.errors import StorageError, TopologyError
+from skyferry.errors import SkyferryError, StorageError, TopologyError
 from skyferry.hashing import content_hash
 from skyferry.models import ReplicaRecord, StoredChunk
 from skyferry.ops.verify import VerifyReport, verify_dataset
@@ -55,13 +58,15 @@ class RepairReport:
     short: list[str] = field(default_factory=list)  # chunks left under R: no node to take one
     braked: dict[str, str] = field(default_factory=dict)  # node -> why nothing was touched
     manifests_updated: list[str] = field(default_factory=list)
+    copies_restored: list[str] = field(default_factory=list)  # "place:key", manifest copies
+    copies_failed: list[str] = field(default_factory=list)  # "place:key: why"
     bytes_copied: int = 0
     seconds: float = 0.0
 
     @property
     def complete(self) -> bool:
         """Every committed chunk that could be checked has R verified replicas again."""
-        return not (self.unrecoverable or self.short or self.braked)
+        return not (self.unrecoverable or self.short or self.braked or self.copies_failed)
 
     def to_json(self) -> str:
         body = asdict(self)
@@ -221,9 +226,14 @@ def repair_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
     started = time.perf_counter()
     found = verify_dataset(topology, dataset, batch_id=batch_id, deep=deep)
     report = RepairReport(dataset=dataset, found=found)
-    catalog = Catalog(topology.catalog_store())
-    manifests = ([catalog.manifest(dataset, batch_id)] if batch_id
-                 else catalog.manifests(dataset))
+    catalog = open_catalog(topology)
+    survey = catalog.survey(dataset)
+    manifests = sorted((Manifest.model_validate_json(e.body) for k, e in survey.entries.items()
+                        if batch_id is None or k.endswith(f"/batch={batch_id}.json")),
+                       key=lambda m: (m.created_at, m.batch_id))
+    bad_copies: dict[str, list[str]] = {}
+    for check in found.damaged_copies:
+        bad_copies.setdefault(check.key, []).append(check.place)
     report.braked = _brakes(found, manifests, max_node_share)
     for node, why in report.braked.items():
         logger.error("repair of %s stopped before touching anything: %s: %s", dataset, node,
@@ -232,11 +242,25 @@ def repair_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
         repairer = _Repairer(topology, catalog, found, report, probe_timeout_s)
         for manifest in manifests:
             chunks = [repairer.chunk(manifest, chunk) for chunk in manifest.chunks]
+            key = catalog.key_of(manifest)
             if chunks != manifest.chunks:  # every replica it now lists has verified
-                report.manifests_updated.append(
-                    catalog.commit(manifest.model_copy(update={"chunks": chunks})))
+                rewritten = manifest.model_copy(update={"chunks": chunks,
+                                                        "revision": manifest.revision + 1})
+                try:
+                    catalog.commit(rewritten, previous=manifest)
+                except (SkyferryError, StorageError) as exc:
+                    report.copies_failed.append(f"{key}: {exc}")
+                    continue
+                report.manifests_updated.append(key)
+                report.copies_restored += [f"{p}:{key}" for p in bad_copies.get(key, [])]
+            elif key in bad_copies:
+                failed = catalog.restore(key, survey.entries[key].body, bad_copies[key])
+                report.copies_restored += [f"{p}:{key}" for p in bad_copies[key]
+                                           if p not in failed]
+                report.copies_failed += [f"{p}:{key}: {why}" for p, why in failed.items()]
     report.seconds = round(time.perf_counter() - started, 3)
     logger.info("repair %s: %d replicas re-created, %d hints replayed, %d bad copies removed, "
-                "%d chunks unrecoverable", dataset, len(report.recreated),
-                report.hints_replayed, len(report.removed), len(report.unrecoverable))
+                "%d chunks unrecoverable, %d manifest copies restored", dataset,
+                len(report.recreated), report.hints_replayed, len(report.removed),
+                len(report.unrecoverable), len(report.copies_restored))
     return report

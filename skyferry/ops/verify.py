@@ -12,6 +12,9 @@ Two levels, as a scrub has:
 A node that cannot be listed, or whose listing is empty while the manifests place replicas
 on it, is reported as unreachable: its replicas are not judged, so an outage never reads as
 thousands of missing replicas.
+
+Each manifest's copies are checked the same way: one in the catalog, and one on each node
+holding the batch; listed with the right size, and (deep) the same bytes.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from skyferry.commit.manifest import Catalog, Manifest
+from skyferry.commit.copies import CATALOG, Survey
+from skyferry.commit.manifest import Catalog, Manifest, open_catalog
 from skyferry.errors import ObjectNotFoundError, StorageError, TopologyError
 from skyferry.models import StoredChunk
 from skyferry.storage import ObjectInfo, Store, temp_target
 from skyferry.topology import Topology
 
-__all__ = ["ReplicaCheck", "VerifyReport", "verify_dataset"]
+__all__ = ["CopyCheck", "ReplicaCheck", "VerifyReport", "verify_dataset"]
 
 logger = logging.getLogger("skyferry.ops.verify")
 
@@ -51,11 +55,23 @@ class ReplicaCheck:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class CopyCheck:
+    """One copy of one manifest, in the catalog or on a node, and what verifying it found."""
+
+    batch_id: str
+    key: str
+    place: str
+    status: ReplicaStatus
+    detail: str = ""
+
+
 @dataclass
 class VerifyReport:
     dataset: str
     level: Literal["default", "deep"]
     replicas: list[ReplicaCheck] = field(default_factory=list)
+    copies: list[CopyCheck] = field(default_factory=list)  # of the manifests
     orphans: list[str] = field(default_factory=list)  # "node:key"
     unreachable: dict[str, str] = field(default_factory=dict)  # node -> why
     not_checked: int = 0  # replicas on unreachable nodes
@@ -67,30 +83,44 @@ class VerifyReport:
         found: Counter[str] = Counter(c.status for c in self.replicas)
         return {s: found[s] for s in ("ok", *DAMAGED)}
 
+    def copy_counts(self) -> dict[str, int]:
+        found: Counter[str] = Counter(c.status for c in self.copies)
+        return {s: found[s] for s in ("ok", *DAMAGED)}
+
     @property
     def damaged(self) -> list[ReplicaCheck]:
         return [c for c in self.replicas if c.status in DAMAGED]
 
     @property
+    def damaged_copies(self) -> list[CopyCheck]:
+        return [c for c in self.copies if c.status in DAMAGED]
+
+    @property
     def healthy(self) -> bool:
-        """Every replica that could be checked is ``ok``."""
-        return not self.damaged
+        """Every replica and every manifest copy that could be checked is ``ok``."""
+        return not (self.damaged or self.damaged_copies)
 
     def by_node(self) -> list[dict[str, object]]:
-        """One row per node: its replicas by status, its orphans, and whether it answered."""
+        """One row per place (a node, or the catalog): its replicas by status, its orphans, its
+        manifest copies, and whether it answered."""
         rows = []
         nodes = sorted({c.node for c in self.replicas} | set(self.unreachable)
-                       | {o.split(":", 1)[0] for o in self.orphans})
+                       | {o.split(":", 1)[0] for o in self.orphans}
+                       | {c.place for c in self.copies})
         for node in nodes:
             mine: Counter[str] = Counter(c.status for c in self.replicas if c.node == node)
+            copies: Counter[str] = Counter(c.status for c in self.copies if c.place == node)
             rows.append({"node": node, **{s: mine[s] for s in ("ok", *DAMAGED)},
                          "orphans": sum(1 for o in self.orphans if o.startswith(node + ":")),
+                         "manifests_ok": copies["ok"],
+                         "manifests_damaged": sum(copies[s] for s in DAMAGED),
                          "unreachable": self.unreachable.get(node, "")})
         return rows
 
     def to_json(self) -> str:
         body = asdict(self)
-        body.update(counts=self.counts(), healthy=self.healthy)
+        body.update(counts=self.counts(), copy_counts=self.copy_counts(),
+                    healthy=self.healthy)
         return json.dumps(body, indent=1)
 
 
@@ -167,23 +197,61 @@ def _check(store: Store, listing: dict[str, ObjectInfo], manifest: Manifest,
     return found("ok")
 
 
+def _check_copies(catalog: Catalog, survey: Survey, manifest: Manifest, deep: bool
+                  ) -> list[CopyCheck]:
+    """The manifest's copies: in the catalog, and on each node holding its batch."""
+    key = catalog.key_of(manifest)
+    entry = survey.entries[key]
+    checks = []
+    for place in catalog.copy_places(manifest):
+        def found(status: ReplicaStatus, detail: str = "", place: str = place) -> CopyCheck:
+            return CopyCheck(manifest.batch_id, key, place, status, detail)
+
+        if place in survey.unreachable:
+            continue
+        if place not in entry.places:
+            checks.append(found("missing", "no copy"))
+        elif entry.places[place] != len(entry.body):
+            checks.append(found("differs", f"{entry.places[place]} bytes, "
+                                f"{len(entry.body)} expected"))
+        elif place == entry.source:
+            checks.append(found("ok"))
+        elif place == CATALOG:  # listed, but a node's copy had to be read instead
+            checks.append(found("differs", "not a valid manifest"))
+        elif deep:
+            try:
+                same = catalog.places.store(place).get(key) == entry.body
+            except (StorageError, TopologyError) as exc:
+                checks.append(found("unreadable", str(exc)))
+                continue
+            checks.append(found("ok") if same else found("differs", "other bytes"))
+        else:
+            checks.append(found("ok"))
+    return checks
+
+
 def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = None,
                    deep: bool = False, concurrency: int = 4,
                    max_mb_s: float | None = None) -> VerifyReport:
     """Check every replica the committed manifests of ``dataset`` list (one batch with
     ``batch_id``); see the module's docstring for the two levels."""
     started = time.perf_counter()
-    catalog = Catalog(topology.catalog_store())
-    every = catalog.manifests(dataset)
-    manifests = [catalog.manifest(dataset, batch_id)] if batch_id else every
+    catalog = open_catalog(topology)
+    survey = catalog.survey(dataset)
+    every = sorted((Manifest.model_validate_json(e.body) for e in survey.entries.values()),
+                   key=lambda m: (m.created_at, m.batch_id))
+    manifests = [m for m in every if m.batch_id == batch_id] if batch_id else every
     if not manifests:
-        catalog.manifest(dataset)  # raises BatchNotFoundError naming the catalog
+        catalog.manifest(dataset, batch_id)  # raises BatchNotFoundError or ManifestError
     report = VerifyReport(dataset=dataset, level="deep" if deep else "default")
+    report.unreachable.update(survey.unreachable)
     suspects = catalog.suspects(dataset)  # a reader found these bad: read them at any level
     wanted: Counter[str] = Counter(r.node for m in manifests for c in m.chunks
                                    for r in c.verified)
     nodes: dict[str, tuple[Store, dict[str, ObjectInfo]]] = {}
     for node in topology.nodes:
+        if node.name in report.unreachable:
+            continue
         store, listing, why = _list_node(topology, node.name, dataset)
         if store is not None and not listing and wanted[node.name]:
             why = (f"its listing of {dataset}/ is empty, but the manifests place "
@@ -192,6 +260,9 @@ def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
             report.unreachable[node.name] = why
         elif store is not None:
             nodes[node.name] = (store, listing)
+    for manifest in manifests:  # not on a node found unreachable: it is not acted on
+        report.copies += [c for c in _check_copies(catalog, survey, manifest, deep)
+                          if c.place not in report.unreachable]
     throttle, read = _Throttle(max_mb_s), list[int]()
     jobs: list[tuple[Store, dict[str, ObjectInfo], Manifest, StoredChunk, str]] = []
     for manifest in manifests:
@@ -223,6 +294,7 @@ def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
     report.bytes_read = sum(read)
     report.seconds = round(time.perf_counter() - started, 3)
     counts = report.counts()
-    logger.info("verify %s (%s): %s; %d orphans; %d unreachable nodes", dataset, report.level,
-                counts, len(report.orphans), len(report.unreachable))
+    logger.info("verify %s (%s): replicas %s; manifest copies %s; %d orphans; %d unreachable "
+                "places", dataset, report.level, counts, report.copy_counts(),
+                len(report.orphans), len(report.unreachable))
     return report

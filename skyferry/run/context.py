@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from skyferry.commit.manifest import BatchPlan, Catalog
+from skyferry.commit.manifest import BatchPlan, Catalog, open_catalog
 from skyferry.config import PipelineConfig, Settings, get_settings
 from skyferry.distribute.placement import NodeHealth, Placer
 from skyferry.distribute.replication import ReplicaWriter
@@ -92,6 +92,10 @@ def open_run(config: PipelineConfig, settings: Settings | None = None) -> RunSet
     if "/" in config.dataset:
         raise UnsafeKeyError(f"dataset name {config.dataset!r} must not contain '/'",
                              key=config.dataset)
+    if config.dataset == "manifests" or config.dataset.startswith("_"):
+        raise UnsafeKeyError(f"dataset name {config.dataset!r} is reserved: nodes keep "
+                             "manifest copies under manifests/ and probes under _probe/",
+                             key=config.dataset)
     if config.batch_id is not None:
         safe_key(f"batch={config.batch_id}")
         if "/" in config.batch_id:
@@ -115,7 +119,7 @@ def open_run(config: PipelineConfig, settings: Settings | None = None) -> RunSet
         config=config,
         settings=settings,
         topology=topology,
-        catalog=Catalog(topology.catalog_store()),
+        catalog=open_catalog(topology),
         schema=schema,
         transforms=tuple(load_transforms(config.transforms)),
         source_cloud=cloud,

@@ -49,6 +49,8 @@ def test_with_a_cloud_down_every_chunk_still_spans_two(home: Path, tmp_path: Pat
     manifest = Catalog(load_topology().catalog_store()).manifest("q1")
     for chunk in manifest.chunks:
         assert {r.cloud for r in chunk.verified} == {"gcp", "azure"}
+    copies = {p.parts[-5] for p in home.glob("nodes/*/manifests/q1/*/*.json")}
+    assert {load_topology().node(n).cloud for n in copies} == {"gcp", "azure"}
     assert manifest.chunks_at_risk == []
 
 
@@ -60,6 +62,7 @@ def test_with_one_cloud_reachable_no_batch_is_committed(home: Path, tmp_path: Pa
     for node in ("gcp-node-1", "gcp-node-2", "azure-node-1"):
         assert node in (result.error or "")
     assert Catalog(load_topology().catalog_store()).manifests("q2") == []
+    assert list(home.glob("**/manifests/q2/**/*.json")) == []  # no copy anywhere
     # availability instead: min_clouds 1 commits, and the manifest names the chunks at risk
     result = run_pipeline(PipelineConfig(source=str(_source(tmp_path)), dataset="q2",
                                          chunk_size="24KB", topology=only_aws, min_clouds=1))

@@ -221,6 +221,12 @@ def test_one_truncated_manifest_leaves_the_others_readable(home: Path, tmp_path:
     assert second.status == "completed"
     path = home / "catalog" / second.manifest_key  # type: ignore[operator]
     path.write_bytes(path.read_bytes()[:200])
+    # a node's copy stands in for the catalog's
+    assert export_dataset("m", tmp_path / "all.parquet").rows == 150
+    copies = list(home.glob(f"nodes/*/{second.manifest_key}"))
+    assert len(copies) >= 2
+    for copy in copies:
+        copy.write_bytes(copy.read_bytes()[:200])
     report = export_dataset("m", tmp_path / "m.parquet")
     assert report.rows == 100 and len(report.unreadable) == 1
     assert second.manifest_key in report.unreadable[0]

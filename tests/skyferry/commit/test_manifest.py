@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from skyferry.commit.manifest import BatchPlan, Catalog, Manifest, chunk_key
-from skyferry.errors import BatchNotFoundError
+from skyferry.errors import BatchNotFoundError, ManifestQuorumError
 from skyferry.models import ReplicaRecord, StoredChunk
 from skyferry.storage import Store
+from skyferry.topology import Node
 from tests.helpers.sf_data import small_plan
 
 
@@ -52,3 +54,54 @@ def test_layout_is_dataset_date_batch() -> None:
     assert chunk_key("ds", "2026-11-22", "b1", 7, "csv") == \
         "ds/date=2026-11-22/batch=b1/chunk-00007.parquet"
     assert chunk_key("ds", "2026-11-22", "b1", 7, "binary").endswith("chunk-00007.bin")
+
+
+def _nodes(tmp_path: Path, *specs: tuple[str, str]) -> list[Node]:
+    return [Node(name=name, cloud=cloud, region="r1", url=str(tmp_path / name))
+            for name, cloud in specs]
+
+
+def test_a_commit_copies_the_manifest_to_every_node_holding_the_batch(tmp_path: Path) -> None:
+    nodes = _nodes(tmp_path, ("n1", "aws"), ("n2", "gcp"), ("n3", "azure"))
+    catalog = Catalog(Store(str(tmp_path / "cat"), name="catalog"), nodes)
+    plan = _plan()
+    manifest = Manifest.from_plan(plan, [_stored(plan, i) for i in range(3)])
+    key = catalog.commit(manifest)
+    body = (tmp_path / "cat" / key).read_bytes()
+    assert (tmp_path / "n1" / key).read_bytes() == body
+    assert (tmp_path / "n2" / key).read_bytes() == body
+    assert not (tmp_path / "n3" / key).exists()  # it holds none of the batch
+    shutil.rmtree(tmp_path / "cat")
+    assert catalog.manifest("ds") == manifest  # found on the nodes
+    assert catalog.datasets() == ["ds"]
+
+
+def test_too_few_node_copies_commit_nothing_and_leave_no_copy(tmp_path: Path) -> None:
+    nodes = _nodes(tmp_path, ("n1", "aws"), ("n2", "gcp"))
+    (tmp_path / "n2").write_bytes(b"a file where the node's folder should be")
+    catalog = Catalog(Store(str(tmp_path / "cat"), name="catalog"), nodes)
+    plan = _plan()
+    manifest = Manifest.from_plan(plan, [_stored(plan, i) for i in range(3)])
+    with pytest.raises(ManifestQuorumError, match="n2") as caught:
+        catalog.commit(manifest)
+    assert caught.value.written == ["n1"] and set(caught.value.failed) == {"n2"}
+    assert not list(tmp_path.glob("**/*.json"))  # neither the catalog's nor n1's copy
+    with pytest.raises(BatchNotFoundError):
+        catalog.manifest("ds")
+
+
+def test_the_highest_revision_of_the_node_copies_is_read(tmp_path: Path) -> None:
+    nodes = _nodes(tmp_path, ("n1", "aws"), ("n2", "gcp"))
+    catalog = Catalog(Store(str(tmp_path / "cat"), name="catalog"), nodes)
+    plan = _plan()
+    first = Manifest.from_plan(plan, [_stored(plan, i) for i in range(3)])
+    key = catalog.commit(first)
+    newer = first.model_copy(update={"revision": 1, "rows_in": 99})
+    (tmp_path / "n2" / key).write_bytes(newer.to_json())
+    assert catalog.manifest("ds") == first  # the catalog's copy, while it reads
+    (tmp_path / "cat" / key).write_bytes(b"{ torn")
+    assert catalog.manifest("ds") == newer  # else the newest node copy
+    (tmp_path / "n1" / key).write_bytes(b"{ torn")
+    (tmp_path / "n2" / key).write_bytes(b"{ torn")
+    manifests, unreadable = catalog.scan("ds")
+    assert manifests == [] and [e.key for e in unreadable] == [key]
