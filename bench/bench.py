@@ -255,6 +255,19 @@ def main() -> None:
     maintenance(ROOT / "homes" / "binary", "blob")
     shutil.rmtree(ROOT / "homes" / "binary")
 
+    # what durable writes cost: the same run with no fsync, and one sync at its end
+    fresh_home("binary-nosync")
+    os.environ["SKYFERRY_DURABLE_WRITES"] = "false"
+    try:
+        nosync_s, _ = run_skyferry(str(blob), "blob")
+    finally:
+        del os.environ["SKYFERRY_DURABLE_WRITES"]
+        fresh_home("binary-nosync")  # and the settings read again
+    figures["fsync_cost"] = round(sky_s / nosync_s, 3)
+    say(f"fsync_cost              {figures['fsync_cost']}  (fsync of every replica and "
+        f"folder {sky_s:.1f}s vs none {nosync_s:.1f}s, both ending in one sync)")
+    shutil.rmtree(ROOT / "homes" / "binary-nosync")
+
     rclone = shutil.which("rclone")
     if rclone:
         targets = [ROOT / "rclone" / f"n{i}" for i in range(3)]

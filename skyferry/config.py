@@ -123,6 +123,11 @@ class Settings(BaseSettings):
         description="Keep big buffers' memory in the process (glibc mallopt), so each chunk "
                     "does not fault in fresh pages; see skyferry/memory.py.",
     )
+    durable_writes: bool = Field(
+        default=True,
+        description="Flush (fsync) each local replica, manifest and journal entry, and its "
+                    "folder, before it counts. false is only for data you can re-create: a "
+                    "power loss can then lose replicas counted as verified.")
     dask_address: str | None = Field(
         default=None, description="Dask scheduler to use; a local cluster when unset."
     )

@@ -86,10 +86,12 @@ class Store:
         *,
         name: str,
         timeout_s: float | None = None,
+        durable: bool = True,
     ) -> None:
         self.url = url
         self.name = name
         self.timeout_s = timeout_s
+        self.durable = durable  # local writes: flushed (fsync) before they count
         self.fs, root = open_url(url, storage_options)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
@@ -168,7 +170,8 @@ class Store:
     def put(self, key: str, data: bytes | memoryview) -> None:
         """Write ``data`` under ``key``. On a local disk the write is atomic and durable: a
         temp file, flushed (``fsync``), renamed over the key, and the folder flushed, so a
-        replica or manifest that counts as written survives a power loss."""
+        replica or manifest that counts as written survives a power loss (unless the store
+        was opened with ``durable=False``: atomic only)."""
         path = self.path(key)
         try:
             if self.is_local:
@@ -178,14 +181,16 @@ class Store:
                     try:
                         fh = open(tmp, "wb")
                     except FileNotFoundError:  # the first object under this prefix
-                        _make_dirs_durable(parent)
+                        _make_dirs_durable(parent, self.durable)
                         fh = open(tmp, "wb")
                     with fh:
                         fh.write(data)
-                        fh.flush()
-                        os.fsync(fh.fileno())
+                        if self.durable:
+                            fh.flush()
+                            os.fsync(fh.fileno())
                     os.replace(tmp, path)
-                    _fsync_dir(parent)
+                    if self.durable:
+                        _fsync_dir(parent)
                 except BaseException:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
@@ -206,16 +211,18 @@ class Store:
         path = self.path(key)
         try:
             if self.is_local:
-                _make_dirs_durable(posixpath.dirname(path))
+                _make_dirs_durable(posixpath.dirname(path), self.durable)
                 try:
                     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 except FileExistsError:
                     return False
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                _fsync_dir(posixpath.dirname(path))
+                    if self.durable:
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                if self.durable:
+                    _fsync_dir(posixpath.dirname(path))
                 return True
             if self._call("exists", path):
                 return False
@@ -375,8 +382,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _make_dirs_durable(path: str) -> None:
-    """``os.makedirs``, with each new folder's parent flushed so the folder itself survives."""
+def _make_dirs_durable(path: str, durable: bool = True) -> None:
+    """``os.makedirs``, with each new folder's parent flushed (``durable``) so the folder
+    itself survives."""
     missing = []
     head = path
     while head and not os.path.isdir(head):
@@ -387,7 +395,8 @@ def _make_dirs_durable(path: str) -> None:
             os.mkdir(folder)
         except FileExistsError:
             continue
-        _fsync_dir(posixpath.dirname(folder) or "/")
+        if durable:
+            _fsync_dir(posixpath.dirname(folder) or "/")
 
 
 def _mtime(info: Mapping[str, Any]) -> float | None:

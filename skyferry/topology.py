@@ -161,7 +161,8 @@ class Node(BaseModel):
             register_options(options)
         options = with_timeouts(protocol, options, self.timeout_s)
         try:
-            return Store(self.url, options, name=self.name, timeout_s=self.timeout_s)
+            return Store(self.url, options, name=self.name, timeout_s=self.timeout_s,
+                         durable=get_settings().durable_writes)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise NodeUnavailableError(
@@ -203,6 +204,10 @@ class Topology(BaseModel):
     nodes: list[Node] = Field(..., min_length=1)
     intra_cloud: LinkCost = Field(default=LinkCost(latency_ms=20, egress_usd_per_gb=0.02))
     links: list[Link] = Field(default_factory=list)
+    balance_within: LinkCost = Field(
+        default=LinkCost(latency_ms=10, egress_usd_per_gb=0),
+        description="Nodes whose cost from the source is within this much of a cheaper "
+        "node's share its tier: placement spreads bytes evenly across a tier")
 
     @model_validator(mode="after")
     def _check(self) -> Topology:
@@ -259,7 +264,9 @@ class Topology(BaseModel):
         return LinkCost(latency_ms=100, egress_usd_per_gb=0.2)
 
     def catalog_store(self) -> Store:
-        return Store(self.catalog or get_settings().catalog_url, name="catalog")
+        settings = get_settings()
+        return Store(self.catalog or settings.catalog_url, name="catalog",
+                     durable=settings.durable_writes)
 
 
 def _expand(value: Any, home: str) -> Any:

@@ -1,8 +1,10 @@
 """Network-aware replica placement, and the run's view of node health.
 
-Nodes are ranked by egress cost, then latency from the source, then bytes already placed on
-them (load balance), then name. The first replica takes the best node; the replicas must
-span at least two clouds when two are available (failure domains).
+Nodes are grouped into cost tiers: sorted by egress cost, then latency from the source, a
+node joins the tier of the cheapest node before it when its cost is within the topology's
+``balance_within`` of that node's. Within a tier the node with the fewest bytes placed comes
+first (load balance), then the cheaper, then by name. The first replica takes the best
+node; the replicas must span at least two clouds when two are available (failure domains).
 """
 
 from __future__ import annotations
@@ -58,11 +60,35 @@ class Placer:
         self.source_region = source_region
         self.replicas = replicas
         self.load: dict[str, int] = {n.name: 0 for n in topology.nodes}
+        self.tier = self.tiers()
+
+    def tiers(self) -> dict[str, int]:
+        """Each node's cost tier from the source: 0 is the cheapest (see the module)."""
+        within = self.topology.balance_within
+        costs = {n.name: self.topology.cost(self.source_cloud, self.source_region, n)
+                 for n in self.topology.nodes}
+        order = sorted(costs, key=lambda n: (costs[n].egress_usd_per_gb, costs[n].latency_ms,
+                                             n))
+        tiers: dict[str, int] = {}
+        head = None
+        for name in order:
+            cost = costs[name]
+            if head is None or not (
+                    cost.egress_usd_per_gb <= head.egress_usd_per_gb
+                    + within.egress_usd_per_gb + 1e-12
+                    and cost.latency_ms <= head.latency_ms + within.latency_ms + 1e-9):
+                head = cost
+                tier = len(set(tiers.values()))
+            tiers[name] = tier
+        return tiers
 
     def rank(self, candidates: Iterable[Node]) -> list[Node]:
-        def key(node: Node) -> tuple[float, float, int, str]:
+        tiers = self.tier
+
+        def key(node: Node) -> tuple[int, int, float, float, str]:
             cost = self.topology.cost(self.source_cloud, self.source_region, node)
-            return (cost.egress_usd_per_gb, cost.latency_ms, self.load[node.name], node.name)
+            return (tiers[node.name], self.load[node.name], cost.egress_usd_per_gb,
+                    cost.latency_ms, node.name)
 
         return sorted(candidates, key=key)
 

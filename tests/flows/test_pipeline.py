@@ -92,7 +92,7 @@ def test_binary_bytes_round_trip_through_three_clouds(home: Path, tmp_path: Path
         for replica in chunk.verified:
             assert replica_digest(home, replica.node, chunk.key) == chunk.digest
     assert result.stages["distribution"].cross_cloud_transfers == len(manifest.chunks)
-    assert set(result.stages["storage"].by_cloud or {}) == {"aws", "gcp"}
+    assert set(result.stages["storage"].by_cloud or {}) == {"aws", "gcp", "azure"}
 
     out = tmp_path / "restored"
     export_dataset("blobs", out)

@@ -65,3 +65,19 @@ def test_a_failed_run_prints_its_typed_error_not_a_traceback(tmp_path: Path) -> 
     with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:  # the log keeps it
         logged = [m for (m,) in db.execute("SELECT message FROM log") if "Traceback" in m]
     assert len(logged) >= 2
+
+
+def test_the_demo_stores_replicas_on_every_node_and_reads_them_back(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    env.update(SKYFERRY_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
+               PREFECT_LOGGING_LEVEL="WARNING", COLUMNS="120")
+    done = subprocess.run(
+        [sys.executable, "-m", "skyferry.cli", "demo", "--size", "3MB", "--chunk-size",
+         "256KB"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "completed" and summary["rows_rejected"] == 5
+    for node in ("aws-node-1", "aws-node-2", "gcp-node-1", "gcp-node-2", "azure-node-1"):
+        row = next(line for line in done.stdout.splitlines() if f" {node} " in line)
+        assert int(row.split("│")[2]) > 0, row  # chunks on the node
+        assert any((tmp_path / "home" / "nodes" / node / "demo-train").rglob("*.parquet"))

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from skyferry.config import get_settings
 from skyferry.errors import ObjectNotFoundError, UnsafeKeyError
 from skyferry.hashing import content_hash
 from skyferry.storage import Store, safe_key
+from skyferry.topology import Node
 
 
 @pytest.fixture(params=["file", "memory", "s3", "gs", "az"])
@@ -173,3 +175,15 @@ def test_a_local_write_is_flushed_file_and_folders_before_it_counts(
     flushed.clear()
     assert store.create("lease.json", b"{}")
     assert flushed == [str(tmp_path / "node" / "lease.json"), str(tmp_path / "node")]
+    # with durable writes switched off (SKYFERRY_DURABLE_WRITES=false): atomic, not flushed
+    flushed.clear()
+    monkeypatch.setenv("SKYFERRY_DURABLE_WRITES", "false")
+    get_settings.cache_clear()
+    try:
+        scratch = Node(name="n", cloud="aws", region="r", url=str(tmp_path / "scratch")
+                       ).open_store()
+        scratch.put("ds/a.bin", b"scratch")
+    finally:
+        get_settings.cache_clear()
+    assert (tmp_path / "scratch" / "ds" / "a.bin").read_bytes() == b"scratch"
+    assert flushed == []

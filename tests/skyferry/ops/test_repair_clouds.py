@@ -90,6 +90,19 @@ def test_repair_on_the_cloud_servers(clouds: sf_servers.CloudEnv, tmp_path: Path
     assert verify_dataset(topology, "rc", deep=True).healthy
     assert _same_export(topology, tmp_path, "after.parquet")
 
+    # a hint: a replica a run could not place is written once its node answers
+    chunk = repaired.chunks[0]
+    gone = chunk.verified[-1]
+    fs, root = _fs(clouds, topology, gone.node)
+    fs.rm_file(f"{root}/{chunk.key}")
+    hinted = chunk.model_copy(update={"replicas": tuple(
+        r.model_copy(update={"state": "hinted"}) if r == gone else r for r in chunk.replicas)})
+    open_catalog(topology).commit(repaired.model_copy(update={
+        "chunks": [hinted, *repaired.chunks[1:]], "revision": repaired.revision + 1}))
+    report = repair_dataset(topology, "rc")
+    assert report.complete and report.hints_replayed == 1
+    assert blake3.blake3(fs.cat_file(f"{root}/{chunk.key}")).hexdigest() == chunk.digest
+
 
 @pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])
 def test_losing_one_cloud_and_the_catalog_on_the_servers(
