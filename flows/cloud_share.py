@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 
 from blocks.credentials import resolve_credentials_with_blocks
 from flows.chunks import move_share
-from flows.common import event, ref
+from flows.common import emit_node_events, event, ref
 from flows.live import LiveStatus
 from flows.runners import SettingsTaskRunner, uses_processes
 from skyferry.config import PipelineConfig
@@ -47,6 +47,7 @@ def cloud_share(config: PipelineConfig, batch_id: str, cloud: str, chunks: list[
     except SkyferryError as exc:
         raise StageError(str(exc), stage="setup", batch_id=batch_id,
                          dataset=config.dataset) from exc
+    emit_node_events(setup)
     for node, reason in (known_down or {}).items():
         setup.health.mark(node, "down", reason)
     try:

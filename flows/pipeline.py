@@ -28,7 +28,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from blocks.credentials import resolve_credentials_with_blocks
-from flows.common import event, ref
+from flows.common import emit_node_events, event, ref
 from flows.dispatch import dispatch_to_pools, run_in_process
 from flows.ephemeral import run_settings
 from flows.live import LiveStatus, create_live_status
@@ -62,6 +62,7 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
     except SkyferryError as exc:
         raise StageError(str(exc), stage="setup", batch_id=config.batch_id or "unplanned",
                          dataset=config.dataset) from exc
+    emit_node_events(setup)
     logger = get_run_logger()
     try:
         latencies = probe_nodes(ref(setup))

@@ -27,15 +27,17 @@ __all__ = ["verify_and_repair"]
 @flow(name="verify-and-repair", log_prints=False, validate_parameters=True)
 def verify_and_repair(dataset: str, batch_id: str | None = None, deep: bool = False,
                       repair: bool = False, max_node_share: float = 0.5,
-                      topology: str | None = None) -> dict[str, Any]:
+                      topology: str | None = None, node: str | None = None) -> dict[str, Any]:
     """Verify ``dataset`` (``deep``: every byte), and with ``repair`` re-create what is
-    missing or damaged and replay hints. Returns the report as JSON-ready data."""
+    missing or damaged and replay hints. ``node``: repair only the batches with a replica or
+    a hint on it (the ``node-recovered-repair`` automation sets it). Returns the report as
+    JSON-ready data."""
     resolve_credentials_with_blocks()
     logger = get_run_logger()
     topo = load_topology(topology)
     if repair:
         repaired = repair_replicas(ref(topo), dataset, batch_id, deep, max_node_share,
-                                   get_settings().probe_timeout_s)
+                                   get_settings().probe_timeout_s, node)
         found, body = repaired.found, json.loads(repaired.to_json())
     else:
         found = verify_replicas(ref(topo), dataset, batch_id, deep)

@@ -18,7 +18,7 @@ from skyferry.config import PipelineConfig, get_settings, parse_duration, parse_
 from skyferry.errors import SkyferryError
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
-from skyferry.topology import load_topology
+from skyferry.topology import Topology, load_topology
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Move ML training data across clouds, replicated and verified.")
@@ -212,6 +212,11 @@ def export(
 @app.command()
 def nodes(
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    watch: Annotated[bool, typer.Option(
+        "--watch", help="probe every node each second and show the failure detector's "
+        "states live, until Ctrl-C")] = False,
+    duration: Annotated[Optional[float], typer.Option(
+        help="--watch: stop after this many seconds")] = None,
 ) -> None:
     """Probe every node and show its cloud, region, health and latency."""
     from skyferry.distribute.placement import NodeHealth
@@ -221,6 +226,9 @@ def nodes(
         topo = load_topology(topology)
     except SkyferryError as exc:
         _fail(exc)
+    if watch:
+        _watch_nodes(topo, duration)
+        return
     health = NodeHealth()
     latencies = probe_nodes(topo, health, get_settings().probe_timeout_s)
     table = Table(title="nodes", title_justify="left")
@@ -235,6 +243,52 @@ def nodes(
     console.print(table)
     for name, reason in health.reasons.items():
         console.print(f"[red]{name}[/]: {reason}")
+
+
+def _watch_nodes(topo: Topology, duration: float | None) -> None:
+    """The failure detector's view of every node, redrawn as it changes."""
+    from rich.live import Live
+
+    from skyferry.distribute.detector import DetectorConfig, FailureDetector
+    from skyferry.distribute.placement import NodeHealth
+
+    health = NodeHealth()
+    changes: list[str] = []
+    started = time.monotonic()
+    health.listeners.append(lambda node, state, why: changes.append(
+        f"{time.monotonic() - started:6.1f}s  {node} {state}" + (f": {why}" if why else "")))
+    interval = get_settings().probe_interval_s or 1.0
+    detector = FailureDetector(topo.nodes, health, DetectorConfig(interval_s=interval)).start()
+
+    def table() -> Table:
+        views = detector.snapshot()
+        out = Table(title=f"nodes, probed every {interval:g}s (Ctrl-C to stop)",
+                    title_justify="left")
+        for col in ("node", "cloud", "state", "phi", "probe ms", "fastest ms", "why"):
+            out.add_column(col)
+        for node in topo.nodes:
+            view = views.get(node.name)
+            if view is None:
+                out.add_row(node.name, node.cloud, "[dim]disabled[/]", "", "", "", "")
+                continue
+            style = {"healthy": "green", "suspect": "yellow"}.get(view.state, "red")
+            out.add_row(node.name, node.cloud, f"[{style}]{view.state}[/]",
+                        f"{min(view.phi, 99.9):.1f}",
+                        "-" if view.rtt_s is None else f"{view.rtt_s * 1000:.1f}",
+                        "-" if view.fastest_s is None else f"{view.fastest_s * 1000:.1f}",
+                        view.reason if view.state != "healthy" else "")
+        out.caption = "\n".join(changes[-8:])
+        return out
+
+    try:
+        with Live(table(), console=console, refresh_per_second=4) as live:
+            while duration is None or time.monotonic() - started < duration:
+                time.sleep(0.25)
+                live.update(table())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        detector.stop()
 
 
 @app.command()

@@ -123,6 +123,10 @@ class Settings(BaseSettings):
         description="Keep big buffers' memory in the process (glibc mallopt), so each chunk "
                     "does not fault in fresh pages; see skyferry/memory.py.",
     )
+    probe_interval_s: float = Field(
+        default=1.0, ge=0,
+        description="During a run, each node is probed this often by the failure detector "
+                    "(skyferry/distribute/detector.py); 0 turns it off.")
     durable_writes: bool = Field(
         default=True,
         description="Flush (fsync) each local replica, manifest and journal entry, and its "

@@ -167,12 +167,13 @@ class Store:
             return ObjectNotFoundError(f"not found: {where}: {detail}", node=self.name, key=key)
         return NodeUnavailableError(f"failed to {where}: {detail}", node=self.name, key=key)
 
-    def put(self, key: str, data: bytes | memoryview) -> None:
+    def put(self, key: str, data: bytes | memoryview, *, flush: bool | None = None) -> None:
         """Write ``data`` under ``key``. On a local disk the write is atomic and durable: a
         temp file, flushed (``fsync``), renamed over the key, and the folder flushed, so a
         replica or manifest that counts as written survives a power loss (unless the store
-        was opened with ``durable=False``: atomic only)."""
+        was opened with ``durable=False``, or ``flush`` is False: atomic only)."""
         path = self.path(key)
+        durable = self.durable if flush is None else flush
         try:
             if self.is_local:
                 parent = posixpath.dirname(path)
@@ -181,15 +182,15 @@ class Store:
                     try:
                         fh = open(tmp, "wb")
                     except FileNotFoundError:  # the first object under this prefix
-                        _make_dirs_durable(parent, self.durable)
+                        _make_dirs_durable(parent, durable)
                         fh = open(tmp, "wb")
                     with fh:
                         fh.write(data)
-                        if self.durable:
+                        if durable:
                             fh.flush()
                             os.fsync(fh.fileno())
                     os.replace(tmp, path)
-                    if self.durable:
+                    if durable:
                         _fsync_dir(parent)
                 except BaseException:
                     with contextlib.suppress(OSError):
@@ -356,7 +357,7 @@ class Store:
         # emulator drops a final CR from an upload, which made the probe call it down
         payload = f"skyferry probe {uuid.uuid4().hex}\n".encode()
         started = time.perf_counter()
-        self.put(key, payload)
+        self.put(key, payload, flush=False)  # liveness, not durability: no fsync to wait on
         if self.get(key) != payload:
             raise NodeUnavailableError(
                 f"probe of node {self.name} read back different bytes", node=self.name, key=key

@@ -145,10 +145,12 @@ class Node(BaseModel):
     work_pool: str | None = Field(default=None, description="Work pool that computes near it.")
     enabled: bool = Field(default=True, description="false marks the node down.")
 
-    def open_store(self) -> Store:
+    def open_store(self, *, own_session: bool = False) -> Store:
         """The node's store. A backend that refuses its options (a malformed connection
         string, a token it cannot read) is a :class:`NodeUnavailableError` naming the node,
-        with every secret of the options scrubbed from the message."""
+        with every secret of the options scrubbed from the message. ``own_session``: a
+        filesystem instance of its own (fsspec shares one per set of options), so its calls
+        never queue behind data transfers on the shared one's connections."""
         protocol = protocol_of(self.url)
         options = dict(self.storage_options)
         register_options(options)
@@ -160,6 +162,8 @@ class Node(BaseModel):
             options.update(_resolver[0](self.credentials, self.name))
             register_options(options)
         options = with_timeouts(protocol, options, self.timeout_s)
+        if own_session and protocol != "file":
+            options["skip_instance_cache"] = True
         try:
             return Store(self.url, options, name=self.name, timeout_s=self.timeout_s,
                          durable=get_settings().durable_writes)

@@ -20,6 +20,7 @@ def verify_replicas(topology: Topology, dataset: str, batch_id: str | None,
 
 @task(name="repair-replicas", cache_policy=NONE)
 def repair_replicas(topology: Topology, dataset: str, batch_id: str | None, deep: bool,
-                    max_node_share: float, probe_timeout_s: float) -> RepairReport:
-    return repair_dataset(topology, dataset, batch_id=batch_id, deep=deep,
+                    max_node_share: float, probe_timeout_s: float,
+                    node: str | None = None) -> RepairReport:
+    return repair_dataset(topology, dataset, batch_id=batch_id, node=node, deep=deep,
                           max_node_share=max_node_share, probe_timeout_s=probe_timeout_s)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,16 +32,26 @@ class NodeHealth:
     states: dict[str, HealthState] = field(default_factory=dict)
     latency_s: dict[str, float] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+    # called as (node, new state, reason) on every change of a node's state, after it
+    listeners: list[Callable[[str, HealthState, str], None]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def mark(self, node: str, state: HealthState, reason: str = "") -> None:
         with self._lock:
-            previous = self.states.get(node)
+            previous = self.states.get(node, "healthy")
             self.states[node] = state
             if reason and (previous != state or node not in self.reasons):
                 self.reasons[node] = reason  # a node already down keeps its first cause
+            listeners = list(self.listeners) if previous != state else []
         if previous != state and state != "healthy":
             logger.warning("node %s is now %s%s", node, state, f": {reason}" if reason else "")
+        elif previous != state:
+            logger.info("node %s is healthy again", node)
+        for listener in listeners:
+            listener(node, state, reason)
+
+    def state(self, node: str) -> HealthState:
+        return self.states.get(node, "healthy")
 
     def healthy(self, node: str) -> bool:
         return self.states.get(node, "healthy") == "healthy"

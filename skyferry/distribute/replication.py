@@ -199,8 +199,16 @@ class ReplicaWriter:
 
     def _outcome(self, node: Node, future: Future[None], ticket: tuple[int, int],
                  started: float, key: str) -> BaseException | None:
-        """The write's error, or a ``NodeUnavailableError`` once its allowance runs out."""
+        """The write's error, or a ``NodeUnavailableError`` once its allowance runs out or
+        the failure detector finds the node down (the write is abandoned at once)."""
         while True:
+            if future.done():
+                return future.exception()
+            if self.health.state(node.name) == "down":
+                why = self.health.reasons.get(node.name, "down")
+                return NodeUnavailableError(
+                    f"node {node.name} was found down while writing {key!r} ({why}); the "
+                    "write is abandoned", node=node.name, key=key)
             deadline = self._deadline(node, ticket)
             left = started + deadline - time.monotonic()
             if left <= 0:
@@ -208,9 +216,9 @@ class ReplicaWriter:
                     f"node {node.name} did not finish writing {key!r} within "
                     f"{deadline:.1f}s: it is hung or too slow", node=node.name, key=key)
             try:
-                return future.exception(timeout=left)
+                return future.exception(timeout=min(left, SLOT_POLL_S))
             except FutureTimeout:
-                continue  # writes queued to the node since may have extended the allowance
+                continue  # the allowance may have grown, or the node been found down
 
     def write(self, chunk: int, key: str, data: bytes | memoryview, digest: str,
               planned: list[str], quorum: int, min_clouds: int = 1) -> WriteOutcome:

@@ -219,10 +219,12 @@ class _Repairer:
 
 
 def repair_dataset(topology: Topology, dataset: str, *, batch_id: str | None = None,
+                   node: str | None = None,
                    deep: bool = False, max_node_share: float = 0.5,
                    probe_timeout_s: float = 5.0) -> RepairReport:
     """Bring every chunk of ``dataset`` (one batch with ``batch_id``) back to R verified
-    replicas; see the module's docstring."""
+    replicas; see the module's docstring. ``node``: only the batches with a replica or a
+    hint on that node (a node that came back: its hints are replayed)."""
     started = time.perf_counter()
     found = verify_dataset(topology, dataset, batch_id=batch_id, deep=deep)
     report = RepairReport(dataset=dataset, found=found)
@@ -231,6 +233,9 @@ def repair_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
     manifests = sorted((Manifest.model_validate_json(e.body) for k, e in survey.entries.items()
                         if batch_id is None or k.endswith(f"/batch={batch_id}.json")),
                        key=lambda m: (m.created_at, m.batch_id))
+    if node is not None:
+        manifests = [m for m in manifests
+                     if node in {r.node for c in m.chunks for r in c.replicas}]
     bad_copies: dict[str, list[str]] = {}
     for check in found.damaged_copies:
         bad_copies.setdefault(check.key, []).append(check.place)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from skyferry.commit.manifest import BatchPlan, Catalog, open_catalog
 from skyferry.config import PipelineConfig, Settings, get_settings
+from skyferry.distribute.detector import DetectorConfig, FailureDetector
 from skyferry.distribute.placement import NodeHealth, Placer
 from skyferry.distribute.replication import ReplicaWriter
 from skyferry.errors import (
@@ -67,6 +68,7 @@ class BatchRun:
     plan: BatchPlan
     placer: Placer
     writer: ReplicaWriter
+    detector: FailureDetector | None = None
     resumed: bool = False
 
     @property
@@ -79,7 +81,9 @@ class BatchRun:
 
     def close(self) -> None:
         """End the replica writer: a hung node's writes still in flight are cancelled, so no
-        thread of this run outlives it."""
+        thread of this run outlives it. Stop the failure detector."""
+        if self.detector is not None:
+            self.detector.stop()
         self.writer.close()
 
 
@@ -135,9 +139,16 @@ def new_placer(setup: RunSetup) -> Placer:
 
 def open_batch(setup: RunSetup, plan: BatchPlan, placer: Placer, *,
                resumed: bool = False) -> BatchRun:
-    """The batch ``plan`` placed with ``placer``, ready to move its chunks."""
+    """The batch ``plan`` placed with ``placer``, ready to move its chunks, with the nodes
+    watched by a failure detector until :meth:`BatchRun.close`."""
     writer = ReplicaWriter(setup.topology, setup.health, placer, setup.source_cloud)
-    return BatchRun(setup=setup, plan=plan, placer=placer, writer=writer, resumed=resumed)
+    detector = None
+    if setup.settings.probe_interval_s > 0:
+        detector = FailureDetector(
+            setup.topology.nodes, setup.health,
+            DetectorConfig(interval_s=setup.settings.probe_interval_s)).start()
+    return BatchRun(setup=setup, plan=plan, placer=placer, writer=writer, detector=detector,
+                    resumed=resumed)
 
 
 def resume_batch(setup: RunSetup, plan: BatchPlan) -> BatchRun:

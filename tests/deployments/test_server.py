@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 
 from skyferry.commit.manifest import Catalog
@@ -260,3 +261,49 @@ def test_a_pool_whose_worker_died_gets_its_share_reassigned(server: PrefectServe
     assert sorted(i for k in completed for i in k["parameters"]["chunks"]) == [
         c.index for c in manifest.chunks]
     assert manifest.rows_stored + manifest.rows_rejected == rows
+
+
+EMIT_RECOVERED = """
+import sys
+from prefect.events import emit_event
+from prefect.events.worker import EventsWorker
+node, dataset = sys.argv[1], sys.argv[2]
+emit_event(event="skyferry.node.recovered",
+           resource={"prefect.resource.id": f"skyferry.node.{node}",
+                     "prefect.resource.name": node},
+           payload={"state": "healthy", "reason": "answered every probe for 5 s",
+                    "dataset": dataset})
+EventsWorker.drain_all()
+"""
+
+
+def test_a_recovered_node_starts_verify_and_repair(server: PrefectServer,
+                                                   tmp_path: Path) -> None:
+    """prefect.yaml's automation: a run's skyferry.node.recovered event starts the
+    node-recovered-repair deployment, whose run brings the node's batches back to R."""
+    source, _ = source_dir(tmp_path, 3_000, seed=6)
+    parent = run_deployment(server, {"source": str(source), "dataset": "healed",
+                                     "chunk_size": "48KB"})
+    assert parent["state_type"] == "COMPLETED", parent["state"]
+    manifest = manifest_of(server, "healed")
+    home = Path(server.env["SKYFERRY_HOME"])
+    chunk = manifest.chunks[0]
+    node = chunk.verified[0].node
+    (home / "nodes" / node / chunk.key).unlink()  # what the node lost while it was away
+    server.cli("python", "-c", EMIT_RECOVERED, node, "healed")
+    deployment = server.get("/deployments/name/verify-and-repair/node-recovered-repair")
+
+    def finished() -> list[dict[str, Any]]:
+        runs = server.post("/flow_runs/filter", {
+            "deployments": {"id": {"any_": [deployment["id"]]}}, "limit": 50})
+        return [r for r in runs if r["parameters"].get("dataset") == "healed"
+                and r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
+
+    (run,) = wait_for("a repair run started by the automation", finished, 240)
+    assert run["parameters"]["node"] == node and run["parameters"]["repair"] is True
+    assert run["state_type"] == "COMPLETED", run["state"]
+    repaired = manifest_of(server, "healed").chunks[0]
+    assert len(repaired.verified) == 3
+    for replica in repaired.verified:  # hashed off the disk
+        path = home / "nodes" / replica.node / chunk.key
+        assert blake3.blake3(path.read_bytes()).hexdigest() == chunk.digest

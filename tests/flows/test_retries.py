@@ -42,7 +42,7 @@ def test_a_refused_write_is_retried_and_lands(clouds: sf_servers.CloudEnv, home:
         topology = refusing_topology(tmp_path / "t.yaml", home, proxy.endpoint,
                                      bucket=f"refusing-{granularity}")
         result = run_pipeline(PipelineConfig(source=str(source), dataset="retried",
-                                             topology=str(topology), chunk_size="64KB",
+                                             topology=str(topology), chunk_size="1MB",
                                              replicas=3, quorum=3))
     assert result.status == "completed", result.error
     assert len(proxy.refused) == 1

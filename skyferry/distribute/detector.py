@@ -1,0 +1,261 @@
+"""A failure detector: each node probed on its own thread, and judged by phi accrual.
+
+Every ``interval_s`` a node's prober writes, reads back and deletes a small sentinel object
+(:meth:`~skyferry.storage.Store.probe`) through a store of its own, so data writes never
+queue in front of it. A probe that completes is a heartbeat. From the intervals between a
+node's recent heartbeats the detector computes, at every tick, the suspicion level phi
+(Hayashibara et al., "The φ accrual failure detector"; Akka's variant, with a normal
+distribution, a floor on its deviation, and an acceptable pause):
+
+    phi(t) = -log10(P(the next heartbeat comes later than t after the last one))
+
+States, and what moves a node between them (:class:`DetectorConfig` has the numbers):
+
+- ``down``: phi reaches ``down_phi`` (no heartbeat for about ``interval_s`` +
+  ``acceptable_pause_s`` + 5 deviations: 3 s at the defaults, so a node is down 2 to 3 s
+  after it stops answering), or ``failures_down`` probes
+  in a row fail outright (a refused connection, a full disk), or the run's writer found the
+  node down. A down node is probed on; it is ``healthy`` again only after every probe for
+  ``recover_s`` succeeded, so a flapping node stays down instead of flipping each probe.
+- ``suspect``: phi reaches ``suspect_phi``, or a probe's round trip is more than
+  ``slow_factor`` times the node's fastest and at least ``slow_floor_s``. New replicas avoid
+  a suspect node, but its writes in flight go on.
+- ``healthy``: none of the above.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from skyferry.distribute.placement import HealthState, NodeHealth
+from skyferry.storage import Store
+from skyferry.topology import Node
+
+__all__ = ["DetectorConfig", "FailureDetector", "NodeView", "phi"]
+
+logger = logging.getLogger("skyferry.distribute")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    interval_s: float = 1.0  # between the end of one probe of a node and the next
+    probe_timeout_s: float = 3.0  # a probe still running then counts as failed
+    suspect_phi: float = 3.0
+    down_phi: float = 8.0
+    acceptable_pause_s: float = 1.5  # added to the mean interval before phi grows
+    min_std_s: float = 0.1  # the floor on the intervals' deviation
+    window: int = 100  # heartbeat intervals kept per node
+    failures_down: int = 2  # probes in a row that fail outright
+    slow_factor: float = 4.0
+    slow_floor_s: float = 0.25
+    recover_s: float = 5.0  # a down node's probes must all succeed this long
+    tick_s: float = 0.1  # how often phi is evaluated
+
+
+def phi(elapsed: float, mean: float, std: float) -> float:
+    """The suspicion level after ``elapsed`` seconds without a heartbeat, for heartbeat
+    intervals of ``mean`` and ``std`` (Akka's logistic approximation of the normal tail)."""
+    y = (elapsed - mean) / std
+    if y < -10:  # far earlier than a heartbeat is due: no suspicion (and no overflow)
+        return 0.0
+    e = math.exp(-y * (1.5976 + 0.070566 * y * y))
+    if elapsed > mean:
+        return -math.log10(e / (1.0 + e)) if e > 0 else math.inf
+    return -math.log10(1.0 - 1.0 / (1.0 + e))
+
+
+@dataclass
+class NodeView:
+    """What the detector knows of one node."""
+
+    state: HealthState = "healthy"
+    phi: float = 0.0
+    rtt_s: float | None = None  # the last probe's round trip
+    fastest_s: float | None = None
+    last_ok: float | None = None  # monotonic time of the last heartbeat
+    failures: int = 0  # probes in a row that failed outright
+    ok_since: float | None = None  # start of the current run of successful probes
+    unbroken: bool = False  # no failed probe since the last heartbeat
+    reason: str = ""
+    intervals: deque[float] = field(default_factory=lambda: deque(maxlen=100))
+
+
+class FailureDetector:
+    """Probes ``nodes`` until :meth:`stop`, and keeps ``health`` to their states.
+
+    ``clock`` and :meth:`heartbeat`/:meth:`failure`/:meth:`evaluate` let a test drive it
+    without threads; :meth:`start` runs one prober thread per node and one evaluator.
+    """
+
+    def __init__(self, nodes: Sequence[Node], health: NodeHealth,
+                 config: DetectorConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.nodes = [n for n in nodes if n.enabled]
+        self.health = health
+        self.config = config or DetectorConfig()
+        self.clock = clock
+        self.views: dict[str, NodeView] = {}
+        now = clock()
+        for node in self.nodes:
+            view = NodeView(intervals=deque(maxlen=self.config.window), last_ok=now)
+            if not health.healthy(node.name):
+                view.state = "down" if health.states.get(node.name) == "down" else "suspect"
+                view.reason = health.reasons.get(node.name, "")
+            self.views[node.name] = view
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._stores: dict[str, Store] = {}
+        health.listeners.append(self._marked)
+
+    # what the probers and the run report ------------------------------------------------
+    def heartbeat(self, node: str, rtt: float) -> None:
+        now = self.clock()
+        with self._lock:
+            view = self.views[node]
+            if view.last_ok is not None and view.unbroken:  # a slow node's intervals count;
+                view.intervals.append(now - view.last_ok)  # the gap of an outage does not
+            view.last_ok = now
+            view.unbroken = True
+            view.rtt_s = rtt
+            view.fastest_s = rtt if view.fastest_s is None else min(view.fastest_s, rtt)
+            view.failures = 0
+            if view.ok_since is None:
+                view.ok_since = now
+
+    def failure(self, node: str, why: str) -> None:
+        with self._lock:
+            view = self.views[node]
+            view.failures += 1
+            view.ok_since = None
+            view.unbroken = False
+            view.reason = why
+
+    def _marked(self, node: str, state: HealthState, reason: str) -> None:
+        """The run marked a node: a write to it failed (down: its recovery starts over), or
+        a retry's probe found it back."""
+        with self._lock:
+            view = self.views.get(node)
+            if view is None or view.state == state:
+                return
+            view.state = state
+            if state == "down":
+                view.ok_since = None
+                view.reason = reason
+
+    # judging -------------------------------------------------------------------------
+    def _judge(self, view: NodeView, now: float) -> tuple[HealthState, str]:
+        cfg = self.config
+        intervals = list(view.intervals) or [cfg.interval_s]
+        mean = statistics.fmean(intervals) + cfg.acceptable_pause_s
+        std = max(cfg.min_std_s, statistics.pstdev(intervals) if len(intervals) > 1 else 0.0)
+        elapsed = now - (view.last_ok if view.last_ok is not None else now)
+        view.phi = phi(elapsed, mean, std)
+        if view.failures >= cfg.failures_down:
+            return "down", view.reason or f"{view.failures} probes in a row failed"
+        if view.phi >= cfg.down_phi:
+            view.ok_since = None  # the silence ends a run of successful probes
+            return "down", f"no answer to probes for {elapsed:.1f}s (phi {view.phi:.1f})"
+        if view.state == "down":
+            if view.ok_since is None or now - view.ok_since < cfg.recover_s:
+                return "down", view.reason
+        if view.phi >= cfg.suspect_phi:
+            return "suspect", f"probes are late: {elapsed:.1f}s (phi {view.phi:.1f})"
+        if (view.rtt_s is not None and view.fastest_s is not None
+                and view.rtt_s >= max(cfg.slow_floor_s, cfg.slow_factor * view.fastest_s)):
+            return "suspect", (f"slow: a probe took {view.rtt_s * 1000:.0f} ms, "
+                               f"{view.rtt_s / max(view.fastest_s, 1e-6):.0f}x its fastest")
+        return "healthy", ""
+
+    def evaluate(self) -> list[tuple[str, HealthState, str]]:
+        """Judge every node now; mark ``health`` and return the changes."""
+        now = self.clock()
+        changes = []
+        with self._lock:
+            for name, view in self.views.items():
+                state, reason = self._judge(view, now)
+                if state != view.state:
+                    changes.append((name, state, reason))
+                    view.state = state
+                    view.reason = reason
+        for name, state, reason in changes:
+            self.health.mark(name, state, reason)
+        return changes
+
+    def snapshot(self) -> dict[str, NodeView]:
+        with self._lock:
+            return {n: NodeView(state=v.state, phi=v.phi, rtt_s=v.rtt_s,
+                                fastest_s=v.fastest_s, last_ok=v.last_ok,
+                                failures=v.failures, ok_since=v.ok_since, reason=v.reason)
+                    for n, v in self.views.items()}
+
+    # threads -------------------------------------------------------------------------
+    def start(self) -> FailureDetector:
+        for node in self.nodes:
+            thread = threading.Thread(target=self._probe_loop, args=(node,), daemon=True,
+                                      name=f"skyferry-detector-{node.name}")
+            thread.start()
+            self._threads.append(thread)
+        evaluator = threading.Thread(target=self._evaluate_loop, daemon=True,
+                                     name="skyferry-detector")
+        evaluator.start()
+        self._threads.append(evaluator)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            stores = list(self._stores.values())
+        for store in stores:
+            store.cancel()
+        if self._marked in self.health.listeners:
+            self.health.listeners.remove(self._marked)
+
+    def _evaluate_loop(self) -> None:
+        while not self._stop.wait(self.config.tick_s):
+            try:
+                self.evaluate()
+            except Exception:  # never let a listener's error end the watch
+                logger.exception("failure detector: evaluating the nodes failed")
+
+    def _probe_loop(self, node: Node) -> None:
+        cfg = self.config
+        while not self._stop.is_set():
+            outcome: list[float | BaseException] = []
+            worker = threading.Thread(target=self._probe_once, args=(node, outcome),
+                                      daemon=True, name=f"skyferry-probe-{node.name}")
+            worker.start()
+            worker.join(cfg.probe_timeout_s)
+            if self._stop.is_set():
+                return
+            if worker.is_alive():  # hung: abandon it; phi has been rising meanwhile
+                with self._lock:
+                    store = self._stores.pop(node.name, None)
+                if store is not None:
+                    store.cancel()
+                self.failure(node.name, f"a probe took longer than {cfg.probe_timeout_s}s")
+            elif outcome and isinstance(outcome[0], BaseException):
+                exc = outcome[0]
+                self.failure(node.name, f"probe failed: {type(exc).__name__}: {exc}")
+            elif outcome:
+                self.heartbeat(node.name, float(outcome[0]))  # type: ignore[arg-type]
+            self._stop.wait(cfg.interval_s)
+
+    def _probe_once(self, node: Node, outcome: list[float | BaseException]) -> None:
+        try:
+            with self._lock:
+                store = self._stores.get(node.name)
+            if store is None:
+                store = node.open_store(own_session=True)
+                with self._lock:
+                    self._stores[node.name] = store
+            outcome.append(store.probe())
+        except BaseException as exc:  # noqa: BLE001 - reported as the probe's failure
+            outcome.append(exc)
