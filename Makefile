@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: setup demo test test-slow bench lint clean
+.PHONY: setup demo test test-slow bench chaos lint clean
 
 $(STAMP): pyproject.toml constraints.txt tools/package.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test-slow: setup
 
 bench: setup
 	$(BIN)/python bench/bench.py
+
+chaos: setup
+	$(BIN)/python bench/chaos.py
 
 lint: setup
 	$(BIN)/ruff check .

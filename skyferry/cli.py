@@ -383,6 +383,9 @@ def verify(
         "--max-mb-s", help="--deep: read at most this many MB/s")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    lost: Annotated[Optional[list[str]], typer.Option(
+        "--lost", help="a node known to have lost its data: its empty listing means its "
+        "replicas are missing (repeat for more)")] = None,
 ) -> None:
     """Check every replica, and every manifest copy, of a committed dataset. Exit 0: all ok;
     1: one is missing, differs or is unreadable; 3: none damaged, but a node or the catalog
@@ -392,7 +395,8 @@ def verify(
 
     try:
         report = verify_dataset(load_topology(topology), dataset, batch_id=batch, deep=deep,
-                                concurrency=concurrency, max_mb_s=max_mb_s)
+                                concurrency=concurrency, max_mb_s=max_mb_s,
+                                lost=lost or ())
     except SkyferryError as exc:
         _fail(exc)
     if as_json:
@@ -439,6 +443,9 @@ def repair(
     ] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    lost: Annotated[Optional[list[str]], typer.Option(
+        "--lost", help="a node known to have lost its data: its replicas are re-created "
+        "elsewhere although its listing is empty (repeat for more)")] = None,
 ) -> None:
     """Re-create missing and damaged replicas from good ones, and replay hints. Exit 0: every
     chunk has R verified replicas; 1: a chunk is unrecoverable or short, or the repair
@@ -447,7 +454,7 @@ def repair(
 
     try:
         report = repair_dataset(load_topology(topology), dataset, batch_id=batch, deep=deep,
-                                max_node_share=max_node_share,
+                                max_node_share=max_node_share, lost=lost or (),
                                 probe_timeout_s=get_settings().probe_timeout_s)
     except SkyferryError as exc:
         _fail(exc)

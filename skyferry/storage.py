@@ -348,8 +348,9 @@ class Store:
                 mtime=_mtime(info),
             )
 
-    def probe(self) -> float:
-        """Write, read back and delete a sentinel object; return the round trip in seconds."""
+    def probe(self, on_step: Callable[[], None] | None = None) -> float:
+        """Write, read back and delete a sentinel object; return the round trip in seconds.
+        ``on_step`` is called after the write and after the read."""
         import time
 
         key = f"_probe/{uuid.uuid4().hex}"
@@ -358,10 +359,14 @@ class Store:
         payload = f"skyferry probe {uuid.uuid4().hex}\n".encode()
         started = time.perf_counter()
         self.put(key, payload, flush=False)  # liveness, not durability: no fsync to wait on
+        if on_step is not None:
+            on_step()
         if self.get(key) != payload:
             raise NodeUnavailableError(
                 f"probe of node {self.name} read back different bytes", node=self.name, key=key
             )
+        if on_step is not None:
+            on_step()
         self.delete(key)
         return time.perf_counter() - started
 

@@ -9,6 +9,9 @@ distribution, a floor on its deviation, and an acceptable pause):
 
     phi(t) = -log10(P(the next heartbeat comes later than t after the last one))
 
+Each step of a probe that completes (the write, the read-back) also resets the silence ``t``
+without counting as a heartbeat: a node that answers slowly is slow, not dead.
+
 States, and what moves a node between them (:class:`DetectorConfig` has the numbers):
 
 - ``down``: phi reaches ``down_phi`` (no heartbeat for about ``interval_s`` +
@@ -79,7 +82,8 @@ class NodeView:
     phi: float = 0.0
     rtt_s: float | None = None  # the last probe's round trip
     fastest_s: float | None = None
-    last_ok: float | None = None  # monotonic time of the last heartbeat
+    last_ok: float | None = None  # monotonic time of the last heartbeat (a whole probe)
+    last_seen: float | None = None  # ... or of the last step of a probe that completed
     failures: int = 0  # probes in a row that failed outright
     ok_since: float | None = None  # start of the current run of successful probes
     unbroken: bool = False  # no failed probe since the last heartbeat
@@ -104,7 +108,8 @@ class FailureDetector:
         self.views: dict[str, NodeView] = {}
         now = clock()
         for node in self.nodes:
-            view = NodeView(intervals=deque(maxlen=self.config.window), last_ok=now)
+            view = NodeView(intervals=deque(maxlen=self.config.window), last_ok=now,
+                            last_seen=now)
             if not health.healthy(node.name):
                 view.state = "down" if health.states.get(node.name) == "down" else "suspect"
                 view.reason = health.reasons.get(node.name, "")
@@ -122,13 +127,20 @@ class FailureDetector:
             view = self.views[node]
             if view.last_ok is not None and view.unbroken:  # a slow node's intervals count;
                 view.intervals.append(now - view.last_ok)  # the gap of an outage does not
-            view.last_ok = now
+            view.last_ok = view.last_seen = now
             view.unbroken = True
             view.rtt_s = rtt
             view.fastest_s = rtt if view.fastest_s is None else min(view.fastest_s, rtt)
             view.failures = 0
             if view.ok_since is None:
                 view.ok_since = now
+
+    def alive(self, node: str) -> None:
+        """A step of a probe completed (its write, its read): the node is slow, not dead.
+        It resets the silence that phi measures, but is no heartbeat of its own."""
+        now = self.clock()
+        with self._lock:
+            self.views[node].last_seen = now
 
     def failure(self, node: str, why: str) -> None:
         with self._lock:
@@ -156,7 +168,7 @@ class FailureDetector:
         intervals = list(view.intervals) or [cfg.interval_s]
         mean = statistics.fmean(intervals) + cfg.acceptable_pause_s
         std = max(cfg.min_std_s, statistics.pstdev(intervals) if len(intervals) > 1 else 0.0)
-        elapsed = now - (view.last_ok if view.last_ok is not None else now)
+        elapsed = now - (view.last_seen if view.last_seen is not None else now)
         view.phi = phi(elapsed, mean, std)
         if view.failures >= cfg.failures_down:
             return "down", view.reason or f"{view.failures} probes in a row failed"
@@ -193,6 +205,7 @@ class FailureDetector:
         with self._lock:
             return {n: NodeView(state=v.state, phi=v.phi, rtt_s=v.rtt_s,
                                 fastest_s=v.fastest_s, last_ok=v.last_ok,
+                                last_seen=v.last_seen,
                                 failures=v.failures, ok_since=v.ok_since, reason=v.reason)
                     for n, v in self.views.items()}
 
@@ -256,6 +269,6 @@ class FailureDetector:
                 store = node.open_store(own_session=True)
                 with self._lock:
                     self._stores[node.name] = store
-            outcome.append(store.probe())
+            outcome.append(store.probe(on_step=lambda: self.alive(node.name)))
         except BaseException as exc:  # noqa: BLE001 - reported as the probe's failure
             outcome.append(exc)

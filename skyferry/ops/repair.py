@@ -29,6 +29,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 
 from skyferry.commit.manifest import Catalog, Manifest, open_catalog
@@ -75,13 +76,15 @@ class RepairReport:
         return json.dumps(body, indent=1)
 
 
-def _brakes(found: VerifyReport, manifests: list[Manifest], share: float) -> dict[str, str]:
+def _brakes(found: VerifyReport, manifests: list[Manifest], share: float,
+            lost: Collection[str] = ()) -> dict[str, str]:
     held: Counter[str] = Counter(r.node for m in manifests for c in m.chunks for r in c.verified)
     bad: Counter[str] = Counter(c.node for c in found.damaged)
     return {node: (f"{bad[node]} of its {held[node]} replicas are damaged, more than "
                    f"{share:.0%}: check the node's configuration, or repair with a higher "
                    "max_node_share")
-            for node in bad if held[node] and bad[node] / held[node] > share}
+            for node in bad
+            if node not in lost and held[node] and bad[node] / held[node] > share}
 
 
 class _Repairer:
@@ -219,14 +222,15 @@ class _Repairer:
 
 
 def repair_dataset(topology: Topology, dataset: str, *, batch_id: str | None = None,
-                   node: str | None = None,
+                   node: str | None = None, lost: Collection[str] = (),
                    deep: bool = False, max_node_share: float = 0.5,
                    probe_timeout_s: float = 5.0) -> RepairReport:
     """Bring every chunk of ``dataset`` (one batch with ``batch_id``) back to R verified
     replicas; see the module's docstring. ``node``: only the batches with a replica or a
-    hint on that node (a node that came back: its hints are replayed)."""
+    hint on that node (a node that came back: its hints are replayed). ``lost``: nodes known
+    to have lost their data (see :func:`~skyferry.ops.verify.verify_dataset`)."""
     started = time.perf_counter()
-    found = verify_dataset(topology, dataset, batch_id=batch_id, deep=deep)
+    found = verify_dataset(topology, dataset, batch_id=batch_id, deep=deep, lost=lost)
     report = RepairReport(dataset=dataset, found=found)
     catalog = open_catalog(topology)
     survey = catalog.survey(dataset)
@@ -239,7 +243,7 @@ def repair_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
     bad_copies: dict[str, list[str]] = {}
     for check in found.damaged_copies:
         bad_copies.setdefault(check.key, []).append(check.place)
-    report.braked = _brakes(found, manifests, max_node_share)
+    report.braked = _brakes(found, manifests, max_node_share, lost)  # a lost node: no brake
     for node, why in report.braked.items():
         logger.error("repair of %s stopped before touching anything: %s: %s", dataset, node,
                      why)

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -232,9 +233,12 @@ def _check_copies(catalog: Catalog, survey: Survey, manifest: Manifest, deep: bo
 
 def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = None,
                    deep: bool = False, concurrency: int = 4,
-                   max_mb_s: float | None = None) -> VerifyReport:
+                   max_mb_s: float | None = None,
+                   lost: Collection[str] = ()) -> VerifyReport:
     """Check every replica the committed manifests of ``dataset`` list (one batch with
-    ``batch_id``); see the module's docstring for the two levels."""
+    ``batch_id``); see the module's docstring for the two levels. ``lost``: nodes the
+    operator knows lost their data (a disk replaced, a server that keeps nothing across a
+    restart): an empty listing of theirs is the truth, and their replicas are missing."""
     started = time.perf_counter()
     catalog = open_catalog(topology)
     survey = catalog.survey(dataset)
@@ -253,7 +257,7 @@ def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
         if node.name in report.unreachable:
             continue
         store, listing, why = _list_node(topology, node.name, dataset)
-        if store is not None and not listing and wanted[node.name]:
+        if store is not None and not listing and wanted[node.name] and node.name not in lost:
             why = (f"its listing of {dataset}/ is empty, but the manifests place "
                    f"{wanted[node.name]} replicas there")
         if why:

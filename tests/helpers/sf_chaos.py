@@ -32,7 +32,7 @@ class FaultProxy:
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.latency_s = 0.0  # added before each block sent back to the client
+        self.latency_s = 0.0  # each block sent back to the client arrives this much later
         self.bandwidth = 0.0  # bytes/s each way per connection; 0: no cap
         self.mode = "pass"  # pass | hang | refuse
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -95,12 +95,15 @@ class FaultProxy:
         try:
             while True:
                 data = src.recv(65536)
+                received = time.monotonic()
                 if not data:
                     break
                 while self.mode == "hang" and not self._closed:
                     time.sleep(0.05)
-                if back and self.latency_s:
-                    time.sleep(self.latency_s)
+                if back and self.latency_s:  # a delay line: each block latency_s after it
+                    wait = received + self.latency_s - time.monotonic()  # arrived, not after
+                    if wait > 0:                                         # the block before
+                        time.sleep(wait)
                 if self.bandwidth:
                     for i in range(0, len(data), 16384):
                         piece = data[i:i + 16384]

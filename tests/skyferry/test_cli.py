@@ -76,3 +76,23 @@ nodes:
     out = runner.invoke(app, ["gc", "--grace", "0", "--topology", str(topo)])
     assert out.exit_code == 1, out.output
     assert "not cleaned" in out.output and "z1" in out.output
+
+
+def test_nodes_watch_shows_the_failure_detectors_states(home: Path, tmp_path: Path) -> None:
+    from tests.helpers.sf_chaos import set_faults
+
+    broken = tmp_path / "broken"
+    set_faults(broken, down=True)  # every call refused, from the start
+    topology = tmp_path / "t.yaml"
+    topology.write_text(
+        "nodes:\n"
+        f'  - {{name: fine, cloud: aws, region: r, url: "{tmp_path / "fine"}"}}\n'
+        f'  - {{name: broken, cloud: gcp, region: r, url: "faulty://{broken}"}}\n')
+    out = runner.invoke(app, ["nodes", "--watch", "--duration", "3.5", "--topology",
+                              str(topology)], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    rows = {line.split("│")[1].strip(): line for line in out.output.splitlines()
+            if line.count("│") > 3}
+    assert "healthy" in rows["fine"] and "down" in rows["broken"]
+    assert "broken down: 2 probes in a row failed" in out.output or \
+        "broken down: probe failed" in out.output

@@ -152,3 +152,9 @@ def test_repair_does_not_act_on_a_node_that_lists_empty(home: Path, committed: M
     assert body["recreated"] == [] and body["removed"] == []
     assert node in body["found"]["unreachable"]
     assert Catalog(load_topology().catalog_store()).manifest("r") == committed
+    # the operator knows the node lost its data: its replicas are re-created elsewhere
+    out = runner.invoke(app, ["repair", "r", "--lost", node, "--json"])
+    assert out.exit_code == 0, out.output
+    assert len(json.loads(out.output)["recreated"]) == sum(
+        1 for c in committed.chunks if node in {r.node for r in c.verified})
+    assert verify_dataset(load_topology(), "r", deep=True).healthy
