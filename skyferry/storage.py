@@ -95,6 +95,8 @@ class Store:
         self.fs, root = open_url(url, storage_options)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        if getattr(self.fs, "async_impl", False):
+            _quiet_abandoned_requests(self.fs.loop)
         self._calls: set[concurrent.futures.Future[Any]] = set()
         self._calls_lock = threading.Lock()
 
@@ -369,6 +371,25 @@ class Store:
             on_step()
         self.delete(key)
         return time.perf_counter() - started
+
+
+def _quiet_abandoned_requests(loop: asyncio.AbstractEventLoop) -> None:
+    """Log at debug level, not as a traceback on stderr, the connection errors of requests
+    that were abandoned (a call cancelled, a connection reset by a failing node): nobody
+    awaits them any more, and the call that did has already reported the failure."""
+    if getattr(loop, "_skyferry_quiet", False):
+        return
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, (ConnectionError, OSError)) or type(exc).__name__.startswith(
+                ("ClientConnection", "ServerDisconnected")):
+            logger.debug("an abandoned request ended with %s: %s", type(exc).__name__, exc)
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
+    loop._skyferry_quiet = True  # type: ignore[attr-defined]
 
 
 def temp_target(key: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import uuid
@@ -187,3 +188,27 @@ def test_a_local_write_is_flushed_file_and_folders_before_it_counts(
         get_settings.cache_clear()
     assert (tmp_path / "scratch" / "ds" / "a.bin").read_bytes() == b"scratch"
     assert flushed == []
+
+
+def test_an_abandoned_requests_connection_error_is_no_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A request cancelled or reset under a failing node ends, unawaited, with a connection
+    error: that is logged at debug level, while any other unretrieved error still shows."""
+    import asyncio
+
+    from skyferry.storage import _quiet_abandoned_requests
+
+    loop = asyncio.new_event_loop()
+    try:
+        _quiet_abandoned_requests(loop)
+        with caplog.at_level(logging.DEBUG):
+            loop.call_exception_handler({"message": "Task exception was never retrieved",
+                                         "exception": ConnectionResetError("closing")})
+            loop.call_exception_handler({"message": "Task exception was never retrieved",
+                                         "exception": ValueError("a real bug")})
+    finally:
+        loop.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [str(r.exc_info[1]) for r in errors if r.exc_info] == ["a real bug"]
+    assert any("ConnectionResetError" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.DEBUG)
