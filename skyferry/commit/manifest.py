@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -168,18 +168,21 @@ class Catalog:
         copies to."""
         return [CATALOG, *sorted(n for n in manifest.holders() if n in self.places.openers)]
 
-    def commit(self, manifest: Manifest, *, previous: Manifest | None = None) -> str:
+    def commit(self, manifest: Manifest, *, previous: Manifest | None = None,
+               down: Collection[str] = ()) -> str:
         """Commit the manifest: a majority of its node copies, then the catalog's copy.
 
         From the catalog's copy on, the batch is visible. Too few node copies, or node
         copies in too few clouds, is a :class:`ManifestQuorumError` naming the nodes that
         failed, and no copy is left. ``previous``, the manifest this one rewrites: its copies
-        on nodes that no longer hold the batch are removed.
+        on nodes that no longer hold the batch are removed. ``down``: nodes the run knows
+        are down; their copies count as failed without a write that would wait for them.
         """
         key = self.key_of(manifest)
         body = manifest.to_json()
         holders = {n: c for n, c in manifest.holders().items() if n in self.places.openers}
-        written, failed = self.places.write(key, body, holders)
+        written, failed = self.places.write(key, body, (n for n in holders if n not in down))
+        failed.update({n: "down in this run" for n in holders if n in down})
         need = len(holders) // 2 + 1 if holders else 0
         clouds = min(manifest.min_clouds, len(set(holders.values())))
         if len(written) < need or len({holders[n] for n in written}) < clouds:

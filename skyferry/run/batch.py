@@ -118,7 +118,8 @@ def commit_batch(run: BatchRun, chunks: list[StoredChunk]) -> tuple[Manifest, st
     """Write the batch's manifest atomically (the commit), then drop its journal."""
     started = time.perf_counter()
     manifest = Manifest.from_plan(run.plan, chunks)
-    key = run.catalog.commit(manifest)
+    down = [n for n, state in run.setup.health.states.items() if state == "down"]
+    key = run.catalog.commit(manifest, down=down)
     run.catalog.drop_pending(run.plan.dataset, run.plan.batch_id)
     run.setup.recorder.record("storage", nbytes=len(manifest.to_json()),
                               seconds=time.perf_counter() - started)

@@ -105,3 +105,15 @@ def test_the_highest_revision_of_the_node_copies_is_read(tmp_path: Path) -> None
     (tmp_path / "n2" / key).write_bytes(b"{ torn")
     manifests, unreadable = catalog.scan("ds")
     assert manifests == [] and [e.key for e in unreadable] == [key]
+
+
+def test_a_node_the_run_knows_is_down_is_not_waited_for(tmp_path: Path) -> None:
+    nodes = _nodes(tmp_path, ("n1", "aws"), ("n2", "gcp"), ("n3", "azure"))
+    catalog = Catalog(Store(str(tmp_path / "cat"), name="catalog"), nodes)
+    plan = _plan()
+    third = ReplicaRecord(node="n3", cloud="azure", state="verified")
+    chunks = [_stored(plan, i) for i in range(3)]
+    chunks = [c.model_copy(update={"replicas": (*c.replicas, third)}) for c in chunks]
+    key = catalog.commit(Manifest.from_plan(plan, chunks), down={"n3"})
+    assert (tmp_path / "n1" / key).is_file() and (tmp_path / "n2" / key).is_file()
+    assert not (tmp_path / "n3" / key).exists()  # writable, but never tried: 2 of 3 suffice
