@@ -3,9 +3,10 @@ replica of its batch.
 
 Each place keeps the manifest at the same key, ``manifests/<dataset>/date=<d>/batch=<id>.json``,
 with the same bytes. A commit writes the node copies first and the catalog's copy last, and
-counts once the catalog's copy and a majority of the node copies are written (flushed, on a
-local disk), the node copies spanning as many clouds as the batch's ``min_clouds`` asks of its
-replicas. So the loss of the catalog's location, or of any one cloud, loses no manifest.
+counts once the catalog's copy and W node copies (the batch's write quorum, as for its
+replicas) are written (flushed, on a local disk), spanning as many clouds as the batch's
+``min_clouds`` asks of its replicas. So the loss of the catalog's location, or of any one
+cloud, loses no manifest.
 
 A reader takes the union: every manifest the catalog lists, read from the catalog, and every
 one that only nodes list, read from the copy with the highest ``revision`` (a repair that

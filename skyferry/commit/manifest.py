@@ -170,7 +170,8 @@ class Catalog:
 
     def commit(self, manifest: Manifest, *, previous: Manifest | None = None,
                down: Collection[str] = ()) -> str:
-        """Commit the manifest: a majority of its node copies, then the catalog's copy.
+        """Commit the manifest: W of its node copies (the batch's write quorum), then the
+        catalog's copy.
 
         From the catalog's copy on, the batch is visible. Too few node copies, or node
         copies in too few clouds, is a :class:`ManifestQuorumError` naming the nodes that
@@ -183,7 +184,7 @@ class Catalog:
         holders = {n: c for n, c in manifest.holders().items() if n in self.places.openers}
         written, failed = self.places.write(key, body, (n for n in holders if n not in down))
         failed.update({n: "down in this run" for n in holders if n in down})
-        need = len(holders) // 2 + 1 if holders else 0
+        need = min(manifest.write_quorum, len(holders))  # as a chunk's replicas: W copies
         clouds = min(manifest.min_clouds, len(set(holders.values())))
         if len(written) < need or len({holders[n] for n in written}) < clouds:
             self.places.remove(key, written)
