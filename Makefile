@@ -30,6 +30,8 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 bench: setup
+	command -v rclone >/dev/null || (apt-get update -qq && apt-get install -y -qq rclone) \
+		|| echo "rclone could not be installed: rclone_ratio is not reported"
 	$(BIN)/python bench/bench.py
 
 chaos: setup

@@ -1,20 +1,18 @@
 """Move a share's chunks as tasks, in a bounded window, and journal each one stored.
 
-By default each chunk is one ``move-chunk`` task (:func:`move_chunks`); with
-``task_granularity="stage"`` each stage of each chunk is its own task
-(:func:`move_chunks_by_stage`). Both walk the one sequence of :mod:`skyferry.run.chunk`.
-A chunk enters only when a slot of the run's window is free, so memory is bounded by the
-window times the chunk size, whatever the dataset's size.
+Each chunk is one ``move-chunk`` task over the one sequence of :mod:`skyferry.run.chunk`,
+which streams it in blocks. A chunk enters only when a slot of the run's window is free,
+so memory is bounded by the window times a few blocks, whatever the dataset's size.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from queue import SimpleQueue
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 
 from flows.common import event, ref
 from flows.live import LiveStatus
@@ -22,28 +20,19 @@ from flows.runners import uses_processes
 from skyferry.errors import StageError
 from skyferry.models import ChunkPlan, StoredChunk
 from skyferry.run.batch import journal_chunk
-from skyferry.run.chunk import STAGES, ChunkProgress, Moved, next_stage, process, run_stage
+from skyferry.run.chunk import ChunkProgress, Moved
 from skyferry.run.context import BatchRun
 from tasks._common import with_retries
-from tasks.distribute import write_replicas
-from tasks.ingest import ingest_chunk
 from tasks.move import move_chunk, move_chunk_on_worker
-from tasks.process import process_chunk
 
-__all__ = ["move_chunks", "move_chunks_by_stage", "move_share"]
-
-_STAGE_TASKS = {"ingestion": ingest_chunk, "processing": process_chunk,
-                "distribution": write_replicas}
+__all__ = ["move_chunks", "move_share"]
 
 
 def move_share(chunks: list[ChunkPlan], run: BatchRun,
                live: LiveStatus | None = None) -> list[StoredChunk]:
     """Move every chunk of a share and journal it; the first failure (a
     :class:`StageError`) is raised once the chunks in flight have ended."""
-    settings = run.setup.settings
-    if uses_processes(settings) or settings.task_granularity == "chunk":
-        return move_chunks(chunks, run, live)
-    return move_chunks_by_stage(chunks, run, live)
+    return move_chunks(chunks, run, live)
 
 
 class _Failure:
@@ -158,62 +147,3 @@ def _outcome(future: PrefectFuture[Any], progress: ChunkProgress) -> Moved:
         return progress.moved
     result: Moved = future.result()
     return result
-
-
-def move_chunks_by_stage(chunks: list[ChunkPlan], run: BatchRun,
-                         live: LiveStatus | None = None) -> list[StoredChunk]:
-    """One task per stage per chunk: as soon as a chunk leaves one stage, its next stage's
-    task is submitted. Finer task runs in the UI, for about three times the API load."""
-    window = run.setup.window
-    queue = deque(chunks)
-    active: dict[PrefectFuture[Any], tuple[str, int]] = {}
-    stored: list[StoredChunk] = []
-    failure = _Failure(run)
-
-    def current_stage() -> str:
-        counts = Counter(stage for stage, _ in active.values())
-        return counts.most_common(1)[0][0] if counts else "storage"
-
-    def submit(stage: str, value: Any, index: int) -> None:
-        future = with_retries(_STAGE_TASKS[stage]).submit(ref(value), ref(run))
-        active[future] = (stage, index)
-
-    def fill() -> None:
-        while queue and not failure and window.acquire(blocking=False):
-            chunk = queue.popleft()
-            submit(STAGES[0], chunk, chunk.index)
-
-    fill()
-    while active or (queue and not failure):
-        if not active:  # every slot is with another share's chunks: wait for one
-            window.acquire()
-            window.release()
-            fill()
-            continue
-        future = next(as_completed(list(active)))
-        stage, index = active.pop(future)
-        try:
-            value = future.result()
-            after = next_stage(stage)
-            if after == "processing" and value.record.plan.format == "binary":
-                # binary passes through unchanged: no processing task to pay for
-                value = run_stage(after, process, value, run)
-                after = next_stage(after)
-        except Exception as exc:
-            window.release()
-            failure.add(exc, stage, index)
-            queue.clear()
-            continue
-        if after is not None:
-            submit(after, value, index)
-            continue
-        window.release()
-        try:
-            _stored(run, value, stored, len(chunks), live, current_stage())
-        except Exception as exc:
-            failure.add(exc, "storage", index)
-            queue.clear()
-            continue
-        fill()
-    failure.raise_first()
-    return stored

@@ -17,7 +17,7 @@ from blocks.credentials import resolve_credentials_with_blocks
 from skyferry.config import PipelineConfig, get_settings, parse_duration, parse_size
 from skyferry.errors import SkyferryError
 from skyferry.memory import tune_allocator
-from skyferry.metrics import PipelineResult
+from skyferry.metrics import PipelineResult, rate_text
 from skyferry.topology import Topology, load_topology
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -102,7 +102,7 @@ def print_summary(result: PipelineResult, rejects: list[dict[str, Any]] | None =
         stages.add_column(col, justify="right" if col != "stage" else "left")
     for name, m in result.stages.items():
         stages.add_row(name, str(m.items), f"{m.bytes / 1e6:.1f}", f"{m.duration_s:.2f}",
-                       f"{m.mb_s:.1f}", f"{m.success_rate:.0%}", str(m.retries))
+                       rate_text(m.mb_s), f"{m.success_rate:.0%}", str(m.retries))
     console.print(stages)
     storage = result.stages["storage"]
     placement = Table(title="replicas", title_justify="left")

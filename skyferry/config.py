@@ -112,12 +112,11 @@ class Settings(BaseSettings):
     task_runner: Literal["threads", "dask"] = Field(
         default="threads", description="Task runner of the chunk stages; see docs/operations.md."
     )
-    task_granularity: Literal["chunk", "stage"] = Field(
-        default="chunk",
-        description="One ``move-chunk`` task per chunk (its stages are timed steps, and a retry "
-                    "resumes at the stage that failed), or one task per stage per chunk: finer "
-                    "task runs in the UI for about three times the API load.",
-    )
+    block_size: int = Field(
+        default=4 << 20, ge=64 << 10,
+        description="A chunk streams through read, hash, process and write in blocks of about "
+                    "this many bytes: memory is chunks in flight times a few blocks, whatever "
+                    "the chunk size.")
     tune_malloc: bool = Field(
         default=True,
         description="Keep big buffers' memory in the process (glibc mallopt), so each chunk "

@@ -179,11 +179,17 @@ class InsufficientCloudsError(PlacementError, TerminalException):
 
 
 class QuorumNotMetError(PlacementError, TransientException):
-    def __init__(self, message: str, *, chunk: int, verified: int, quorum: int) -> None:
+    """``done`` names the nodes whose replicas did verify, and ``expect`` is the chunk's
+    ``(digest, size)`` when it was produced: a retry writes only the rest."""
+
+    def __init__(self, message: str, *, chunk: int, verified: int, quorum: int,
+                 done: tuple[str, ...] = (), expect: tuple[str, int] | None = None) -> None:
         super().__init__(message)
         self.chunk = chunk
         self.verified = verified
         self.quorum = quorum
+        self.done = done
+        self.expect = expect
 
 
 class IntegrityError(SkyferryError, TerminalException):

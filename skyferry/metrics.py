@@ -8,10 +8,20 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-__all__ = ["PipelineResult", "StageMetrics", "StageRecorder", "STAGES"]
+__all__ = ["MEASURABLE_S", "PipelineResult", "StageMetrics", "StageRecorder", "STAGES",
+           "rate_text"]
 
 STAGES = ("ingestion", "processing", "distribution", "storage")
 Status = Literal["completed", "failed", "up_to_date", "already_committed"]
+
+# A stage busy for less than this moved its bytes in no time one can measure: it gets no
+# MB/s (a byte count over a busy time near zero is noise: a pass-through, a tiny write).
+MEASURABLE_S = 0.05
+
+
+def rate_text(mb_s: float | None) -> str:
+    """An MB/s figure as shown: a dash where there is none."""
+    return "-" if mb_s is None else f"{mb_s:.1f}"
 
 
 class StageMetrics(BaseModel):
@@ -19,7 +29,9 @@ class StageMetrics(BaseModel):
     failed_items: int = 0
     bytes: int = 0
     duration_s: float = Field(0.0, description="Summed busy time of the stage's tasks")
-    mb_s: float = 0.0
+    mb_s: float | None = Field(
+        None, description="bytes over busy time; none when the stage moved no bytes, or was "
+                          f"busy for less than {MEASURABLE_S} s")
     success_rate: float = 1.0
     retries: int = 0
     # distribution
@@ -108,8 +120,9 @@ class StageRecorder:
         out = {}
         for stage, a in self.acc.items():
             rate = (a.items - a.failed) / a.items if a.items else 1.0
-            mb_s = a.bytes / 1e6 / a.busy if a.busy > 0 else 0.0
+            mb_s = round(a.bytes / 1e6 / a.busy, 2) if a.bytes and a.busy >= MEASURABLE_S \
+                else None
             out[stage] = StageMetrics(items=a.items, failed_items=a.failed, bytes=a.bytes,
-                                      duration_s=round(a.busy, 4), mb_s=round(mb_s, 2),
+                                      duration_s=round(a.busy, 4), mb_s=mb_s,
                                       success_rate=round(rate, 4), retries=a.retries)
         return out

@@ -1,11 +1,9 @@
-"""What the tasks share: the retry policy of I/O tasks, and a chunk stage as a task."""
+"""What the tasks share: the retry policy of I/O tasks, and the attempt number."""
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -13,12 +11,8 @@ from prefect.runtime import task_run
 
 from skyferry.config import get_settings
 from skyferry.errors import is_transient
-from skyferry.run.chunk import run_stage, stage_bytes
-from skyferry.run.context import BatchRun
 
-__all__ = ["attempt", "io_task", "retry_transient", "run_stage_task", "with_retries"]
-
-T = TypeVar("T")
+__all__ = ["attempt", "io_task", "retry_transient", "with_retries"]
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -58,15 +52,3 @@ def with_retries(io: Any) -> Any:
 def attempt() -> int:
     """This task run's attempt: 1, then 2 on its first retry, and so on."""
     return int(task_run.run_count or 1)
-
-
-def run_stage_task(stage: str, step: Callable[[Any, BatchRun, int], T], value: Any,
-                   run: BatchRun) -> T:
-    """One stage of one chunk as the body of a task: run it, and count its bytes, busy time
-    and retries in the run's metrics."""
-    tries = attempt()
-    started = time.perf_counter()
-    out = run_stage(stage, step, value, run, tries)
-    run.setup.recorder.record(stage, nbytes=stage_bytes(stage, value, out),
-                              seconds=time.perf_counter() - started, attempts=tries)
-    return out

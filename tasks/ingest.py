@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from skyferry.ingest.listing import Listing
-from skyferry.models import ChunkPlan, SourceFile
+from skyferry.models import SourceFile
 from skyferry.run import batch
-from skyferry.run import chunk as chunk_stages
-from skyferry.run.chunk import Ingested
 from skyferry.run.context import BatchRun, RunSetup
-from tasks._common import io_task, run_stage_task
+from tasks._common import io_task
 
-__all__ = ["ingest_chunk", "list_new_files", "plan_batch"]
+__all__ = ["list_new_files", "plan_batch"]
 
 
 @io_task("list-new-files")
@@ -21,8 +19,3 @@ def list_new_files(setup: RunSetup) -> Listing:
 @io_task("plan-batch")
 def plan_batch(setup: RunSetup, files: list[SourceFile]) -> BatchRun:
     return batch.plan_batch(setup, files)
-
-
-@io_task("ingest-chunk")
-def ingest_chunk(chunk: ChunkPlan, run: BatchRun) -> Ingested:
-    return run_stage_task("ingestion", chunk_stages.ingest, chunk, run)

@@ -284,9 +284,12 @@ class Catalog:
             return None
         return BatchPlan.model_validate_json(raw)
 
-    def record_chunk(self, plan: BatchPlan, chunk: StoredChunk) -> None:
+    def record_chunk(self, plan: BatchPlan, chunk: StoredChunk) -> int:
+        """Journal a stored chunk; the bytes written."""
+        body = chunk.model_dump_json().encode()
         self.store.put(self._pending(plan.dataset, plan.batch_id, f"chunk-{chunk.index:05d}.json"),
-                       chunk.model_dump_json().encode())
+                       body)
+        return len(body)
 
     def done_chunks(self, dataset: str, batch_id: str) -> dict[int, StoredChunk]:
         done = {}

@@ -7,10 +7,13 @@ the replica where placement wanted it (or complete it, when no node could take i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -20,13 +23,15 @@ from skyferry.errors import (
     NodeUnavailableError,
     QuorumNotMetError,
     ReplicaVerificationError,
+    SourceChangedError,
     StorageError,
 )
+from skyferry.hashing import new_hasher
 from skyferry.models import ReplicaRecord
 from skyferry.storage import Store
 from skyferry.topology import Node, Topology
 
-__all__ = ["ReplicaWriter", "WriteOutcome", "verify_replica"]
+__all__ = ["FanOut", "Produce", "ReplicaWriter", "WriteOutcome", "verify_replica"]
 
 logger = logging.getLogger("skyferry.distribute")
 
@@ -37,6 +42,7 @@ logger = logging.getLogger("skyferry.distribute")
 WRITE_THREADS = 128
 SLOT_POLL_S = 0.25  # how often a write waiting for a node's slot checks the node is not down
 CLOSE_WAIT_S = 10.0  # how long close() waits for the writers' threads to finish
+QUEUE_BLOCKS = 2  # blocks queued to each replica's writer, ahead of the one it is writing
 
 
 def verify_replica(store: Store, key: str, digest: str, size: int,
@@ -71,6 +77,13 @@ class WriteOutcome:
     errors: list[str] = field(default_factory=list)
     md5: str | None = None  # the bytes' MD5, when a store that checksums uploads got a replica
     at_risk: bool = False  # every verified replica in one cloud, though there are more
+    digest: str = ""  # the content hash of what was written
+    size: int = 0
+
+
+Produce = Callable[["FanOut"], None]
+"""Writes a chunk's stored bytes, block by block, to a :class:`FanOut`. It can be called
+again (to feed a replacement node) and must then write the same bytes."""
 
 
 class ReplicaWriter:
@@ -85,7 +98,6 @@ class ReplicaWriter:
         self._stores: dict[str, Store] = {}
         self._lock = threading.Lock()
         self._queued: dict[str, int] = {}  # per node: bytes of the writes in flight to it
-        self._entered: dict[str, int] = {}  # per node: bytes ever handed to it in this run
         self._slots: dict[str, threading.Semaphore] = {}  # per node with max_writes
         self._pool = ThreadPoolExecutor(max_workers=WRITE_THREADS,
                                         thread_name_prefix="skyferry-replica")
@@ -103,29 +115,23 @@ class ReplicaWriter:
             if thread.is_alive():
                 logger.warning("replica writer %s is still in a backend call", thread.name)
 
-    def _enter(self, node: str, size: int) -> tuple[int, int]:
-        """Queue a write of ``size`` bytes to ``node``; return its ticket for ``_deadline``."""
+    def _enter(self, node: str, size: int) -> None:
+        """Count ``size`` bytes queued to ``node`` (see :meth:`_allowance`)."""
         with self._lock:
             self._queued[node] = self._queued.get(node, 0) + size
-            self._entered[node] = self._entered.get(node, 0) + size
-            return self._queued[node], self._entered[node]
 
     def _leave(self, node: str, size: int) -> None:
         with self._lock:
             self._queued[node] -= size
 
-    def _deadline(self, node: Node, ticket: tuple[int, int]) -> float:
-        """The node's timeout, plus the time to move the bytes sharing it at 4 MB/s.
-
-        The writes in flight to one node share its bandwidth, so a deadline for one write
-        alone would call a slow but healthy node hung. A write's allowance counts the bytes
-        in flight to the node when it was queued (its own included) and every byte queued
-        to the node after it: those share the node with it.
-        """
-        queued, entered = ticket
+    def _allowance(self, node: Node) -> float:
+        """How long a replica's writer may make no progress: the node's timeout, plus the
+        time to move the bytes queued to the node (every chunk's) at 4 MB/s. The writes in
+        flight to one node share its bandwidth, so an allowance for one write alone would
+        call a slow but healthy node hung."""
         with self._lock:
-            later = self._entered.get(node.name, 0) - entered
-        return node.timeout_s + (queued + later) / 4e6
+            queued = self._queued.get(node.name, 0)
+        return node.timeout_s + queued / 4e6
 
     def store_of(self, node: Node) -> Store:
         with self._lock:
@@ -169,78 +175,46 @@ class ReplicaWriter:
                 self._slots[node.name] = threading.BoundedSemaphore(node.max_writes)
             return self._slots[node.name]
 
-    def _wait_for_slot(self, node: Node, slot: threading.Semaphore, key: str) -> None:
+    def _wait_for_slot(self, node: Node, slot: threading.Semaphore, key: str,
+                       sink: _Sink) -> None:
         """Take one of the node's write slots; give up once the node is marked down.
 
         A write that hangs keeps its slot, so the writes behind it would wait for ever; the
         node is marked down when the hung write's allowance runs out, and they stop here.
         """
         while not slot.acquire(timeout=SLOT_POLL_S):
+            sink.progress = time.monotonic()  # waiting its turn is not hanging
             if not self.health.healthy(node.name):
                 raise NodeUnavailableError(
                     f"node {node.name} was marked down while writing {key!r} waited for one "
                     f"of its {node.max_writes} write slots", node=node.name, key=key)
 
-    def _write_one(self, node: Node, key: str, data: bytes | memoryview, digest: str,
-                   md5: str | None) -> None:
-        try:
-            slot = self._slot(node)
-            if slot is not None:
-                self._wait_for_slot(node, slot, key)
-            try:
-                store = self.store_of(node)
-                store.put(key, data)
-                verify_replica(store, key, digest, len(data), md5)
-            finally:
-                if slot is not None:
-                    slot.release()
-        finally:
-            self._leave(node.name, len(data))
-
-    def _outcome(self, node: Node, future: Future[None], ticket: tuple[int, int],
-                 started: float, key: str) -> BaseException | None:
-        """The write's error, or a ``NodeUnavailableError`` once its allowance runs out or
-        the failure detector finds the node down (the write is abandoned at once)."""
-        while True:
-            if future.done():
-                return future.exception()
-            if self.health.state(node.name) == "down":
-                why = self.health.reasons.get(node.name, "down")
-                return NodeUnavailableError(
-                    f"node {node.name} was found down while writing {key!r} ({why}); the "
-                    "write is abandoned", node=node.name, key=key)
-            deadline = self._deadline(node, ticket)
-            left = started + deadline - time.monotonic()
-            if left <= 0:
-                return NodeUnavailableError(
-                    f"node {node.name} did not finish writing {key!r} within "
-                    f"{deadline:.1f}s: it is hung or too slow", node=node.name, key=key)
-            try:
-                return future.exception(timeout=min(left, SLOT_POLL_S))
-            except FutureTimeout:
-                continue  # the allowance may have grown, or the node been found down
-
-    def write(self, chunk: int, key: str, data: bytes | memoryview, digest: str,
-              planned: list[str], quorum: int, min_clouds: int = 1) -> WriteOutcome:
-        """Write ``data`` to the planned nodes (or replacements) and verify every replica.
+    def write(self, chunk: int, key: str, produce: Produce, planned: list[str], quorum: int,
+              min_clouds: int = 1, done: Sequence[str] = (),
+              expect: tuple[str, int] | None = None) -> WriteOutcome:
+        """Stream the chunk that ``produce`` emits to the planned nodes (or replacements), as
+        it is produced, and verify every replica.
 
         ``quorum`` replicas must verify, spanning ``min_clouds`` clouds: while the replicas
-        span fewer, one more is written on a healthy node of another cloud.
+        span fewer, one more is written on a healthy node of another cloud. A node that
+        fails is replaced by the next ranked one, fed by running ``produce`` again (its
+        bytes must hash the same). ``done`` names nodes that already hold a verified
+        replica (an earlier attempt's), with ``expect`` its ``(digest, size)``: only the
+        rest are written.
         """
         wanted = len(planned)
-        nodes = [self.topology.node(n) for n in planned]
         failures = 0
-        used: set[str] = set()
+        verified: list[Node] = [self.topology.node(n) for n in done]
+        used: set[str] = set(done)
         targets: list[Node] = []
-        for node in nodes:
+        for node in (self.topology.node(n) for n in planned if n not in used):
             used.add(node.name)
             if self.health.healthy(node.name):
                 targets.append(node)
             else:
                 failures += 1
-        verified: list[Node] = []
         errors: list[str] = []
-        md5: str | None = None  # for stores that checksum uploads; computed once, if needed
+        md5: str | None = None
         while True:
             current = verified + targets
             clouds = {n.cloud for n in current}
@@ -257,16 +231,24 @@ class ReplicaWriter:
                     targets.append(node)
             if not targets:
                 break
-            if md5 is None and any(not self.store_of(n).is_local for n in targets):
-                md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-            pool = self._pool
-            started = time.monotonic()
-            tickets = {n.name: self._enter(n.name, len(data)) for n in targets}
-            futures = {n.name: pool.submit(self._write_one, n, key, data, digest, md5)
-                       for n in targets}
+            fan = FanOut(self, key, targets)
+            try:
+                produce(fan)
+                fan.finish()
+            except BaseException:
+                fan.abandon()
+                raise
+            if expect is not None and (fan.digest, fan.size) != expect:
+                raise SourceChangedError(
+                    f"chunk {chunk} gave other bytes when it was produced again for "
+                    f"{', '.join(n.name for n in targets)} ({fan.digest[:12]}, {fan.size} "
+                    f"bytes, not {expect[0][:12]}, {expect[1]}): did its source change?",
+                    url=key)
+            expect = (fan.digest, fan.size)
+            md5 = md5 or fan.md5
             failed = []
             for node in targets:
-                exc = self._outcome(node, futures[node.name], tickets[node.name], started, key)
+                exc = fan.outcome(node)
                 if exc is None:
                     verified.append(node)
                     continue
@@ -276,8 +258,6 @@ class ReplicaWriter:
                 failed.append(node)
                 errors.append(str(exc))
                 self.health.mark(node.name, "down", str(exc))
-                if not futures[node.name].done():  # hung: its calls in flight are abandoned
-                    self.store_of(node).cancel()
             targets = []  # a hung write keeps its thread; the run moves on
             if not failed:
                 break
@@ -298,8 +278,204 @@ class ReplicaWriter:
                 f"{quorum} spanning {min_clouds}; down: {down or 'none'}"
                 + (f"; {'; '.join(errors)}" if errors else ""),
                 chunk=chunk, verified=len(verified), quorum=quorum,
+                done=tuple(n.name for n in verified), expect=expect,
             )
         cross = sum(1 for n in verified if n.cloud != self.source_cloud)
         at_risk = len(spanned) < 2 <= len(self.topology.clouds)
+        assert expect is not None
         return WriteOutcome(replicas=replicas, node_failures=failures, cross_cloud=cross,
-                            errors=errors, md5=md5, at_risk=at_risk)
+                            errors=errors, md5=md5, at_risk=at_risk, digest=expect[0],
+                            size=expect[1])
+
+
+class _Sink:
+    """One replica's streamed write, on its own thread, fed through a queue of a few blocks.
+
+    Memory: the blocks queued (shared by every sink of the chunk) plus one part in the
+    backend's writer, whatever the chunk's size.
+    """
+
+    def __init__(self, writer: ReplicaWriter, node: Node, key: str) -> None:
+        self.writer, self.node, self.key = writer, node, key
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_BLOCKS)
+        self.expect: tuple[str, int] = ("", 0)  # set before the end of the stream is sent
+        self.md5: str | None = None
+        self.progress = time.monotonic()  # the last time it took a block, or waited for a slot
+        self.abandoned: BaseException | None = None
+        self.future: Future[None] = writer._pool.submit(self._run)
+
+    def _run(self) -> None:
+        slot = self.writer._slot(self.node)
+        held = False
+        out = None
+        try:
+            if slot is not None:
+                self.writer._wait_for_slot(self.node, slot, self.key, self)
+                held = True
+            store = self.writer.store_of(self.node)
+            out = store.writer(self.key)
+            while (block := self.queue.get()) is not None:
+                try:
+                    if self.abandoned is not None:
+                        raise self.abandoned
+                    out.write(block)
+                finally:
+                    self.writer._leave(self.node.name, len(block))
+                self.progress = time.monotonic()
+            if self.abandoned is not None:
+                raise self.abandoned
+            out.commit()
+            digest, size = self.expect
+            if out.size != size:
+                raise ReplicaVerificationError(
+                    f"replica {self.key!r} on node {self.node.name} has {out.size} bytes, "
+                    f"not {size}", node=self.node.name, key=self.key)
+            matched = out.checksum_matches()
+            if matched is False:
+                raise ReplicaVerificationError(
+                    f"replica {self.key!r} on node {self.node.name}: the store's checksum does "
+                    "not match the content", node=self.node.name, key=self.key)
+            if matched is None:  # the store keeps no checksum of it: read it back
+                verify_replica(store, self.key, digest, size)
+        except BaseException:
+            if out is not None:
+                out.abort()
+            raise
+        finally:
+            if held:
+                slot.release()  # type: ignore[union-attr]
+            self._drain()
+
+    def _drain(self) -> None:
+        """Let go of the blocks still queued (a failed sink takes no more)."""
+        while True:
+            try:
+                block = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if block is not None:
+                self.writer._leave(self.node.name, len(block))
+
+
+class FanOut:
+    """The chunk's output stream: every block goes to the content hash and to each replica's
+    sink. A sink that fails, or stops taking blocks for longer than its node's allowance,
+    or whose node the failure detector finds down, is dropped; the others go on."""
+
+    def __init__(self, writer: ReplicaWriter, key: str, targets: list[Node]) -> None:
+        self.writer, self.key = writer, key
+        self.size = 0
+        self.digest = ""
+        self._hasher = new_hasher()
+        remote = any(not writer.store_of(n).is_local for n in targets)
+        self._md5 = hashlib.md5(usedforsecurity=False) if remote else None
+        self.md5: str | None = None
+        self.sinks = {n.name: _Sink(writer, n, key) for n in targets}
+        self._errors: dict[str, BaseException] = {}
+
+    def write(self, block: bytes | memoryview) -> None:
+        if not len(block):
+            return
+        data = bytes(block)  # the caller may reuse its buffer; the sinks keep this one
+        self._hasher.update(data)
+        if self._md5 is not None:
+            self._md5.update(data)
+        self.size += len(data)
+        for sink in self._live():
+            self._put(sink, data)
+
+    def _live(self) -> list[_Sink]:
+        return [s for s in self.sinks.values() if s.node.name not in self._errors]
+
+    def _drop(self, sink: _Sink, exc: BaseException) -> None:
+        self._errors[sink.node.name] = exc
+        sink.abandoned = exc
+        with contextlib.suppress(queue.Full):
+            sink.queue.put_nowait(None)
+        if not sink.future.done():  # hung: its calls in flight are abandoned
+            self.writer.store_of(sink.node).cancel()
+
+    def _put(self, sink: _Sink, item: bytes | None) -> None:
+        node, writer = sink.node, self.writer
+        if item is not None:
+            writer._enter(node.name, len(item))
+        while True:
+            if sink.future.done():
+                exc = sink.future.exception() or NodeUnavailableError(
+                    f"node {node.name} stopped taking {self.key!r}", node=node.name, key=self.key)
+                if item is not None:
+                    writer._leave(node.name, len(item))
+                self._drop(sink, exc)
+                return
+            if writer.health.state(node.name) == "down":
+                why = writer.health.reasons.get(node.name, "down")
+                exc = NodeUnavailableError(
+                    f"node {node.name} was found down while writing {self.key!r} ({why}); the "
+                    "write is abandoned", node=node.name, key=self.key)
+                if item is not None:
+                    writer._leave(node.name, len(item))
+                self._drop(sink, exc)
+                return
+            allowance = writer._allowance(node)
+            if time.monotonic() - sink.progress > allowance:
+                exc = NodeUnavailableError(
+                    f"node {node.name} took no part of {self.key!r} for {allowance:.1f}s: it "
+                    "is hung or too slow", node=node.name, key=self.key)
+                if item is not None:
+                    writer._leave(node.name, len(item))
+                self._drop(sink, exc)
+                return
+            try:
+                sink.queue.put(item, timeout=SLOT_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """End the stream: each sink commits its replica and verifies it."""
+        self.digest = self._hasher.hexdigest()
+        self.md5 = self._md5.hexdigest() if self._md5 is not None else None
+        for sink in self._live():
+            sink.expect = (self.digest, self.size)
+            sink.progress = time.monotonic()
+            self._put(sink, None)
+        for sink in self._live():
+            self._await(sink)
+
+    def _await(self, sink: _Sink) -> None:
+        """Wait for a sink's commit and verification, as long as its node is alive and its
+        allowance (the node's timeout plus its bytes in flight at 4 MB/s) lasts."""
+        node, writer = sink.node, self.writer
+        started = time.monotonic()
+        while True:
+            try:
+                exc = sink.future.exception(timeout=SLOT_POLL_S)
+            except FutureTimeout:
+                if writer.health.state(node.name) == "down":
+                    why = writer.health.reasons.get(node.name, "down")
+                    self._drop(sink, NodeUnavailableError(
+                        f"node {node.name} was found down while writing {self.key!r} ({why}); "
+                        "the write is abandoned", node=node.name, key=self.key))
+                    return
+                allowance = writer._allowance(node) + self.size / 4e6
+                if time.monotonic() - started > allowance:
+                    self._drop(sink, NodeUnavailableError(
+                        f"node {node.name} did not finish writing {self.key!r} within "
+                        f"{allowance:.1f}s: it is hung or too slow", node=node.name,
+                        key=self.key))
+                    return
+                continue
+            if exc is not None:
+                self._errors[node.name] = exc
+            return
+
+    def abandon(self) -> None:
+        """The producer failed: drop every sink; nothing becomes visible."""
+        for sink in self._live():
+            self._drop(sink, NodeUnavailableError(
+                f"the write of {self.key!r} was abandoned: producing the chunk failed",
+                node=sink.node.name, key=self.key))
+
+    def outcome(self, node: Node) -> BaseException | None:
+        """The node's error, or None when its replica verified."""
+        return self._errors.get(node.name)

@@ -24,6 +24,7 @@ from skyferry.models import ChunkPart, ChunkPlan
 __all__ = [
     "Reader",
     "binary_segments",
+    "csv_last_end",
     "csv_record_around",
     "pack_segments",
     "parquet_segments",
@@ -52,7 +53,7 @@ _CSV_RECORDS = re.compile(rb"(?:" + _RECORD + rb")*+")
 _BOM = b"\xef\xbb\xbf"
 
 
-def _csv_last_end(window: bytes, skip: int, more: bool) -> int:
+def csv_last_end(window: bytes, skip: int, more: bool) -> int:
     """End of the last whole CSV record in ``window``, which starts on a record boundary.
 
     ``skip`` bytes (a BOM) are passed over first. With ``more`` (the file goes on), a final
@@ -139,7 +140,7 @@ def text_segments(
         end: int | None = None
         if target > floor:
             window = read(start, target)
-            found = (_csv_last_end(window, skip if start == 0 else 0, True) if quoted
+            found = (csv_last_end(window, skip if start == 0 else 0, True) if quoted
                      else _jsonl_last_end(window))
             if start + found > floor:
                 end = start + found

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from skyferry.metrics import STAGES, PipelineResult
+from skyferry.metrics import STAGES, PipelineResult, rate_text
 from skyferry.ops.report import ADVICE, BOTTLENECK_SHARE
 
 __all__ = ["ProfileReport", "StageSpread", "profile_results", "profile_table", "write_chart"]
@@ -72,7 +72,8 @@ def profile_results(results: list[PipelineResult]) -> ProfileReport:
             seconds = metrics.duration_s if metrics else 0.0
             busy.append(seconds)
             share.append(seconds / total)
-            mb_s.append(metrics.mb_s if metrics else 0.0)
+            if metrics is not None and metrics.mb_s is not None:
+                mb_s.append(metrics.mb_s)
         spreads.append(StageSpread(stage, busy, share, mb_s))
     report = ProfileReport(runs=len(done), wall_s=[r.duration_s for r in done], stages=spreads,
                            bytes_in=done[0].bytes_in, chunks=done[0].chunks_processed)
@@ -89,7 +90,7 @@ def profile_table(report: ProfileReport) -> Table:
     for s in report.stages:
         table.add_row(s.stage, f"{s.mean_s:.2f} ± {s.stdev_s:.2f}",
                       f"{min(s.busy_s):.2f}–{max(s.busy_s):.2f}", f"{s.mean_share:.0%}",
-                      f"{statistics.fmean(s.mb_s):.1f}",
+                      rate_text(statistics.fmean(s.mb_s) if s.mb_s else None),
                       "[bold red]yes[/]" if s.bottleneck else "")
     wall = report.wall_s
     spread = statistics.stdev(wall) if len(wall) > 1 else 0.0

@@ -15,6 +15,7 @@ import json
 import logging
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +33,8 @@ from skyferry.models import ChunkPart
 from skyferry.process.schema import Schema
 from skyferry.storage import open_url
 
-__all__ = ["ProcessOutput", "Transform", "decode_parts", "encode_parquet", "load_transforms",
-           "process_parts"]
+__all__ = ["ChunkEncoder", "ProcessOutput", "SchemaDrift", "Transform", "conform",
+           "load_transforms", "process_parts", "widen"]
 
 logger = logging.getLogger("skyferry.process")
 
@@ -42,24 +43,14 @@ Transform = Callable[[pd.DataFrame], pd.DataFrame]
 
 @dataclass
 class ProcessOutput:
-    """A chunk's decoded rows, one table per part (so each part's rows can be told apart)."""
+    """A chunk's counts: rows read, each part's rows stored (in order), rejects, and the
+    rows transforms added or dropped."""
 
-    tables: list[pa.Table]
-    rows_in: int
+    rows_in: int = 0
+    part_rows: list[int] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     rows_added: int = 0
     rows_dropped: int = 0
-
-    @property
-    def table(self) -> pa.Table:
-        """The parts' rows in order, as one table."""
-        if len(self.tables) == 1:
-            return self.tables[0]
-        return pa.concat_tables(self.tables, promote_options="permissive")
-
-    @property
-    def part_rows(self) -> list[int]:
-        return [t.num_rows for t in self.tables]
 
     @property
     def rows_rejected(self) -> int:
@@ -179,21 +170,24 @@ def _header_names(header: bytes) -> list[str]:
 
 
 def _decode_csv(part: ChunkPart, data: bytes, header: bytes, schema: Schema | None,
-                rejects: list[dict[str, Any]]) -> tuple[pa.Table, int]:
+                rejects: list[dict[str, Any]], text: Sequence[str] = ()) -> tuple[pa.Table, int]:
+    """``text`` names columns read as text whatever they look like (a column an earlier
+    block of the chunk held text in)."""
     invalid: list[Any] = []
 
     if not _is_utf8(data):  # pyarrow cannot hand a malformed row that is not UTF-8 to us
-        return _decode_csv_by_record(part, data, header, schema, rejects)
+        return _decode_csv_by_record(part, data, header, schema, rejects, text)
 
     def on_invalid(row: Any) -> str:
         invalid.append(row)
         return "skip"
 
-    convert = pacsv.ConvertOptions(strings_can_be_null=True)
-    if schema is not None:  # text columns as bytes: their UTF-8 is checked row by row below
-        types = {n: pa.binary() if t == pa.string() else t
-                 for n, t in schema.arrow_types().items()}
-        convert = pacsv.ConvertOptions(column_types=types, strings_can_be_null=True)
+    # text columns as bytes: their UTF-8 is checked row by row below
+    types = {n: pa.binary() for n in text}
+    if schema is not None:
+        types.update({n: pa.binary() if t == pa.string() else t
+                      for n, t in schema.arrow_types().items()})
+    convert = pacsv.ConvertOptions(column_types=types, strings_can_be_null=True)
     # A chunk after the first is read with the file's header names, not by pasting the
     # header in front of it (a copy of the chunk); either way no byte is copied.
     try:
@@ -257,7 +251,8 @@ def _decode_csv(part: ChunkPart, data: bytes, header: bytes, schema: Schema | No
 
 
 def _decode_csv_by_record(part: ChunkPart, data: bytes, header: bytes, schema: Schema | None,
-                          rejects: list[dict[str, Any]]) -> tuple[pa.Table, int]:
+                          rejects: list[dict[str, Any]], text: Sequence[str] = ()
+                          ) -> tuple[pa.Table, int]:
     """A chunk that holds bytes that are not UTF-8: pyarrow cannot hand a malformed row that
     holds such bytes to a reject handler, so it would fail the whole chunk.
 
@@ -297,7 +292,7 @@ def _decode_csv_by_record(part: ChunkPart, data: bytes, header: bytes, schema: S
                                json.dumps(values)))
     rest = data[pos:]
     kept.append(rest if not rest or rest.endswith((b"\n", b"\r")) else rest + b"\n")
-    table, rows_in = _decode_csv(part, b"".join(kept), b"", schema, rejects)
+    table, rows_in = _decode_csv(part, b"".join(kept), b"", schema, rejects, text)
     return table, rows_in + cut
 
 
@@ -400,32 +395,13 @@ def _mixed_records(records: list[dict[str, Any]], part: ChunkPart) -> pa.Table:
     return pa.table(columns)
 
 
-def decode_parts(parts: Iterable[tuple[ChunkPart, bytes, bytes]], fmt: str,
-                 schema: Schema | None, options: Mapping[str, Any] | None = None
-                 ) -> ProcessOutput:
-    """Decode ``(part, data, header)`` triples into one table per part, collecting rejects.
-
-    Parquet parts are read by row group straight from the source (pyarrow's ranged reads).
-    """
-    tables: list[pa.Table] = []
-    rejects: list[dict[str, Any]] = []
-    rows_in = 0
-    for part, data, header in parts:
-        try:
-            table, n = _decode_part(part, data, header, fmt, schema, rejects, options)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-            raise FormatError(f"{part.source} [{part.start}:{part.end}] cannot be read as "
-                              f"{fmt}: {exc}", url=part.source, fmt=fmt) from exc
-        tables.append(table)
-        rows_in += n
-    return ProcessOutput(tables=tables, rows_in=rows_in, rejects=rejects)
-
-
 def _decode_part(part: ChunkPart, data: bytes, header: bytes, fmt: str, schema: Schema | None,
-                 rejects: list[dict[str, Any]], options: Mapping[str, Any] | None
-                 ) -> tuple[pa.Table, int]:
+                 rejects: list[dict[str, Any]], options: Mapping[str, Any] | None,
+                 text: Sequence[str] = ()) -> tuple[pa.Table, int]:
+    """One block of a CSV or JSONL part, or (``data`` empty) one row group of a Parquet part
+    (``part.row_groups`` holds the one), as a table; its bad rows become rejects."""
     if fmt == "csv":
-        table, n = _decode_csv(part, data, header, schema, rejects)
+        table, n = _decode_csv(part, data, header, schema, rejects, text)
     elif fmt == "jsonl":
         table, n = _decode_jsonl(part, data, rejects)
         if schema is not None:
@@ -446,14 +422,6 @@ def _decode_part(part: ChunkPart, data: bytes, header: bytes, fmt: str, schema: 
     if schema is not None:
         table = _apply_constraints(table, schema, part, rejects)
     return table, n
-
-
-def apply_transforms(out: ProcessOutput, transforms: Sequence[tuple[str, Transform]],
-                     where: str) -> ProcessOutput:
-    """Apply the transforms to each part's rows in turn, counting the rows they add or drop."""
-    if transforms:
-        out.tables = [_transform(t, out, transforms, where) for t in out.tables]
-    return out
 
 
 def _transform(table: pa.Table, out: ProcessOutput, transforms: Sequence[tuple[str, Transform]],
@@ -479,19 +447,171 @@ def _transform(table: pa.Table, out: ProcessOutput, transforms: Sequence[tuple[s
     return pa.Table.from_pandas(frame, preserve_index=False)
 
 
-def encode_parquet(table: pa.Table) -> pa.Buffer:
-    """zstd Parquet. Dictionary encoding only where it can pay: not on floating-point
-    columns, whose values rarely repeat: trying it there costs encode time before the
-    writer falls back to plain encoding, and the file comes out larger."""
-    dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", use_dictionary=dictionary)
-    return sink.getvalue()
+class SchemaDrift(Exception):  # noqa: N818 (a signal to start the chunk over, not a failure)
+    """A block's columns do not fit the Parquet file being written: the chunk must be
+    encoded again from its start with :attr:`schema`, which fits every block seen so far."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        super().__init__(f"the chunk's columns widen to {schema}")
+        self.schema = schema
 
 
-def process_parts(parts: Iterable[tuple[ChunkPart, bytes, bytes]], fmt: str,
+def _wider(a: pa.DataType, b: pa.DataType) -> pa.DataType:
+    """The narrowest type that holds values of both: null < int64 < float64 < string."""
+    if a == b or pa.types.is_null(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    if pa.types.is_integer(a) and pa.types.is_integer(b):
+        return pa.int64()
+    if all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in (a, b)):
+        return pa.float64()
+    return pa.string()
+
+
+def widen(schema: pa.Schema, other: pa.Schema) -> pa.Schema:
+    """Both schemas' columns, in order of appearance, each of the wider type."""
+    types = {f.name: f.type for f in schema}
+    for field_ in other:
+        types[field_.name] = _wider(types[field_.name], field_.type) \
+            if field_.name in types else field_.type
+    return pa.schema(list(types.items()))
+
+
+def _spelled(column: pa.ChunkedArray) -> pa.Array:
+    """Values as text in their JSON spelling (``1``, ``true``, ``{"a": 2}``); text stays."""
+    return pa.array([v if v is None or isinstance(v, str) else json.dumps(v, default=str)
+                     for v in column.to_pylist()], type=pa.string())
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table | None:
+    """``table`` with exactly ``schema``'s columns and types (a missing column is nulls), or
+    None when one of its columns is not in ``schema`` or does not fit its type."""
+    if any(name not in schema.names for name in table.column_names):
+        return None
+    columns = []
+    for field_ in schema:
+        if field_.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, field_.type))
+            continue
+        column = table.column(field_.name)
+        if column.type == field_.type:
+            columns.append(column)
+        elif _wider(field_.type, column.type) != field_.type:
+            return None
+        elif pa.types.is_string(field_.type) and not pa.types.is_null(column.type):
+            columns.append(_spelled(column))
+        else:
+            columns.append(pc.cast(column, field_.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+class ChunkEncoder:
+    """Encodes a chunk block by block into one zstd Parquet file written to ``sink``, one
+    row group per block: memory holds a block's rows, never the chunk's.
+
+    Each block is decoded, validated and transformed on its own: a transform sees the rows
+    of one block (a few MB), not the whole chunk. The file's columns are fixed by its first
+    rows (or by ``schema``); a later block whose columns do not fit raises
+    :class:`SchemaDrift` with the widened schema, and the caller starts the chunk over with
+    it. Dictionary encoding is used only where it can pay: not on floating-point columns,
+    whose values rarely repeat.
+    """
+
+    def __init__(self, fmt: str, schema: Schema | None,
+                 transforms: Sequence[tuple[str, Transform]], where: str,
+                 options: Mapping[str, Any] | None, sink: Any,
+                 columns: pa.Schema | None = None) -> None:
+        self.fmt, self.schema, self.transforms, self.where = fmt, schema, transforms, where
+        self.options, self.sink, self.columns = options, sink, columns
+        self.out = ProcessOutput()
+        self.part_rows: dict[tuple[str, int], int] = {}
+        self.seconds = 0.0
+        self._writer: pq.ParquetWriter | None = None
+        self._empty: pa.Table | None = None
+
+    def add(self, part: ChunkPart, data: bytes = b"", header: bytes = b"",
+            offset: int | None = None) -> None:
+        """Decode one block of ``part``, starting at ``offset`` of its source (or, for
+        Parquet, each of its row groups), and write its rows as a row group."""
+        began = time.perf_counter()
+        try:
+            if self.fmt == "parquet":
+                for group in part.row_groups:
+                    self._add(part, part.model_copy(update={"row_groups": (group,)}), b"",
+                              b"")
+            else:
+                at = part.start if offset is None else offset
+                self._add(part, part.model_copy(update={"start": at, "end": at + len(data)}),
+                          data, header)
+        finally:
+            self.seconds += time.perf_counter() - began
+
+    def _add(self, part: ChunkPart, piece: ChunkPart, data: bytes, header: bytes) -> None:
+        text = [f.name for f in self.columns if pa.types.is_string(f.type)] \
+            if self.columns is not None and self.fmt == "csv" else []
+        try:
+            table, n = _decode_part(piece, data, header, self.fmt, self.schema,
+                                    self.out.rejects, self.options, text)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            raise FormatError(f"{part.source} [{piece.start}:{piece.end}] cannot be read as "
+                              f"{self.fmt}: {exc}", url=part.source, fmt=self.fmt) from exc
+        self.out.rows_in += n
+        if self.transforms:
+            table = _transform(table, self.out, self.transforms, self.where)
+        key = (part.source, part.start)
+        self.part_rows[key] = self.part_rows.get(key, 0) + table.num_rows
+        self._write(table)
+
+    def _write(self, table: pa.Table) -> None:
+        if self.columns is None:
+            if table.num_rows == 0 and self._writer is None:
+                self._empty = table  # no rows yet: its columns fix nothing
+                return
+            self.columns = pa.schema([(f.name, f.type) for f in table.schema])
+        fitted = conform(table, self.columns)
+        if fitted is None:
+            raise SchemaDrift(widen(self.columns, table.schema))
+        if fitted.num_rows == 0 and self._writer is not None:
+            return
+        if self._writer is None:
+            dictionary = [f.name for f in self.columns if not pa.types.is_floating(f.type)]
+            self._writer = pq.ParquetWriter(self.sink, self.columns, compression="zstd",
+                                            use_dictionary=dictionary)
+        self._writer.write_table(fitted, row_group_size=max(1, fitted.num_rows))
+
+    def close(self, parts: Sequence[ChunkPart]) -> ProcessOutput:
+        """Finish the file; the chunk's counts, with each part's rows in ``parts``' order."""
+        if self._writer is None:  # no rows at all: an empty file with the columns seen
+            empty = self._empty if self._empty is not None else pa.table({})
+            self.columns = self.columns or pa.schema([(f.name, f.type) for f in empty.schema])
+            self._write(empty)
+            if self._writer is None:
+                dictionary = [f.name for f in self.columns if not pa.types.is_floating(f.type)]
+                self._writer = pq.ParquetWriter(self.sink, self.columns, compression="zstd",
+                                                use_dictionary=dictionary)
+        self._writer.close()
+        self.out.part_rows = [self.part_rows.get((p.source, p.start), 0) for p in parts]
+        return self.out
+
+
+def process_parts(blocks: Iterable[tuple[Any, ...]], fmt: str,
                   schema: Schema | None, transforms: Sequence[tuple[str, Transform]],
                   where: str, options: Mapping[str, Any] | None = None
                   ) -> tuple[pa.Buffer, ProcessOutput]:
-    out = apply_transforms(decode_parts(parts, fmt, schema, options), transforms, where)
-    return encode_parquet(out.table), out
+    """Encode in-memory blocks ``(part, data, header[, offset])`` into one Parquet buffer
+    (the streamed path's encoder, into memory): for tests and small inputs."""
+    listed = list(blocks)
+    parts = list(dict.fromkeys(b[0] for b in listed))
+    columns = None
+    while True:
+        sink = pa.BufferOutputStream()
+        encoder = ChunkEncoder(fmt, schema, transforms, where, options, sink, columns)
+        try:
+            for block in listed:
+                encoder.add(*block)
+            out = encoder.close(parts)
+        except SchemaDrift as drift:
+            columns = drift.schema
+            continue
+        return sink.getvalue(), out

@@ -16,7 +16,7 @@ from skyferry import __version__
 from skyferry.commit.manifest import BatchPlan, Lineage, Manifest
 from skyferry.ingest.listing import Listing, list_source_files
 from skyferry.ingest.read import plan_chunks
-from skyferry.ingest.versions import grown_from, live_sources
+from skyferry.ingest.versions import grown_from, load_index
 from skyferry.metrics import PipelineResult
 from skyferry.models import SourceFile, StoredChunk
 from skyferry.run.context import BatchRun, RunSetup, new_placer, open_batch, resume_batch
@@ -35,8 +35,8 @@ def new_source_files(setup: RunSetup) -> Listing:
     """
     config = setup.config
     listing = list_source_files(config.source, config.source_options)
-    manifests = setup.catalog.manifests(config.dataset)
-    live = live_sources(manifests)
+    index = load_index(setup.catalog, config.dataset)
+    live = index.live()
     fresh = []
     for file in listing.files:
         earlier = live.get(file.url)
@@ -45,7 +45,8 @@ def new_source_files(setup: RunSetup) -> Listing:
             continue
         if (earlier.file.size, earlier.file.fingerprint) == (file.size, file.fingerprint):
             continue
-        extends = grown_from(file, earlier, manifests, config.format, config.source_options)
+        extends = grown_from(file, earlier, index.parts_of(file.url), config.format,
+                             config.source_options)
         fresh.append(file.model_copy(update={"extends": extends}))
         if not extends:
             logger.warning("%s changed; its new version supersedes the committed one",
@@ -109,8 +110,8 @@ def plan_batch(setup: RunSetup, files: list[SourceFile]) -> BatchRun:
 def journal_chunk(run: BatchRun, stored: StoredChunk) -> None:
     """Record a chunk whose replicas verified, so a re-run after a crash skips it."""
     started = time.perf_counter()
-    run.catalog.record_chunk(run.plan, stored)
-    run.setup.recorder.record("storage", nbytes=stored.size,
+    written = run.catalog.record_chunk(run.plan, stored)
+    run.setup.recorder.record("storage", nbytes=written,
                               seconds=time.perf_counter() - started)
 
 
@@ -121,6 +122,10 @@ def commit_batch(run: BatchRun, chunks: list[StoredChunk]) -> tuple[Manifest, st
     down = [n for n, state in run.setup.health.states.items() if state == "down"]
     key = run.catalog.commit(manifest, down=down)
     run.catalog.drop_pending(run.plan.dataset, run.plan.batch_id)
+    try:  # the index is a cache of the manifests: a failure here costs the next plan a fold
+        load_index(run.catalog, run.plan.dataset)
+    except Exception as exc:
+        logger.warning("the source index of %s was not updated: %s", run.plan.dataset, exc)
     run.setup.recorder.record("storage", nbytes=len(manifest.to_json()),
                               seconds=time.perf_counter() - started)
     return manifest, key

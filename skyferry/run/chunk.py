@@ -1,185 +1,199 @@
-"""The one sequence a chunk walks: ingest → process → write replicas.
+"""The one sequence a chunk walks: read → hash → process → write replicas, as one stream.
 
-Each stage is a plain function that takes the previous stage's output as a value (the
-chunk's bytes and a small record) and returns its own. :func:`move_chunk` walks a chunk
-through all of them in one call; Prefect's tasks (one per chunk, or one per stage) and the
-benchmark's plain baseline call these functions, and nothing else holds the sequence.
+A chunk's bytes flow in record-aligned blocks of a few MB (``Settings.block_size``): each
+block is read with a ranged read and hashed, decoded and written as a Parquet row group (a
+binary block passes unchanged), and the output goes to every replica's streamed upload as
+it is produced. Memory is a few blocks per chunk in flight, not the chunk.
+
+The three stages overlap in time, so each one's figure is the time spent in it: reading
+and hashing, decoding and encoding, and handing blocks to the replicas and waiting for
+them to be committed and verified. :func:`move_chunk` is the only entry: Prefect's tasks
+and the benchmark's plain baseline call it, and nothing else holds the sequence.
 Journaling the stored chunk is the caller's: see :func:`skyferry.run.batch.journal_chunk`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-import pyarrow as pa
-
-from skyferry.errors import StageError
-from skyferry.hashing import content_hash
-from skyferry.ingest.read import read_chunk, with_headers
-from skyferry.models import ChunkPlan, IngestedChunk, ProcessedChunk, StoredChunk
-from skyferry.process.clean import process_parts
+from skyferry.distribute.replication import FanOut, WriteOutcome
+from skyferry.errors import QuorumNotMetError, StageError
+from skyferry.ingest.read import SourceStream
+from skyferry.models import ChunkPlan, StoredChunk
+from skyferry.process.clean import ChunkEncoder, ProcessOutput, SchemaDrift
 from skyferry.run.context import BatchRun
 
-__all__ = ["STAGES", "ChunkProgress", "Ingested", "Moved", "Processed", "ingest", "move_chunk",
-           "next_stage", "process", "run_stage", "write_replicas"]
+__all__ = ["STAGES", "ChunkProgress", "Moved", "move_chunk"]
+
+logger = logging.getLogger("skyferry.run")
 
 STAGES = ("ingestion", "processing", "distribution")
-
-T = TypeVar("T")
 
 Moved = tuple[StoredChunk, dict[str, list[float]], str]
 """A moved chunk: the stored record; per stage, ``[bytes, seconds]``; and the stage the
 attempt started at (where a retry resumed, so where its retries are counted)."""
 
 
-@dataclass(frozen=True, eq=False)
-class Ingested:
-    """A chunk's source bytes, one piece per part, and their record."""
+@dataclass(eq=False)
+class ChunkProgress:
+    """How far one chunk got. Whoever retries the chunk keeps it: a retry after a write that
+    missed its quorum writes only the replicas still missing (the chunk is streamed from
+    its source again, and must hash the same); a finished move leaves its outcome in
+    ``moved``."""
 
-    record: IngestedChunk
-    pieces: list[bytes]
-
-
-@dataclass(frozen=True, eq=False)
-class Processed:
-    """A chunk's stored form (Parquet, or a binary chunk's own bytes) and its record."""
-
-    record: ProcessedChunk
-    data: pa.Buffer | bytes
-
-
-def ingest(chunk: ChunkPlan, run: BatchRun, attempt: int = 1) -> Ingested:
-    """Read the chunk's parts with one ranged read each, and hash them."""
-    pieces, digest = read_chunk(chunk, run.config.source_options)
-    parts = tuple(content_hash(p) for p in pieces) if len(pieces) > 1 else ()
-    record = IngestedChunk(plan=chunk, source_digest=digest, bytes_read=chunk.size,
-                           part_digests=parts, attempts=attempt)
-    return Ingested(record, pieces)
+    stage: str = STAGES[0]
+    done: tuple[str, ...] = ()  # nodes holding a verified replica from an earlier attempt
+    expect: tuple[str, int] | None = None  # the chunk's (digest, size), once produced
+    columns: Any = None  # the Parquet columns, when the chunk's had to widen
+    timings: dict[str, list[float]] = field(default_factory=dict)
+    moved: Moved | None = None
 
 
-def process(ingested: Ingested, run: BatchRun, attempt: int = 1) -> Processed:
-    """Decode, validate, transform and encode the chunk; save its rejected rows.
+class _Stream:
+    """One pass of a chunk: its source blocks, through the encoder, into a fan-out."""
 
-    A binary chunk passes through unchanged: its content is its source.
-    """
-    source, chunk = ingested.record, ingested.record.plan
-    pieces = ingested.pieces
-    if chunk.format == "binary":
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        return Processed(ProcessedChunk(
-            plan=chunk, source_digest=source.source_digest, digest=source.source_digest,
-            size=chunk.size, rows_in=0, rows_out=0, rows_rejected=0,
-            part_digests=source.part_digests, attempts=attempt), data)
-    options = run.config.source_options
-    where = f"chunk {chunk.index} ({chunk.parts[0].source})"
-    setup = run.setup
-    buffer, out = process_parts(with_headers(chunk, pieces, options), chunk.format,
-                                setup.schema, setup.transforms, where, options)
+    def __init__(self, chunk: ChunkPlan, run: BatchRun) -> None:
+        self.chunk, self.run = chunk, run
+        self.stage = STAGES[0]
+        self.columns: Any = None  # the Parquet columns, once a pass found they must widen
+        self.source: SourceStream | None = None
+        self.out: ProcessOutput | None = None
+        self.seconds = {stage: 0.0 for stage in STAGES}
+
+    def __call__(self, fan: FanOut) -> None:
+        run, chunk = self.run, self.chunk
+        source = SourceStream(chunk, run.config.source_options, run.setup.settings.block_size)
+        self.stage = "ingestion"
+        if chunk.format == "binary":
+            for block in source:
+                self._put(fan, block.data)
+            self.source, self.out = source, ProcessOutput()
+            self._account(source, 0.0)
+            return
+        encoder = ChunkEncoder(chunk.format, run.setup.schema, run.setup.transforms,
+                               f"chunk {chunk.index} ({chunk.parts[0].source})",
+                               run.config.source_options, _Output(self, fan), self.columns)
+        for block in source:
+            self.stage = "processing"
+            encoder.add(block.part, block.data, block.header, block.offset)
+            self.stage = "ingestion"
+        self.stage = "processing"
+        out = encoder.close(chunk.parts)
+        self.source, self.out = source, out
+        self._account(source, encoder.seconds)
+
+    def _account(self, source: SourceStream, processing: float) -> None:
+        self.seconds["ingestion"] += source.seconds
+        self.seconds["processing"] += max(0.0, processing - self._writing)
+        self._writing = 0.0
+
+    _writing = 0.0  # time of this pass spent handing blocks to the replicas
+
+    def _put(self, fan: FanOut, data: Any) -> None:
+        stage, self.stage = self.stage, "distribution"
+        began = time.perf_counter()
+        fan.write(data)
+        self._writing += time.perf_counter() - began
+        self.stage = stage
+
+
+class _Output:
+    """The file the Parquet writer writes to: the chunk's fan-out."""
+
+    def __init__(self, stream: _Stream, fan: FanOut) -> None:
+        self.stream, self.fan, self.closed, self._at = stream, fan, False, 0
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        self.stream._put(self.fan, data)
+        self._at += size
+        return size
+
+    def tell(self) -> int:
+        return self._at
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _store(chunk: ChunkPlan, run: BatchRun, attempt: int, progress: ChunkProgress,
+           stream: _Stream) -> StoredChunk:
+    if attempt > 1 and progress.stage == "distribution":
+        run.writer.recheck(list(chunk.nodes), run.setup.settings.probe_timeout_s)
+    key = run.plan.key(chunk)
+    stream.columns = progress.columns
+    began = time.perf_counter()
+    try:
+        while True:
+            try:
+                outcome = run.writer.write(chunk.index, key, stream, list(chunk.nodes),
+                                           run.plan.quorum, run.plan.min_clouds,
+                                           done=progress.done, expect=progress.expect)
+                break
+            except SchemaDrift as drift:
+                logger.info("chunk %s: its columns widen to %s; it is encoded again",
+                            chunk.index, drift.schema)
+                stream.columns = progress.columns = drift.schema
+    finally:  # the rest of the write's time: handing blocks over, commits, verification
+        stream.seconds["distribution"] = max(0.0, time.perf_counter() - began - stream.seconds[
+            "ingestion"] - stream.seconds["processing"])
+    return _record(chunk, run, key, attempt, stream, outcome)
+
+
+def _record(chunk: ChunkPlan, run: BatchRun, key: str, attempt: int, stream: _Stream,
+            outcome: WriteOutcome) -> StoredChunk:
+    source, out = stream.source, stream.out
+    assert source is not None and out is not None
     rejects_key = None
     if out.rejects:
         rejects_key = run.catalog.rejects_key(run.plan.dataset, run.plan.batch_id, chunk.index)
         run.catalog.save_rejects(rejects_key, out.rejects)
-    return Processed(ProcessedChunk(
-        plan=chunk, source_digest=source.source_digest, digest=content_hash(buffer),
-        size=buffer.size, rows_in=out.rows_in, rows_out=sum(out.part_rows),
-        rows_rejected=out.rows_rejected, rows_added=out.rows_added,
-        rows_dropped=out.rows_dropped, rejects_key=rejects_key,
-        part_digests=source.part_digests, part_rows=tuple(out.part_rows), attempts=attempt),
-        buffer)
-
-
-def write_replicas(processed: Processed, run: BatchRun, attempt: int = 1) -> StoredChunk:
-    """Write the chunk's replicas concurrently and verify them; W of them must verify.
-
-    A retry (``attempt`` > 1) first re-probes the chunk's planned nodes that are down.
-    """
-    record, chunk = processed.record, processed.record.plan
-    if attempt > 1:
-        run.writer.recheck(list(chunk.nodes), run.setup.settings.probe_timeout_s)
-    key = run.plan.key(chunk)
-    outcome = run.writer.write(chunk.index, key, memoryview(processed.data), record.digest,
-                               list(chunk.nodes), run.plan.quorum, run.plan.min_clouds)
+    binary = chunk.format == "binary"
     return StoredChunk(
-        index=chunk.index, key=key, format=chunk.format, digest=record.digest,
-        size=record.size, source_digest=record.source_digest, rows_in=record.rows_in,
-        rows_out=record.rows_out, rows_rejected=record.rows_rejected,
-        rows_added=record.rows_added, rows_dropped=record.rows_dropped,
-        rejects_key=record.rejects_key, parts=chunk.parts,
-        part_digests=record.part_digests, part_rows=record.part_rows,
-        replicas=tuple(outcome.replicas), node_failures=outcome.node_failures,
-        attempts=attempt, md5=outcome.md5, at_risk=outcome.at_risk,
+        index=chunk.index, key=key, format=chunk.format, digest=outcome.digest,
+        size=outcome.size, source_digest=source.digest, rows_in=out.rows_in,
+        rows_out=sum(out.part_rows), rows_rejected=out.rows_rejected,
+        rows_added=out.rows_added, rows_dropped=out.rows_dropped, rejects_key=rejects_key,
+        parts=chunk.parts, part_digests=source.part_digests,
+        part_rows=() if binary else tuple(out.part_rows), replicas=tuple(outcome.replicas),
+        node_failures=outcome.node_failures, attempts=attempt, md5=outcome.md5,
+        at_risk=outcome.at_risk,
     )
-
-
-def next_stage(stage: str) -> str | None:
-    """The stage after ``stage``, or None after the last."""
-    at = STAGES.index(stage)
-    return STAGES[at + 1] if at + 1 < len(STAGES) else None
-
-
-def _index(value: ChunkPlan | Ingested | Processed) -> int:
-    return value.index if isinstance(value, ChunkPlan) else value.record.plan.index
-
-
-def stage_bytes(stage: str, value: Any, out: Any) -> int:
-    """The bytes a stage's metrics count: read, processed, or written (every replica)."""
-    if stage == "ingestion":
-        return int(out.record.bytes_read)
-    if stage == "processing":
-        return int(value.record.bytes_read)
-    return int(out.size * len(out.verified))
-
-
-def run_stage(stage: str, step: Callable[[Any, BatchRun, int], T], value: Any, run: BatchRun,
-              attempt: int = 1) -> T:
-    """``step`` (one stage of one chunk) on ``value``. Its failure is raised here, once, as a
-    :class:`StageError` that names the stage, the dataset, the batch and the chunk, ``from``
-    its cause."""
-    try:
-        return step(value, run, attempt)
-    except Exception as exc:
-        raise StageError(str(exc), stage=stage, batch_id=run.plan.batch_id,
-                         dataset=run.config.dataset, chunk=_index(value)) from exc
-
-
-@dataclass(eq=False)
-class ChunkProgress:
-    """How far one chunk got. Whoever retries the chunk keeps it, so that a retry resumes at
-    the stage that failed; a finished move leaves its outcome in ``moved``."""
-
-    stage: str = STAGES[0]
-    value: Any = None  # the last finished stage's output, until the chunk is stored
-    timings: dict[str, list[float]] = field(default_factory=dict)
-    moved: Moved | None = None
-
-    def step(self, stage: str, step: Callable[[Any, BatchRun, int], T], value: Any,
-             run: BatchRun, attempt: int) -> T:
-        """Run ``stage`` and time it; a later stage resumes from its output."""
-        began = time.perf_counter()
-        out = run_stage(stage, step, value, run, attempt)
-        self.timings[stage] = [stage_bytes(stage, value, out), time.perf_counter() - began]
-        self.stage, self.value = next_stage(stage) or stage, out
-        return out
 
 
 def move_chunk(chunk: ChunkPlan, run: BatchRun, attempt: int = 1,
                progress: ChunkProgress | None = None) -> Moved:
-    """Walk ``chunk`` through every stage, in one slot of the run's window.
+    """Stream ``chunk`` from its source to its replicas, in one slot of the run's window.
 
-    With ``progress`` from an earlier attempt, start at the stage that failed; without
-    it, start over.
+    A failure is raised once, as a :class:`StageError` naming the stage it happened in, the
+    dataset, the batch and the chunk, ``from`` its cause. With ``progress`` from an earlier
+    attempt that missed its quorum, only the missing replicas are written.
     """
     progress = progress if progress is not None else ChunkProgress()
     started_at = progress.stage
-    with run.setup.window:  # a slot, for as long as the chunk's bytes are here
-        if progress.stage == "ingestion":
-            progress.step("ingestion", ingest, chunk, run, attempt)
-        if progress.stage == "processing":
-            progress.step("processing", process, progress.value, run, attempt)
-        stored = progress.step("distribution", write_replicas, progress.value, run, attempt)
-    moved: Moved = (stored, dict(progress.timings), started_at)
-    progress.value, progress.moved = None, moved
+    stream = _Stream(chunk, run)
+    try:
+        with run.setup.window:  # a slot, for as long as the chunk's blocks are here
+            stored = _store(chunk, run, attempt, progress, stream)
+    except Exception as exc:
+        stage = "distribution" if isinstance(exc, QuorumNotMetError) else stream.stage
+        progress.stage = stage
+        if isinstance(exc, QuorumNotMetError):
+            progress.done, progress.expect = exc.done, exc.expect
+        raise StageError(str(exc), stage=stage, batch_id=run.plan.batch_id,
+                         dataset=run.config.dataset, chunk=chunk.index) from exc
+    assert stream.source is not None
+    timings = {
+        "ingestion": [stream.source.bytes_read, stream.seconds["ingestion"]],
+        "processing": [stream.source.bytes_read, stream.seconds["processing"]],
+        "distribution": [stored.size * len(stored.verified), stream.seconds["distribution"]],
+    }
+    moved: Moved = (stored, timings, started_at)
+    progress.moved = moved
     return moved

@@ -3,6 +3,7 @@ clouds, or the run commits nothing (unless min_clouds: 1, and then the manifest 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -12,9 +13,8 @@ from flows.pipeline import run_pipeline
 from skyferry.commit.manifest import Catalog
 from skyferry.config import PipelineConfig
 from skyferry.distribute.placement import NodeHealth, Placer
-from skyferry.distribute.replication import ReplicaWriter
+from skyferry.distribute.replication import FanOut, ReplicaWriter
 from skyferry.errors import InsufficientCloudsError, QuorumNotMetError
-from skyferry.hashing import content_hash
 from skyferry.ops.export import export_dataset
 from skyferry.topology import load_topology
 from tests.helpers.sf_data import write_ml_csv
@@ -90,6 +90,10 @@ def test_losing_a_whole_cloud_after_a_run_loses_nothing(home: Path, tmp_path: Pa
                                     .manifest("q3").chunks)
 
 
+def _stream(data: bytes) -> Callable[[FanOut], None]:
+    return lambda fan: fan.write(data)
+
+
 def test_a_write_that_reaches_one_cloud_is_not_a_quorum(home: Path) -> None:
     topology = load_topology()
     health = NodeHealth()
@@ -98,15 +102,15 @@ def test_a_write_that_reaches_one_cloud_is_not_a_quorum(home: Path) -> None:
         health.mark(node, "down", "taken down by the test")
     try:
         with pytest.raises(QuorumNotMetError) as failed:
-            writer.write(0, "q/chunk-00000.bin", b"x" * 100, content_hash(b"x" * 100),
+            writer.write(0, "q/chunk-00000.bin", _stream(b"x" * 100),
                          ["aws-node-1", "aws-node-2", "gcp-node-1"], 2, min_clouds=2)
         assert "1 cloud(s) (aws)" in str(failed.value) and "azure-node-1" in str(failed.value)
-        outcome = writer.write(1, "q/chunk-00001.bin", b"y" * 100, content_hash(b"y" * 100),
+        outcome = writer.write(1, "q/chunk-00001.bin", _stream(b"y" * 100),
                                ["aws-node-1", "aws-node-2", "gcp-node-1"], 2, min_clouds=1)
         assert outcome.at_risk and len([r for r in outcome.replicas
                                         if r.state == "verified"]) == 2
         health.mark("azure-node-1", "healthy")  # a cloud back: the replicas spread to it
-        outcome = writer.write(2, "q/chunk-00002.bin", b"z" * 100, content_hash(b"z" * 100),
+        outcome = writer.write(2, "q/chunk-00002.bin", _stream(b"z" * 100),
                                ["aws-node-1", "aws-node-2"], 2, min_clouds=2)
         assert not outcome.at_risk
         assert {r.cloud for r in outcome.replicas if r.state == "verified"} == {"aws", "azure"}

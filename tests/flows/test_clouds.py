@@ -359,42 +359,66 @@ def test_a_gcp_credentials_block_maps_to_gcsfs_options(prefect_harness: None) ->
     assert options["token"]["private_key"] == pem
 
 
-def test_a_replica_the_gcs_server_truncates_on_upload_is_refused(
-        clouds: sf_servers.CloudEnv, home: Path, tmp_path: Path) -> None:
-    """gcp-storage-emulator drops the last byte of an upload that ends in CR (it parses the
-    multipart body with Python's email parser). The store's own MD5 catches it: the replica
-    is refused, and the chunk keeps its other replicas and a hint."""
-    nodes = {"aws-x": "s3", "gcp-x": "gs", "azure-x": "az"}
-    lines = [f'catalog: "{home}/catalog"', "nodes:"]
-    for name, protocol in nodes.items():
-        clouds.make_bucket(protocol, name)
-        lines.append(f'  - {{name: {name}, cloud: {name.split("-")[0]}, '
-                     f'region: r, url: "{protocol}://{name}/data", timeout_s: 4, '
-                     f'storage_options: {_flow_map(clouds.options(protocol))}}}')
+@pytest.mark.parametrize("protocol", ["s3", "gs", "az"])
+def test_a_streamed_replica_reads_back_identical_and_a_corrupted_one_is_refused(
+        clouds: sf_servers.CloudEnv, home: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, protocol: str) -> None:
+    """An 11 MB chunk goes to the server as a multipart (S3), resumable (GCS) or block
+    (Azure) upload of two parts. Read from that replica alone, it is the source's bytes.
+    Then a replica whose object is changed on the server right after its upload completes
+    is refused by the write's verification (S3's ETag, GCS's MD5 or a read-back), and the
+    chunk keeps its other replicas and a hint."""
+    import fsspec
+
+    from skyferry.storage import PART_SIZE, ObjectWriter
+
+    bucket = f"streamed-{protocol}"
+    clouds.make_bucket(protocol, bucket)
+    cloud = {"s3": "aws", "gs": "gcp", "az": "azure"}[protocol]
+    others = [c for c in ("aws", "gcp", "azure") if c != cloud]
+    server = (f'  - {{name: x, cloud: {cloud}, region: r, url: "{protocol}://{bucket}/data", '
+              f'timeout_s: 60, storage_options: {_flow_map(clouds.options(protocol))}}}')
+    lines = [f'catalog: "{home}/catalog"', "nodes:", server]
+    lines += [f'  - {{name: l-{c}, cloud: {c}, region: r, url: "{home}/nodes/l-{c}"}}'
+              for c in others]
     topology = tmp_path / "three.yaml"
     topology.write_text("\n".join(lines) + "\n")
-    chunk = 20_000
-    blocks = [os.urandom(chunk - 1) + end for end in (b"\r", b"x", b"y")]
+    alone = tmp_path / "alone.yaml"
+    alone.write_text("\n".join(lines[:3]) + "\n")
+    data = os.urandom(PART_SIZE + 3_000_000)  # two parts
     source = tmp_path / "blob.bin"
-    source.write_bytes(b"".join(blocks))
-    result = run_pipeline(PipelineConfig(source=str(source), dataset="cr", format="binary",
-                                         topology=str(topology), chunk_size=chunk,
-                                         replicas=3, quorum=2, source_cloud="aws"))
-    assert result.status == "completed", result.error
-    assert "checksum does not match" in result.down_reasons["gcp-x"]
-    manifest = _manifest("cr")
-    first = manifest.chunks[0]
-    assert {r.node for r in first.verified} == {"aws-x", "azure-x"}
-    assert [r.node for r in first.replicas if r.state == "hinted"] == ["gcp-x"]
-    # what the server kept, read with Google's own client: one byte short
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
+    source.write_bytes(data)
 
-    client = storage.Client(credentials=AnonymousCredentials(), project="test",
-                            client_options={"api_endpoint": clouds.gs.endpoint})
-    kept = client.bucket("gcp-x").blob(f"data/{first.key}").download_as_bytes()
-    assert kept == blocks[0][:-1]
-    # and every byte reads back from the replicas that verified
-    read = b"".join(data for _m, _c, data in DatasetReader(
-        "cr", topology=load_topology(str(topology))).iter_chunks())
-    assert read == source.read_bytes()
+    def run(dataset: str) -> Any:
+        return run_pipeline(PipelineConfig(
+            source=str(source), dataset=dataset, format="binary", topology=str(topology),
+            chunk_size=len(data), replicas=3, quorum=2, source_cloud=others[0]))
+
+    result = run("streamed")
+    assert result.status == "completed", result.error
+    (chunk,) = _manifest("streamed").chunks
+    assert "x" in {r.node for r in chunk.verified}
+    read = b"".join(d for _m, _c, d in DatasetReader(
+        "streamed", topology=load_topology(str(alone))).iter_chunks())
+    assert read == data
+
+    server_fs = fsspec.filesystem(protocol, **clouds.options(protocol), skip_instance_cache=True)
+    real_commit = ObjectWriter.commit
+
+    def commit_then_corrupt(out: ObjectWriter) -> None:
+        real_commit(out)
+        if out.store.name == "x":  # the same size, one byte changed, after the upload
+            kept = server_fs.cat_file(out.path)
+            server_fs.pipe_file(out.path, bytes([kept[0] ^ 0xFF]) + kept[1:])
+
+    monkeypatch.setattr(ObjectWriter, "commit", commit_then_corrupt)
+    result = run("corrupted")
+    assert result.status == "completed", result.error
+    assert "x" in result.down_reasons and "does not match" in result.down_reasons["x"]
+    (chunk,) = _manifest("corrupted").chunks
+    assert {r.node for r in chunk.verified} == {f"l-{c}" for c in others}
+    assert [r.node for r in chunk.replicas if r.state == "hinted"] == ["x"]
+    for node in (f"l-{c}" for c in others):
+        assert (home / "nodes" / node / chunk.key).read_bytes() == data
+
+

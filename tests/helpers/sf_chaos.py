@@ -13,6 +13,7 @@ fails on purpose.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import socket
 import threading
@@ -177,6 +178,15 @@ class FaultyFileSystem(AbstractFileSystem):
                     Path(control).write_text(json.dumps(faults))
         self.local.pipe_file(path, value)
 
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        """A streamed write lands through :meth:`pipe_file` when it is closed, faults and
+        all (a discarded one lands nowhere); reads are the local file's."""
+        if "w" not in mode:
+            path = self._strip_protocol(path)
+            self._check(path)
+            return self.local._open(path, mode, **kwargs)
+        return _FaultyWrite(self, path)
+
     def cat_file(self, path: str, start: int | None = None, end: int | None = None,
                  **kwargs: Any) -> bytes:
         path = self._strip_protocol(path)
@@ -211,6 +221,24 @@ class FaultyFileSystem(AbstractFileSystem):
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
         self.local.makedirs(self._strip_protocol(path), exist_ok=exist_ok)
+
+
+class _FaultyWrite(io.BytesIO):
+    def __init__(self, fs: FaultyFileSystem, path: str) -> None:
+        super().__init__()
+        self.fs, self.path, self.discarded = fs, path, False
+        fs._check(fs._strip_protocol(path), writing=True)
+
+    def discard(self) -> None:
+        self.discarded = True
+        super().close()
+
+    def close(self) -> None:
+        if not self.closed and not self.discarded:
+            data = self.getvalue()
+            super().close()
+            self.fs.pipe_file(self.path, data)
+        super().close()
 
 
 fsspec.register_implementation("faulty", FaultyFileSystem, clobber=True)

@@ -1,16 +1,17 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from skyferry.distribute.placement import NodeHealth, Placer
-from skyferry.distribute.replication import ReplicaWriter
-from skyferry.errors import NodeUnavailableError
+from skyferry.distribute.replication import FanOut, ReplicaWriter
 from skyferry.hashing import content_hash
-from skyferry.storage import Store
+from skyferry.storage import ObjectWriter, Store
 from skyferry.topology import load_topology
 
 # How long a write to the capped node holds on, waiting to see a second one start. Only the
@@ -25,30 +26,52 @@ def writer(home: Path) -> ReplicaWriter:
                          "aws")
 
 
+def blocks_of(data: bytes, size: int = 1000) -> Callable[[FanOut], None]:
+    """A producer that streams ``data`` in blocks of ``size`` bytes."""
+    def produce(fan: FanOut) -> None:
+        for start in range(0, len(data), size):
+            fan.write(data[start:start + size])
+    return produce
+
+
 def test_a_writes_allowance_counts_the_bytes_sharing_its_node(writer: ReplicaWriter) -> None:
     node = writer.topology.node("gcp-node-1")
-    first = writer._enter(node.name, 8_000_000)
-    assert writer._deadline(node, first) == pytest.approx(node.timeout_s + 2.0)  # 8 MB, 4 MB/s
-    second = writer._enter(node.name, 8_000_000)  # queued behind the first, in flight with it
-    assert writer._deadline(node, second) == pytest.approx(node.timeout_s + 4.0)
-    # the first shares the node with the second from now on: its allowance grows too
-    assert writer._deadline(node, first) == pytest.approx(node.timeout_s + 4.0)
+    assert writer._allowance(node) == pytest.approx(node.timeout_s)
+    writer._enter(node.name, 8_000_000)
+    assert writer._allowance(node) == pytest.approx(node.timeout_s + 2.0)  # 8 MB, 4 MB/s
+    writer._enter(node.name, 8_000_000)  # another chunk's block, queued to the same node
+    assert writer._allowance(node) == pytest.approx(node.timeout_s + 4.0)
     other = writer.topology.node("gcp-node-2")
-    assert writer._deadline(other, writer._enter(other.name, 8_000_000)) == pytest.approx(
-        other.timeout_s + 2.0)  # per node
+    assert writer._allowance(other) == pytest.approx(other.timeout_s)  # per node
     writer._leave(node.name, 8_000_000)
     writer._leave(node.name, 8_000_000)
-    third = writer._enter(node.name, 8_000_000)  # after both finished: alone again
-    assert writer._deadline(node, third) == pytest.approx(node.timeout_s + 2.0)
+    assert writer._allowance(node) == pytest.approx(node.timeout_s)
 
 
-def test_finished_writes_leave_nothing_queued(writer: ReplicaWriter, home: Path) -> None:
+def test_a_streamed_write_stores_the_bytes_and_leaves_nothing_queued(
+        writer: ReplicaWriter, home: Path) -> None:
     data = bytes(range(256)) * 40
     planned = ["aws-node-1", "gcp-node-1", "azure-node-1"]
-    outcome = writer.write(0, "d/chunk-00000.bin", data, content_hash(data), planned, 2)
+    outcome = writer.write(0, "d/chunk-00000.bin", blocks_of(data), planned, 2)
     assert [r.node for r in outcome.replicas if r.state == "verified"] == planned
+    assert (outcome.digest, outcome.size) == (content_hash(data), len(data))
     for name in planned:
         assert (home / "nodes" / name / "d" / "chunk-00000.bin").read_bytes() == data
+        assert not list((home / "nodes" / name / "d").glob(".tmp-*"))
+    assert writer._queued == dict.fromkeys(planned, 0)
+
+
+def test_a_failed_producer_leaves_no_replica(writer: ReplicaWriter, home: Path) -> None:
+    def produce(fan: FanOut) -> None:
+        fan.write(b"half a chunk")
+        raise ValueError("the source broke off")
+
+    planned = ["aws-node-1", "gcp-node-1", "azure-node-1"]
+    with pytest.raises(ValueError, match="broke off"):
+        writer.write(0, "d/chunk-00000.bin", produce, planned, 2)
+    writer.close()  # the sinks' threads end
+    for name in planned:
+        assert not list((home / "nodes" / name).rglob("*chunk-00000*")), name
     assert writer._queued == dict.fromkeys(planned, 0)
 
 
@@ -67,30 +90,32 @@ def test_a_nodes_max_writes_caps_its_writes_in_flight(
     writer = _capped(max_writes)
     lock, active, peak = threading.Lock(), [0], [0]
     overlapped = threading.Event()
-    real_put = Store.put
+    real_open, real_commit = Store.writer, ObjectWriter.commit
 
-    def put(store: Store, key: str, data: bytes | memoryview) -> None:
-        if store.name != "aws-node-1":
-            return real_put(store, key, data)
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-            if active[0] > 1:
-                overlapped.set()
-        try:
+    def open_writer(store: Store, key: str, **kw: Any) -> ObjectWriter:
+        if store.name == "aws-node-1":
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+                if active[0] > 1:
+                    overlapped.set()
             overlapped.wait(OVERLAP_WINDOW_S)  # every chance for another write to start
-            return real_put(store, key, data)
-        finally:
+        return real_open(store, key, **kw)
+
+    def commit(out: ObjectWriter) -> None:
+        real_commit(out)
+        if out.store.name == "aws-node-1":
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(Store, "put", put)
+    monkeypatch.setattr(Store, "writer", open_writer)
+    monkeypatch.setattr(ObjectWriter, "commit", commit)
     chunks = {i: bytes([i + 1]) * 4096 for i in range(3)}
     planned = ["aws-node-1", "gcp-node-1", "azure-node-1"]
     with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
         outcomes = list(pool.map(
-            lambda i: writer.write(i, f"d/chunk-{i:05d}.bin", chunks[i],
-                                   content_hash(chunks[i]), planned, 2), chunks))
+            lambda i: writer.write(i, f"d/chunk-{i:05d}.bin", blocks_of(chunks[i]), planned, 2),
+            chunks))
     for i, outcome in zip(chunks, outcomes, strict=True):
         assert [r.node for r in outcome.replicas if r.state == "verified"] == planned
         for name in planned:
@@ -107,10 +132,27 @@ def test_a_write_waiting_for_a_slot_of_a_node_gone_down_gives_up(home: Path) -> 
     node = writer.topology.node("aws-node-1")
     slot = writer._slot(node)
     assert slot is not None and slot.acquire(blocking=False)  # a hung write holds the slot
-    writer.health.mark(node.name, "down", "did not finish writing within 7.0s")
     data = b"replica bytes"
-    writer._enter(node.name, len(data))
-    with pytest.raises(NodeUnavailableError, match=r"aws-node-1 was marked down .*'d/x\.bin'"):
-        writer._write_one(node, "d/x.bin", data, content_hash(data), None)
+    planned = ["aws-node-1", "gcp-node-1"]
+    done: list[Any] = []
+    queued, real_enter = threading.Event(), writer._enter
+
+    def enter(name: str, size: int) -> None:
+        real_enter(name, size)
+        if name == node.name:
+            queued.set()
+
+    writer._enter = enter  # type: ignore[method-assign]
+    thread = threading.Thread(target=lambda: done.append(
+        writer.write(0, "d/x.bin", blocks_of(data), planned, 1)))
+    thread.start()
+    assert queued.wait(30)  # the write's block is queued to the node, behind the slot
+    writer.health.mark(node.name, "down", "did not finish writing within 7.0s")
+    thread.join(timeout=30)
+    (outcome,) = done
+    assert "aws-node-1" not in {r.node for r in outcome.replicas if r.state == "verified"}
+    assert any("aws-node-1 was" in e and "down" in e for e in outcome.errors), outcome.errors
+    assert len([r for r in outcome.replicas if r.state == "verified"]) == 2  # re-placed
+    writer.close()
     assert not (home / "nodes" / "aws-node-1" / "d" / "x.bin").exists()
-    assert writer._queued == {node.name: 0}
+    assert writer._queued[node.name] == 0

@@ -13,12 +13,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from skyferry.hashing import content_hash
 from skyferry.ingest.listing import list_source
-from skyferry.ingest.read import plan_chunks, read_chunk, with_headers
-from skyferry.process.clean import decode_parts
+from skyferry.ingest.read import SourceStream, plan_chunks
+from skyferry.process.clean import process_parts
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -92,15 +95,21 @@ def _value(value: Any) -> str:
         return str(value)
 
 
-def _outcome(path: Path, chunk_size: int) -> tuple[Counter[str], Counter[str]]:
-    """Stored rows (as JSON) and rejected texts of the file processed at ``chunk_size``."""
+def _outcome(path: Path, chunk_size: int, block: int) -> tuple[Counter[str], Counter[str]]:
+    """Stored rows (as JSON) and rejected texts of the file processed at ``chunk_size``,
+    streamed in blocks of ``block`` bytes."""
     (file,) = list_source(str(path))
     stored: Counter[str] = Counter()
     rejected: Counter[str] = Counter()
     for plan in plan_chunks([file], "auto", chunk_size):
-        pieces, _ = read_chunk(plan)
-        out = decode_parts(with_headers(plan, pieces), plan.format, None)
-        for row in out.table.to_pylist():
+        stream = SourceStream(plan, None, block)
+        blocks = [(b.part, b.data, b.header, b.offset) for b in stream]
+        assert stream.digest == content_hash(b"".join(
+            path.read_bytes()[p.start:p.end] for p in plan.parts))
+        buffer, out = process_parts(blocks, plan.format, None, [], "t")
+        table = pq.read_table(pa.BufferReader(buffer))
+        assert table.num_rows == sum(out.part_rows)
+        for row in table.to_pylist():
             stored[json.dumps({k: _value(v) for k, v in row.items() if v is not None},
                               sort_keys=True)] += 1
         for reject in out.rejects:
@@ -112,10 +121,12 @@ def _same_at_every_chunk_size(data: bytes, suffix: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"data{suffix}"
         path.write_bytes(data)
-        whole = _outcome(path, len(data) + 1)
+        whole = _outcome(path, len(data) + 1, len(data) + 1)
         sizes = sorted({1, 2, 3, 5, 8, 13, 40, 100, 500, len(data) // 2 or 1, len(data)})
         for chunk_size in sizes:
-            assert _outcome(path, chunk_size) == whole, f"chunk size {chunk_size}"
+            assert _outcome(path, chunk_size, 1 << 20) == whole, f"chunk size {chunk_size}"
+        for block in (1, 7, 64, len(data) // 3 or 1):  # one chunk, streamed in small blocks
+            assert _outcome(path, len(data) + 1, block) == whole, f"block size {block}"
 
 
 @PROPERTY
@@ -135,6 +146,7 @@ def test_a_quote_inside_an_unquoted_field_opens_nothing(tmp_path: Path) -> None:
     rows = ['1,ab"c,1'] + [f'{i},"multi\nline {i}",{i}' for i in range(2, 40)]
     path = tmp_path / "q.csv"
     path.write_bytes(("id,text,value\n" + "\n".join(rows) + "\n").encode())
-    for chunk_size in (100, 37, 10**6):
-        stored, rejected = _outcome(path, chunk_size)
-        assert sum(stored.values()) == 39 and not rejected, chunk_size
+    for chunk_size, block in ((100, 1 << 20), (37, 1 << 20), (10**6, 1 << 20), (10**6, 37),
+                              (10**6, 5)):
+        stored, rejected = _outcome(path, chunk_size, block)
+        assert sum(stored.values()) == 39 and not rejected, (chunk_size, block)

@@ -163,6 +163,6 @@ def test_jsonl_with_mixed_types_keeps_every_row_as_text() -> None:
 
 
 def test_an_undecodable_part_is_a_format_error_naming_the_file() -> None:
-    part = ChunkPart(source="file:///data/odd.parquet", start=0, end=4)
+    part = ChunkPart(source="file:///data/odd.parquet", start=0, end=4, row_groups=(0,))
     with pytest.raises(FormatError, match="odd.parquet"):
         process_parts([(part, b"PAR1", b"")], "parquet", None, [], "t")
