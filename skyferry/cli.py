@@ -147,7 +147,7 @@ def run(
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
     batch_id: Annotated[Optional[str], typer.Option("--batch-id", help="batch id")] = None,
     format: Annotated[str, typer.Option(help="auto|csv|jsonl|parquet|binary")] = "auto",
-    chunk_size: Annotated[str, typer.Option("--chunk-size", help="e.g. 64MB, 65536")] = "64MiB",
+    chunk_size: Annotated[str, typer.Option("--chunk-size", help="e.g. 64MB, 65536")] = "512MiB",
     replicas: Annotated[int, typer.Option(help="replication factor")] = 3,
     quorum: Annotated[int, typer.Option(help="write quorum")] = 2,
     min_clouds: Annotated[int, typer.Option(

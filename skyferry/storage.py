@@ -44,6 +44,7 @@ logger = logging.getLogger("skyferry.storage")
 # A streamed upload's part (S3 multipart, GCS resumable, Azure block): S3's smallest part
 # is 5 MiB, GCS wants a multiple of 256 KiB.
 PART_SIZE = 8 << 20
+FLUSH_EVERY = 32 << 20  # a durable local write is flushed every this many bytes
 
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 _DENIED_CODES = ("AccessDenied", "AuthorizationFailure", "AuthenticationFailed",
@@ -514,6 +515,7 @@ class ObjectWriter:
         self._parts: list[bytes] | None = [] if protocol in ("s3", "s3a") else None
         self._pending = bytearray()  # bytes not yet sent (object stores)
         self._sent = 0
+        self._flushed = 0  # bytes of a local temp file already flushed to disk
         self._upload: _Upload | None = None
         self._fh: Any = None
         self._tmp: str | None = None
@@ -541,6 +543,11 @@ class ObjectWriter:
             self.size += len(block)
             if self._tmp is not None:
                 self._fh.write(block)
+                if self.durable and self.size - self._flushed >= FLUSH_EVERY:
+                    # flushed as it goes, so the commit's flush has little left to wait on
+                    self._fh.flush()
+                    os.fdatasync(self._fh.fileno())
+                    self._flushed = self.size
                 return
             self._pending += block
             while len(self._pending) > PART_SIZE:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
+
 from skyferry.models import ChunkPart, ChunkPlan
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
 Reader = Callable[[int, int], bytes]
 _NL = b"\n"
 _EXTEND = 1 << 20
+_SCAN = 8 << 20  # the planner reads text in blocks of this size
 
 
 def binary_segments(size: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -51,6 +54,8 @@ _RECORD = _FIELD + rb"(?:," + _FIELD + rb")*+(?:\r\n|\n|\r)"
 _CSV_RECORD = re.compile(_RECORD)
 _CSV_RECORDS = re.compile(rb"(?:" + _RECORD + rb")*+")
 _BOM = b"\xef\xbb\xbf"
+_QUOTE, _LF = ord('"'), ord("\n")
+_FIELD_START = np.array([ord(","), ord("\n"), ord("\r"), ord('"')], dtype=np.uint8)
 
 
 def csv_last_end(window: bytes, skip: int, more: bool) -> int:
@@ -61,9 +66,31 @@ def csv_last_end(window: bytes, skip: int, more: bool) -> int:
     """
     if b'"' not in window:  # no quote, no quoted field: every line end is a record's end
         return max(window.rfind(_NL) + 1, skip)
+    fast = _csv_last_end_by_parity(window, skip)
+    if fast is not None:
+        return fast
     stop = len(window) - 1 if more and window.endswith(b"\r") else len(window)
     match = _CSV_RECORDS.match(window, skip, stop)
     return match.end() if match else skip
+
+
+def _csv_last_end_by_parity(window: bytes, skip: int) -> int | None:
+    """The last LF outside a quoted field, found by counting quotes (vectorised), when that
+    count is the parser's state: every quote that opens a field stands at a field's start
+    (or doubles the quote before it). None when one does not (a quote inside an unquoted
+    field is a plain character), or no LF is outside a quoted field: the exact scan decides.
+    """
+    data = np.frombuffer(window, dtype=np.uint8)
+    quotes = np.flatnonzero(data == _QUOTE)
+    opening = quotes[0::2]
+    before = data[opening[opening > skip] - 1]
+    if not np.isin(before, _FIELD_START).all() or (opening.size and opening[0] < skip):
+        return None
+    lines = np.flatnonzero(data == _LF)
+    outside = lines[np.searchsorted(quotes, lines) % 2 == 0]
+    if not outside.size or outside[-1] < skip:
+        return None
+    return int(outside[-1]) + 1
 
 
 def csv_record_around(data: bytes, start: int, pos: int) -> tuple[int, int]:
@@ -98,10 +125,6 @@ def _csv_record_end(read: Reader, size: int, start: int, skip: int = 0) -> int:
         length *= 2
 
 
-def _jsonl_last_end(window: bytes) -> int:
-    return window.rfind(_NL) + 1
-
-
 def _jsonl_record_end(read: Reader, size: int, start: int) -> int:
     pos = start
     while pos < size:
@@ -111,6 +134,33 @@ def _jsonl_record_end(read: Reader, size: int, start: int) -> int:
             return pos + i + 1
         pos += len(block)
     return size
+
+
+def _last_record_end(read: Reader, start: int, target: int, quoted: bool, skip: int) -> int:
+    """The end of the last whole record in ``[start, target)`` (``start``, a record boundary,
+    when there is none), read in blocks of :data:`_SCAN` bytes: memory is a block, plus one
+    record larger than a block, whatever the chunk size."""
+    if not quoted:  # a JSONL record ends at a newline: look back from the target
+        at = target
+        while at > start:
+            begin = max(start, at - _SCAN)
+            found = read(begin, at).rfind(_NL)
+            if found >= 0:
+                return begin + found + 1
+            at = begin
+        return start
+    last, carry, pos = start, b"", start
+    while pos < target:
+        end = min(pos + _SCAN, target)
+        window = carry + read(pos, end) if carry else read(pos, end)
+        pos = end
+        cut = csv_last_end(window, skip if last == start else 0, True)  # the file goes on
+        if cut > (skip if last == start else 0):
+            last += cut
+            carry = window[cut:]
+        else:
+            carry = window
+    return last
 
 
 def text_segments(
@@ -139,11 +189,9 @@ def text_segments(
             break
         end: int | None = None
         if target > floor:
-            window = read(start, target)
-            found = (csv_last_end(window, skip if start == 0 else 0, True) if quoted
-                     else _jsonl_last_end(window))
-            if start + found > floor:
-                end = start + found
+            found = _last_record_end(read, start, target, quoted, skip if start == 0 else 0)
+            if found > floor:
+                end = found
         if end is None:
             # One record is larger than the chunk: take the first record end past `floor`.
             end = record_end(floor)

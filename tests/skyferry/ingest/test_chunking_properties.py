@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skyferry.hashing import content_hash
+from skyferry.ingest import chunking
 from skyferry.ingest.listing import list_source
 from skyferry.ingest.read import SourceStream, plan_chunks
 from skyferry.process.clean import process_parts
@@ -150,3 +151,24 @@ def test_a_quote_inside_an_unquoted_field_opens_nothing(tmp_path: Path) -> None:
                               (10**6, 5)):
         stored, rejected = _outcome(path, chunk_size, block)
         assert sum(stored.values()) == 39 and not rejected, (chunk_size, block)
+
+
+def _record_ends(window: bytes) -> set[int]:
+    """Every record end of ``window`` by the exact scan (pyarrow's reading of records)."""
+    ends, at = {0}, 0
+    while (match := chunking._CSV_RECORD.match(window, at)) is not None and match.end() > at:
+        at = match.end()
+        ends.add(at)
+    return ends
+
+
+@PROPERTY
+@given(csv_files(), st.integers(min_value=1, max_value=2_000))
+def test_a_cut_by_counting_quotes_is_a_record_end_of_the_exact_scan(data: bytes,
+                                                                    length: int) -> None:
+    window = data[:length]
+    fast = chunking._csv_last_end_by_parity(window, 0)
+    if fast is not None:
+        assert fast in _record_ends(window)
+        exact = chunking._CSV_RECORDS.match(window, 0, len(window))
+        assert exact is not None and fast <= exact.end()
