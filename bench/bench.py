@@ -188,17 +188,18 @@ def warm_memory() -> float:
     return time.perf_counter() - started
 
 
-def child_peak_rss(source: str, dataset: str, chunk: int = CHUNK) -> tuple[float, float]:
+def child_peak_rss(source: str, dataset: str, chunk: int | None = None) -> tuple[float, float]:
     """Run the CLI in a child; return (its flow duration, the child's peak RSS in MB)."""
     cmd = [sys.executable, "-m", "skyferry.cli", "run", source, "--dataset", dataset,
-           "--chunk-size", str(chunk), "--json"]
+           "--chunk-size", str(chunk or CHUNK), "--json"]
     out_path = ROOT / "child.json"
     # ru_maxrss is no use here: a child inherits this process's high-water mark through
     # fork/vfork, and it survives exec. VmHWM of the child's own (new) address space is
     # exact and monotonic, so sampling it, and its children's, finds the peak.
     peak_kb = 0
-    with open(out_path, "w") as out:
-        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env=os.environ)
+    err_path = ROOT / "child.err"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, env=os.environ)
         while True:
             try:
                 child.wait(timeout=0.25)
@@ -206,7 +207,9 @@ def child_peak_rss(source: str, dataset: str, chunk: int = CHUNK) -> tuple[float
             except subprocess.TimeoutExpired:
                 peak_kb = max(peak_kb, _tree_hwm_kb(child.pid))
     if child.returncode != 0:
-        raise SystemExit(f"the benchmark child failed with status {child.returncode}")
+        tail = err_path.read_text().strip().splitlines()[-3:]
+        raise SystemExit(f"the benchmark child failed with status {child.returncode}: "
+                         + " / ".join(tail))
     result = json.loads(out_path.read_text())
     sync()
     return float(result["duration_s"]), peak_kb / 1024
@@ -296,8 +299,8 @@ def main() -> None:
         targets = [ROOT / "rclone" / f"n{i}" for i in range(3)]
 
         def rclone_copy() -> None:
-            procs = [subprocess.Popen([rclone, "copy", "--checksum", str(blob.parent), str(t)])
-                     for t in targets]
+            procs = [subprocess.Popen([rclone, "copy", "--checksum", str(blob.parent), str(t)],
+                                      stderr=subprocess.DEVNULL) for t in targets]
             for p in procs:
                 p.wait()
             sync()

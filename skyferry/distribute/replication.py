@@ -175,15 +175,13 @@ class ReplicaWriter:
                 self._slots[node.name] = threading.BoundedSemaphore(node.max_writes)
             return self._slots[node.name]
 
-    def _wait_for_slot(self, node: Node, slot: threading.Semaphore, key: str,
-                       sink: _Sink) -> None:
+    def _wait_for_slot(self, node: Node, slot: threading.Semaphore, key: str) -> None:
         """Take one of the node's write slots; give up once the node is marked down.
 
         A write that hangs keeps its slot, so the writes behind it would wait for ever; the
         node is marked down when the hung write's allowance runs out, and they stop here.
         """
         while not slot.acquire(timeout=SLOT_POLL_S):
-            sink.progress = time.monotonic()  # waiting its turn is not hanging
             if not self.health.healthy(node.name):
                 raise NodeUnavailableError(
                     f"node {node.name} was marked down while writing {key!r} waited for one "
@@ -295,23 +293,18 @@ class _Sink:
     backend's writer, whatever the chunk's size.
     """
 
-    def __init__(self, writer: ReplicaWriter, node: Node, key: str) -> None:
-        self.writer, self.node, self.key = writer, node, key
+    def __init__(self, writer: ReplicaWriter, node: Node, key: str,
+                 slot: threading.Semaphore | None) -> None:
+        self.writer, self.node, self.key, self.slot = writer, node, key, slot
         self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_BLOCKS)
         self.expect: tuple[str, int] = ("", 0)  # set before the end of the stream is sent
-        self.md5: str | None = None
-        self.progress = time.monotonic()  # the last time it took a block, or waited for a slot
+        self.progress = time.monotonic()  # the last time it took a block
         self.abandoned: BaseException | None = None
         self.future: Future[None] = writer._pool.submit(self._run)
 
     def _run(self) -> None:
-        slot = self.writer._slot(self.node)
-        held = False
         out = None
         try:
-            if slot is not None:
-                self.writer._wait_for_slot(self.node, slot, self.key, self)
-                held = True
             store = self.writer.store_of(self.node)
             out = store.writer(self.key)
             while (block := self.queue.get()) is not None:
@@ -342,8 +335,8 @@ class _Sink:
                 out.abort()
             raise
         finally:
-            if held:
-                slot.release()  # type: ignore[union-attr]
+            if self.slot is not None:
+                self.slot.release()
             self._drain()
 
     def _drain(self) -> None:
@@ -370,8 +363,23 @@ class FanOut:
         remote = any(not writer.store_of(n).is_local for n in targets)
         self._md5 = hashlib.md5(usedforsecurity=False) if remote else None
         self.md5: str | None = None
-        self.sinks = {n.name: _Sink(writer, n, key) for n in targets}
         self._errors: dict[str, BaseException] = {}
+        # A node's write slots (max_writes) are taken here, in one order for every chunk,
+        # before any byte moves: a chunk streams to all its replicas in step, so two chunks
+        # that each held one node's slot and waited for the other's would wait for ever.
+        slots: dict[str, threading.Semaphore] = {}
+        for node in sorted(targets, key=lambda n: n.name):
+            slot = writer._slot(node)
+            if slot is None:
+                continue
+            try:
+                writer._wait_for_slot(node, slot, key)
+            except NodeUnavailableError as exc:
+                self._errors[node.name] = exc
+                continue
+            slots[node.name] = slot
+        self.sinks = {n.name: _Sink(writer, n, key, slots.get(n.name)) for n in targets
+                      if n.name not in self._errors}
 
     def write(self, block: bytes | memoryview) -> None:
         if not len(block):
@@ -386,6 +394,12 @@ class FanOut:
 
     def _live(self) -> list[_Sink]:
         return [s for s in self.sinks.values() if s.node.name not in self._errors]
+
+    def _settle(self) -> None:
+        """Let go of what ended sinks left queued (the node's queued bytes)."""
+        for sink in self.sinks.values():
+            if sink.future.done():
+                sink._drain()
 
     def _drop(self, sink: _Sink, exc: BaseException) -> None:
         self._errors[sink.node.name] = exc
@@ -441,6 +455,7 @@ class FanOut:
             self._put(sink, None)
         for sink in self._live():
             self._await(sink)
+        self._settle()
 
     def _await(self, sink: _Sink) -> None:
         """Wait for a sink's commit and verification, as long as its node is alive and its
@@ -475,6 +490,7 @@ class FanOut:
             self._drop(sink, NodeUnavailableError(
                 f"the write of {self.key!r} was abandoned: producing the chunk failed",
                 node=sink.node.name, key=self.key))
+        self._settle()
 
     def outcome(self, node: Node) -> BaseException | None:
         """The node's error, or None when its replica verified."""

@@ -11,32 +11,32 @@ A source file is ingested again when its size or fingerprint (etag, else mtime) 
 A source file that is deleted keeps its last committed version: skyferry loads, it does not
 mirror deletions.
 
-Planning reads these versions from a :class:`SourceIndex` (``index/<dataset>/sources.json``
-in the catalog), not from every manifest: each commit folds its manifest in, so planning
-costs one listing of the manifests' keys plus the new files, whatever the history. The
-manifests stay the truth: an index that misses a manifest folds it in, and one that holds
-a manifest no longer listed (retracted, or lost from the catalog) is rebuilt from them.
+Planning reads these versions from a :class:`SourceIndex` in the catalog, one entry per
+source file, not from every manifest: planning costs an entry per file it lists, whatever
+the history. The manifests stay the truth: see :class:`SourceIndex`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
+from skyferry.commit.copies import CATALOG
 from skyferry.commit.manifest import Catalog, Manifest
-from skyferry.errors import StorageError
-from skyferry.hashing import new_hasher
+from skyferry.errors import ObjectNotFoundError
+from skyferry.hashing import content_hash, new_hasher
 from skyferry.ingest.listing import detect_format
 from skyferry.ingest.read import read_range
 from skyferry.models import ChunkPart, SourceFile, StoredChunk
 from skyferry.storage import safe_key
 
-__all__ = ["LiveSource", "SourceIndex", "grown_from", "index_key", "live_parts", "live_sources",
-           "load_index", "rebuild_index"]
+__all__ = ["LiveSource", "SourceIndex", "grown_from", "live_parts", "live_sources",
+           "source_index"]
 
 logger = logging.getLogger("skyferry.ingest.read")
 
@@ -81,110 +81,123 @@ def _part_digests(chunk: StoredChunk) -> Sequence[str | None]:
     return [chunk.source_digest] if len(chunk.parts) == 1 else [None] * len(chunk.parts)
 
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 
 
-class IndexedSource(BaseModel):
-    """One source file's live version, the batches that hold it, and their parts of it
-    (``start``, ``end``, source hash or None)."""
+class IndexedVersion(BaseModel):
+    """One version of a source file: the batch that holds it, the manifest that commits that
+    batch, and the batch's parts of the file (``start``, ``end``, source hash or None)."""
 
+    batch_id: str
+    manifest: str
     file: SourceFile
-    batches: list[str]
     parts: list[tuple[int, int, str | None]]
 
 
-class SourceIndex(BaseModel):
-    """A dataset's live source versions, folded from its manifests in commit order."""
+class IndexEntry(BaseModel):
+    url: str
+    versions: list[IndexedVersion] = []  # in commit order
 
-    format: int = INDEX_FORMAT
-    dataset: str
-    manifests: list[str] = []  # the manifest keys folded in
-    newest: tuple[str, str] = ("", "")  # (created_at, batch_id) of the newest of them
-    sources: dict[str, IndexedSource] = {}
 
-    def fold(self, manifest: Manifest, key: str) -> None:
-        """Add a manifest committed after every one already folded."""
+class SourceIndex:
+    """A dataset's source versions, one small entry per source file in the catalog
+    (``index/<dataset>/sources/<hash of the URL>.json``), so that planning reads an entry per
+    file it lists, whatever the history.
+
+    A commit records its sources' versions *before* its catalog copy is written (the commit
+    point), so an entry never lacks a committed version; a version is taken as live only if
+    its manifest is committed (in the catalog, else on a node), so a batch that failed to
+    commit, or was retracted, is not. Entries are rebuilt from the manifests, the truth,
+    when ``index/<dataset>/index.json`` is missing or of another format.
+    """
+
+    def __init__(self, catalog: Catalog, dataset: str) -> None:
+        self.catalog, self.dataset = catalog, dataset
+        self._committed: dict[str, bool] = {}
+
+    def _entry_key(self, url: str) -> str:
+        return safe_key("index", self.dataset, "sources",
+                        f"{content_hash(url.encode())[:32]}.json")
+
+    @property
+    def marker_key(self) -> str:
+        return safe_key("index", self.dataset, "index.json")
+
+    def entry(self, url: str) -> IndexEntry | None:
+        try:
+            return IndexEntry.model_validate_json(self.catalog.store.get(self._entry_key(url)))
+        except ObjectNotFoundError:
+            return None
+
+    def _is_committed(self, key: str) -> bool:
+        if key not in self._committed:
+            found = self.catalog.store.exists(key)
+            if not found:  # a catalog that lost its copy: a node's copy still commits it
+                places = [p for p in self.catalog.places.names if p != CATALOG]
+                answers, _ = self.catalog.places.each(places, lambda store: store.exists(key))
+                found = any(answers.values())
+            self._committed[key] = found
+        return self._committed[key]
+
+    def lookup(self, url: str) -> tuple[LiveSource, list[tuple[ChunkPart, str | None]]] | None:
+        """The file's live version and the committed parts of it, or None: never committed."""
+        entry = self.entry(url)
+        if entry is None:
+            return None
+        committed = [v for v in reversed(entry.versions) if self._is_committed(v.manifest)]
+        if not committed:
+            return None
+        chain = [committed[0]]
+        for older in committed[1:]:  # a version that extends the one before it keeps it
+            if not chain[-1].file.extends:
+                break
+            chain.append(older)
+        parts = [(ChunkPart(source=url, start=start, end=end, header_end=0, row_groups=()),
+                  digest) for v in chain for start, end, digest in v.parts]
+        return LiveSource(file=chain[0].file, batches=frozenset(v.batch_id for v in chain)), parts
+
+    def record(self, manifest: Manifest) -> None:
+        """Add the manifest's source versions to their entries (before it is committed)."""
+        self._write(manifest, {})
+
+    def _write(self, manifest: Manifest, entries: dict[str, IndexEntry]) -> None:
+        key = self.catalog.key_of(manifest)
         parts: dict[str, list[tuple[int, int, str | None]]] = {}
         for chunk in manifest.chunks:
             for part, digest in zip(chunk.parts, _part_digests(chunk), strict=True):
                 parts.setdefault(part.source, []).append((part.start, part.end, digest))
         for source in manifest.lineage.sources:
-            earlier = self.sources.get(source.url)
-            batches, held = {manifest.batch_id}, []
-            if source.extends and earlier is not None:
-                batches |= set(earlier.batches)
-                held = list(earlier.parts)
-            self.sources[source.url] = IndexedSource(
-                file=source, batches=sorted(batches), parts=held + parts.get(source.url, []))
-        self.manifests.append(key)
-        self.newest = max(self.newest, (manifest.created_at, manifest.batch_id))
+            entry = entries.get(source.url) or self.entry(source.url) or IndexEntry(
+                url=source.url)
+            entry.versions = [v for v in entry.versions if v.batch_id != manifest.batch_id]
+            entry.versions.append(IndexedVersion(batch_id=manifest.batch_id, manifest=key,
+                                                 file=source,
+                                                 parts=parts.get(source.url, [])))
+            entries[source.url] = entry
+            self.catalog.store.put(self._entry_key(source.url), entry.model_dump_json().encode())
+        self._committed.pop(key, None)
 
-    def live(self) -> dict[str, LiveSource]:
-        return {url: LiveSource(file=s.file, batches=frozenset(s.batches))
-                for url, s in self.sources.items()}
+    def ensure(self) -> None:
+        """Rebuild the entries from the manifests if the index is missing or outdated."""
+        try:
+            marker = json.loads(self.catalog.store.get(self.marker_key))
+            if marker.get("format") == INDEX_FORMAT:
+                return
+        except ObjectNotFoundError:
+            pass
+        except ValueError:
+            logger.warning("the source index of %s is unreadable; it is rebuilt", self.dataset)
+        self.rebuild()
 
-    def parts_of(self, url: str) -> list[tuple[ChunkPart, str | None]]:
-        """The committed parts of ``url``'s live version, with their source hashes."""
-        held = self.sources.get(url)
-        return [] if held is None else [
-            (ChunkPart(source=url, start=start, end=end, header_end=0, row_groups=()), digest)
-            for start, end, digest in held.parts]
-
-
-def index_key(dataset: str) -> str:
-    return safe_key("index", dataset, "sources.json")
-
-
-def _save(catalog: Catalog, index: SourceIndex) -> None:
-    """Best effort: an index that could not be written costs the next plan a fold."""
-    try:
-        catalog.store.put(index_key(index.dataset), index.model_dump_json().encode())
-    except StorageError as exc:
-        logger.warning("the source index of %s was not saved (the next run rebuilds it): %s",
-                       index.dataset, exc)
-
-
-def rebuild_index(catalog: Catalog, dataset: str) -> SourceIndex:
-    """The index folded from every committed manifest (the catalog's and the nodes'), saved."""
-    index = SourceIndex(dataset=dataset)
-    for manifest in catalog.manifests(dataset):
-        index.fold(manifest, catalog.key_of(manifest))
-    _save(catalog, index)
-    return index
-
-
-def load_index(catalog: Catalog, dataset: str) -> SourceIndex:
-    """The dataset's source index, checked against one listing of the catalog's manifests.
-
-    Manifests the index lacks, committed after everything it holds, are read and folded
-    in (and the index saved). Anything else (no index, one holding a manifest that is not
-    listed, or lacking an older one) rebuilds it from the manifests.
-    """
-    listed = {o.key for o in catalog.store.list(safe_key("manifests", dataset))
-              if o.key.endswith(".json")}
-    index: SourceIndex | None = None
-    try:
-        index = SourceIndex.model_validate_json(catalog.store.get(index_key(dataset)))
-    except (StorageError, ValidationError, ValueError):
-        index = None
-    if index is not None and index.format == INDEX_FORMAT and index.dataset == dataset:
-        known = set(index.manifests)
-        if known <= listed:
-            if known == listed:
-                return index
-            try:
-                fresh = [Manifest.model_validate_json(catalog.store.get(key))
-                         for key in sorted(listed - known)]
-            except (StorageError, ValidationError, ValueError):
-                fresh = []
-            fresh.sort(key=lambda m: (m.created_at, m.batch_id))
-            if fresh and (fresh[0].created_at, fresh[0].batch_id) > index.newest:
-                for manifest in fresh:
-                    index.fold(manifest, catalog.key_of(manifest))
-                _save(catalog, index)
-                return index
-    logger.info("rebuilding the source index of %s from its manifests", dataset)
-    return rebuild_index(catalog, dataset)
+    def rebuild(self) -> None:
+        """Every entry again from every committed manifest, in commit order."""
+        logger.info("building the source index of %s from its manifests", self.dataset)
+        for info in list(self.catalog.store.list(safe_key("index", self.dataset))):
+            self.catalog.store.delete(info.key)
+        entries: dict[str, IndexEntry] = {}
+        for manifest in self.catalog.manifests(self.dataset):
+            self._write(manifest, entries)
+        self.catalog.store.put(self.marker_key, json.dumps({"format": INDEX_FORMAT}).encode())
 
 
 def _digest_of_range(url: str, start: int, end: int,
@@ -193,6 +206,13 @@ def _digest_of_range(url: str, start: int, end: int,
     for offset in range(start, end, _BLOCK):
         digest.update(read_range(url, offset, min(offset + _BLOCK, end), options))
     return digest.hexdigest()
+
+
+def source_index(catalog: Catalog, dataset: str) -> SourceIndex:
+    """The dataset's source index, built from its manifests if it has none yet."""
+    index = SourceIndex(catalog, dataset)
+    index.ensure()
+    return index
 
 
 def grown_from(file: SourceFile, source: LiveSource,

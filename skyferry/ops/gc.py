@@ -120,8 +120,9 @@ def drop_dataset(topology: Topology, dataset: str) -> int:
                     deleted += 1
         except StorageError as exc:
             logger.warning("drop %s: node %s: %s", dataset, node.name, exc)
-    for obj in list(catalog.store.list(f"rejects/{dataset}")):
-        catalog.store.delete(obj.key)
-        deleted += 1
+    for prefix in (f"rejects/{dataset}", f"index/{dataset}"):
+        for obj in list(catalog.store.list(prefix)):
+            catalog.store.delete(obj.key)
+            deleted += 1
     logger.info("dropped dataset %s: %d objects", dataset, deleted)
     return deleted

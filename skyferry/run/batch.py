@@ -16,7 +16,7 @@ from skyferry import __version__
 from skyferry.commit.manifest import BatchPlan, Lineage, Manifest
 from skyferry.ingest.listing import Listing, list_source_files
 from skyferry.ingest.read import plan_chunks
-from skyferry.ingest.versions import grown_from, load_index
+from skyferry.ingest.versions import SourceIndex, grown_from, source_index
 from skyferry.metrics import PipelineResult
 from skyferry.models import SourceFile, StoredChunk
 from skyferry.run.context import BatchRun, RunSetup, new_placer, open_batch, resume_batch
@@ -35,18 +35,17 @@ def new_source_files(setup: RunSetup) -> Listing:
     """
     config = setup.config
     listing = list_source_files(config.source, config.source_options)
-    index = load_index(setup.catalog, config.dataset)
-    live = index.live()
+    index = source_index(setup.catalog, config.dataset)
     fresh = []
     for file in listing.files:
-        earlier = live.get(file.url)
-        if earlier is None:
+        found = index.lookup(file.url)
+        if found is None:
             fresh.append(file)
             continue
+        earlier, committed = found
         if (earlier.file.size, earlier.file.fingerprint) == (file.size, file.fingerprint):
             continue
-        extends = grown_from(file, earlier, index.parts_of(file.url), config.format,
-                             config.source_options)
+        extends = grown_from(file, earlier, committed, config.format, config.source_options)
         fresh.append(file.model_copy(update={"extends": extends}))
         if not extends:
             logger.warning("%s changed; its new version supersedes the committed one",
@@ -120,12 +119,11 @@ def commit_batch(run: BatchRun, chunks: list[StoredChunk]) -> tuple[Manifest, st
     started = time.perf_counter()
     manifest = Manifest.from_plan(run.plan, chunks)
     down = [n for n, state in run.setup.health.states.items() if state == "down"]
+    # the sources' versions go into the index before the commit point, so the index never
+    # lacks a committed batch (a version whose batch did not commit is not live)
+    SourceIndex(run.catalog, run.plan.dataset).record(manifest)
     key = run.catalog.commit(manifest, down=down)
     run.catalog.drop_pending(run.plan.dataset, run.plan.batch_id)
-    try:  # the index is a cache of the manifests: a failure here costs the next plan a fold
-        load_index(run.catalog, run.plan.dataset)
-    except Exception as exc:
-        logger.warning("the source index of %s was not updated: %s", run.plan.dataset, exc)
     run.setup.recorder.record("storage", nbytes=len(manifest.to_json()),
                               seconds=time.perf_counter() - started)
     return manifest, key

@@ -62,9 +62,11 @@ class _Stream:
         self.source: SourceStream | None = None
         self.out: ProcessOutput | None = None
         self.seconds = {stage: 0.0 for stage in STAGES}
+        self._writing = 0.0  # time of this pass spent handing blocks to the replicas
 
     def __call__(self, fan: FanOut) -> None:
         run, chunk = self.run, self.chunk
+        self._writing = 0.0
         source = SourceStream(chunk, run.config.source_options, run.setup.settings.block_size)
         self.stage = "ingestion"
         if chunk.format == "binary":
@@ -88,9 +90,6 @@ class _Stream:
     def _account(self, source: SourceStream, processing: float) -> None:
         self.seconds["ingestion"] += source.seconds
         self.seconds["processing"] += max(0.0, processing - self._writing)
-        self._writing = 0.0
-
-    _writing = 0.0  # time of this pass spent handing blocks to the replicas
 
     def _put(self, fan: FanOut, data: Any) -> None:
         stage, self.stage = self.stage, "distribution"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from skyferry.commit.manifest import Manifest, open_catalog
+from skyferry.commit.manifest import Catalog, Manifest, open_catalog
 from skyferry.config import PipelineConfig
 from skyferry.distribute.probe import probe_nodes
-from skyferry.ingest.versions import index_key, load_index, rebuild_index
+from skyferry.ingest.versions import SourceIndex, live_sources, source_index
 from skyferry.run.batch import commit_batch, journal_chunk, new_source_files, plan_batch
 from skyferry.run.chunk import move_chunk
 from skyferry.run.context import open_run
@@ -49,43 +49,60 @@ def _reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return count
 
 
-def test_planning_reads_no_manifest_once_the_index_is_current(
+def _agrees(catalog: Catalog, dataset: str) -> None:
+    """Every file's live version in the index is the one the manifests give."""
+    truth = live_sources(catalog.manifests(dataset))
+    index = source_index(catalog, dataset)
+    for url, live in truth.items():
+        found = index.lookup(url)
+        assert found is not None and found[0] == live, url
+
+
+def test_planning_reads_no_manifest_once_the_index_is_built(
         home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     for i in range(4):  # four batches of history, one file each
         write_ml_csv(src / f"f{i}.csv", 300, seed=i)
         assert _run(src, "idx") == [f"f{i}.csv"]
     catalog = open_catalog(load_topology())
-    assert catalog.store.exists(index_key("idx"))
     write_ml_csv(src / "new.csv", 300, seed=9)
     reads = _reads(monkeypatch)
     setup = open_run(PipelineConfig(source=str(src), dataset="idx"))
     assert [f.path for f in new_source_files(setup).files] == ["new.csv"]
-    assert reads == []  # the index and one listing: no manifest read
+    assert reads == []  # an entry per listed file: no manifest read, no manifest listed
     monkeypatch.undo()
-    index = load_index(catalog, "idx")
-    assert index.model_dump() == rebuild_index(catalog, "idx").model_dump()
-    assert sorted(index.sources) == sorted(f"file://{src}/f{i}.csv" for i in range(4))
+    _agrees(catalog, "idx")
+    index = SourceIndex(catalog, "idx")
+    before = {u: index.entry(u) for u in live_sources(catalog.manifests("idx"))}
+    index.rebuild()
+    assert {u: index.entry(u) for u in before} == before
 
 
-def test_a_lost_or_stale_index_is_rebuilt_from_the_manifests(
-        home: Path, tmp_path: Path) -> None:
+def test_the_index_follows_the_manifests(home: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src"
     write_ml_csv(src / "a.csv", 300, seed=1)
     assert _run(src, "st") == ["a.csv"]
     catalog = open_catalog(load_topology())
-    stale = catalog.store.get(index_key("st"))
-    write_ml_csv(src / "b.csv", 300, seed=2)
-    assert _run(src, "st") == ["b.csv"]
-    catalog.store.put(index_key("st"), stale)  # an index that missed the second commit
-    assert _run(src, "st") == []  # folded in: b.csv is not taken twice
-    catalog.store.delete(index_key("st"))  # no index at all
+    index = SourceIndex(catalog, "st")
+    catalog.store.delete(index.marker_key)  # no index: built again from the manifests
     assert _run(src, "st") == []
-    catalog.store.put(index_key("st"), b"{not json")  # a damaged one
+    catalog.store.put(index.marker_key, b"{not json")  # a damaged one: the same
+    assert _run(src, "st") == []
+    write_ml_csv(src / "b.csv", 300, seed=2)
+
+    def refuse(*args: object, **kwargs: object) -> str:
+        raise OSError("the catalog went away (injected)")
+
+    with monkeypatch.context() as patch:  # b.csv's version is recorded, its batch not committed
+        patch.setattr(Catalog, "commit", refuse)
+        with pytest.raises(OSError, match="injected"):
+            _run(src, "st")
+    assert index.entry(f"file://{src}/b.csv") is not None
+    assert _run(src, "st") == ["b.csv"]  # not live: b.csv is taken, once
     assert _run(src, "st") == []
     (second,) = [m for m in catalog.manifests("st")
                  if [f.path for f in m.lineage.sources] == ["b.csv"]]
     catalog.retract(second)  # a batch no longer committed: its file is new again
     assert _run(src, "st") == ["b.csv"]
-    index = load_index(catalog, "st")
-    assert index.model_dump() == rebuild_index(catalog, "st").model_dump()
+    _agrees(catalog, "st")
