@@ -43,6 +43,7 @@ WRITE_THREADS = 128
 SLOT_POLL_S = 0.25  # how often a write waiting for a node's slot checks the node is not down
 CLOSE_WAIT_S = 10.0  # how long close() waits for the writers' threads to finish
 QUEUE_BLOCKS = 2  # blocks queued to each replica's writer, ahead of the one it is writing
+COALESCE = 1 << 20  # smaller pieces of a chunk's output are joined up to this size
 
 
 def verify_replica(store: Store, key: str, digest: str, size: int,
@@ -363,6 +364,8 @@ class FanOut:
         remote = any(not writer.store_of(n).is_local for n in targets)
         self._md5 = hashlib.md5(usedforsecurity=False) if remote else None
         self.md5: str | None = None
+        self._held: list[bytes] = []  # small pieces not yet passed on
+        self._held_size = 0
         self._errors: dict[str, BaseException] = {}
         # A node's write slots (max_writes) are taken here, in one order for every chunk,
         # before any byte moves: a chunk streams to all its replicas in step, so two chunks
@@ -382,6 +385,9 @@ class FanOut:
                       if n.name not in self._errors}
 
     def write(self, block: bytes | memoryview) -> None:
+        """Hash ``block`` and pass it on; pieces smaller than :data:`COALESCE` bytes (small
+        source files, a Parquet writer's pages) are joined first, so a replica's writer is
+        woken once per MB, not once per piece."""
         if not len(block):
             return
         data = bytes(block)  # the caller may reuse its buffer; the sinks keep this one
@@ -389,6 +395,21 @@ class FanOut:
         if self._md5 is not None:
             self._md5.update(data)
         self.size += len(data)
+        if not self._held and len(data) >= COALESCE:
+            self._send(data)
+            return
+        self._held.append(data)
+        self._held_size += len(data)
+        if self._held_size >= COALESCE:
+            self._send_held()
+
+    def _send_held(self) -> None:
+        if self._held:
+            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held, self._held_size = [], 0
+            self._send(data)
+
+    def _send(self, data: bytes) -> None:
         for sink in self._live():
             self._put(sink, data)
 
@@ -447,6 +468,7 @@ class FanOut:
 
     def finish(self) -> None:
         """End the stream: each sink commits its replica and verifies it."""
+        self._send_held()
         self.digest = self._hasher.hexdigest()
         self.md5 = self._md5.hexdigest() if self._md5 is not None else None
         for sink in self._live():

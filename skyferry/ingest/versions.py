@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,9 +101,9 @@ class IndexEntry(BaseModel):
 
 
 class SourceIndex:
-    """A dataset's source versions, one small entry per source file in the catalog
-    (``index/<dataset>/sources/<hash of the URL>.json``), so that planning reads an entry per
-    file it lists, whatever the history.
+    """A dataset's source versions, one entry per source file, kept in the catalog in 256
+    buckets by the hash of the file's URL (``index/<dataset>/sources/<xx>.json``): planning
+    reads the buckets of the files it lists, not the history's manifests.
 
     A commit records its sources' versions *before* its catalog copy is written (the commit
     point), so an entry never lacks a committed version; a version is taken as live only if
@@ -114,20 +115,37 @@ class SourceIndex:
     def __init__(self, catalog: Catalog, dataset: str) -> None:
         self.catalog, self.dataset = catalog, dataset
         self._committed: dict[str, bool] = {}
+        self._buckets: dict[str, dict[str, IndexEntry]] = {}
 
-    def _entry_key(self, url: str) -> str:
-        return safe_key("index", self.dataset, "sources",
-                        f"{content_hash(url.encode())[:32]}.json")
+    def _bucket_key(self, bucket: str) -> str:
+        return safe_key("index", self.dataset, "sources", f"{bucket}.json")
+
+    @staticmethod
+    def _bucket(url: str) -> str:
+        return content_hash(url.encode())[:2]  # one of 256 buckets
 
     @property
     def marker_key(self) -> str:
         return safe_key("index", self.dataset, "index.json")
 
+    def _load(self, bucket: str) -> dict[str, IndexEntry]:
+        if bucket not in self._buckets:
+            try:
+                raw = json.loads(self.catalog.store.get(self._bucket_key(bucket)))
+                self._buckets[bucket] = {u: IndexEntry.model_validate(e)
+                                         for u, e in raw.get("entries", {}).items()}
+            except ObjectNotFoundError:
+                self._buckets[bucket] = {}
+        return self._buckets[bucket]
+
+    def prefetch(self, urls: Iterable[str]) -> None:
+        """Read the buckets of ``urls`` at once (one read per bucket, not per file)."""
+        buckets = sorted({self._bucket(u) for u in urls} - set(self._buckets))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(self._load, buckets))
+
     def entry(self, url: str) -> IndexEntry | None:
-        try:
-            return IndexEntry.model_validate_json(self.catalog.store.get(self._entry_key(url)))
-        except ObjectNotFoundError:
-            return None
+        return self._load(self._bucket(url)).get(url)
 
     def _is_committed(self, key: str) -> bool:
         if key not in self._committed:
@@ -158,24 +176,38 @@ class SourceIndex:
 
     def record(self, manifest: Manifest) -> None:
         """Add the manifest's source versions to their entries (before it is committed)."""
-        self._write(manifest, {})
+        self.prefetch(f.url for f in manifest.lineage.sources)
+        self._save(self._add(manifest))
 
-    def _write(self, manifest: Manifest, entries: dict[str, IndexEntry]) -> None:
+    def _add(self, manifest: Manifest) -> set[str]:
+        """Add the manifest's versions to the buckets in memory; the buckets touched."""
         key = self.catalog.key_of(manifest)
         parts: dict[str, list[tuple[int, int, str | None]]] = {}
         for chunk in manifest.chunks:
             for part, digest in zip(chunk.parts, _part_digests(chunk), strict=True):
                 parts.setdefault(part.source, []).append((part.start, part.end, digest))
+        touched = set()
         for source in manifest.lineage.sources:
-            entry = entries.get(source.url) or self.entry(source.url) or IndexEntry(
-                url=source.url)
+            bucket = self._bucket(source.url)
+            entries = self._load(bucket)
+            entry = entries.get(source.url) or IndexEntry(url=source.url)
             entry.versions = [v for v in entry.versions if v.batch_id != manifest.batch_id]
             entry.versions.append(IndexedVersion(batch_id=manifest.batch_id, manifest=key,
                                                  file=source,
                                                  parts=parts.get(source.url, [])))
             entries[source.url] = entry
-            self.catalog.store.put(self._entry_key(source.url), entry.model_dump_json().encode())
+            touched.add(bucket)
         self._committed.pop(key, None)
+        return touched
+
+    def _save(self, buckets: set[str]) -> None:
+        def save(bucket: str) -> None:
+            body = {"entries": {u: e.model_dump(mode="json")
+                                for u, e in self._buckets[bucket].items()}}
+            self.catalog.store.put(self._bucket_key(bucket), json.dumps(body).encode())
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(save, sorted(buckets)))
 
     def ensure(self) -> None:
         """Rebuild the entries from the manifests if the index is missing or outdated."""
@@ -194,9 +226,11 @@ class SourceIndex:
         logger.info("building the source index of %s from its manifests", self.dataset)
         for info in list(self.catalog.store.list(safe_key("index", self.dataset))):
             self.catalog.store.delete(info.key)
-        entries: dict[str, IndexEntry] = {}
+        self._buckets = {}
+        touched: set[str] = set()
         for manifest in self.catalog.manifests(self.dataset):
-            self._write(manifest, entries)
+            touched |= self._add(manifest)
+        self._save(touched)
         self.catalog.store.put(self.marker_key, json.dumps({"format": INDEX_FORMAT}).encode())
 
 

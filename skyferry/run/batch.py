@@ -36,6 +36,7 @@ def new_source_files(setup: RunSetup) -> Listing:
     config = setup.config
     listing = list_source_files(config.source, config.source_options)
     index = source_index(setup.catalog, config.dataset)
+    index.prefetch(f.url for f in listing.files)
     fresh = []
     for file in listing.files:
         found = index.lookup(file.url)

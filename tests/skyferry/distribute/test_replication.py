@@ -63,7 +63,7 @@ def test_a_streamed_write_stores_the_bytes_and_leaves_nothing_queued(
 
 def test_a_failed_producer_leaves_no_replica(writer: ReplicaWriter, home: Path) -> None:
     def produce(fan: FanOut) -> None:
-        fan.write(b"half a chunk")
+        fan.write(b"half a chunk" * 200_000)  # enough to reach the replicas' writers
         raise ValueError("the source broke off")
 
     planned = ["aws-node-1", "gcp-node-1", "azure-node-1"]
