@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from skyferry.metrics import STAGES, PipelineResult
+from skyferry.metrics import STAGES, PipelineResult, rate_text
 
 __all__ = ["ADVICE", "BOTTLENECK_SHARE", "placement_markdown", "stage_breakdown"]
 
@@ -41,7 +41,7 @@ def stage_breakdown(result: PipelineResult) -> list[dict[str, Any]]:
             "busy_s": round(m.duration_s, 2),
             "share": f"{share:.0%}",
             "MB": round(m.bytes / 1e6, 1),
-            "MB_s": m.mb_s,
+            "MB_s": rate_text(m.mb_s),
             "success_rate": f"{m.success_rate:.1%}",
             "retries": m.retries,
             "bottleneck": "yes" if bottleneck else "",
