@@ -22,8 +22,7 @@ from skyferry.ingest.listing import check_format, detect_format
 from skyferry.models import ChunkPart, ChunkPlan, SourceFile
 from skyferry.storage import open_url
 
-__all__ = ["Block", "SourceStream", "iter_part_bytes", "plan_chunks", "read_chunk", "read_range",
-           "with_headers"]
+__all__ = ["Block", "SourceStream", "plan_chunks", "read_range"]
 
 logger = logging.getLogger("skyferry.ingest.read")
 
@@ -102,45 +101,6 @@ def plan_chunks(
     planned = [plan_file(f, fmt, chunk_size, options) for f in files]
     planned.sort(key=lambda p: (p[1], p[0]))
     return pack_segments(planned, chunk_size)
-
-
-def iter_part_bytes(
-    plan: ChunkPlan, options: Mapping[str, Any] | None = None
-) -> Iterator[tuple[ChunkPart, bytes]]:
-    for part in plan.parts:
-        yield part, read_range(part.source, part.start, part.end, options)
-
-
-def read_chunk(plan: ChunkPlan, options: Mapping[str, Any] | None = None
-               ) -> tuple[list[bytes], str]:
-    """Ranged-read every part of a chunk (one read each); the parts' bytes and their digest.
-
-    The bytes are what the later stages use, so what is processed and stored is exactly what
-    was hashed. Memory: one chunk, which the run's window of chunks in flight bounds.
-    """
-    digest = new_hasher()
-    pieces = []
-    for part in plan.parts:
-        data = read_range(part.source, part.start, part.end, options)
-        digest.update(data)
-        pieces.append(data)
-    return pieces, digest.hexdigest()
-
-
-def with_headers(plan: ChunkPlan, pieces: Sequence[bytes],
-                 options: Mapping[str, Any] | None = None) -> list[tuple[ChunkPart, bytes, bytes]]:
-    """``(part, bytes, header)`` for each part: a CSV part that does not start its file gets
-    its file's header line, read once per file with a small ranged read."""
-    headers: dict[str, bytes] = {}
-    parts = []
-    for part, data in zip(plan.parts, pieces, strict=True):
-        header = b""
-        if part.start > 0 and part.header_end:
-            if part.source not in headers:
-                headers[part.source] = read_range(part.source, 0, part.header_end, options)
-            header = headers[part.source]
-        parts.append((part, data, header))
-    return parts
 
 
 class Block:
