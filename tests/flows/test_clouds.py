@@ -201,14 +201,18 @@ def test_azure_killed_mid_run(clouds: sf_servers.CloudEnv, topology: Path, tmp_p
     assert result.node_failures_handled >= 1
     manifest = _manifest("killed")
     hinted = [c for c in manifest.chunks if any(r.state == "hinted" for r in c.replicas)]
-    assert hinted, "replicas meant for the dead node must be recorded as hints"
+    assert any(r.node == "azure-node-1" for c in hinted for r in c.replicas
+               if r.state == "hinted"), "replicas meant for the dead node must be hints"
     for chunk in manifest.chunks:
         ok = [r for r in chunk.verified if r.node != "azure-node-1"
               and str(blake3.blake3(_sdk_get(clouds, r.node, chunk.key) or b"").hexdigest())
               == chunk.digest]
         assert len(ok) >= 2
     for chunk in hinted:
-        assert [r.node for r in chunk.replicas if r.state == "hinted"] == ["azure-node-1"]
+        # a hint only for a node the run found down: the killed one, or one that failed a
+        # write while the run was re-routing (moto under a loaded machine)
+        nodes = {r.node for r in chunk.replicas if r.state == "hinted"}
+        assert nodes and nodes <= set(result.down_nodes), (nodes, result.down_reasons)
         assert "azure-node-1" not in {r.node for r in chunk.verified}
         assert len({r.cloud for r in chunk.verified}) >= 2
 
