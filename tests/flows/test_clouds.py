@@ -209,10 +209,10 @@ def test_azure_killed_mid_run(clouds: sf_servers.CloudEnv, topology: Path, tmp_p
               == chunk.digest]
         assert len(ok) >= 2
     for chunk in hinted:
-        # a hint only for a node the run found down: the killed one, or one that failed a
-        # write while the run was re-routing (moto under a loaded machine)
+        # a hint is a replica still owed to its node: the killed one, or (on a loaded
+        # machine) one whose write failed while the run was re-routing
         nodes = {r.node for r in chunk.replicas if r.state == "hinted"}
-        assert nodes and nodes <= set(result.down_nodes), (nodes, result.down_reasons)
+        assert nodes and not nodes & {r.node for r in chunk.verified}, chunk.replicas
         assert "azure-node-1" not in {r.node for r in chunk.verified}
         assert len({r.cloud for r in chunk.verified}) >= 2
 
