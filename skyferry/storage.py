@@ -11,6 +11,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import ctypes
 import hashlib
 import logging
 import mmap
@@ -44,7 +45,7 @@ logger = logging.getLogger("skyferry.storage")
 # A streamed upload's part (S3 multipart, GCS resumable, Azure block): S3's smallest part
 # is 5 MiB, GCS wants a multiple of 256 KiB.
 PART_SIZE = 8 << 20
-FLUSH_EVERY = 32 << 20  # a durable local write is flushed every this many bytes
+FLUSH_EVERY = 32 << 20  # a durable local write starts writing back every this many bytes
 
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 _DENIED_CODES = ("AccessDenied", "AuthorizationFailure", "AuthenticationFailed",
@@ -268,9 +269,8 @@ class Store:
         ``block``-sized window at a time: no copy into Python, about half the CPU of reading
         it. Each window is unmapped before the next is mapped, so a replica's pages count
         toward this process's resident memory one window at a time, not a whole chunk each.
-        skyferry
-        never rewrites a file in place (a put is a new file renamed over the key), so a
-        mapped replica cannot shrink under the hash; only an outside truncation could.
+        skyferry never rewrites a file in place (a put is a new file renamed over the key),
+        so a mapped replica cannot shrink under the hash; only an outside truncation could.
         """
         digest = new_hasher()
         size = 0
@@ -544,9 +544,9 @@ class ObjectWriter:
             if self._tmp is not None:
                 self._fh.write(block)
                 if self.durable and self.size - self._flushed >= FLUSH_EVERY:
-                    # flushed as it goes, so the commit's flush has little left to wait on
+                    # written back as it goes, so the commit's flush has little left to wait on
                     self._fh.flush()
-                    os.fdatasync(self._fh.fileno())
+                    _start_writeback(self._fh.fileno(), self._flushed, self.size - self._flushed)
                     self._flushed = self.size
                 return
             self._pending += block
@@ -675,6 +675,27 @@ def temp_target(key: str) -> str | None:
     if name.startswith(".tmp-") and len(name) > 38 and name[37] == "-":
         return f"{head}/{name[38:]}" if head else name[38:]
     return None
+
+
+def _writeback_call() -> Callable[[int, int, int], None]:
+    """Linux's ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start writing a range of a file
+    back to disk, without waiting for it. Elsewhere, ``fdatasync`` (which waits)."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd, offset, length: os.fdatasync(fd)
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, length: int) -> None:
+        if call(fd, offset, length, 2) != 0:  # 2: SYNC_FILE_RANGE_WRITE
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno))
+
+    return start
+
+
+_start_writeback = _writeback_call()
 
 
 def _fsync_dir(path: str) -> None:

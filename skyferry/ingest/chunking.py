@@ -55,7 +55,9 @@ _CSV_RECORD = re.compile(_RECORD)
 _CSV_RECORDS = re.compile(rb"(?:" + _RECORD + rb")*+")
 _BOM = b"\xef\xbb\xbf"
 _QUOTE, _LF = ord('"'), ord("\n")
-_FIELD_START = np.array([ord(","), ord("\n"), ord("\r"), ord('"')], dtype=np.uint8)
+_IS_FIELD_START = np.zeros(256, dtype=bool)  # the bytes after which a field starts
+_IS_FIELD_START[[ord(","), ord("\n"), ord("\r"), ord('"')]] = True
+_TAIL = 64 << 10  # the first tail searched for a record's end, doubled until one is found
 
 
 def csv_last_end(window: bytes, skip: int, more: bool) -> int:
@@ -83,14 +85,21 @@ def _csv_last_end_by_parity(window: bytes, skip: int) -> int | None:
     data = np.frombuffer(window, dtype=np.uint8)
     quotes = np.flatnonzero(data == _QUOTE)
     opening = quotes[0::2]
-    before = data[opening[opening > skip] - 1]
-    if not np.isin(before, _FIELD_START).all() or (opening.size and opening[0] < skip):
+    if opening.size and opening[0] < skip:
         return None
-    lines = np.flatnonzero(data == _LF)
-    outside = lines[np.searchsorted(quotes, lines) % 2 == 0]
-    if not outside.size or outside[-1] < skip:
+    if not _IS_FIELD_START[data[opening[opening > skip] - 1]].all():
         return None
-    return int(outside[-1]) + 1
+    # The LFs of a tail of the window, growing from the end until one is outside quotes:
+    # usually the last LF is, so the scan costs a few KiB, not the window.
+    end, tail = len(window), _TAIL
+    while end > skip:
+        begin = max(skip, end - tail)
+        lines = np.flatnonzero(data[begin:end] == _LF) + begin
+        outside = lines[np.searchsorted(quotes, lines) % 2 == 0]
+        if outside.size:
+            return int(outside[-1]) + 1
+        end, tail = begin, tail * 2
+    return None
 
 
 def csv_record_around(data: bytes, start: int, pos: int) -> tuple[int, int]:

@@ -190,6 +190,46 @@ def test_a_local_write_is_flushed_file_and_folders_before_it_counts(
     assert flushed == []
 
 
+def test_a_streamed_local_write_starts_writing_back_as_it_goes_and_flushes_at_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every FLUSH_EVERY bytes the next range starts going to disk without waiting; the
+    commit's fsync waits for all of it; the file holds the bytes written."""
+    import os
+
+    from skyferry import storage
+
+    ranges: list[tuple[int, int]] = []
+    real = storage._start_writeback
+
+    def start(fd: int, offset: int, length: int) -> None:
+        ranges.append((offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(storage, "FLUSH_EVERY", 1000)
+    monkeypatch.setattr(storage, "_start_writeback", start)
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd))[1])
+    payload = bytes(range(256)) * 20  # 5,120 bytes, written 300 at a time
+    out = Store(f"file://{tmp_path}/node", name="n").writer("ds/chunk.bin")
+    for at in range(0, len(payload), 300):
+        out.write(payload[at:at + 300])
+    out.commit()
+    assert (tmp_path / "node" / "ds" / "chunk.bin").read_bytes() == payload
+    # consecutive ranges from 0, each at least FLUSH_EVERY, none past what was written
+    assert [offset for offset, _ in ranges] == [0] + [sum(n for _, n in ranges[:i])
+                                                      for i in range(1, len(ranges))]
+    assert all(n >= 1000 for _, n in ranges) and len(ranges) == 4
+    assert sum(n for _, n in ranges) <= len(payload)
+    # the whole file, once, before the rename
+    assert len([p for p in synced if Path(p).name.startswith(".tmp-")]) == 1
+    with pytest.raises(OSError):  # a real call: a closed descriptor is an error, not ignored
+        fd = os.open(tmp_path / "node" / "ds" / "chunk.bin", os.O_RDONLY)
+        os.close(fd)
+        real(fd, 0, 1)
+
+
 def test_an_abandoned_requests_connection_error_is_no_traceback(
         caplog: pytest.LogCaptureFixture) -> None:
     """A request cancelled or reset under a failing node ends, unawaited, with a connection

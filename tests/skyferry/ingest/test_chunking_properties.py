@@ -172,3 +172,12 @@ def test_a_cut_by_counting_quotes_is_a_record_end_of_the_exact_scan(data: bytes,
         assert fast in _record_ends(window)
         exact = chunking._CSV_RECORDS.match(window, 0, len(window))
         assert exact is not None and fast <= exact.end()
+    # the search from the window's end, in tails that start small and double, finds the
+    # same end as one search of the whole window
+    default = chunking._TAIL
+    try:
+        for tail in (1, 3, 64):
+            chunking._TAIL = tail
+            assert chunking._csv_last_end_by_parity(window, 0) == fast, tail
+    finally:
+        chunking._TAIL = default
