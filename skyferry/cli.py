@@ -210,6 +210,48 @@ def export(
 
 
 @app.command()
+def read(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    to: Annotated[Path, typer.Option("--to", help="output .parquet")],
+    rank: Annotated[int, typer.Option(help="this reader's rank")] = 0,
+    world_size: Annotated[int, typer.Option("--world-size", help="ranks in all")] = 1,
+    seed: Annotated[int, typer.Option(help="the shuffle's seed")] = 0,
+    epoch: Annotated[int, typer.Option(help="the epoch (each has its own order)")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="rows per batch")] = 256,
+    drop_remainder: Annotated[bool, typer.Option(
+        "--drop-remainder", help="drop the rows that do not divide among the ranks, rather "
+        "than pad with the epoch's first rows")] = False,
+    cloud: Annotated[Optional[str], typer.Option(
+        help="the reader's cloud (default: detected, see docs/reading.md)")] = None,
+    region: Annotated[Optional[str], typer.Option(help="the reader's region")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        "--cache-dir", help="the chunk cache (default: SKYFERRY_HOME/cache/chunks)")] = None,
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+) -> None:
+    """Write the rows one rank of a training job reads, in its order, to a Parquet file:
+    each chunk verified, from the nearest replica."""
+    from skyferry.read.reader import ReaderConfig, read_to_file
+
+    config = ReaderConfig(dataset, rank=rank, world_size=world_size, batch_size=batch_size,
+                          seed=seed, epoch=epoch, cloud=cloud, region=region,
+                          cache_dir=cache_dir,
+                          remainder="drop" if drop_remainder else "pad")
+    try:
+        rows, report = read_to_file(config, to, topology=load_topology(topology))
+    except SkyferryError as exc:
+        _fail(exc)
+    place = report.place
+    console.print(f"rank {rank} of {world_size}: {rows} rows to {to} (reader in {place.cloud}"
+                  f"{'/' + place.region if place.region else ''}, from {place.detected_from})")
+    for node, nbytes in sorted(report.bytes_from.items()):
+        console.print(f"  read {nbytes / 1e6:.1f} MB from {node}")
+    console.print(f"  {report.cache_hits} chunks from the cache; across clouds "
+                  f"{report.cross_cloud_bytes / 1e6:.1f} MB, egress ${report.egress_usd:.4f}")
+    for line in report.failovers:
+        console.print(f"[yellow]failover[/] {line}")
+
+
+@app.command()
 def nodes(
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
     watch: Annotated[bool, typer.Option(

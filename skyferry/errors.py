@@ -7,7 +7,8 @@ keyword-only attributes so callers (and retry conditions) never parse messages.
     ├── ConfigError ................................ TerminalException
     │   ├── TopologyError            (invalid topology file or block)
     │   ├── SchemaError              (invalid schema, or data missing a schema column)
-    │   └── TransformError           (a transform that cannot be imported or fails)
+    │   ├── TransformError           (a transform that cannot be imported or fails)
+    │   └── ReadPlanError            (a training read asked for what the dataset cannot give)
     ├── SourceError ................................ TerminalException
     │   ├── SourceNotFoundError      (the source URL does not exist)
     │   ├── EmptySourceError         (the source matches no files)
@@ -49,6 +50,7 @@ __all__ = [
     "ObjectNotFoundError",
     "PlacementError",
     "QuorumNotMetError",
+    "ReadPlanError",
     "ReplicasAtRiskError",
     "ReplicaVerificationError",
     "SchemaError",
@@ -91,6 +93,10 @@ class TopologyError(ConfigError):
 
 
 class SchemaError(ConfigError):
+    pass
+
+
+class ReadPlanError(ConfigError):
     pass
 
 

@@ -160,6 +160,10 @@ class Store:
     def path(self, key: str) -> str:
         return f"{self.root}/{safe_key(key)}"
 
+    def url_of(self, key: str) -> str:
+        """The object's full URL (``file://``, ``s3://`` ...), for another tool to open."""
+        return str(self.fs.unstrip_protocol(self.path(key)))
+
     def _translate(self, exc: BaseException, key: str | None, action: str) -> StorageError:
         """Map a backend's error into the StorageError family, naming the node and the key.
 

@@ -258,12 +258,18 @@ class Topology(BaseModel):
 
     def cost(self, src_cloud: str, src_region: str | None, node: Node) -> LinkCost:
         """Latency and egress cost of moving data from (cloud, region) to ``node``."""
-        if src_cloud == node.cloud:
-            if src_region is None or src_region == node.region:
+        return self.link(src_cloud, src_region, node.cloud, node.region)
+
+    def link(self, src_cloud: str, src_region: str | None, dst_cloud: str,
+             dst_region: str | None) -> LinkCost:
+        """Latency and egress cost of moving data from one (cloud, region) to another; a
+        region that is not known counts as the same region."""
+        if src_cloud == dst_cloud:
+            if src_region is None or dst_region is None or src_region == dst_region:
                 return LinkCost(latency_ms=1, egress_usd_per_gb=0)
             return self.intra_cloud
         for link in self.links:
-            if link.src == src_cloud and link.dst == node.cloud:
+            if link.src == src_cloud and link.dst == dst_cloud:
                 return link
         return LinkCost(latency_ms=100, egress_usd_per_gb=0.2)
 

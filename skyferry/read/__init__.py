@@ -1,0 +1,1 @@
+"""Reading a committed dataset for training: planned, verified, local, resumable."""

@@ -1,0 +1,251 @@
+"""Verified chunk bytes for a reader: from the local cache, else from the nearest replica.
+
+A chunk is fetched into the cache (a folder shared by the workers on a machine, keyed by the
+chunk's content hash, with a size limit) through ranged reads, hashed as it lands. Only bytes
+whose hash matches the manifest are kept; a replica that is missing or corrupt is noted in the
+catalog for the next repair, and the next-nearest replica is read. A cached file is hashed
+again each time a reader opens it, so a file damaged on the reader's disk is fetched anew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import mmap
+import os
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+
+from skyferry.commit.manifest import Catalog
+from skyferry.errors import IntegrityError, StorageError, TopologyError
+from skyferry.hashing import new_hasher
+from skyferry.read.plan import PlannedChunk
+from skyferry.storage import Store
+from skyferry.topology import LinkCost, Topology
+
+__all__ = ["ChunkCache", "Fetcher", "Place", "ReadReport", "reader_place"]
+
+logger = logging.getLogger("skyferry.read")
+
+FETCH_BLOCK = 8 << 20  # bytes per ranged read of a replica
+# Environment variables that say which cloud and region a machine is in.
+_PLACE_ENV = (("aws", ("AWS_REGION", "AWS_DEFAULT_REGION")),
+              ("gcp", ("GOOGLE_CLOUD_REGION", "CLOUDSDK_COMPUTE_REGION", "CLOUD_ML_REGION")),
+              ("azure", ("AZURE_REGION", "AZURE_LOCATION")))
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a reader runs."""
+
+    cloud: str
+    region: str | None = None
+    detected_from: str = "set"
+
+
+def reader_place(topology: Topology, cloud: str | None = None,
+                 region: str | None = None) -> Place:
+    """The reader's cloud and region: as given, else ``SKYFERRY_READER_CLOUD`` and
+    ``SKYFERRY_READER_REGION``, else the cloud's own region variable (``AWS_REGION``,
+    ``GOOGLE_CLOUD_REGION``, ``AZURE_REGION`` ...), else the topology's source cloud."""
+    cloud = cloud or os.environ.get("SKYFERRY_READER_CLOUD") or None
+    region = region or os.environ.get("SKYFERRY_READER_REGION") or None
+    if cloud:
+        known = set(topology.clouds) | {topology.source_cloud}
+        if cloud not in known:
+            raise TopologyError(f"reader cloud {cloud!r} is not in the topology; its clouds "
+                                f"are {', '.join(sorted(known))}")
+        return Place(cloud, region)
+    for name, variables in _PLACE_ENV:
+        for variable in variables:
+            if os.environ.get(variable):
+                return Place(name, region or os.environ[variable], f"${variable}")
+    return Place(topology.source_cloud, region or topology.source_region, "the topology")
+
+
+@dataclass
+class ReadReport:
+    """What a reader read: bytes from each node, the egress they cost, the cache's part."""
+
+    place: Place
+    bytes_from: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    egress_usd: float = 0.0
+    cross_cloud_bytes: int = 0
+    cache_hits: int = 0
+    fetched: int = 0
+    failovers: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"reader": {"cloud": self.place.cloud, "region": self.place.region,
+                           "from": self.place.detected_from},
+                "bytes_from": dict(self.bytes_from), "egress_usd": round(self.egress_usd, 6),
+                "cross_cloud_bytes": self.cross_cloud_bytes, "cache_hits": self.cache_hits,
+                "fetched": self.fetched, "failovers": list(self.failovers)}
+
+
+class ChunkCache:
+    """Verified chunks on this machine's disk, one file per content hash, at most ``limit``
+    bytes (the least recently used go first; a file in use by a reader stays readable)."""
+
+    def __init__(self, root: Path, limit: int) -> None:
+        self.root, self.limit = Path(root), limit
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        return self.root / f"{digest}.chunk"
+
+    @contextlib.contextmanager
+    def lock(self, digest: str) -> Iterator[None]:
+        """One fetch of a chunk at a time on this machine: the others wait, then find it."""
+        with open(self.root / f"{digest}.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def temp(self, digest: str) -> Path:
+        return self.root / f".tmp-{uuid.uuid4().hex}-{digest}"
+
+    def used(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+    def trim(self, keep: Path) -> None:
+        """Drop the least recently used chunks until the cache is within its limit."""
+        files = []
+        for entry in self.root.glob("*.chunk"):
+            with contextlib.suppress(OSError):
+                stat = entry.stat()
+                files.append((stat.st_mtime, stat.st_size, entry))
+        total = sum(size for _, size, _ in files)
+        for _, size, entry in sorted(files):
+            if total <= self.limit:
+                return
+            if entry == keep:
+                continue
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                total -= size
+
+
+def _file_digest(path: Path) -> tuple[str, int]:
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            return str(blake3.blake3(b"").hexdigest()), 0
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return str(blake3.blake3(mapped, max_threads=blake3.blake3.AUTO).hexdigest()), size
+
+
+class Fetcher:
+    """Verified local copies of planned chunks, read from the cheapest replica first."""
+
+    def __init__(self, topology: Topology, catalog: Catalog, cache: ChunkCache,
+                 place: Place) -> None:
+        self.topology, self.catalog, self.cache = topology, catalog, cache
+        self.report = ReadReport(place)
+        self._stores: dict[str, Store] = {}
+
+    def cost(self, node: str) -> LinkCost:
+        """What moving a byte from ``node`` to the reader costs."""
+        found = self.topology.node(node)
+        place = self.report.place
+        return self.topology.link(found.cloud, found.region, place.cloud, place.region)
+
+    def nearest(self, chunk: PlannedChunk) -> list[str]:
+        """The chunk's verified replicas, cheapest first: same region, same cloud, then by
+        the topology's egress price and latency."""
+        known = [n for n in chunk.nodes if any(m.name == n for m in self.topology.nodes)]
+        return sorted(known, key=lambda n: (self.cost(n).egress_usd_per_gb,
+                                            self.cost(n).latency_ms, n))
+
+    def local(self, chunk: PlannedChunk) -> Path:
+        """A verified copy of ``chunk`` on this machine (in the cache)."""
+        path = self.cache.path(chunk.digest)
+        with self.cache.lock(chunk.digest):
+            if path.exists():
+                digest, size = _file_digest(path)
+                if digest == chunk.digest and size == chunk.size:
+                    self.cache.used(path)
+                    self.report.cache_hits += 1
+                    return path
+                logger.warning("the cached copy of chunk %d of %s/batch=%s is damaged; "
+                               "fetching it again", chunk.index, chunk.dataset, chunk.batch_id)
+                path.unlink()
+            self._fetch(chunk, path)
+        self.cache.trim(keep=path)
+        return path
+
+    def _fetch(self, chunk: PlannedChunk, path: Path) -> None:
+        problems = []
+        for node in self.nearest(chunk):
+            temp = self.cache.temp(chunk.digest)
+            try:
+                digest, size = self._copy(node, chunk, temp)
+            except (StorageError, TopologyError) as exc:
+                temp.unlink(missing_ok=True)
+                problems.append(f"{node}: {exc}")
+                self._suspect(chunk, node, str(exc))
+                continue
+            if digest != chunk.digest or size != chunk.size:
+                temp.unlink(missing_ok=True)
+                problems.append(f"{node}: hash mismatch (replica corrupt)")
+                self._suspect(chunk, node, "hash mismatch")
+                continue
+            os.replace(temp, path)
+            self.report.fetched += 1
+            if problems:
+                self.report.failovers.append(
+                    f"chunk {chunk.index} of batch {chunk.batch_id}: {'; '.join(problems)} "
+                    f"-> read {node}")
+                logger.warning("chunk %d failed over to %s (%s)", chunk.index, node,
+                               "; ".join(problems))
+            return
+        raise IntegrityError(
+            f"no healthy replica of chunk {chunk.index} of {chunk.dataset}/batch="
+            f"{chunk.batch_id}: {'; '.join(problems) or 'no verified replicas'}",
+            dataset=chunk.dataset, batch_id=chunk.batch_id, chunk=chunk.index)
+
+    def _copy(self, node: str, chunk: PlannedChunk, temp: Path) -> tuple[str, int]:
+        store = self._store(node)
+        hasher = new_hasher()
+        size = store.size(chunk.key)
+        cost = self.cost(node)
+        started = time.perf_counter()
+        with open(temp, "wb") as out:
+            for offset in range(0, size, FETCH_BLOCK):
+                data = store.get(chunk.key, offset, min(offset + FETCH_BLOCK, size))
+                hasher.update(data)
+                out.write(data)
+                self._account(node, len(data), cost)
+        logger.debug("fetched chunk %d from %s: %d bytes in %.2fs", chunk.index, node, size,
+                     time.perf_counter() - started)
+        return str(hasher.hexdigest()), size
+
+    def _account(self, node: str, nbytes: int, cost: LinkCost) -> None:
+        report = self.report
+        report.bytes_from[node] += nbytes
+        report.egress_usd += nbytes / 1e9 * cost.egress_usd_per_gb
+        if self.topology.node(node).cloud != report.place.cloud:
+            report.cross_cloud_bytes += nbytes
+
+    def _store(self, node: str) -> Store:
+        if node not in self._stores:
+            self._stores[node] = self.topology.node(node).open_store()
+        return self._stores[node]
+
+    def _suspect(self, chunk: PlannedChunk, node: str, why: str) -> None:
+        """Note a bad replica in the catalog, for the next verify and repair."""
+        try:
+            self.catalog.note_suspect(chunk.dataset, chunk.batch_id, chunk.index, node, why)
+        except StorageError as exc:
+            logger.warning("could not note the bad replica of chunk %d on %s: %s",
+                           chunk.index, node, exc)
