@@ -177,8 +177,14 @@ class TrainingReader:
         if found is not None:
             self._files.move_to_end(chunk.digest)
             return found
-        path = self.fetcher.local(chunk)  # verified before any of its rows is read
-        opened = pq.ParquetFile(path, memory_map=True)
+        while True:
+            path = self.fetcher.local(chunk)  # verified before any of its rows is read
+            try:
+                opened = pq.ParquetFile(path, memory_map=True)
+                break
+            except FileNotFoundError:  # another reader's cache trim took it: fetch it again
+                logger.info("chunk %d left the cache before it was opened; fetching it again",
+                            chunk.index)
         self._files[chunk.digest] = opened
         while len(self._files) > _OPEN_FILES:
             _, old = self._files.popitem(last=False)
@@ -209,14 +215,19 @@ def chunk_files(dataset: str, *, verify: bool = True, topology: Topology | None 
                 cache_dir: Path | None = None, cache_limit: int = CACHE_LIMIT
                 ) -> tuple[list[str], ReadReport]:
     """Every live chunk of ``dataset`` as one file each, for DuckDB, Polars or pyarrow: with
-    ``verify``, local paths of verified copies in the cache; without, the URL of each chunk's
-    nearest replica (verified when it was written, not read now)."""
+    ``verify``, local paths of verified copies in the cache (``cache_limit`` must hold them
+    all); without, the URL of each chunk's nearest replica (verified when it was written, not
+    read now)."""
     reader = TrainingReader(ReaderConfig(dataset, cloud=cloud, region=region,
                                          cache_dir=cache_dir, cache_limit=cache_limit),
                             topology=topology)
     plan = plan_epoch(reader.manifests(), seed=0, epoch=0)
     ordered = sorted(plan.chunks, key=lambda c: (c.batch_id, c.index))
     if verify:
+        need = sum(c.size for c in ordered)
+        if need > cache_limit:
+            raise ReadPlanError(f"{dataset}'s {len(ordered)} chunks ({need / 1e9:.2f} GB) do not "
+                                f"fit in a cache of {cache_limit / 1e9:.2f} GB")
         return [str(reader.fetcher.local(c)) for c in ordered], reader.report
     out = []
     for chunk in ordered:

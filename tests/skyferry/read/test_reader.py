@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from skyferry.cli import app
 from skyferry.commit.manifest import Manifest, open_catalog
-from skyferry.errors import IntegrityError
+from skyferry.errors import IntegrityError, ReadPlanError
 from skyferry.read.reader import ReaderConfig, TrainingReader, chunk_files
 from skyferry.topology import load_topology
 from tests.helpers.sf_data import commit_without_prefect, write_ml_csv
@@ -155,8 +155,12 @@ def test_the_cache_keeps_to_its_limit_and_refetches_a_damaged_copy(
     assert report.fetched >= 1
     table = pq.read_table(files)  # the file list opens as one table: every row
     assert sorted(table.column("id").to_pylist()) == list(range(ROWS))
+    with pytest.raises(ReadPlanError, match="do not fit in a cache"):
+        chunk_files("train", cache_dir=tmp_path / "cache", cache_limit=biggest)
     urls, _ = chunk_files("train", verify=False, cloud="azure")
     assert all(u.startswith("file://") for u in urls) and len(urls) == len(files)
+    in_azure = [c for c in committed.chunks if any(r.node == "azure-node-1" for r in c.verified)]
+    assert in_azure and len([u for u in urls if "/azure-node-1/" in u]) == len(in_azure)
 
 
 def test_skyferry_read_writes_a_ranks_rows_in_order(committed: Manifest, tmp_path: Path) -> None:
