@@ -12,6 +12,7 @@ import base64
 import concurrent.futures
 import contextlib
 import ctypes
+import errno
 import hashlib
 import logging
 import mmap
@@ -693,8 +694,11 @@ def _writeback_call() -> Callable[[int, int, int], None]:
 
     def start(fd: int, offset: int, length: int) -> None:
         if call(fd, offset, length, 2) != 0:  # 2: SYNC_FILE_RANGE_WRITE
-            errno = ctypes.get_errno()
-            raise OSError(errno, os.strerror(errno))
+            code = ctypes.get_errno()
+            if code in (errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP):
+                os.fdatasync(fd)  # a filesystem without it: flush, and wait
+                return
+            raise OSError(code, os.strerror(code))
 
     return start
 
