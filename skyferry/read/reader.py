@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,15 @@ from skyferry.commit.manifest import Manifest, open_catalog
 from skyferry.config import get_settings
 from skyferry.errors import ReadPlanError
 from skyferry.read.fetch import ChunkCache, Fetcher, ReadReport, reader_place
-from skyferry.read.plan import BLOCK_ROWS, PlannedChunk, RankPlan, ReadPlan, Remainder, plan_epoch
+from skyferry.read.plan import (
+    BLOCK_ROWS,
+    PlannedChunk,
+    RankPlan,
+    ReadPlan,
+    Remainder,
+    Slice,
+    plan_epoch,
+)
 from skyferry.topology import Topology, load_topology
 
 __all__ = ["ReaderConfig", "TrainingReader", "chunk_files", "read_to_file"]
@@ -28,7 +37,9 @@ logger = logging.getLogger("skyferry.read")
 STATE_VERSION = 1
 CACHE_LIMIT = 64 << 30  # default size limit of the chunk cache, bytes
 _OPEN_FILES = 4  # chunk files a reader keeps open
-_GROUPS = 4  # decoded row groups a reader keeps
+_GROUPS = 8  # decoded (or decoding) row groups a reader keeps
+_AHEAD = 4  # batches whose row groups are decoded ahead of the one being assembled
+_DECODERS = 2  # threads decoding row groups
 
 
 @dataclass(frozen=True)
@@ -74,8 +85,10 @@ class TrainingReader:
         self.consumed = 0  # rows of the epoch read by every rank before this reader started
         self.batches_read = 0  # batches this rank has yielded since then
         self._plan: ReadPlan | None = None
-        self._files: OrderedDict[str, pq.ParquetFile] = OrderedDict()
-        self._groups: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
+        self._files: OrderedDict[str, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
+        self._groups: OrderedDict[tuple[str, int], Future[pa.Table]] = OrderedDict()
+        self._decoder = ThreadPoolExecutor(max_workers=_DECODERS,
+                                           thread_name_prefix="skyferry-decode")
 
     @property
     def report(self) -> ReadReport:
@@ -116,12 +129,25 @@ class TrainingReader:
         return mine - done
 
     def __iter__(self) -> Iterator[pa.Table]:
+        """The batches, each assembled while the row groups of the next few are decoded
+        in the background (pyarrow decodes without the GIL)."""
         plan = self.rank_plan()
-        for number, slices in plan.batches(self.batches_read, worker=self.config.worker,
-                                           workers=self.config.workers):
-            table = self._rows(slices)
-            self.batches_read = number + 1
-            yield table
+        upcoming = plan.batches(self.batches_read, worker=self.config.worker,
+                                workers=self.config.workers)
+        ahead: deque[tuple[int, list[_Piece]]] = deque()
+        try:
+            for number, slices in upcoming:
+                ahead.append((number, [self._piece(s) for s in slices]))
+                if len(ahead) <= _AHEAD:
+                    continue
+                yield self._batch(*ahead.popleft())
+            while ahead:
+                yield self._batch(*ahead.popleft())
+        finally:
+            for _, pieces in ahead:
+                for piece in pieces:
+                    for group in piece.groups:
+                        group.cancel()
 
     # resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -149,30 +175,22 @@ class TrainingReader:
         self.batches_read = 0
 
     # rows -----------------------------------------------------------------------------
-    def _rows(self, slices: list[Any]) -> pa.Table:
-        tables = [self._take(s.chunk, s.rows) for s in slices]
+    def _batch(self, number: int, pieces: list[_Piece]) -> pa.Table:
+        tables = [piece.take() for piece in pieces]
+        self.batches_read = number + 1
         if len(tables) == 1:
             return tables[0]
         return pa.concat_tables(tables, promote_options="permissive")
 
-    def _take(self, chunk: PlannedChunk, rows: np.ndarray) -> pa.Table:
-        """The stored rows ``rows`` of ``chunk``, in that order."""
-        parquet = self._file(chunk)
-        meta = parquet.metadata
-        starts = np.cumsum([0] + [meta.row_group(i).num_rows
-                                  for i in range(meta.num_row_groups)], dtype=np.int64)
-        groups = np.searchsorted(starts, rows, side="right") - 1
-        needed = sorted(set(groups.tolist()))
-        tables = [self._group(chunk, parquet, g) for g in needed]
-        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-        offsets = np.zeros(len(starts), dtype=np.int64)
-        at = 0
-        for g, t in zip(needed, tables, strict=True):
-            offsets[g] = at - starts[g]
-            at += t.num_rows
-        return table.take(pa.array(rows + offsets[groups]))
+    def _piece(self, piece: Slice) -> _Piece:
+        """The row groups ``piece`` needs, their decoding started, and where its rows are."""
+        parquet, starts = self._file(piece.chunk)
+        groups = np.searchsorted(starts, piece.rows, side="right") - 1
+        first, last = int(groups.min()), int(groups.max())
+        return _Piece([self._group(piece.chunk, parquet, g) for g in range(first, last + 1)],
+                      piece.rows - starts[first])
 
-    def _file(self, chunk: PlannedChunk) -> pq.ParquetFile:
+    def _file(self, chunk: PlannedChunk) -> tuple[pq.ParquetFile, np.ndarray]:
         found = self._files.get(chunk.digest)
         if found is not None:
             self._files.move_to_end(chunk.digest)
@@ -185,17 +203,20 @@ class TrainingReader:
             except FileNotFoundError:  # another reader's cache trim took it: fetch it again
                 logger.info("chunk %d left the cache before it was opened; fetching it again",
                             chunk.index)
-        self._files[chunk.digest] = opened
-        while len(self._files) > _OPEN_FILES:
-            _, old = self._files.popitem(last=False)
-            old.close()
-        return opened
+        meta = opened.metadata
+        starts = np.cumsum([0] + [meta.row_group(i).num_rows
+                                  for i in range(meta.num_row_groups)], dtype=np.int64)
+        self._files[chunk.digest] = (opened, starts)
+        while len(self._files) > _OPEN_FILES:  # closed when no decode holds it any more
+            self._files.popitem(last=False)
+        return opened, starts
 
-    def _group(self, chunk: PlannedChunk, parquet: pq.ParquetFile, group: int) -> pa.Table:
+    def _group(self, chunk: PlannedChunk, parquet: pq.ParquetFile, group: int
+               ) -> Future[pa.Table]:
         key = (chunk.digest, group)
         found = self._groups.get(key)
         if found is None:
-            found = parquet.read_row_group(group)
+            found = self._decoder.submit(parquet.read_row_group, group)
             self._groups[key] = found
             while len(self._groups) > _GROUPS:
                 self._groups.popitem(last=False)
@@ -204,10 +225,26 @@ class TrainingReader:
         return found
 
     def close(self) -> None:
-        for opened in self._files.values():
+        self._decoder.shutdown(cancel_futures=True)
+        for opened, _ in self._files.values():
             opened.close()
         self._files.clear()
         self._groups.clear()
+
+
+@dataclass
+class _Piece:
+    """One slice of a batch: the row groups that hold its rows (decoding, in order), and
+    its rows' places in them, laid end to end."""
+
+    groups: list[Future[pa.Table]]
+    rows: np.ndarray
+
+    def take(self) -> pa.Table:
+        tables = [group.result() for group in self.groups]
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+        low, high = int(self.rows.min()), int(self.rows.max())
+        return table.slice(low, high - low + 1).take(pa.array(self.rows - low))
 
 
 def chunk_files(dataset: str, *, verify: bool = True, topology: Topology | None = None,
