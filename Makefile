@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: setup demo test test-slow bench chaos lint clean
+.PHONY: setup demo test test-slow test-frameworks bench chaos lint clean
 
 $(STAMP): pyproject.toml constraints.txt tools/package.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# The reader's front ends in their frameworks. PyPI's torch for Linux brings its CUDA
+# libraries (about 3 GB) even on a machine without a GPU.
+test-frameworks: setup
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch]"
+	$(BIN)/python -m pytest -q -m frameworks
 
 bench: setup
 	command -v rclone >/dev/null || (apt-get update -qq && apt-get install -y -qq rclone) \

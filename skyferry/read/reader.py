@@ -34,7 +34,7 @@ __all__ = ["ReaderConfig", "TrainingReader", "chunk_files", "read_to_file"]
 
 logger = logging.getLogger("skyferry.read")
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 CACHE_LIMIT = 64 << 30  # default size limit of the chunk cache, bytes
 _OPEN_FILES = 4  # chunk files a reader keeps open
 _GROUPS = 8  # decoded (or decoding) row groups a reader keeps
@@ -151,14 +151,19 @@ class TrainingReader:
 
     # resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Where the epoch stands, assuming every rank has read as many batches as this one
-        (as data-parallel training does): a handful of numbers."""
+        """Where the epoch stands: eight numbers. ``consumed`` is where this reader's plan
+        started and ``batches`` the batches it has read since (with workers: the batch after
+        this worker's last one)."""
         c = self.config
-        return {"v": STATE_VERSION, "seed": c.seed, "epoch": c.epoch,
-                "rows": self.plan.rows,
-                "consumed": self.rank_plan().consumed_after(self.batches_read)}
+        return {"v": STATE_VERSION, "seed": c.seed, "epoch": c.epoch, "rows": self.plan.rows,
+                "world_size": c.world_size, "batch_size": c.batch_size,
+                "consumed": self.consumed, "batches": self.batches_read}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from ``state``. On the same world size and batch size each rank (and worker)
+        reads exactly what it would have read next. On another, every rank is taken to have
+        read ``batches`` batches (as data-parallel training does), and the rows after those
+        are shared out anew."""
         c = self.config
         if state.get("v") != STATE_VERSION:
             raise ReadPlanError(f"a reader state of version {state.get('v')!r} cannot be "
@@ -171,8 +176,13 @@ class TrainingReader:
             raise ReadPlanError(f"the state was saved over {state['rows']} rows; "
                                 f"{c.dataset} now has {self.plan.rows} (a batch was "
                                 "committed or dropped since)")
-        self.consumed = int(state["consumed"])
-        self.batches_read = 0
+        consumed, batches = int(state["consumed"]), int(state["batches"])
+        if (state["world_size"], state["batch_size"]) == (c.world_size, c.batch_size):
+            self.consumed, self.batches_read = consumed, batches
+            return
+        saved = self.plan.rank(0, int(state["world_size"]), batch_size=int(state["batch_size"]),
+                               consumed=consumed, remainder=c.remainder)
+        self.consumed, self.batches_read = saved.consumed_after(batches), 0
 
     # rows -----------------------------------------------------------------------------
     def _batch(self, number: int, pieces: list[_Piece]) -> pa.Table:

@@ -90,6 +90,32 @@ def test_a_resume_reads_what_an_uninterrupted_run_would_have(committed: Manifest
     assert sorted(Counter(rest) - Counter(remaining)) == sorted(whole[0][:pad])
 
 
+def test_workers_resume_each_from_their_own_state(committed: Manifest, tmp_path: Path) -> None:
+    """Two workers of a rank, taken in turn as a data loader takes them; each saves its own
+    state after the loader has handed out 5 batches; restored, the turns go on exactly."""
+    def worker(w: int) -> TrainingReader:
+        return _reader(tmp_path, rank=1, world_size=2, batch_size=40, seed=4, worker=w,
+                       workers=2)
+
+    whole = _ids(list(_reader(tmp_path, rank=1, world_size=2, batch_size=40, seed=4)))
+    readers = [worker(0), worker(1)]
+    streams = [iter(r) for r in readers]
+    handed = [next(streams[n % 2]) for n in range(5)]  # batches 0..4: w0, w1, w0, w1, w0
+    states = [r.state_dict() for r in readers]
+    assert [s["batches"] for s in states] == [5, 4]
+    restored = [worker(0), worker(1)]
+    for reader, state in zip(restored, states, strict=True):
+        reader.load_state_dict(state)
+    rest = [iter(r) for r in restored]
+    after = []
+    for n in range(5, len(whole) // 40 + 1):  # the loader goes on with worker 1's turn
+        try:
+            after.append(next(rest[n % 2]))
+        except StopIteration:
+            break
+    assert _ids(handed + after) == whole
+
+
 def test_a_corrupt_and_a_missing_replica_are_read_around_and_noted(
         committed: Manifest, home: Path, tmp_path: Path) -> None:
     rotten, gone = committed.chunks[0], committed.chunks[1]
