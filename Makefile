@@ -32,7 +32,7 @@ test-slow: setup
 # The reader's front ends in their frameworks. PyPI's torch for Linux brings its CUDA
 # libraries (about 3 GB) even on a machine without a GPU.
 test-frameworks: setup
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch,hf,ray]"
 	$(BIN)/python -m pytest -q -m frameworks
 
 bench: setup

@@ -152,6 +152,7 @@ class Fetcher:
                  place: Place) -> None:
         self.topology, self.catalog, self.cache = topology, catalog, cache
         self.report = ReadReport(place)
+        self.chosen: dict[str, tuple[str, ...]] = {}  # digest -> replicas, in the order to try
         self._stores: dict[str, Store] = {}
 
     def cost(self, node: str) -> LinkCost:
@@ -162,7 +163,10 @@ class Fetcher:
 
     def nearest(self, chunk: PlannedChunk) -> list[str]:
         """The chunk's verified replicas, cheapest first: same region, same cloud, then by
-        the topology's egress price and latency."""
+        the topology's egress price and latency; or the order :attr:`chosen` holds for it
+        (a replica chosen by whoever planned the read)."""
+        if chunk.digest in self.chosen:
+            return list(self.chosen[chunk.digest])
         known = [n for n in chunk.nodes if any(m.name == n for m in self.topology.nodes)]
         return sorted(known, key=lambda n: (self.cost(n).egress_usd_per_gb,
                                             self.cost(n).latency_ms, n))

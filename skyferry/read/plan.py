@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -116,6 +116,16 @@ class ReadPlan:
             pieces.append(b0 + order[max(lo, b0) - b0:min(hi, b1) - b0])
         return chunk.stored_rows(np.concatenate(pieces))
 
+    def starts(self) -> list[int]:
+        """Where each chunk's rows start in the order."""
+        return [int(x) for x in self._starts[:-1]]
+
+    def spans(self, chunks: Collection[str]) -> list[tuple[int, int]]:
+        """The positions ``[start, stop)`` that ``chunks`` (digests) hold in the order."""
+        starts = self._starts
+        return [(int(starts[i]), int(starts[i]) + c.rows) for i, c in enumerate(self.chunks)
+                if c.digest in chunks]
+
     def rank(self, rank: int, world_size: int, *, batch_size: int, consumed: int = 0,
              remainder: Remainder = "pad") -> RankPlan:
         """What ``rank`` of ``world_size`` reads, ``consumed`` rows into the epoch."""
@@ -143,14 +153,17 @@ class RankPlan:
     consumed: int  # rows of the epoch read before this plan starts, by every rank
     rows: int  # rows this rank reads
 
-    def batches(self, first: int = 0, *, worker: int = 0,
-                workers: int = 1) -> Iterator[tuple[int, list[Slice]]]:
+    def batches(self, first: int = 0, *, worker: int = 0, workers: int = 1,
+                chunks: Collection[str] | None = None) -> Iterator[tuple[int, list[Slice]]]:
         """``(batch number, slices)`` of this rank's batches from ``first`` on; with
         ``workers``, the batches whose number is ``worker`` modulo ``workers`` (a data
-        loader that takes one batch from each worker in turn puts them back in order)."""
+        loader that takes one batch from each worker in turn puts them back in order).
+        With ``chunks`` (digests), only the batches that hold rows of those chunks, found
+        without shuffling the others."""
         step = self.world_size * self.batch_size
         full = self.rows // self.batch_size  # batches in whole steps
         count = full + (1 if self.rows % self.batch_size else 0)
+        spans = None if chunks is None else self.plan.spans(chunks)
         for number in range(first, count):
             if number % workers != worker:
                 continue
@@ -160,7 +173,12 @@ class RankPlan:
             else:  # the short last step, split evenly
                 size = self.rows - full * self.batch_size
                 start = self.consumed + full * step + self.rank * size
-            yield number, list(self.plan.order(start, start + size))
+            if spans is not None and not _meets(spans, start, size, self.plan.rows):
+                continue
+            slices = list(self.plan.order(start, start + size))
+            if chunks is not None:
+                slices = [s for s in slices if s.chunk.digest in chunks]
+            yield number, slices
 
     def consumed_after(self, batches: int) -> int:
         """The resume point after every rank has read ``batches`` of its batches."""
@@ -170,6 +188,15 @@ class RankPlan:
         if batches > full and self.rows % self.batch_size:
             done += (self.rows - full * self.batch_size) * self.world_size
         return min(self.plan.rows, self.consumed + done)
+
+
+def _meets(spans: list[tuple[int, int]], start: int, size: int, total: int) -> bool:
+    """Whether positions ``[start, start + size)`` (past ``total``: wrapped round to the
+    start) meet one of ``spans``."""
+    ranges = [(start, min(start + size, total))]
+    if start + size > total:
+        ranges.append((0, start + size - total))
+    return any(lo < b and a < hi for lo, hi in ranges for a, b in spans)
 
 
 def plan_epoch(manifests: Sequence[Manifest], *, seed: int, epoch: int,

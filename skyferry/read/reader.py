@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,15 +129,22 @@ class TrainingReader:
         return mine - done
 
     def __iter__(self) -> Iterator[pa.Table]:
+        return self.tables()
+
+    def tables(self, chunks: Collection[str] | None = None) -> Iterator[pa.Table]:
         """The batches, each assembled while the row groups of the next few are decoded
-        in the background (pyarrow decodes without the GIL)."""
+        in the background (pyarrow decodes without the GIL). With ``chunks`` (digests),
+        only the rows of those chunks: a batch with none of them is left out."""
         plan = self.rank_plan()
         upcoming = plan.batches(self.batches_read, worker=self.config.worker,
-                                workers=self.config.workers)
+                                workers=self.config.workers, chunks=chunks)
         ahead: deque[tuple[int, list[_Piece]]] = deque()
         try:
             for number, slices in upcoming:
-                ahead.append((number, [self._piece(s) for s in slices]))
+                pieces = [self._piece(s) for s in slices]
+                if not pieces:
+                    continue
+                ahead.append((number, pieces))
                 if len(ahead) <= _AHEAD:
                     continue
                 yield self._batch(*ahead.popleft())
@@ -148,6 +155,11 @@ class TrainingReader:
                 for piece in pieces:
                     for group in piece.groups:
                         group.cancel()
+
+    def span(self, start: int, stop: int) -> Iterator[pa.Table]:
+        """The rows at positions ``[start, stop)`` of the epoch's order, a table per chunk."""
+        for piece in self.plan.order(start, stop):
+            yield self._piece(piece).take()
 
     # resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

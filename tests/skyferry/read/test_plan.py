@@ -141,3 +141,18 @@ def test_a_plan_refuses_what_it_cannot_give() -> None:
         plan.rank(0, 1, batch_size=4, consumed=11)
     with pytest.raises(ReadPlanError, match="batch size"):
         plan.rank(0, 1, batch_size=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(SIZES, st.integers(min_value=1, max_value=9), st.sampled_from([1, 2, 8]), st.data())
+def test_the_batches_of_some_chunks_are_the_ranks_rows_of_those_chunks(
+        sizes: list[int], batch: int, world: int, data: st.DataObject) -> None:
+    chunks = _chunks(sizes)
+    some = {c.digest for c in data.draw(st.lists(st.sampled_from(chunks), unique_by=id))}
+    plan = shuffle_chunks(chunks, seed=2, epoch=0, block_rows=8)
+    for r in range(world):
+        rank = plan.rank(r, world, batch_size=batch)
+        mine = [row for b in _rows(rank) for row in b if row[0] in some]
+        picked = [(s.chunk.digest, int(x)) for _, slices in rank.batches(chunks=some)
+                  for s in slices for x in s.rows]
+        assert picked == mine
