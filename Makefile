@@ -38,6 +38,9 @@ test-frameworks: setup
 bench: setup
 	command -v rclone >/dev/null || (apt-get update -qq && apt-get install -y -qq rclone) \
 		|| echo "rclone could not be installed: rclone_ratio is not reported"
+	test -x .venv-mosaic/bin/python || ($(PYTHON) -m venv .venv-mosaic \
+		&& .venv-mosaic/bin/pip install --quiet mosaicml-streaming==0.13.0 pyarrow) \
+		|| echo "MosaicML Streaming could not be installed: reader_ratio_to_mosaic is not reported"
 	$(BIN)/python bench/bench.py
 
 chaos: setup

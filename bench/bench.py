@@ -437,6 +437,12 @@ def main() -> None:
 
     plan_history()
 
+    # the training reader: against pyarrow.dataset and MosaicML Streaming; egress; resume
+    sys.path.insert(0, str(Path(__file__).parent))
+    import reader_bench
+
+    figures.update(reader_bench.main())
+
     # the clouds: local S3/GCS/Azure servers, against a direct fsspec copy
     sys.path.insert(0, str(Path(__file__).parent))
     import cloud_bench

@@ -1,24 +1,33 @@
-"""The training reader against ``pyarrow.dataset`` over the same verified chunk files.
+"""The training reader's figures for ``make bench`` (or run alone).
 
-Commits a CSV dataset of BENCH_ROWS rows (default 2,000,000) in 16 MB chunks without Prefect,
-warms the reader's cache, then reads the epoch through the reader (shuffled, each chunk hashed
-when opened) and through ``pyarrow.dataset`` (in file order), at two batch sizes; and times
-the first batch after a resume. Run with ``.venv/bin/python bench/reader_bench.py``.
+A CSV dataset of BENCH_READER_ROWS rows (default 1,000,000) is committed in 8 MB chunks
+without Prefect. Then, each figure a ratio from this run:
+- ``reader_ratio_to_pyarrow``: rows per second through the reader (shuffled, each chunk
+  hashed when opened, warm cache) against ``pyarrow.dataset`` reading the same verified files
+  in order; batches of 1,024; the median of three alternating pairs;
+- ``reader_ratio_to_mosaic``: the same rows written to MosaicML Streaming's MDS format (with
+  xxh64 shard hashes) and read through its ``StreamingDataset`` with the hashes checked and
+  its shuffle on, in its own environment (``.venv-mosaic``, which ``make bench`` makes);
+- ``egress_bytes_local``: bytes read across clouds by a reader, with a cold cache, in a cloud
+  that holds a replica of every chunk;
+- ``resume_first_batch_ms``: from making a reader and loading a state to its first batch.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(tempfile.mkdtemp(prefix="skyferry-reader-bench-"))
-os.environ["SKYFERRY_HOME"] = str(ROOT / "home")
-os.environ["SKYFERRY_DURABLE_WRITES"] = "false"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+BATCH = 1024
+PAIRS = 3
 
 
 def say(text: str) -> None:
@@ -26,44 +35,127 @@ def say(text: str) -> None:
     sys.stdout.flush()
 
 
-def main() -> None:
+def main() -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="skyferry-reader-bench-"))
+    saved = {k: os.environ.get(k) for k in ("SKYFERRY_HOME", "SKYFERRY_DURABLE_WRITES")}
+    os.environ["SKYFERRY_HOME"] = str(root / "home")
+    os.environ["SKYFERRY_DURABLE_WRITES"] = "false"
+    from skyferry.config import get_settings
+
+    get_settings.cache_clear()
+    try:
+        return _figures(root)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _figures(root: Path) -> dict[str, Any]:
     import pyarrow.dataset as ds
 
+    from skyferry.commit.manifest import open_catalog
     from skyferry.read.reader import ReaderConfig, TrainingReader, chunk_files
+    from skyferry.topology import load_topology
     from tests.helpers.sf_data import commit_without_prefect, write_ml_csv
 
-    rows = int(os.environ.get("BENCH_ROWS", "2000000"))
-    write_ml_csv(ROOT / "src" / "a.csv", rows, seed=1)
-    commit_without_prefect(ROOT / "src", "train", chunk_size="16MB")
-    cache = ROOT / "cache"
+    rows = int(os.environ.get("BENCH_READER_ROWS", "1000000"))
+    write_ml_csv(root / "src" / "a.csv", rows, seed=1)
+    manifest = commit_without_prefect(root / "src", "train", chunk_size="8MB")
+    cache = root / "cache"
     files, _ = chunk_files("train", cache_dir=cache)
-    for batch in (256, 4096):
-        reader = TrainingReader(ReaderConfig("train", batch_size=batch, seed=1, cache_dir=cache))
+    figures: dict[str, Any] = {}
+
+    def reader(**options: Any) -> TrainingReader:
+        options.setdefault("cache_dir", cache)
+        return TrainingReader(ReaderConfig("train", batch_size=BATCH, seed=1, **options))
+
+    ratios, sky_rates, base_rates = [], [], []
+    for _ in range(PAIRS):
         started = time.perf_counter()
-        read = sum(b.num_rows for b in reader)
-        sky = time.perf_counter() - started
+        read = sum(b.num_rows for b in reader())
+        sky_s = time.perf_counter() - started
         started = time.perf_counter()
-        base_rows = sum(b.num_rows for b in
-                        ds.dataset(files, format="parquet").to_batches(batch_size=batch))
-        base = time.perf_counter() - started
-        say(f"batch {batch}: reader {read / sky:,.0f} rows/s, pyarrow.dataset "
-            f"{base_rows / base:,.0f} rows/s, reader_ratio_to_pyarrow {base / sky:.3f} "
-            f"({reader.report.cache_hits} chunks from the cache)")
-    reader = TrainingReader(ReaderConfig("train", batch_size=256, seed=1, cache_dir=cache))
-    batches = iter(reader)
+        base = sum(b.num_rows for b in ds.dataset(files, format="parquet").to_batches(
+            batch_size=BATCH))
+        base_s = time.perf_counter() - started
+        sky_rates.append(read / sky_s)
+        base_rates.append(base / base_s)
+        ratios.append(sky_rates[-1] / base_rates[-1])
+    figures["reader_ratio_to_pyarrow"] = round(statistics.median(ratios), 3)
+    figures["reader_rows_s"] = round(statistics.median(sky_rates))
+    say(f"reader_ratio_to_pyarrow {figures['reader_ratio_to_pyarrow']}  (median of {PAIRS} "
+        f"pairs; reader {figures['reader_rows_s']:,} rows/s, pyarrow.dataset "
+        f"{statistics.median(base_rates):,.0f} rows/s; {rows:,} rows in "
+        f"{len(manifest.chunks)} chunks; target >= 0.9)")
+
+    # a reader in a cloud that holds a replica of every chunk, cold cache
+    clouds = {n.name: n.cloud for n in load_topology().nodes}
+    held = [{clouds[r.node] for r in c.verified} for c in manifest.chunks]
+    local = sorted(set.intersection(*held)) if held else []
+    if local:
+        cold = reader(cloud=local[0], cache_dir=root / "cold")
+        sum(b.num_rows for b in cold)
+        figures["egress_bytes_local"] = cold.report.cross_cloud_bytes
+        say(f"egress_bytes_local      {figures['egress_bytes_local']}  (a reader in "
+            f"{local[0]}, cold cache: {dict(cold.report.bytes_from)}; target 0)")
+    else:
+        figures["egress_bytes_local"] = None
+        say("egress_bytes_local      n/a (no cloud holds a replica of every chunk)")
+    open_catalog(load_topology())  # the catalog is still there for the resume below
+
+    # the first batch after a resume
+    first = reader()
+    batches = iter(first)
     for _ in range(100):
         next(batches)
-    state = reader.state_dict()
+    state = first.state_dict()
     started = time.perf_counter()
-    again = TrainingReader(ReaderConfig("train", batch_size=256, seed=1, cache_dir=cache))
+    again = reader()
     again.load_state_dict(state)
     next(iter(again))
-    say(f"first batch after a resume: {(time.perf_counter() - started) * 1000:.0f} ms "
-        f"(state: {state})")
+    figures["resume_first_batch_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    say(f"resume_first_batch_ms   {figures['resume_first_batch_ms']}  (a new reader, the "
+        "state loaded, its first batch)")
+
+    figures["reader_ratio_to_mosaic"] = _mosaic(root, files, figures["reader_rows_s"])
+    return figures
+
+
+def _mosaic(root: Path, files: list[str], reader_rows_s: float) -> float | None:
+    """MosaicML Streaming in its own environment (``.venv-mosaic``, made by ``make bench``):
+    its numpy pin (< 2.2) cannot live beside skyferry's."""
+    import json
+    import subprocess
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    python = Path(__file__).resolve().parent.parent / ".venv-mosaic" / "bin" / "python"
+    if not python.exists():
+        say("reader_ratio_to_mosaic  n/a (no .venv-mosaic: `make bench` makes it)")
+        return None
+    rows = root / "rows.parquet"
+    pq.write_table(pa.concat_tables(pq.read_table(f) for f in files), rows)
+    done = subprocess.run([str(python), str(Path(__file__).with_name("mosaic_read.py")),
+                           str(rows), str(root / "mds"), str(BATCH)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = " / ".join(done.stderr.strip().splitlines()[-3:])
+        say(f"reader_ratio_to_mosaic  n/a (the MosaicML read failed: {tail})")
+        return None
+    mosaic = json.loads(done.stdout.strip().splitlines()[-1])
+    ratio = round(reader_rows_s / mosaic["rows_s"], 3)
+    say(f"reader_ratio_to_mosaic  {ratio}  (StreamingDataset {mosaic['rows_s']:,.0f} rows/s "
+        f"over {mosaic['rows']:,} rows, xxh64 hashes checked, shuffled; target >= 1)")
+    return ratio
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        shutil.rmtree(ROOT, ignore_errors=True)
+    import json
+
+    say(json.dumps(main(), sort_keys=True))
