@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,7 +41,8 @@ STATE_VERSION = 2
 CACHE_LIMIT = 64 << 30  # default size limit of the chunk cache, bytes
 _OPEN_FILES = 4  # chunk files a reader keeps open
 _GROUPS = 8  # decoded (or decoding) row groups a reader keeps
-_AHEAD = 4  # batches whose row groups are decoded ahead of the one being assembled
+_GROUP_ROWS = 1 << 16  # rows gathered together, then cut into batches
+_SEGMENTS = 16  # runs of rows from one row group above which a piece is gathered at once
 _DECODERS = 2  # threads decoding row groups
 
 
@@ -89,6 +93,7 @@ class TrainingReader:
         self._groups: OrderedDict[tuple[str, int], Future[pa.Table]] = OrderedDict()
         self._decoder = ThreadPoolExecutor(max_workers=_DECODERS,
                                            thread_name_prefix="skyferry-decode")
+        self._gatherer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyferry-gather")
 
     @property
     def report(self) -> ReadReport:
@@ -132,29 +137,92 @@ class TrainingReader:
         return self.tables()
 
     def tables(self, chunks: Collection[str] | None = None) -> Iterator[pa.Table]:
-        """The batches, each assembled while the row groups of the next few are decoded
-        in the background (pyarrow decodes without the GIL). With ``chunks`` (digests),
-        only the rows of those chunks: a batch with none of them is left out."""
+        """The batches. A thread of the reader works ahead of them: it plans a run of
+        batches (about ``_GROUP_ROWS`` rows), has their row groups decoded by two more,
+        gathers each chunk's rows of the run with one ``take``, and hands the run over;
+        each batch is then a slice of it. With ``chunks`` (digests), only the rows of those
+        chunks: a batch with none of them is left out."""
         plan = self.rank_plan()
         upcoming = plan.batches(self.batches_read, worker=self.config.worker,
                                 workers=self.config.workers, chunks=chunks)
-        ahead: deque[tuple[int, list[_Piece]]] = deque()
+        made: queue.Queue[_Run | BaseException | None] = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        worker = threading.Thread(target=self._produce, args=(upcoming, made, stop),
+                                  name="skyferry-read", daemon=True)
+        worker.start()
         try:
-            for number, slices in upcoming:
-                pieces = [self._piece(s) for s in slices]
-                if not pieces:
-                    continue
-                ahead.append((number, pieces))
-                if len(ahead) <= _AHEAD:
-                    continue
-                yield self._batch(*ahead.popleft())
-            while ahead:
-                yield self._batch(*ahead.popleft())
+            while (run := made.get()) is not None:
+                if isinstance(run, BaseException):
+                    raise run
+                at = 0
+                for number, size in zip(run.numbers, run.sizes, strict=True):
+                    batch = run.table.slice(at, size)
+                    at += size
+                    self.batches_read = number + 1
+                    yield batch
         finally:
-            for _, pieces in ahead:
-                for piece in pieces:
-                    for group in piece.groups:
-                        group.cancel()
+            stop.set()
+            while worker.is_alive():  # let it finish a put it is blocked in
+                with contextlib.suppress(queue.Empty):
+                    made.get(timeout=0.05)
+
+    def _produce(self, upcoming: Iterator[tuple[int, list[Slice]]],
+                 made: queue.Queue[_Run | BaseException | None], stop: threading.Event) -> None:
+        def put(item: _Run | BaseException | None) -> bool:
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    made.put(item, timeout=0.05)
+                    return True
+            return False
+
+        try:
+            # planned and decoding -> gathered (on the gatherer's thread) -> handed over
+            started: deque[Future[_Run]] = deque()
+            batches: list[tuple[int, list[Slice]]] = []
+            rows, limit = 0, 1  # the first run is one batch (a quick first batch), then more
+            for number, slices in upcoming:
+                if stop.is_set():
+                    return
+                if not slices:
+                    continue
+                batches.append((number, slices))
+                rows += sum(len(s.rows) for s in slices)
+                if rows < limit:
+                    continue
+                started.append(self._gatherer.submit(self._finish, *self._start(batches)))
+                batches, rows, limit = [], 0, min(max(limit, rows) * 4, _GROUP_ROWS)
+                while started and (started[0].done() or len(started) > 2):
+                    if not put(started.popleft().result()):
+                        return
+            if batches:
+                started.append(self._gatherer.submit(self._finish, *self._start(batches)))
+            while started:
+                if not put(started.popleft().result()):
+                    return
+            put(None)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    def _start(self, batches: list[tuple[int, list[Slice]]]
+               ) -> tuple[list[int], list[int], list[_Piece]]:
+        """Each chunk's rows of these batches as one piece, its row groups' decoding
+        started."""
+        runs: list[tuple[PlannedChunk, list[np.ndarray]]] = []
+        for _, slices in batches:
+            for piece in slices:
+                if runs and runs[-1][0].digest == piece.chunk.digest:
+                    runs[-1][1].append(piece.rows)
+                else:
+                    runs.append((piece.chunk, [piece.rows]))
+        pieces = [self._piece(Slice(chunk, np.concatenate(parts))) for chunk, parts in runs]
+        return ([n for n, _ in batches], [sum(len(s.rows) for s in slices)
+                                          for _, slices in batches], pieces)
+
+    def _finish(self, numbers: list[int], sizes: list[int], pieces: list[_Piece]) -> _Run:
+        tables = [piece.take() for piece in pieces]
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(
+            tables, promote_options="permissive")
+        return _Run(numbers, sizes, table)
 
     def span(self, start: int, stop: int) -> Iterator[pa.Table]:
         """The rows at positions ``[start, stop)`` of the epoch's order, a table per chunk."""
@@ -197,20 +265,13 @@ class TrainingReader:
         self.consumed, self.batches_read = saved.consumed_after(batches), 0
 
     # rows -----------------------------------------------------------------------------
-    def _batch(self, number: int, pieces: list[_Piece]) -> pa.Table:
-        tables = [piece.take() for piece in pieces]
-        self.batches_read = number + 1
-        if len(tables) == 1:
-            return tables[0]
-        return pa.concat_tables(tables, promote_options="permissive")
-
     def _piece(self, piece: Slice) -> _Piece:
         """The row groups ``piece`` needs, their decoding started, and where its rows are."""
         parquet, starts = self._file(piece.chunk)
         groups = np.searchsorted(starts, piece.rows, side="right") - 1
         first, last = int(groups.min()), int(groups.max())
         return _Piece([self._group(piece.chunk, parquet, g) for g in range(first, last + 1)],
-                      piece.rows - starts[first])
+                      groups - first, piece.rows - starts[groups])
 
     def _file(self, chunk: PlannedChunk) -> tuple[pq.ParquetFile, np.ndarray]:
         found = self._files.get(chunk.digest)
@@ -248,6 +309,7 @@ class TrainingReader:
 
     def close(self) -> None:
         self._decoder.shutdown(cancel_futures=True)
+        self._gatherer.shutdown(cancel_futures=True)
         for opened, _ in self._files.values():
             opened.close()
         self._files.clear()
@@ -255,18 +317,39 @@ class TrainingReader:
 
 
 @dataclass
+class _Run:
+    """Batches gathered together: their numbers, their sizes, their rows end to end."""
+
+    numbers: list[int]
+    sizes: list[int]
+    table: pa.Table
+
+
+@dataclass
 class _Piece:
-    """One slice of a batch: the row groups that hold its rows (decoding, in order), and
-    its rows' places in them, laid end to end."""
+    """Rows of one chunk: the row groups that hold them (decoding, in order), and for each
+    row, its row group (an index into ``groups``) and its place in that group."""
 
     groups: list[Future[pa.Table]]
+    group_of: np.ndarray
     rows: np.ndarray
 
     def take(self) -> pa.Table:
+        """The rows, in order: one ``take`` from each run of rows in one row group (a row
+        group is one Arrow chunk, where a gather is fastest)."""
         tables = [group.result() for group in self.groups]
-        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-        low, high = int(self.rows.min()), int(self.rows.max())
-        return table.slice(low, high - low + 1).take(pa.array(self.rows - low))
+        cuts = np.flatnonzero(np.diff(self.group_of)) + 1
+        if len(cuts) > _SEGMENTS:  # a block across two groups: its rows alternate
+            table = pa.concat_tables(tables)
+            offsets = np.cumsum([0] + [t.num_rows for t in tables[:-1]], dtype=np.int64)
+            return table.take(pa.array(self.rows + offsets[self.group_of]))
+        pieces = []
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(self.rows)], strict=True):
+            rows = self.rows[lo:hi]
+            low, high = int(rows.min()), int(rows.max())
+            source = tables[int(self.group_of[lo])].slice(low, high - low + 1)
+            pieces.append(source.take(pa.array(rows - low)))
+        return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
 
 
 def chunk_files(dataset: str, *, verify: bool = True, topology: Topology | None = None,
