@@ -138,10 +138,10 @@ class TrainingReader:
 
     def tables(self, chunks: Collection[str] | None = None) -> Iterator[pa.Table]:
         """The batches. A thread of the reader works ahead of them: it plans a run of
-        batches (about ``_GROUP_ROWS`` rows), has their row groups decoded by two more,
-        gathers each chunk's rows of the run with one ``take``, and hands the run over;
-        each batch is then a slice of it. With ``chunks`` (digests), only the rows of those
-        chunks: a batch with none of them is left out."""
+        batches (one batch first, then up to ``_GROUP_ROWS`` rows), has their row groups
+        decoded by two more, and a fourth gathers the run's rows (a ``take`` per chunk and
+        row group); each batch is then a slice of the run. With ``chunks`` (digests), only
+        the rows of those chunks: a batch with none of them is left out."""
         plan = self.rank_plan()
         upcoming = plan.batches(self.batches_read, worker=self.config.worker,
                                 workers=self.config.workers, chunks=chunks)
