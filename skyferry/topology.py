@@ -289,6 +289,9 @@ def _expand(value: Any, home: str) -> Any:
     return value
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, where PyYAML has it
+
+
 def load_topology(path: str | Path | None = None) -> Topology:
     """Load a topology YAML file, or the embedded default when ``path`` is None."""
     where = str(path) if path else "embedded default topology"
@@ -300,7 +303,7 @@ def load_topology(path: str | Path | None = None) -> Topology:
     except OSError as exc:
         raise TopologyError(f"cannot read topology {where}: {exc}", source=where) from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         raise TopologyError(f"topology {where} is not valid YAML: {exc}", source=where) from exc
     if not isinstance(raw, dict):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -83,38 +83,67 @@ class ReadPlan:
     def rows(self) -> int:
         return int(sum(c.rows for c in self.chunks))
 
-    def order(self, start: int, stop: int) -> Iterator[Slice]:
+    def order(self, start: int, stop: int) -> list[Slice]:
         """The rows at positions ``[start, stop)`` of the epoch's order, chunk by chunk.
         Positions past the epoch's end wrap to its start (padding)."""
+        return self.pieces([(start, stop - start)])
+
+    def pieces(self, spans: Iterable[tuple[int, int]]) -> list[Slice]:
+        """The rows of ``spans`` (``(start, size)`` in the epoch's order; past its end:
+        wrapped round to its start), end to end: a slice for each run of one chunk."""
         total = self.rows
-        if total == 0:
-            return
-        while start < stop:
-            at = start % total
-            take = min(stop - start, total - at)
-            yield from self._order(at, at + take)
-            start += take
-
-    def _order(self, start: int, stop: int) -> Iterator[Slice]:
-        starts = self._starts
-        first = int(np.searchsorted(starts, start, side="right")) - 1
-        for ordinal in range(first, len(self.chunks)):
-            base = int(starts[ordinal])
-            if base >= stop:
-                return
+        found: list[tuple[int, np.ndarray]] = []  # (chunk's place in the order, live rows)
+        for first, size in spans:
+            start, stop = first, first + size
+            while total and start < stop:
+                at = start % total
+                take = min(stop - start, total - at)
+                self._collect(at, at + take, found)
+                start += take
+        out = []
+        while found:
+            ordinal = found[-1][0]
+            parts = []
+            while found and found[-1][0] == ordinal:
+                parts.append(found.pop()[1])
             chunk = self.chunks[ordinal]
-            lo, hi = max(start, base) - base, min(stop, base + chunk.rows) - base
-            if hi > lo:
-                yield Slice(chunk, self._chunk_rows(chunk, lo, hi))
+            live = parts[0] if len(parts) == 1 else np.concatenate(parts[::-1])
+            out.append(Slice(chunk, chunk.stored_rows(live)))
+        return out[::-1]
 
-    def _chunk_rows(self, chunk: PlannedChunk, lo: int, hi: int) -> np.ndarray:
-        pieces = []
-        for block in range(lo // self.block_rows, (hi - 1) // self.block_rows + 1):
-            b0 = block * self.block_rows
-            b1 = min(b0 + self.block_rows, chunk.rows)
-            order = _block_order(self.seed, self.epoch, chunk.digest, block, b1 - b0)
-            pieces.append(b0 + order[max(lo, b0) - b0:min(hi, b1) - b0])
-        return chunk.stored_rows(np.concatenate(pieces))
+    def chunks_in(self, spans: Iterable[tuple[int, int]]) -> set[str]:
+        """The digests of the chunks that hold rows of ``spans`` (as in :meth:`pieces`)."""
+        total = self.rows
+        out: set[str] = set()
+        for first, size in spans:
+            if not total or size <= 0:
+                continue
+            if size >= total:
+                return {c.digest for c in self.chunks}
+            start, stop = first % total, first % total + size
+            for lo, hi in ((start, min(stop, total)), (0, stop - total)):
+                if hi > lo:
+                    a = int(np.searchsorted(self._starts, lo, side="right")) - 1
+                    b = int(np.searchsorted(self._starts, hi - 1, side="right")) - 1
+                    out.update(c.digest for c in self.chunks[a:b + 1])
+        return out
+
+    def _collect(self, start: int, stop: int, found: list[tuple[int, np.ndarray]]) -> None:
+        """Append the live rows at positions ``[start, stop)`` (inside the epoch): a piece
+        of one block's order at a time."""
+        size = self.block_rows
+        ordinal = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while start < stop:
+            chunk = self.chunks[ordinal]
+            base = int(self._starts[ordinal])
+            lo, hi = start - base, min(stop - base, chunk.rows)
+            for block in range(lo // size, (hi - 1) // size + 1):
+                b0 = block * size
+                rows = _block_rows(self.seed, self.epoch, chunk.digest, block, b0,
+                                   min(size, chunk.rows - b0))
+                found.append((ordinal, rows[max(lo, b0) - b0:min(hi, b0 + size) - b0]))
+            start = base + hi
+            ordinal += 1
 
     def starts(self) -> list[int]:
         """Where each chunk's rows start in the order."""
@@ -160,25 +189,48 @@ class RankPlan:
         loader that takes one batch from each worker in turn puts them back in order).
         With ``chunks`` (digests), only the batches that hold rows of those chunks, found
         without shuffling the others."""
-        step = self.world_size * self.batch_size
-        full = self.rows // self.batch_size  # batches in whole steps
-        count = full + (1 if self.rows % self.batch_size else 0)
+        count = self.count()
         spans = None if chunks is None else self.plan.spans(chunks)
         for number in range(first, count):
             if number % workers != worker:
                 continue
-            if number < full:
-                start = self.consumed + number * step + self.rank * self.batch_size
-                size = self.batch_size
-            else:  # the short last step, split evenly
-                size = self.rows - full * self.batch_size
-                start = self.consumed + full * step + self.rank * size
+            ((start, size),) = self.spans_of([number])[1]
             if spans is not None and not _meets(spans, start, size, self.plan.rows):
                 continue
-            slices = list(self.plan.order(start, start + size))
+            slices = self.plan.order(start, start + size)
             if chunks is not None:
                 slices = [s for s in slices if s.chunk.digest in chunks]
             yield number, slices
+
+    def count(self) -> int:
+        """This rank's batches."""
+        return -(-self.rows // self.batch_size)
+
+    def numbers(self, first: int = 0, *, worker: int = 0, workers: int = 1) -> range:
+        """The numbers of this rank's batches from ``first`` on that fall to ``worker``."""
+        start = first + (worker - first) % workers
+        return range(start, self.count(), workers)
+
+    def spans_of(self, numbers: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """The sizes of batches ``numbers``, and the ``(start, size)`` spans of the epoch's
+        order that hold their rows, end to end (neighbours made one)."""
+        step = self.world_size * self.batch_size
+        full = self.rows // self.batch_size  # batches in whole steps
+        short = self.rows - full * self.batch_size  # the last step's share, split evenly
+        sizes: list[int] = []
+        spans: list[tuple[int, int]] = []
+        for number in numbers:
+            if number < full:
+                start, size = self.consumed + number * step + self.rank * self.batch_size, \
+                    self.batch_size
+            else:
+                start, size = self.consumed + full * step + self.rank * short, short
+            sizes.append(size)
+            if spans and sum(spans[-1]) == start:
+                spans[-1] = (spans[-1][0], spans[-1][1] + size)
+            else:
+                spans.append((start, size))
+        return sizes, spans
 
     def consumed_after(self, batches: int) -> int:
         """The resume point after every rank has read ``batches`` of its batches."""
@@ -242,9 +294,27 @@ def shuffle_chunks(chunks: Sequence[PlannedChunk], *, seed: int, epoch: int,
 
 
 @functools.lru_cache(maxsize=64)
-def _block_order(seed: int, epoch: int, digest: str, block: int, rows: int) -> np.ndarray:
-    """The shuffled order of one block's rows (kept for the batches that share it)."""
-    order = _generator(seed, epoch, digest, block).permutation(rows)
+def _block_rows(seed: int, epoch: int, digest: str, block: int, first: int,
+                rows: int) -> np.ndarray:
+    """The live rows ``[first, first + rows)`` of one block of a chunk, in the block's
+    shuffled order (kept for the batches that share it): sorted by a keyed hash
+    (SplitMix64's) of their place, with the place in the low bits to make each key unique."""
+    key = hashlib.blake2b(f"{seed}/{epoch}/{digest}/{block}".encode(), digest_size=8)
+    bits = np.uint64(max(1, (rows - 1).bit_length()))
+    places = np.arange(rows, dtype=np.uint64)
+    x = places + np.uint64(int.from_bytes(key.digest(), "little"))
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    x >>= bits
+    x <<= bits
+    x |= places
+    x.sort()
+    x &= (np.uint64(1) << bits) - np.uint64(1)
+    order = x.astype(np.int64)
+    order += first
     order.setflags(write=False)
     return order
 

@@ -3,24 +3,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import threading
-from collections import OrderedDict, deque
-from collections.abc import Collection, Iterator
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
 from skyferry.config import get_settings
-from skyferry.errors import ReadPlanError
+from skyferry.errors import IntegrityError, ReadPlanError
 from skyferry.read.fetch import ChunkCache, Fetcher, ReadReport, reader_place
 from skyferry.read.plan import (
     BLOCK_ROWS,
@@ -39,11 +38,11 @@ logger = logging.getLogger("skyferry.read")
 
 STATE_VERSION = 2
 CACHE_LIMIT = 64 << 30  # default size limit of the chunk cache, bytes
-_OPEN_FILES = 4  # chunk files a reader keeps open
+_VERIFIED = 4  # chunks a reader keeps verified, beside those that runs being gathered need
 _GROUPS = 8  # decoded (or decoding) row groups a reader keeps
 _GROUP_ROWS = 1 << 16  # rows gathered together, then cut into batches
-_SEGMENTS = 16  # runs of rows from one row group above which a piece is gathered at once
-_DECODERS = 2  # threads decoding row groups
+_THREADS = 2  # threads gathering runs of batches
+_AHEAD = 4  # runs of batches gathered (or being gathered) ahead of the consumer
 
 
 @dataclass(frozen=True)
@@ -89,11 +88,12 @@ class TrainingReader:
         self.consumed = 0  # rows of the epoch read by every rank before this reader started
         self.batches_read = 0  # batches this rank has yielded since then
         self._plan: ReadPlan | None = None
-        self._files: OrderedDict[str, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
+        self._files: OrderedDict[str, Future[tuple[Path, np.ndarray]]] = OrderedDict()
         self._groups: OrderedDict[tuple[str, int], Future[pa.Table]] = OrderedDict()
-        self._decoder = ThreadPoolExecutor(max_workers=_DECODERS,
-                                           thread_name_prefix="skyferry-decode")
-        self._gatherer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyferry-gather")
+        self._lock = threading.Lock()
+        self._fetching = threading.Lock()
+        self._busy: Counter[Any] = Counter()  # chunks that runs being gathered need
+        self._pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="skyferry-read")
 
     @property
     def report(self) -> ReadReport:
@@ -137,97 +137,81 @@ class TrainingReader:
         return self.tables()
 
     def tables(self, chunks: Collection[str] | None = None) -> Iterator[pa.Table]:
-        """The batches. A thread of the reader works ahead of them: it plans a run of
-        batches (one batch first, then up to ``_GROUP_ROWS`` rows), has their row groups
-        decoded by two more, and a fourth gathers the run's rows (a ``take`` per chunk and
-        row group); each batch is then a slice of the run. With ``chunks`` (digests), only
-        the rows of those chunks: a batch with none of them is left out."""
+        """The batches. The reader's threads work ahead of them, a run of batches at a time
+        (one batch first, then up to ``_GROUP_ROWS`` rows): each finds the run's rows in
+        the plan, decodes the row groups that hold them (each once), gathers them with one
+        ``take`` per chunk, and the batches are slices of the run. With ``chunks``
+        (digests), only the rows of those chunks: a batch with none of them is left out."""
         plan = self.rank_plan()
-        upcoming = plan.batches(self.batches_read, worker=self.config.worker,
-                                workers=self.config.workers, chunks=chunks)
-        made: queue.Queue[_Run | BaseException | None] = queue.Queue(maxsize=2)
-        stop = threading.Event()
-        worker = threading.Thread(target=self._produce, args=(upcoming, made, stop),
-                                  name="skyferry-read", daemon=True)
-        worker.start()
+        work = self._runs(plan, chunks)
+        pending: deque[tuple[_Job, Future[pa.Table]]] = deque()
         try:
-            while (run := made.get()) is not None:
-                if isinstance(run, BaseException):
-                    raise run
+            while True:
+                while len(pending) < _AHEAD and (job := next(work, None)) is not None:
+                    self._busy.update(job.chunks)  # kept open until the run is read
+                    pending.append((job, self._pool.submit(self._gather, plan.plan, job)))
+                if not pending:
+                    return
+                job, future = pending[0]
+                run = future.result()
+                pending.popleft()
+                self._busy.subtract(job.chunks)
                 at = 0
-                for number, size in zip(run.numbers, run.sizes, strict=True):
-                    batch = run.table.slice(at, size)
+                for number, size in zip(job.numbers, job.sizes, strict=True):
+                    batch = run.slice(at, size)
                     at += size
                     self.batches_read = number + 1
                     yield batch
         finally:
-            stop.set()
-            while worker.is_alive():  # let it finish a put it is blocked in
-                with contextlib.suppress(queue.Empty):
-                    made.get(timeout=0.05)
+            for job, future in pending:
+                future.cancel()
+                self._busy.subtract(job.chunks)
 
-    def _produce(self, upcoming: Iterator[tuple[int, list[Slice]]],
-                 made: queue.Queue[_Run | BaseException | None], stop: threading.Event) -> None:
-        def put(item: _Run | BaseException | None) -> bool:
-            while not stop.is_set():
-                with contextlib.suppress(queue.Full):
-                    made.put(item, timeout=0.05)
-                    return True
-            return False
+    def _runs(self, plan: RankPlan, chunks: Collection[str] | None) -> Iterator[_Job]:
+        """The runs of batches to gather, one batch first (a quick first batch), then up to
+        ``_GROUP_ROWS`` rows."""
+        c = self.config
+        limit = 1
+        if chunks is None:
+            numbers = plan.numbers(self.batches_read, worker=c.worker, workers=c.workers)
+            at = 0
+            while at < len(numbers):
+                take = max(1, limit // plan.batch_size)
+                sizes, spans = plan.spans_of(numbers[at:at + take])
+                yield _Job(list(numbers[at:at + take]), sizes, plan.plan.chunks_in(spans),
+                           spans=spans)
+                at += take
+                limit = min(take * plan.batch_size * 4, _GROUP_ROWS)
+            return
+        job, slices = _Job([], [], set()), list[Slice]()
+        for number, found in plan.batches(self.batches_read, worker=c.worker,
+                                          workers=c.workers, chunks=chunks):
+            if found:
+                job.numbers.append(number)
+                job.sizes.append(sum(len(s.rows) for s in found))
+                job.chunks.update(s.chunk.digest for s in found)
+                for piece in found:
+                    _append(slices, piece)
+                if sum(job.sizes) >= limit:
+                    limit = min(max(limit, sum(job.sizes)) * 4, _GROUP_ROWS)
+                    job.slices = slices
+                    yield job
+                    job, slices = _Job([], [], set()), []
+        if job.numbers:
+            job.slices = slices
+            yield job
 
-        try:
-            # planned and decoding -> gathered (on the gatherer's thread) -> handed over
-            started: deque[Future[_Run]] = deque()
-            batches: list[tuple[int, list[Slice]]] = []
-            rows, limit = 0, 1  # the first run is one batch (a quick first batch), then more
-            for number, slices in upcoming:
-                if stop.is_set():
-                    return
-                if not slices:
-                    continue
-                batches.append((number, slices))
-                rows += sum(len(s.rows) for s in slices)
-                if rows < limit:
-                    continue
-                started.append(self._gatherer.submit(self._finish, *self._start(batches)))
-                batches, rows, limit = [], 0, min(max(limit, rows) * 4, _GROUP_ROWS)
-                while started and (started[0].done() or len(started) > 2):
-                    if not put(started.popleft().result()):
-                        return
-            if batches:
-                started.append(self._gatherer.submit(self._finish, *self._start(batches)))
-            while started:
-                if not put(started.popleft().result()):
-                    return
-            put(None)
-        except BaseException as exc:  # handed to the consumer, raised there
-            put(exc)
-
-    def _start(self, batches: list[tuple[int, list[Slice]]]
-               ) -> tuple[list[int], list[int], list[_Piece]]:
-        """Each chunk's rows of these batches as one piece, its row groups' decoding
-        started."""
-        runs: list[tuple[PlannedChunk, list[np.ndarray]]] = []
-        for _, slices in batches:
-            for piece in slices:
-                if runs and runs[-1][0].digest == piece.chunk.digest:
-                    runs[-1][1].append(piece.rows)
-                else:
-                    runs.append((piece.chunk, [piece.rows]))
-        pieces = [self._piece(Slice(chunk, np.concatenate(parts))) for chunk, parts in runs]
-        return ([n for n, _ in batches], [sum(len(s.rows) for s in slices)
-                                          for _, slices in batches], pieces)
-
-    def _finish(self, numbers: list[int], sizes: list[int], pieces: list[_Piece]) -> _Run:
-        tables = [piece.take() for piece in pieces]
-        table = tables[0] if len(tables) == 1 else pa.concat_tables(
+    def _gather(self, plan: ReadPlan, job: _Job) -> pa.Table:
+        """The rows of ``job``'s batches, end to end."""
+        slices = plan.pieces(job.spans) if job.slices is None else job.slices
+        tables = [self._take(piece) for piece in slices]
+        return tables[0] if len(tables) == 1 else pa.concat_tables(
             tables, promote_options="permissive")
-        return _Run(numbers, sizes, table)
 
     def span(self, start: int, stop: int) -> Iterator[pa.Table]:
         """The rows at positions ``[start, stop)`` of the epoch's order, a table per chunk."""
         for piece in self.plan.order(start, stop):
-            yield self._piece(piece).take()
+            yield self._take(piece)
 
     # resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -265,91 +249,102 @@ class TrainingReader:
         self.consumed, self.batches_read = saved.consumed_after(batches), 0
 
     # rows -----------------------------------------------------------------------------
-    def _piece(self, piece: Slice) -> _Piece:
-        """The row groups ``piece`` needs, their decoding started, and where its rows are."""
-        parquet, starts = self._file(piece.chunk)
-        groups = np.searchsorted(starts, piece.rows, side="right") - 1
-        first, last = int(groups.min()), int(groups.max())
-        return _Piece([self._group(piece.chunk, parquet, g) for g in range(first, last + 1)],
-                      groups - first, piece.rows - starts[groups])
+    def _take(self, piece: Slice) -> pa.Table:
+        """``piece``'s rows, in order: one ``take`` over the row groups that hold them."""
+        chunk = piece.chunk
+        _, starts = self._file(chunk)
+        low, high = int(piece.rows.min()), int(piece.rows.max())
+        if low < 0 or high >= starts[-1]:
+            raise IntegrityError(f"chunk {chunk.index} of {chunk.dataset}/batch="
+                                 f"{chunk.batch_id} holds {starts[-1]} rows; its manifest "
+                                 f"counts {high + 1} or more", dataset=chunk.dataset,
+                                 batch_id=chunk.batch_id, chunk=chunk.index)
+        first, last = (int(g) for g in np.searchsorted(starts, [low, high], side="right") - 1)
+        tables = [self._group(chunk, g) for g in range(first, last + 1)]
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+        return pc.take(table, pa.array(piece.rows - starts[first]),
+                       boundscheck=False)  # in bounds: checked above
 
-    def _file(self, chunk: PlannedChunk) -> tuple[pq.ParquetFile, np.ndarray]:
-        found = self._files.get(chunk.digest)
-        if found is not None:
-            self._files.move_to_end(chunk.digest)
-            return found
-        while True:
+    def _file(self, chunk: PlannedChunk) -> tuple[Path, np.ndarray]:
+        """The verified local copy of ``chunk``, and where each of its row groups starts."""
+        return self._once(self._files, chunk.digest, _VERIFIED, lambda: self._verify(chunk))
+
+    def _verify(self, chunk: PlannedChunk) -> tuple[Path, np.ndarray]:
+        with self._fetching:  # one at a time: the fetcher's report is not shared
             path = self.fetcher.local(chunk)  # verified before any of its rows is read
-            try:
-                opened = pq.ParquetFile(path, memory_map=True)
-                break
-            except FileNotFoundError:  # another reader's cache trim took it: fetch it again
-                logger.info("chunk %d left the cache before it was opened; fetching it again",
-                            chunk.index)
-        meta = opened.metadata
+        meta = pq.read_metadata(path)
         starts = np.cumsum([0] + [meta.row_group(i).num_rows
                                   for i in range(meta.num_row_groups)], dtype=np.int64)
-        self._files[chunk.digest] = (opened, starts)
-        while len(self._files) > _OPEN_FILES:  # closed when no decode holds it any more
-            self._files.popitem(last=False)
-        return opened, starts
+        return path, starts
 
-    def _group(self, chunk: PlannedChunk, parquet: pq.ParquetFile, group: int
-               ) -> Future[pa.Table]:
-        key = (chunk.digest, group)
-        found = self._groups.get(key)
-        if found is None:
-            found = self._decoder.submit(parquet.read_row_group, group)
-            self._groups[key] = found
-            while len(self._groups) > _GROUPS:
-                self._groups.popitem(last=False)
-        else:
-            self._groups.move_to_end(key)
-        return found
+    def _group(self, chunk: PlannedChunk, group: int) -> pa.Table:
+        return self._once(self._groups, (chunk.digest, group), _GROUPS,
+                          lambda: self._decode(chunk, group))
+
+    def _decode(self, chunk: PlannedChunk, group: int) -> pa.Table:
+        """Row group ``group`` of ``chunk``, from a reader of its own (a Parquet reader is
+        not to be shared between threads)."""
+        while True:
+            path, _ = self._file(chunk)
+            try:
+                return pq.ParquetFile(path, memory_map=True).read_row_group(group)
+            except FileNotFoundError:  # another reader's cache trim took it: fetch it again
+                logger.info("chunk %d left the cache while it was read; fetching it again",
+                            chunk.index)
+                with self._lock:
+                    found = self._files.get(chunk.digest)
+                    if found is not None and found.done() and found.result()[0] == path:
+                        del self._files[chunk.digest]
+
+    def _once(self, made: OrderedDict[Any, Future[Any]], key: Any, keep: int,
+              make: Callable[[], Any]) -> Any:
+        """``make()``, made once by the first thread that needs it (the others wait for
+        it), of which the last ``keep`` are kept."""
+        with self._lock:
+            found = made.get(key)
+            mine = found is None
+            if found is None:
+                found = made[key] = Future()
+                # the oldest dropped, but not a chunk that a run being gathered needs
+                idle = [k for k in made if k != key and not self._busy[k]]
+                for old in idle[:max(0, len(made) - keep)]:
+                    del made[old]
+            else:
+                made.move_to_end(key)
+        if mine:
+            try:
+                found.set_result(make())
+            except BaseException as exc:
+                with self._lock:
+                    if made.get(key) is found:
+                        del made[key]  # the next one to need it tries again
+                found.set_exception(exc)
+        return found.result()
 
     def close(self) -> None:
-        self._decoder.shutdown(cancel_futures=True)
-        self._gatherer.shutdown(cancel_futures=True)
-        for opened, _ in self._files.values():
-            opened.close()
+        self._pool.shutdown(cancel_futures=True)  # waits for the runs being gathered
         self._files.clear()
         self._groups.clear()
 
 
 @dataclass
-class _Run:
-    """Batches gathered together: their numbers, their sizes, their rows end to end."""
+class _Job:
+    """A run of batches to gather: their numbers and sizes, the chunks that hold their
+    rows, and the rows (``spans`` of the epoch's order, or ``slices`` found already)."""
 
     numbers: list[int]
     sizes: list[int]
-    table: pa.Table
+    chunks: set[str]
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    slices: list[Slice] | None = None
 
 
-@dataclass
-class _Piece:
-    """Rows of one chunk: the row groups that hold them (decoding, in order), and for each
-    row, its row group (an index into ``groups``) and its place in that group."""
-
-    groups: list[Future[pa.Table]]
-    group_of: np.ndarray
-    rows: np.ndarray
-
-    def take(self) -> pa.Table:
-        """The rows, in order: one ``take`` from each run of rows in one row group (a row
-        group is one Arrow chunk, where a gather is fastest)."""
-        tables = [group.result() for group in self.groups]
-        cuts = np.flatnonzero(np.diff(self.group_of)) + 1
-        if len(cuts) > _SEGMENTS:  # a block across two groups: its rows alternate
-            table = pa.concat_tables(tables)
-            offsets = np.cumsum([0] + [t.num_rows for t in tables[:-1]], dtype=np.int64)
-            return table.take(pa.array(self.rows + offsets[self.group_of]))
-        pieces = []
-        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(self.rows)], strict=True):
-            rows = self.rows[lo:hi]
-            low, high = int(rows.min()), int(rows.max())
-            source = tables[int(self.group_of[lo])].slice(low, high - low + 1)
-            pieces.append(source.take(pa.array(rows - low)))
-        return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
+def _append(slices: list[Slice], piece: Slice) -> None:
+    """Append ``piece`` to ``slices``, made one with the last slice if of the same chunk."""
+    if slices and slices[-1].chunk.digest == piece.chunk.digest:
+        slices[-1] = Slice(piece.chunk, np.concatenate([slices[-1].rows, piece.rows]))
+    else:
+        slices.append(piece)
 
 
 def chunk_files(dataset: str, *, verify: bool = True, topology: Topology | None = None,

@@ -156,3 +156,27 @@ def test_the_batches_of_some_chunks_are_the_ranks_rows_of_those_chunks(
         picked = [(s.chunk.digest, int(x)) for _, slices in rank.batches(chunks=some)
                   for s in slices for x in s.rows]
         assert picked == mine
+
+
+@settings(max_examples=30, deadline=None)
+@given(SIZES, st.integers(min_value=1, max_value=9), st.sampled_from([1, 2, 8]),
+       st.integers(min_value=1, max_value=50), st.data())
+def test_a_run_of_batches_is_its_batches_end_to_end(sizes: list[int], batch: int, world: int,
+                                                    block: int, data: st.DataObject) -> None:
+    """What the reader gathers for a run of a worker's batches (spans of the order, neighbours
+    made one) is those batches' rows, batch after batch, and names exactly their chunks."""
+    plan = shuffle_chunks(_chunks(sizes), seed=2, epoch=0, block_rows=block)
+    rank = plan.rank(data.draw(st.integers(0, world - 1)), world, batch_size=batch)
+    workers = data.draw(st.sampled_from([1, 2]))
+    numbers = list(rank.numbers(data.draw(st.integers(0, 3)), worker=workers - 1,
+                                workers=workers))
+    lo = data.draw(st.integers(0, len(numbers)))
+    run = numbers[lo:lo + data.draw(st.integers(0, 20))]
+    expected = dict(rank.batches(worker=workers - 1, workers=workers))
+    sizes_of, spans = rank.spans_of(run)
+    pieces = plan.pieces(spans)
+    assert sizes_of == [sum(len(s.rows) for s in expected[n]) for n in run]
+    assert [(s.chunk.digest, int(r)) for s in pieces for r in s.rows] == [
+        (s.chunk.digest, int(r)) for n in run for s in expected[n] for r in s.rows]
+    assert all(a.chunk.digest != b.chunk.digest for a, b in zip(pieces, pieces[1:]))
+    assert plan.chunks_in(spans) == {s.chunk.digest for s in pieces}
