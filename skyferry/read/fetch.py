@@ -5,6 +5,10 @@ chunk's content hash, with a size limit) through ranged reads, hashed as it land
 whose hash matches the manifest are kept; a replica that is missing or corrupt is noted in the
 catalog for the next repair, and the next-nearest replica is read. A cached file is hashed
 again each time a reader opens it, so a file damaged on the reader's disk is fetched anew.
+
+Beside a chunk's Parquet file the cache can keep its decoded copy (Arrow IPC, one record batch
+per row group), made from the verified Parquet file and hashed when it is made; each open
+hashes it again against that hash, and a damaged copy is made again.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import blake3
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Catalog
 from skyferry.errors import IntegrityError, StorageError, TopologyError
@@ -91,8 +97,10 @@ class ReadReport:
 
 
 class ChunkCache:
-    """Verified chunks on this machine's disk, one file per content hash, at most ``limit``
-    bytes (the least recently used go first; a file in use by a reader stays readable)."""
+    """Verified chunks on this machine's disk, keyed by content hash: each chunk's Parquet
+    file (``.chunk``) and its decoded copy (``.arrow``, with its hash in ``.arrow.sum``). At
+    most ``limit`` bytes: the chunks least recently used go first, whole; a file in use by a
+    reader stays readable."""
 
     def __init__(self, root: Path, limit: int) -> None:
         self.root, self.limit = Path(root), limit
@@ -100,6 +108,26 @@ class ChunkCache:
 
     def path(self, digest: str) -> Path:
         return self.root / f"{digest}.chunk"
+
+    def decoded_path(self, digest: str) -> Path:
+        return self.root / f"{digest}.arrow"
+
+    def recorded(self, digest: str) -> tuple[str, int] | None:
+        """The hash and size the decoded copy of ``digest`` had when it was made."""
+        try:
+            found, size = (self.root / f"{digest}.arrow.sum").read_text().split()
+            return found, int(size)
+        except (OSError, ValueError):
+            return None
+
+    def record(self, digest: str, made: tuple[str, int]) -> None:
+        temp = self.temp(digest)
+        temp.write_text(f"{made[0]} {made[1]}\n")
+        os.replace(temp, self.root / f"{digest}.arrow.sum")
+
+    def forget_decoded(self, digest: str) -> None:
+        for path in (self.decoded_path(digest), self.root / f"{digest}.arrow.sum"):
+            path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def lock(self, digest: str) -> Iterator[None]:
@@ -118,21 +146,26 @@ class ChunkCache:
         with contextlib.suppress(OSError):
             os.utime(path)
 
-    def trim(self, keep: Path) -> None:
-        """Drop the least recently used chunks until the cache is within its limit."""
-        files = []
-        for entry in self.root.glob("*.chunk"):
+    def trim(self, keep: str) -> None:
+        """Drop the least recently used chunks (both their files) until the cache is
+        within its limit; never chunk ``keep`` (a digest)."""
+        chunks: dict[str, list[float]] = {}  # digest -> [last use, bytes]
+        for entry in [*self.root.glob("*.chunk"), *self.root.glob("*.arrow")]:
             with contextlib.suppress(OSError):
                 stat = entry.stat()
-                files.append((stat.st_mtime, stat.st_size, entry))
-        total = sum(size for _, size, _ in files)
-        for _, size, entry in sorted(files):
+                seen = chunks.setdefault(entry.name.split(".")[0], [0.0, 0])
+                seen[0] = max(seen[0], stat.st_mtime)
+                seen[1] += stat.st_size
+        total = sum(size for _, size in chunks.values())
+        for used, size, digest in sorted((u, s, d) for d, (u, s) in chunks.items()):
+            del used
             if total <= self.limit:
                 return
-            if entry == keep:
+            if digest == keep:
                 continue
             with contextlib.suppress(OSError):
-                entry.unlink()
+                self.forget_decoded(digest)
+                self.path(digest).unlink(missing_ok=True)
                 total -= size
 
 
@@ -143,6 +176,25 @@ def _file_digest(path: Path) -> tuple[str, int]:
             return str(blake3.blake3(b"").hexdigest()), 0
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             return str(blake3.blake3(mapped, max_threads=blake3.blake3.AUTO).hexdigest()), size
+
+
+def _decode(source: Path, path: Path, cache: ChunkCache) -> None:
+    """Write ``source``'s rows to ``path`` as an Arrow IPC file (a record batch for each row
+    group, one row group in memory at a time), and record its hash."""
+    parquet = pq.ParquetFile(source, memory_map=True)
+    temp = cache.temp(path.name)
+    try:
+        with pa.OSFile(str(temp), "wb") as sink, \
+                pa.ipc.new_file(sink, parquet.schema_arrow) as writer:
+            for group in range(parquet.metadata.num_row_groups):
+                table = parquet.read_row_group(group)
+                writer.write_batch(pa.RecordBatch.from_arrays(
+                    [column.combine_chunks() for column in table.columns],
+                    schema=table.schema))
+        cache.record(path.name.split(".")[0], _file_digest(temp))
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 class Fetcher:
@@ -173,19 +225,43 @@ class Fetcher:
 
     def local(self, chunk: PlannedChunk) -> Path:
         """A verified copy of ``chunk`` on this machine (in the cache)."""
-        path = self.cache.path(chunk.digest)
         with self.cache.lock(chunk.digest):
-            if path.exists():
-                digest, size = _file_digest(path)
-                if digest == chunk.digest and size == chunk.size:
+            path = self._verified(chunk)
+        self.cache.trim(keep=chunk.digest)
+        return path
+
+    def decoded(self, chunk: PlannedChunk) -> Path:
+        """A verified decoded copy of ``chunk`` on this machine: an Arrow IPC file with a
+        record batch for each of the chunk's row groups, made from its verified Parquet
+        file the first time."""
+        path = self.cache.decoded_path(chunk.digest)
+        with self.cache.lock(chunk.digest):
+            recorded = self.cache.recorded(chunk.digest)
+            if recorded is not None and path.exists():
+                if _file_digest(path) == recorded:
                     self.cache.used(path)
                     self.report.cache_hits += 1
                     return path
-                logger.warning("the cached copy of chunk %d of %s/batch=%s is damaged; "
-                               "fetching it again", chunk.index, chunk.dataset, chunk.batch_id)
-                path.unlink()
-            self._fetch(chunk, path)
-        self.cache.trim(keep=path)
+                logger.warning("the decoded copy of chunk %d of %s/batch=%s is damaged; "
+                               "making it again", chunk.index, chunk.dataset, chunk.batch_id)
+            self.cache.forget_decoded(chunk.digest)
+            _decode(self._verified(chunk), path, self.cache)
+        self.cache.trim(keep=chunk.digest)
+        return path
+
+    def _verified(self, chunk: PlannedChunk) -> Path:
+        """The cached Parquet file of ``chunk``, hashed now, or fetched (under its lock)."""
+        path = self.cache.path(chunk.digest)
+        if path.exists():
+            digest, size = _file_digest(path)
+            if digest == chunk.digest and size == chunk.size:
+                self.cache.used(path)
+                self.report.cache_hits += 1
+                return path
+            logger.warning("the cached copy of chunk %d of %s/batch=%s is damaged; "
+                           "fetching it again", chunk.index, chunk.dataset, chunk.batch_id)
+            path.unlink()
+        self._fetch(chunk, path)
         return path
 
     def _fetch(self, chunk: PlannedChunk, path: Path) -> None:

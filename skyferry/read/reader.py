@@ -63,6 +63,7 @@ class ReaderConfig:
     region: str | None = None
     cache_dir: Path | None = None
     cache_limit: int = CACHE_LIMIT
+    decoded: bool = True  # keep decoded copies (Arrow IPC) in the cache: later reads skip decoding
 
 
 class TrainingReader:
@@ -271,22 +272,32 @@ class TrainingReader:
 
     def _verify(self, chunk: PlannedChunk) -> tuple[Path, np.ndarray]:
         with self._fetching:  # one at a time: the fetcher's report is not shared
-            path = self.fetcher.local(chunk)  # verified before any of its rows is read
-        meta = pq.read_metadata(path)
-        starts = np.cumsum([0] + [meta.row_group(i).num_rows
-                                  for i in range(meta.num_row_groups)], dtype=np.int64)
-        return path, starts
+            # verified before any of its rows is read
+            if self.config.decoded:
+                path = self.fetcher.decoded(chunk)
+                with pa.memory_map(str(path)) as source:
+                    opened = pa.ipc.open_file(source)
+                    counts = [opened.get_batch(i).num_rows
+                              for i in range(opened.num_record_batches)]
+            else:
+                path = self.fetcher.local(chunk)
+                meta = pq.read_metadata(path)
+                counts = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        return path, np.cumsum([0, *counts], dtype=np.int64)
 
     def _group(self, chunk: PlannedChunk, group: int) -> pa.Table:
         return self._once(self._groups, (chunk.digest, group), _GROUPS,
                           lambda: self._decode(chunk, group))
 
     def _decode(self, chunk: PlannedChunk, group: int) -> pa.Table:
-        """Row group ``group`` of ``chunk``, from a reader of its own (a Parquet reader is
-        not to be shared between threads)."""
+        """Row group ``group`` of ``chunk`` (its record batch in the decoded copy), from a
+        reader of its own (a Parquet reader is not to be shared between threads)."""
         while True:
             path, _ = self._file(chunk)
             try:
+                if self.config.decoded:  # mapped: its pages are the cache's
+                    batch = pa.ipc.open_file(pa.memory_map(str(path))).get_batch(group)
+                    return pa.Table.from_batches([batch])
                 return pq.ParquetFile(path, memory_map=True).read_row_group(group)
             except FileNotFoundError:  # another reader's cache trim took it: fetch it again
                 logger.info("chunk %d left the cache while it was read; fetching it again",

@@ -172,8 +172,14 @@ def test_the_cache_keeps_to_its_limit_and_refetches_a_damaged_copy(
     reader = _reader(tmp_path, batch_size=500, cache_limit=2 * biggest)
     ids = _ids(list(reader))
     assert sorted(ids) == list(range(ROWS))
+    # a chunk's files (Parquet and decoded) go together; only the chunk in use may overflow
+    held = Counter[str]()
+    for path in (tmp_path / "cache").iterdir():
+        if path.suffix in (".chunk", ".arrow"):
+            held[path.name.split(".")[0]] += path.stat().st_size
+    assert len(held) == 1 or sum(held.values()) <= 2 * biggest
     cached = list((tmp_path / "cache").glob("*.chunk"))
-    assert 1 <= len(cached) <= 2 and sum(p.stat().st_size for p in cached) <= 2 * biggest
+    assert {p.name.split(".")[0] for p in cached} == set(held)
     damaged = cached[0]
     damaged.write_bytes(b"x" * damaged.stat().st_size)
     files, report = chunk_files("train", cache_dir=tmp_path / "cache")
@@ -202,3 +208,25 @@ def test_skyferry_read_writes_a_ranks_rows_in_order(committed: Manifest, tmp_pat
                                    "--to", str(out)])
     assert bad.exit_code != 0 and "rank 4 is not in a world of 4" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_the_decoded_copies_give_the_parquet_files_rows_and_a_damaged_one_is_made_again(
+        committed: Manifest, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    options = {"rank": 1, "world_size": 2, "batch_size": 70, "seed": 4}
+    decoded = list(_reader(tmp_path, **options))
+    parquet = list(_reader(tmp_path / "parquet-only", decoded=False, **options))
+    assert [t.num_rows for t in decoded] == [t.num_rows for t in parquet]
+    assert pa.concat_tables(decoded).equals(pa.concat_tables(parquet))  # values, order, types
+    cache = tmp_path / "cache"
+    assert len(list(cache.glob("*.arrow"))) == len(committed.chunks)
+    assert not list((tmp_path / "parquet-only").glob("*.arrow"))
+
+    copy = cache / f"{committed.chunks[0].digest}.arrow"
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit in the middle of the rows
+    copy.write_bytes(bytes(data))
+    again = _reader(tmp_path, **options)
+    assert pa.concat_tables(list(again)).equals(pa.concat_tables(parquet))
+    assert again.report.fetched == 0  # made again from the verified Parquet file
+    assert "decoded copy of chunk 0 of train" in caplog.text
+    assert bytes(data) != copy.read_bytes()
