@@ -226,6 +226,9 @@ def read(
     region: Annotated[Optional[str], typer.Option(help="the reader's region")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(
         "--cache-dir", help="the chunk cache (default: SKYFERRY_HOME/cache/chunks)")] = None,
+    decoded: Annotated[bool, typer.Option(
+        "--decoded/--no-decoded", help="keep each chunk's decoded copy in the cache (about "
+        "twice its size), so later reads skip decoding")] = True,
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
 ) -> None:
     """Write the rows one rank of a training job reads, in its order, to a Parquet file:
@@ -234,7 +237,7 @@ def read(
 
     config = ReaderConfig(dataset, rank=rank, world_size=world_size, batch_size=batch_size,
                           seed=seed, epoch=epoch, cloud=cloud, region=region,
-                          cache_dir=cache_dir,
+                          cache_dir=cache_dir, decoded=decoded,
                           remainder="drop" if drop_remainder else "pad")
     try:
         rows, report = read_to_file(config, to, topology=load_topology(topology))

@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import mmap
 import os
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -169,19 +169,30 @@ class ChunkCache:
                 total -= size
 
 
-def _file_digest(path: Path) -> tuple[str, int]:
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size == 0:
-            return str(blake3.blake3(b"").hexdigest()), 0
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return str(blake3.blake3(mapped, max_threads=blake3.blake3.AUTO).hexdigest()), size
+def _digest(mapped: pa.MemoryMappedFile) -> tuple[str, int]:
+    """The content hash and size of a mapped file."""
+    mapped.seek(0)
+    data = mapped.read_buffer()  # the mapping itself, not a copy
+    mapped.seek(0)
+    return str(blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()), data.size
 
 
-def _decode(source: Path, path: Path, cache: ChunkCache) -> None:
+def _mapped_if(path: Path, expected: tuple[str, int]) -> pa.MemoryMappedFile | None:
+    """``path`` mapped, if its bytes hash to ``expected`` (hash, size)."""
+    try:
+        mapped = pa.memory_map(str(path))
+    except FileNotFoundError:  # dropped by another reader's trim
+        return None
+    if _digest(mapped) == expected:
+        return mapped
+    mapped.close()
+    return None
+
+
+def _decode(source: pa.MemoryMappedFile, path: Path, cache: ChunkCache) -> pa.MemoryMappedFile:
     """Write ``source``'s rows to ``path`` as an Arrow IPC file (a record batch for each row
-    group, one row group in memory at a time), and record its hash."""
-    parquet = pq.ParquetFile(source, memory_map=True)
+    group, one row group in memory at a time), record its hash, and map it."""
+    parquet = pq.ParquetFile(source)
     temp = cache.temp(path.name)
     try:
         with pa.OSFile(str(temp), "wb") as sink, \
@@ -191,8 +202,10 @@ def _decode(source: Path, path: Path, cache: ChunkCache) -> None:
                 writer.write_batch(pa.RecordBatch.from_arrays(
                     [column.combine_chunks() for column in table.columns],
                     schema=table.schema))
-        cache.record(path.name.split(".")[0], _file_digest(temp))
+        mapped = pa.memory_map(str(temp))
+        cache.record(path.name.split(".")[0], _digest(mapped))
         os.replace(temp, path)
+        return mapped
     finally:
         temp.unlink(missing_ok=True)
 
@@ -206,6 +219,7 @@ class Fetcher:
         self.report = ReadReport(place)
         self.chosen: dict[str, tuple[str, ...]] = {}  # digest -> replicas, in the order to try
         self._stores: dict[str, Store] = {}
+        self._lock = threading.Lock()
 
     def cost(self, node: str) -> LinkCost:
         """What moving a byte from ``node`` to the reader costs."""
@@ -226,43 +240,49 @@ class Fetcher:
     def local(self, chunk: PlannedChunk) -> Path:
         """A verified copy of ``chunk`` on this machine (in the cache)."""
         with self.cache.lock(chunk.digest):
-            path = self._verified(chunk)
+            self._verified(chunk).close()
         self.cache.trim(keep=chunk.digest)
-        return path
+        return self.cache.path(chunk.digest)
 
-    def decoded(self, chunk: PlannedChunk) -> Path:
-        """A verified decoded copy of ``chunk`` on this machine: an Arrow IPC file with a
+    def open(self, chunk: PlannedChunk, *, decoded: bool = True) -> pa.MemoryMappedFile:
+        """A verified copy of ``chunk``, mapped: its decoded copy (an Arrow IPC file with a
         record batch for each of the chunk's row groups, made from its verified Parquet
-        file the first time."""
-        path = self.cache.decoded_path(chunk.digest)
+        file the first time), or its Parquet file. The bytes hashed are the bytes mapped,
+        and stay readable when the cache drops the file."""
         with self.cache.lock(chunk.digest):
-            recorded = self.cache.recorded(chunk.digest)
-            if recorded is not None and path.exists():
-                if _file_digest(path) == recorded:
-                    self.cache.used(path)
-                    self.report.cache_hits += 1
-                    return path
-                logger.warning("the decoded copy of chunk %d of %s/batch=%s is damaged; "
-                               "making it again", chunk.index, chunk.dataset, chunk.batch_id)
-            self.cache.forget_decoded(chunk.digest)
-            _decode(self._verified(chunk), path, self.cache)
+            mapped = self._decoded(chunk) if decoded else self._verified(chunk)
         self.cache.trim(keep=chunk.digest)
-        return path
+        return mapped
 
-    def _verified(self, chunk: PlannedChunk) -> Path:
+    def _decoded(self, chunk: PlannedChunk) -> pa.MemoryMappedFile:
+        path = self.cache.decoded_path(chunk.digest)
+        recorded = self.cache.recorded(chunk.digest)
+        if recorded is not None and path.exists():
+            mapped = _mapped_if(path, recorded)
+            if mapped is not None:
+                self.cache.used(path)
+                self._count(cache_hits=1)
+                return mapped
+            logger.warning("the decoded copy of chunk %d of %s/batch=%s is damaged; making "
+                           "it again", chunk.index, chunk.dataset, chunk.batch_id)
+        self.cache.forget_decoded(chunk.digest)
+        with self._verified(chunk) as source:
+            return _decode(source, path, self.cache)
+
+    def _verified(self, chunk: PlannedChunk) -> pa.MemoryMappedFile:
         """The cached Parquet file of ``chunk``, hashed now, or fetched (under its lock)."""
         path = self.cache.path(chunk.digest)
         if path.exists():
-            digest, size = _file_digest(path)
-            if digest == chunk.digest and size == chunk.size:
+            mapped = _mapped_if(path, (chunk.digest, chunk.size))
+            if mapped is not None:
                 self.cache.used(path)
-                self.report.cache_hits += 1
-                return path
+                self._count(cache_hits=1)
+                return mapped
             logger.warning("the cached copy of chunk %d of %s/batch=%s is damaged; "
                            "fetching it again", chunk.index, chunk.dataset, chunk.batch_id)
-            path.unlink()
-        self._fetch(chunk, path)
-        return path
+            path.unlink(missing_ok=True)
+        self._fetch(chunk, path)  # hashed as it landed
+        return pa.memory_map(str(path))
 
     def _fetch(self, chunk: PlannedChunk, path: Path) -> None:
         problems = []
@@ -281,11 +301,10 @@ class Fetcher:
                 self._suspect(chunk, node, "hash mismatch")
                 continue
             os.replace(temp, path)
-            self.report.fetched += 1
+            self._count(fetched=1)
             if problems:
-                self.report.failovers.append(
-                    f"chunk {chunk.index} of batch {chunk.batch_id}: {'; '.join(problems)} "
-                    f"-> read {node}")
+                self._count(failover=f"chunk {chunk.index} of batch {chunk.batch_id}: "
+                            f"{'; '.join(problems)} -> read {node}")
                 logger.warning("chunk %d failed over to %s (%s)", chunk.index, node,
                                "; ".join(problems))
             return
@@ -312,10 +331,19 @@ class Fetcher:
 
     def _account(self, node: str, nbytes: int, cost: LinkCost) -> None:
         report = self.report
-        report.bytes_from[node] += nbytes
-        report.egress_usd += nbytes / 1e9 * cost.egress_usd_per_gb
-        if self.topology.node(node).cloud != report.place.cloud:
-            report.cross_cloud_bytes += nbytes
+        with self._lock:
+            report.bytes_from[node] += nbytes
+            report.egress_usd += nbytes / 1e9 * cost.egress_usd_per_gb
+            if self.topology.node(node).cloud != report.place.cloud:
+                report.cross_cloud_bytes += nbytes
+
+    def _count(self, *, cache_hits: int = 0, fetched: int = 0,
+               failover: str | None = None) -> None:
+        with self._lock:  # a reader's threads share the report
+            self.report.cache_hits += cache_hits
+            self.report.fetched += fetched
+            if failover is not None:
+                self.report.failovers.append(failover)
 
     def _store(self, node: str) -> Store:
         if node not in self._stores:

@@ -89,10 +89,10 @@ class TrainingReader:
         self.consumed = 0  # rows of the epoch read by every rank before this reader started
         self.batches_read = 0  # batches this rank has yielded since then
         self._plan: ReadPlan | None = None
-        self._files: OrderedDict[str, Future[tuple[Path, np.ndarray]]] = OrderedDict()
+        self._files: OrderedDict[str, Future[tuple[pa.MemoryMappedFile, np.ndarray]]] = (
+            OrderedDict())
         self._groups: OrderedDict[tuple[str, int], Future[pa.Table]] = OrderedDict()
         self._lock = threading.Lock()
-        self._fetching = threading.Lock()
         self._busy: Counter[Any] = Counter()  # chunks that runs being gathered need
         self._pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="skyferry-read")
 
@@ -266,46 +266,33 @@ class TrainingReader:
         return pc.take(table, pa.array(piece.rows - starts[first]),
                        boundscheck=False)  # in bounds: checked above
 
-    def _file(self, chunk: PlannedChunk) -> tuple[Path, np.ndarray]:
-        """The verified local copy of ``chunk``, and where each of its row groups starts."""
+    def _file(self, chunk: PlannedChunk) -> tuple[pa.MemoryMappedFile, np.ndarray]:
+        """The verified copy of ``chunk``, mapped, and where each of its row groups starts."""
         return self._once(self._files, chunk.digest, _VERIFIED, lambda: self._verify(chunk))
 
-    def _verify(self, chunk: PlannedChunk) -> tuple[Path, np.ndarray]:
-        with self._fetching:  # one at a time: the fetcher's report is not shared
-            # verified before any of its rows is read
-            if self.config.decoded:
-                path = self.fetcher.decoded(chunk)
-                with pa.memory_map(str(path)) as source:
-                    opened = pa.ipc.open_file(source)
-                    counts = [opened.get_batch(i).num_rows
-                              for i in range(opened.num_record_batches)]
-            else:
-                path = self.fetcher.local(chunk)
-                meta = pq.read_metadata(path)
-                counts = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        return path, np.cumsum([0, *counts], dtype=np.int64)
+    def _verify(self, chunk: PlannedChunk) -> tuple[pa.MemoryMappedFile, np.ndarray]:
+        # verified before any of its rows is read
+        mapped = self.fetcher.open(chunk, decoded=self.config.decoded)
+        if self.config.decoded:
+            opened = pa.ipc.open_file(mapped)
+            counts = [opened.get_batch(i).num_rows for i in range(opened.num_record_batches)]
+        else:
+            meta = pq.read_metadata(mapped)
+            counts = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        return mapped, np.cumsum([0, *counts], dtype=np.int64)
 
     def _group(self, chunk: PlannedChunk, group: int) -> pa.Table:
         return self._once(self._groups, (chunk.digest, group), _GROUPS,
                           lambda: self._decode(chunk, group))
 
     def _decode(self, chunk: PlannedChunk, group: int) -> pa.Table:
-        """Row group ``group`` of ``chunk`` (its record batch in the decoded copy), from a
-        reader of its own (a Parquet reader is not to be shared between threads)."""
-        while True:
-            path, _ = self._file(chunk)
-            try:
-                if self.config.decoded:  # mapped: its pages are the cache's
-                    batch = pa.ipc.open_file(pa.memory_map(str(path))).get_batch(group)
-                    return pa.Table.from_batches([batch])
-                return pq.ParquetFile(path, memory_map=True).read_row_group(group)
-            except FileNotFoundError:  # another reader's cache trim took it: fetch it again
-                logger.info("chunk %d left the cache while it was read; fetching it again",
-                            chunk.index)
-                with self._lock:
-                    found = self._files.get(chunk.digest)
-                    if found is not None and found.done() and found.result()[0] == path:
-                        del self._files[chunk.digest]
+        """Row group ``group`` of ``chunk`` (its record batch in the decoded copy), through a
+        reader of its own: a Parquet reader is not to be shared between threads, and the
+        mapped file reads at an offset without moving a position."""
+        mapped, _ = self._file(chunk)
+        if self.config.decoded:
+            return pa.Table.from_batches([pa.ipc.open_file(mapped).get_batch(group)])
+        return pq.ParquetFile(mapped).read_row_group(group)
 
     def _once(self, made: OrderedDict[Any, Future[Any]], key: Any, keep: int,
               make: Callable[[], Any]) -> Any:

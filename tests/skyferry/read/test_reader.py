@@ -199,8 +199,9 @@ def test_skyferry_read_writes_a_ranks_rows_in_order(committed: Manifest, tmp_pat
     out = tmp_path / "rank1.parquet"
     result = CliRunner().invoke(app, ["read", "train", "--rank", "1", "--world-size", "4",
                                       "--seed", "3", "--batch-size", "40", "--to", str(out),
-                                      "--cache-dir", str(tmp_path / "cache")])
+                                      "--cache-dir", str(tmp_path / "cache"), "--no-decoded"])
     assert result.exit_code == 0, result.output
+    assert not list((tmp_path / "cache").glob("*.arrow"))  # --no-decoded: Parquet files only
     expected = _ids(list(_reader(tmp_path, rank=1, world_size=4, seed=3, batch_size=40)))
     assert pq.read_table(out).column("id").to_pylist() == expected
     assert f"{len(expected)} rows" in result.output
