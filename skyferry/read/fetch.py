@@ -151,6 +151,8 @@ class ChunkCache:
         within its limit; never chunk ``keep`` (a digest)."""
         chunks: dict[str, list[float]] = {}  # digest -> [last use, bytes]
         for entry in [*self.root.glob("*.chunk"), *self.root.glob("*.arrow")]:
+            if entry.name.startswith("."):  # a file being written
+                continue
             with contextlib.suppress(OSError):
                 stat = entry.stat()
                 seen = chunks.setdefault(entry.name.split(".")[0], [0.0, 0])

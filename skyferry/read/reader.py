@@ -69,8 +69,10 @@ class ReaderConfig:
 class TrainingReader:
     """Iterates one rank's batches (Arrow tables) of one epoch.
 
-    Each chunk is verified against its manifest hash before any of its rows is read, and
-    read from the reader's nearest replica (see :class:`~skyferry.read.fetch.Fetcher`).
+    No row of a chunk is read before the chunk is verified: its Parquet file against the
+    manifest's hash, and its decoded copy against the hash recorded when it was made from
+    that verified file. A chunk is fetched from the reader's nearest replica (see
+    :class:`~skyferry.read.fetch.Fetcher`).
     ``state_dict()`` after ``k`` batches, loaded into a reader of any world size, goes on
     with exactly the rows an uninterrupted run would have read next.
     """
@@ -128,11 +130,8 @@ class TrainingReader:
 
     def __len__(self) -> int:
         """Batches this reader yields from where it stands."""
-        plan = self.rank_plan()
-        count = -(-plan.rows // plan.batch_size)
-        mine = len(range(self.config.worker, count, self.config.workers))
-        done = len(range(self.config.worker, self.batches_read, self.config.workers))
-        return mine - done
+        return len(self.rank_plan().numbers(self.batches_read, worker=self.config.worker,
+                                            workers=self.config.workers))
 
     def __iter__(self) -> Iterator[pa.Table]:
         return self.tables()
@@ -140,16 +139,17 @@ class TrainingReader:
     def tables(self, chunks: Collection[str] | None = None) -> Iterator[pa.Table]:
         """The batches. The reader's threads work ahead of them, a run of batches at a time
         (one batch first, then up to ``_GROUP_ROWS`` rows): each finds the run's rows in
-        the plan, decodes the row groups that hold them (each once), gathers them with one
-        ``take`` per chunk, and the batches are slices of the run. With ``chunks``
-        (digests), only the rows of those chunks: a batch with none of them is left out."""
+        the plan, reads the row groups that hold them (each once: mapped from the decoded
+        copy, or decoded), gathers them with one ``take`` per chunk, and the batches are
+        slices of the run. With ``chunks`` (digests), only the rows of those chunks: a
+        batch with none of them is left out."""
         plan = self.rank_plan()
         work = self._runs(plan, chunks)
         pending: deque[tuple[_Job, Future[pa.Table]]] = deque()
         try:
             while True:
                 while len(pending) < _AHEAD and (job := next(work, None)) is not None:
-                    self._busy.update(job.chunks)  # kept open until the run is read
+                    self._busy.update(job.chunks)  # kept verified until the run is read
                     pending.append((job, self._pool.submit(self._gather, plan.plan, job)))
                 if not pending:
                     return
