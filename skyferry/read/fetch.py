@@ -131,7 +131,8 @@ class ChunkCache:
 
     @contextlib.contextmanager
     def lock(self, digest: str) -> Iterator[None]:
-        """One fetch of a chunk at a time on this machine: the others wait, then find it."""
+        """One fetch (or decoded copy) of a chunk at a time on this machine: the others
+        wait, then find it."""
         with open(self.root / f"{digest}.lock", "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
@@ -159,8 +160,7 @@ class ChunkCache:
                 seen[0] = max(seen[0], stat.st_mtime)
                 seen[1] += stat.st_size
         total = sum(size for _, size in chunks.values())
-        for used, size, digest in sorted((u, s, d) for d, (u, s) in chunks.items()):
-            del used
+        for _, size, digest in sorted((u, s, d) for d, (u, s) in chunks.items()):
             if total <= self.limit:
                 return
             if digest == keep:
