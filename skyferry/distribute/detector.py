@@ -10,7 +10,17 @@ distribution, a floor on its deviation, and an acceptable pause):
     phi(t) = -log10(P(the next heartbeat comes later than t after the last one))
 
 Each step of a probe that completes (the write, the read-back) also resets the silence ``t``
-without counting as a heartbeat: a node that answers slowly is slow, not dead.
+without counting as a heartbeat: a node that answers slowly is slow, not dead. So does every
+call of the run's own to the node that completes (:meth:`NodeHealth.answer`: a block
+written, an upload committed): a probe queued behind the run's own upload to the same
+server is not silence, and a probe that times out while the node answers the run's calls
+is not a failure.
+
+Busy is not down: only time the node owes an answer counts. When skyferry itself is
+paused (its threads not scheduled: a saturated CPU, a long GIL hold), the evaluator's
+tick is late by that pause, and the silence of every node is shortened by it, as
+Cassandra's failure detector ignores a local pause. A node is slow only when each of its
+last two probes was slow, so one probe slowed by the run's own load does not make it so.
 
 States, and what moves a node between them (:class:`DetectorConfig` has the numbers):
 
@@ -60,6 +70,8 @@ class DetectorConfig:
     slow_floor_s: float = 0.25
     recover_s: float = 5.0  # a down node's probes must all succeed this long
     tick_s: float = 0.1  # how often phi is evaluated
+    local_pause_s: float = 0.25  # a tick later than this is a pause of skyferry's own
+    slow_window: int = 2  # probes in a row that must each be slow
 
 
 def phi(elapsed: float, mean: float, std: float) -> float:
@@ -81,6 +93,7 @@ class NodeView:
     state: HealthState = "healthy"
     phi: float = 0.0
     rtt_s: float | None = None  # the last probe's round trip
+    rtts: deque[float] = field(default_factory=lambda: deque(maxlen=2))  # the last few
     fastest_s: float | None = None
     last_ok: float | None = None  # monotonic time of the last heartbeat (a whole probe)
     last_seen: float | None = None  # ... or of the last step of a probe that completed
@@ -109,7 +122,7 @@ class FailureDetector:
         now = clock()
         for node in self.nodes:
             view = NodeView(intervals=deque(maxlen=self.config.window), last_ok=now,
-                            last_seen=now)
+                            last_seen=now, rtts=deque(maxlen=self.config.slow_window))
             if not health.healthy(node.name):
                 view.state = "down" if health.states.get(node.name) == "down" else "suspect"
                 view.reason = health.reasons.get(node.name, "")
@@ -130,6 +143,7 @@ class FailureDetector:
             view.last_ok = view.last_seen = now
             view.unbroken = True
             view.rtt_s = rtt
+            view.rtts.append(rtt)
             view.fastest_s = rtt if view.fastest_s is None else min(view.fastest_s, rtt)
             view.failures = 0
             if view.ok_since is None:
@@ -150,6 +164,23 @@ class FailureDetector:
             view.unbroken = False
             view.reason = why
 
+    def paused(self, seconds: float) -> None:
+        """skyferry itself was not running for ``seconds``: no node owed an answer in that
+        time, so every node's silence is shortened by it."""
+        with self._lock:
+            for view in self.views.values():  # nor is it an interval between heartbeats
+                if view.last_seen is not None:
+                    view.last_seen += seconds
+                if view.last_ok is not None:
+                    view.last_ok += seconds
+
+    def _silent_since(self, name: str, view: NodeView) -> float | None:
+        """The last evidence that the node answers: a probe's step, or a call of the run's."""
+        answered = self.health.answered.get(name)
+        if view.last_seen is None or (answered is not None and answered > view.last_seen):
+            return answered
+        return view.last_seen
+
     def _marked(self, node: str, state: HealthState, reason: str) -> None:
         """The run marked a node: a write to it failed (down: its recovery starts over), or
         a retry's probe found it back."""
@@ -163,12 +194,13 @@ class FailureDetector:
                 view.reason = reason
 
     # judging -------------------------------------------------------------------------
-    def _judge(self, view: NodeView, now: float) -> tuple[HealthState, str]:
+    def _judge(self, name: str, view: NodeView, now: float) -> tuple[HealthState, str]:
         cfg = self.config
         intervals = list(view.intervals) or [cfg.interval_s]
         mean = statistics.fmean(intervals) + cfg.acceptable_pause_s
         std = max(cfg.min_std_s, statistics.pstdev(intervals) if len(intervals) > 1 else 0.0)
-        elapsed = now - (view.last_seen if view.last_seen is not None else now)
+        seen = self._silent_since(name, view)
+        elapsed = max(0.0, now - (seen if seen is not None else now))
         view.phi = phi(elapsed, mean, std)
         if view.failures >= cfg.failures_down:
             return "down", view.reason or f"{view.failures} probes in a row failed"
@@ -180,10 +212,12 @@ class FailureDetector:
                 return "down", view.reason
         if view.phi >= cfg.suspect_phi:
             return "suspect", f"probes are late: {elapsed:.1f}s (phi {view.phi:.1f})"
-        if (view.rtt_s is not None and view.fastest_s is not None
-                and view.rtt_s >= max(cfg.slow_floor_s, cfg.slow_factor * view.fastest_s)):
-            return "suspect", (f"slow: a probe took {view.rtt_s * 1000:.0f} ms, "
-                               f"{view.rtt_s / max(view.fastest_s, 1e-6):.0f}x its fastest")
+        typical = min(view.rtts) if len(view.rtts) == view.rtts.maxlen else None
+        if (typical is not None and view.fastest_s is not None
+                and typical >= max(cfg.slow_floor_s, cfg.slow_factor * view.fastest_s)):
+            return "suspect", (f"slow: each of its last {len(view.rtts)} probes took "
+                               f"{typical * 1000:.0f} ms or more, "
+                               f"{typical / max(view.fastest_s, 1e-6):.0f}x its fastest")
         return "healthy", ""
 
     def evaluate(self) -> list[tuple[str, HealthState, str]]:
@@ -192,7 +226,7 @@ class FailureDetector:
         changes = []
         with self._lock:
             for name, view in self.views.items():
-                state, reason = self._judge(view, now)
+                state, reason = self._judge(name, view, now)
                 if state != view.state:
                     changes.append((name, state, reason))
                     view.state = state
@@ -232,7 +266,16 @@ class FailureDetector:
             self.health.listeners.remove(self._marked)
 
     def _evaluate_loop(self) -> None:
-        while not self._stop.wait(self.config.tick_s):
+        cfg = self.config
+        last = self.clock()
+        while not self._stop.wait(cfg.tick_s):
+            now = self.clock()
+            late = now - last - cfg.tick_s
+            last = now
+            if late > cfg.local_pause_s:
+                logger.info("failure detector: skyferry was paused for %.1fs; no node is "
+                            "judged on that silence", late)
+                self.paused(late)
             try:
                 self.evaluate()
             except Exception:  # never let a listener's error end the watch
@@ -244,8 +287,15 @@ class FailureDetector:
             outcome: list[float | BaseException] = []
             worker = threading.Thread(target=self._probe_once, args=(node, outcome),
                                       daemon=True, name=f"skyferry-probe-{node.name}")
+            started = self.clock()
             worker.start()
             worker.join(cfg.probe_timeout_s)
+            # a probe queued behind the run's own calls to the node, while the node answers
+            # them, is waited for: the node is busy, not silent
+            while (worker.is_alive() and not self._stop.is_set()
+                   and self.health.answered.get(node.name, started) > started):
+                started = self.clock()
+                worker.join(cfg.probe_timeout_s)
             if self._stop.is_set():
                 return
             if worker.is_alive():  # hung: abandon it; phi has been rising meanwhile

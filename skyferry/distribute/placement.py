@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -32,6 +33,9 @@ class NodeHealth:
     states: dict[str, HealthState] = field(default_factory=dict)
     latency_s: dict[str, float] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
+    # per node, the monotonic time a call of the run's own to it last completed: evidence
+    # that the node answers, whatever its probes show
+    answered: dict[str, float] = field(default_factory=dict)
     # called as (node, new state, reason) on every change of a node's state, after it
     listeners: list[Callable[[str, HealthState, str], None]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -49,6 +53,11 @@ class NodeHealth:
             logger.info("node %s is healthy again", node)
         for listener in listeners:
             listener(node, state, reason)
+
+    def answer(self, node: str) -> None:
+        """A call to ``node`` (a block written, an upload committed, a replica read back)
+        completed now."""
+        self.answered[node] = time.monotonic()  # one dict store: atomic, no lock needed
 
     def state(self, node: str) -> HealthState:
         return self.states.get(node, "healthy")

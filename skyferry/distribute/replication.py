@@ -126,10 +126,11 @@ class ReplicaWriter:
             self._queued[node] -= size
 
     def _allowance(self, node: Node) -> float:
-        """How long a replica's writer may make no progress: the node's timeout, plus the
-        time to move the bytes queued to the node (every chunk's) at 4 MB/s. The writes in
-        flight to one node share its bandwidth, so an allowance for one write alone would
-        call a slow but healthy node hung."""
+        """How long one call of a replica's writer may go unanswered: the node's timeout,
+        plus the time to move the bytes queued to the node (every chunk's) at 4 MB/s. The
+        writes in flight to one node share its bandwidth, so an allowance for one write
+        alone would call a slow but healthy node hung. Time the writer spends waiting for
+        skyferry's own next block never counts (see :meth:`_Sink.owed`)."""
         with self._lock:
             queued = self._queued.get(node.name, 0)
         return node.timeout_s + queued / 4e6
@@ -299,25 +300,41 @@ class _Sink:
         self.writer, self.node, self.key, self.slot = writer, node, key, slot
         self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_BLOCKS)
         self.expect: tuple[str, int] = ("", 0)  # set before the end of the stream is sent
-        self.progress = time.monotonic()  # the last time it took a block
+        # When the call the node owes an answer to began (opening the upload, writing a
+        # block, the commit, the read-back), or None while the sink waits for skyferry's
+        # next block: only that time counts against the node.
+        self.owed_since: float | None = None
         self.abandoned: BaseException | None = None
         self.future: Future[None] = writer._pool.submit(self._run)
+
+    def owed(self) -> float:
+        """Seconds the node has owed an answer to the call in flight (0 when none is)."""
+        since = self.owed_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def _answered(self) -> None:
+        self.owed_since = None
+        self.writer.health.answer(self.node.name)
 
     def _run(self) -> None:
         out = None
         try:
+            self.owed_since = time.monotonic()
             store = self.writer.store_of(self.node)
             out = store.writer(self.key)
+            self._answered()
             while (block := self.queue.get()) is not None:
+                self.owed_since = time.monotonic()
                 try:
                     if self.abandoned is not None:
                         raise self.abandoned
                     out.write(block)
                 finally:
                     self.writer._leave(self.node.name, len(block))
-                self.progress = time.monotonic()
+                self._answered()
             if self.abandoned is not None:
                 raise self.abandoned
+            self.owed_since = time.monotonic()
             out.commit()
             digest, size = self.expect
             if out.size != size:
@@ -331,6 +348,7 @@ class _Sink:
                     "not match the content", node=self.node.name, key=self.key)
             if matched is None:  # the store keeps no checksum of it: read it back
                 verify_replica(store, self.key, digest, size)
+            self._answered()
         except BaseException:
             if out is not None:
                 out.abort()
@@ -452,10 +470,10 @@ class FanOut:
                 self._drop(sink, exc)
                 return
             allowance = writer._allowance(node)
-            if time.monotonic() - sink.progress > allowance:
+            if sink.owed() > allowance:
                 exc = NodeUnavailableError(
-                    f"node {node.name} took no part of {self.key!r} for {allowance:.1f}s: it "
-                    "is hung or too slow", node=node.name, key=self.key)
+                    f"node {node.name} did not answer a call writing {self.key!r} for "
+                    f"{allowance:.1f}s: it is hung or too slow", node=node.name, key=self.key)
                 if item is not None:
                     writer._leave(node.name, len(item))
                 self._drop(sink, exc)
@@ -473,17 +491,16 @@ class FanOut:
         self.md5 = self._md5.hexdigest() if self._md5 is not None else None
         for sink in self._live():
             sink.expect = (self.digest, self.size)
-            sink.progress = time.monotonic()
             self._put(sink, None)
         for sink in self._live():
             self._await(sink)
         self._settle()
 
     def _await(self, sink: _Sink) -> None:
-        """Wait for a sink's commit and verification, as long as its node is alive and its
-        allowance (the node's timeout plus its bytes in flight at 4 MB/s) lasts."""
+        """Wait for a sink's commit and verification, as long as its node is alive and the
+        call it is in has lasted less than its allowance (the node's timeout plus its bytes
+        in flight at 4 MB/s, plus the chunk's, which a read-back moves again)."""
         node, writer = sink.node, self.writer
-        started = time.monotonic()
         while True:
             try:
                 exc = sink.future.exception(timeout=SLOT_POLL_S)
@@ -495,7 +512,7 @@ class FanOut:
                         "the write is abandoned", node=node.name, key=self.key))
                     return
                 allowance = writer._allowance(node) + self.size / 4e6
-                if time.monotonic() - started > allowance:
+                if sink.owed() > allowance:
                     self._drop(sink, NodeUnavailableError(
                         f"node {node.name} did not finish writing {self.key!r} within "
                         f"{allowance:.1f}s: it is hung or too slow", node=node.name,

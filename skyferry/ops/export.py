@@ -20,16 +20,20 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
-from skyferry.errors import IntegrityError, StorageError, TopologyError, UnsafeKeyError
+from skyferry.errors import ConfigError, IntegrityError, StorageError, TopologyError, UnsafeKeyError
 from skyferry.hashing import content_hash
 from skyferry.ingest.versions import LiveSource, live_parts, live_sources
 from skyferry.models import SourceFile, StoredChunk
+from skyferry.ops.formats import csv_schema, csv_table, write_jsonl
 from skyferry.storage import Store
 from skyferry.topology import Topology, load_topology
 
-__all__ = ["DatasetReader", "ExportReport", "export_dataset"]
+__all__ = ["EXPORT_SUFFIXES", "DatasetReader", "ExportReport", "export_dataset"]
 
 logger = logging.getLogger("skyferry.ops.export")
+
+# what a table export can write, by the target's name
+EXPORT_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
 
 
 @dataclass
@@ -279,6 +283,9 @@ def export_dataset(dataset: str, to: str | Path, *, batch_id: str | None = None,
         _export_binary(reader, target)
         return reader.report
     suffix = target.suffix.lower()
+    if suffix not in EXPORT_SUFFIXES:
+        raise ConfigError(f"cannot export {dataset!r} to {str(target)!r}: the name must end in "
+                          f"{', '.join(EXPORT_SUFFIXES)}", source=str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.partial")
     schema = unify(reader.chunk_schemas())
@@ -295,15 +302,16 @@ def _write_tables(reader: DatasetReader, sink: BinaryIO, schema: pa.Schema, suff
     """Every verified table of the dataset into ``sink``: CSV, JSON Lines, or Parquet."""
     writer: pq.ParquetWriter | pacsv.CSVWriter | None = None
     if suffix == ".csv":
-        writer = pacsv.CSVWriter(sink, schema)
+        writer = pacsv.CSVWriter(sink, csv_schema(schema))
     elif suffix not in (".jsonl", ".ndjson", ".json"):
         writer = pq.ParquetWriter(sink, schema, compression="zstd")
     try:
         for table in reader.iter_tables():
             table = conform(table, schema)
             if writer is None:
-                text = table.to_pandas().to_json(orient="records", lines=True)
-                sink.write(text.encode() + (b"" if text.endswith("\n") else b"\n"))
+                write_jsonl(table, sink)
+            elif suffix == ".csv":
+                writer.write_table(csv_table(table))
             else:
                 writer.write_table(table)
     except BaseException:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from skyferry.errors import FormatError, SchemaError, TransformError
 from skyferry.ingest.chunking import csv_record_around
 from skyferry.models import ChunkPart
+from skyferry.process.convert import convert_column
 from skyferry.process.schema import Schema
 from skyferry.storage import open_url
 
@@ -78,72 +80,39 @@ def _reject(part: ChunkPart, row: int | None, reason: str, text: str | None) -> 
 
 
 def _coerce(table: pa.Table, schema: Schema, part: ChunkPart, rejects: list[dict[str, Any]],
-            raw: pa.Table | None = None) -> pa.Table:
-    """Cast ``table`` to the schema; rows with values that do not convert become rejects."""
+            raw: pa.Table | None = None) -> tuple[pa.Table, np.ndarray]:
+    """Convert ``table`` to the schema exactly (skyferry/process/convert.py); a row with a
+    value that does not convert becomes a reject with its reason. Returns the kept rows and
+    their positions in ``table``."""
     missing = [c for c in schema.columns if c not in table.column_names]
     if missing:
         raise SchemaError(
             f"{part.source} lacks schema columns {missing}; it has {table.column_names}",
             source=part.source,
         )
-    bad = pa.array([False] * table.num_rows)
-    reasons: list[str | None] = [None] * table.num_rows
-    columns = {}
+    reasons: dict[int, str] = {}
+    columns = dict(zip(table.column_names, table.columns, strict=True))
     for name, col in schema.columns.items():
-        values = table.column(name)
-        if values.type == col.arrow_type:
-            columns[name] = values
-            continue
-        try:
-            columns[name] = pc.cast(values, col.arrow_type)
-            continue
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            pass
-        series = values.to_pandas()
-        if col.type in ("int64", "float64"):
-            converted = pd.to_numeric(series, errors="coerce")
-        elif col.type == "timestamp":
-            converted = pd.to_datetime(series, errors="coerce")
-        elif col.type == "bool":
-            lowered = series.astype("string").str.strip().str.lower()
-            converted = lowered.map({"true": True, "false": False, "1": True, "0": False})
-        else:
-            converted = series.astype("string")
-        failed = converted.isna() & series.notna() & (series.astype("string").str.len() > 0)
-        for i in failed[failed].index:
-            if reasons[i] is None:
-                reasons[i] = f"column {name!r}: {series.iloc[i]!r} is not {col.type}"
-        failed_arr = pa.array(failed.to_numpy())
-        bad = pc.or_(bad, failed_arr)
-        if col.type == "int64":
-            converted = converted.where(~failed, None)
-            whole = converted.dropna()
-            if len(whole) and not (whole == whole.round()).all():
-                frac = converted.notna() & (converted != converted.round())
-                for i in frac[frac].index:
-                    reasons[i] = reasons[i] or f"column {name!r}: {series.iloc[i]!r} is not int64"
-                bad = pc.or_(bad, pa.array(frac.to_numpy()))
-                converted = converted.where(~frac, None)
-            columns[name] = pa.array(converted.astype("Int64"), type=pa.int64())
-        else:
-            columns[name] = pa.array(converted, type=col.arrow_type, from_pandas=True)
-    for name in table.column_names:
-        if name not in columns:
-            columns[name] = table.column(name)
+        columns[name], bad = convert_column(table.column(name), col.arrow_type, name, col.type)
+        for i, why in bad.items():
+            reasons.setdefault(i, why)
     typed = pa.table({n: columns[n] for n in table.column_names})
-    typed = typed.select(table.column_names)
-    if pc.any(bad).as_py():
+    rows = np.arange(table.num_rows)
+    if reasons:
         texts = raw if raw is not None else table
-        for i in pc.indices_nonzero(bad).to_pylist():
+        for i in sorted(reasons):
             row = {n: texts.column(n)[i].as_py() for n in texts.column_names}
-            rejects.append(_reject(part, i + 1, reasons[i] or "invalid value",
-                                   json.dumps(row, default=str)))
-        typed = typed.filter(pc.invert(bad))
-    return typed
+            rejects.append(_reject(part, i + 1, reasons[i], json.dumps(row, default=str)))
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[list(reasons)] = False
+        typed, rows = typed.filter(pa.array(keep)), rows[keep]
+    return typed, rows
 
 
 def _apply_constraints(table: pa.Table, schema: Schema, part: ChunkPart,
-                       rejects: list[dict[str, Any]]) -> pa.Table:
+                       rejects: list[dict[str, Any]], rows: np.ndarray) -> pa.Table:
+    """Rows that break a schema rule become rejects; ``rows`` holds each row's position in
+    its block as decoded, which a reject names."""
     bad = None
     reason_for: dict[int, str] = {}
     for reason, mask in schema.constraint_masks(table):
@@ -156,7 +125,8 @@ def _apply_constraints(table: pa.Table, schema: Schema, part: ChunkPart,
         return table
     for i in sorted(reason_for):
         row = {n: table.column(n)[i].as_py() for n in table.column_names}
-        rejects.append(_reject(part, None, reason_for[i], json.dumps(row, default=str)))
+        rejects.append(_reject(part, int(rows[i]) + 1, reason_for[i],
+                               json.dumps(row, default=str)))
     return table.filter(pc.invert(bad))
 
 
@@ -185,7 +155,10 @@ def _decode_csv(part: ChunkPart, data: bytes, header: bytes, schema: Schema | No
     # text columns as bytes: their UTF-8 is checked row by row below
     types = {n: pa.binary() for n in text}
     if schema is not None:
-        types.update({n: pa.binary() if t == pa.string() else t
+        # timestamps and decimals as text: convert.py reads each value (a timestamp's zone
+        # varies by value; a decimal that does not fit is its row's reject)
+        types.update({n: pa.binary() if t == pa.string() or pa.types.is_timestamp(t)
+                      or pa.types.is_decimal(t) else t
                       for n, t in schema.arrow_types().items()})
     convert = pacsv.ConvertOptions(column_types=types, strings_can_be_null=True)
     # A chunk after the first is read with the file's header names, not by pasting the
@@ -246,7 +219,8 @@ def _decode_csv(part: ChunkPart, data: bytes, header: bytes, schema: Schema | No
     if raw is not None:
         raw = table
     if schema is not None:
-        table = _coerce(table, schema, part, rejects, raw)
+        table, rows = _coerce(table, schema, part, rejects, raw)
+        table = _apply_constraints(table, schema, part, rejects, rows)
     return table, rows_in
 
 
@@ -344,11 +318,30 @@ def _as_text(table: pa.Table) -> pa.Table:
     return pa.table(dict(zip(table.column_names, columns, strict=True)))
 
 
-def _decode_jsonl(part: ChunkPart, data: bytes, rejects: list[dict[str, Any]]) -> tuple[
-        pa.Table, int]:
+def _inexact(table: pa.Table, schema: Schema | None) -> bool:
+    """Whether Arrow's JSON reader may have rounded a value of an integer or decimal column:
+    it reads a column that mixes integers and fractions as doubles."""
+    if schema is None:
+        return False
+    for name, col in schema.columns.items():
+        if name not in table.column_names or col.type not in ("int64", "decimal"):
+            continue
+        found = table.schema.field(name).type
+        if not (pa.types.is_integer(found) or pa.types.is_string(found)
+                or pa.types.is_null(found)):
+            return True
+    return False
+
+
+def _decode_jsonl(part: ChunkPart, data: bytes, rejects: list[dict[str, Any]],
+                  schema: Schema | None = None) -> tuple[pa.Table, int]:
+    """A block of JSON Lines as a table. With a schema, a block whose integer or decimal
+    column Arrow would read through doubles is parsed line by line instead, its schema
+    columns kept in their JSON spelling for the exact conversion."""
     try:
         table = pajson.read_json(io.BytesIO(data))
-        return table, table.num_rows
+        if not _inexact(table, schema):
+            return table, table.num_rows
     except pa.ArrowInvalid:
         pass
     records = []
@@ -368,10 +361,31 @@ def _decode_jsonl(part: ChunkPart, data: bytes, rejects: list[dict[str, Any]]) -
                                    line.decode("utf-8", "replace")))
             continue
         records.append(value)
+    if schema is not None:
+        return _spelled_records(records, schema, part), rows_in
     try:
         return pa.Table.from_pylist(records), rows_in
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return _mixed_records(records, part), rows_in
+
+
+def _spelled_records(records: list[dict[str, Any]], schema: Schema, part: ChunkPart
+                     ) -> pa.Table:
+    """JSON rows whose schema columns are kept as text in their JSON spelling (Python's
+    parser reads integers exactly and floats to the nearest double, and spells both back
+    as they were), for the exact conversion; other columns as :func:`_mixed_records`."""
+    other = _mixed_records([{k: v for k, v in r.items() if k not in schema.columns}
+                            for r in records], part)
+    names = list(dict.fromkeys(k for r in records for k in r))
+    columns = {}
+    for name in names:
+        if name in schema.columns:
+            columns[name] = pa.array(
+                [v if v is None or isinstance(v, str) else json.dumps(v)
+                 for v in (r.get(name) for r in records)], type=pa.string())
+        else:
+            columns[name] = other.column(name)
+    return pa.table(columns)
 
 
 def _mixed_records(records: list[dict[str, Any]], part: ChunkPart) -> pa.Table:
@@ -401,11 +415,9 @@ def _decode_part(part: ChunkPart, data: bytes, header: bytes, fmt: str, schema: 
     """One block of a CSV or JSONL part, or (``data`` empty) one row group of a Parquet part
     (``part.row_groups`` holds the one), as a table; its bad rows become rejects."""
     if fmt == "csv":
-        table, n = _decode_csv(part, data, header, schema, rejects, text)
-    elif fmt == "jsonl":
-        table, n = _decode_jsonl(part, data, rejects)
-        if schema is not None:
-            table = _coerce(table, schema, part, rejects)
+        return _decode_csv(part, data, header, schema, rejects, text)
+    if fmt == "jsonl":
+        table, n = _decode_jsonl(part, data, rejects, schema)
     elif fmt == "parquet":
         try:
             fs, path = open_url(part.source, options)
@@ -415,12 +427,11 @@ def _decode_part(part: ChunkPart, data: bytes, header: bytes, fmt: str, schema: 
             raise FormatError(f"{part.source} row groups {part.row_groups} unreadable: "
                               f"{exc}", url=part.source, fmt="parquet") from exc
         n = table.num_rows
-        if schema is not None:
-            table = _coerce(table, schema, part, rejects)
     else:
         raise FormatError(f"cannot decode format {fmt!r}", url=part.source, fmt=fmt)
     if schema is not None:
-        table = _apply_constraints(table, schema, part, rejects)
+        table, rows = _coerce(table, schema, part, rejects)
+        table = _apply_constraints(table, schema, part, rejects, rows)
     return table, n
 
 

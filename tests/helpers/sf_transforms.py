@@ -21,3 +21,11 @@ def duplicate_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 def not_a_frame(df: pd.DataFrame) -> int:
     return 3
+
+
+def sleep_per_block(df: pd.DataFrame) -> pd.DataFrame:
+    """Seven seconds a block, more than a node's timeout: a heavy transform."""
+    import time
+
+    time.sleep(7.0)
+    return df

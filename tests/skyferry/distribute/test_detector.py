@@ -164,3 +164,70 @@ def test_the_probers_find_a_node_that_fails_within_three_seconds(tmp_path: Path)
     (when, node, state), = seen
     assert (node, state) == ("n1", "down") and when - faulted < 3.0
     assert health.healthy("n2")
+
+
+def test_a_node_answering_the_runs_own_calls_is_not_silent() -> None:
+    """Probes queued behind the run's uploads go unanswered, but the uploads complete: the
+    node is busy, not down; once its calls stop completing too, it is down as before."""
+    detector, clock, health = _detector()
+    _beat(detector, clock, 30)
+    changes = []
+    for _ in range(200):  # 20 s without a probe's answer, a block written every 0.5 s
+        clock.now = round(clock.now + detector.config.tick_s, 6)
+        if round(clock.now * 10) % 5 == 0:
+            health.answered["n1"] = clock.now
+        changes += [s for _, s, _ in detector.evaluate()]
+    assert changes == [] and health.healthy("n1")
+    stopped = clock.now
+    down = next(t for t, s in _silence(detector, clock, 10) if s == "down")
+    assert 2.0 <= down - stopped <= 3.1
+
+
+def test_a_pause_of_skyferrys_own_is_no_nodes_silence() -> None:
+    """Ten seconds in which skyferry itself did not run (its evaluator's tick came that
+    late) are not held against a node; the same silence without the pause is."""
+    detector, clock, health = _detector()
+    _beat(detector, clock, 30)
+    clock.now += 10
+    detector.paused(10 - detector.config.tick_s)
+    assert detector.evaluate() == [] and health.healthy("n1")
+    assert _beat(detector, clock, 5) == []
+    clock.now += 10
+    assert [s for _, s, _ in detector.evaluate()] == ["down"]
+
+
+def test_one_slow_probe_is_not_a_slow_node() -> None:
+    detector, clock, health = _detector()
+    _beat(detector, clock, 30)
+    for _ in range(5):  # every third probe slowed by the run's own load
+        assert _beat(detector, clock, 2) == []
+        assert _beat(detector, clock, 1, rtt=0.9) == []
+    assert health.healthy("n1")
+    assert [s for _, s in _beat(detector, clock, 3, rtt=0.9)] == ["suspect"]
+
+
+def test_a_long_hold_of_the_interpreter_does_not_call_the_nodes_down(tmp_path: Path) -> None:
+    """Real threads: one thread holds Python's interpreter lock for seconds (a regular
+    expression that backtracks), so no prober or evaluator runs. No node is called down."""
+    import re
+
+    nodes = [Node(name=f"n{i}", cloud="aws", region="r", url=str(tmp_path / f"n{i}"))
+             for i in (1, 2)]
+    health = NodeHealth()
+    seen: list[tuple[str, str]] = []
+    health.listeners.append(lambda node, state, why: seen.append((node, state)))
+    detector = FailureDetector(nodes, health, DetectorConfig(interval_s=0.5)).start()
+    try:
+        deadline = time.monotonic() + 10
+        while (any(v.rtt_s is None for v in detector.snapshot().values())
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        held, n = 0.0, 30
+        while held < 4.0:  # each try backtracks about 1.6 times as long as the last
+            began = time.monotonic()
+            assert re.match(r"(a|aa)+$", "a" * n + "b") is None  # holds the lock throughout
+            held, n = time.monotonic() - began, n + 1
+        time.sleep(1.0)  # the threads run again and judge what they saw
+    finally:
+        detector.stop()
+    assert seen == [] and all(health.healthy(n.name) for n in nodes)

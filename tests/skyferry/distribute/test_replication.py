@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -181,3 +182,33 @@ def test_chunks_that_share_capped_nodes_in_any_order_all_finish(home: Path) -> N
             capped)
         for name in capped:
             assert (home / "nodes" / name / "d" / f"c{i}.bin").read_bytes() == data[i]
+
+
+def test_time_spent_producing_the_next_block_is_not_held_against_a_node(home: Path) -> None:
+    """A producer far slower than the nodes' timeout (a heavy transform, a busy machine):
+    the writers wait for skyferry's next block without owing anything, so every replica
+    verifies and no node is marked down."""
+    topo = load_topology()
+    topo = topo.model_copy(update={"nodes": [n.model_copy(update={"timeout_s": 0.3})
+                                             for n in topo.nodes]})
+    health = NodeHealth()
+    writer = ReplicaWriter(topo, health, Placer(topo, "aws", topo.source_region, replicas=3),
+                           "aws")
+    data = bytes(range(256)) * 8192  # 2 MiB: two blocks of 1 MiB
+
+    def slow(fan: FanOut) -> None:
+        for start in range(0, len(data), 1 << 20):
+            time.sleep(1.0)  # more than three timeouts of the nodes between blocks
+            fan.write(data[start:start + (1 << 20)])
+        time.sleep(1.0)
+
+    planned = ["aws-node-1", "gcp-node-1", "azure-node-1"]
+    try:
+        outcome = writer.write(0, "d/chunk-00000.bin", slow, planned, 2)
+    finally:
+        writer.close()
+    assert [r.node for r in outcome.replicas if r.state == "verified"] == planned
+    assert outcome.node_failures == 0 and health.down_nodes() == []
+    for name in planned:
+        assert (home / "nodes" / name / "d" / "chunk-00000.bin").read_bytes() == data
+    assert set(health.answered) == set(planned)  # each write was evidence the node answers
