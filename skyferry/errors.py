@@ -29,6 +29,7 @@ keyword-only attributes so callers (and retry conditions) never parse messages.
     ├── ReplicasAtRiskError          (a verify or repair left replicas damaged) TerminalException
     ├── BatchNotFoundError           (no committed manifest for a dataset/batch)
     ├── ManifestError                (a committed manifest that cannot be read) TerminalException
+    │   └── ManifestConflictError    (copies of one manifest disagree on its chunks)
     ├── ManifestQuorumError          (too few copies of a manifest were written) Transient
     └── StageError                   (wraps any of the above with the stage and batch)
 """
@@ -44,6 +45,7 @@ __all__ = [
     "InsufficientCloudsError",
     "InsufficientNodesError",
     "IntegrityError",
+    "ManifestConflictError",
     "ManifestError",
     "ManifestQuorumError",
     "NodeUnavailableError",
@@ -225,6 +227,16 @@ class ManifestError(SkyferryError, TerminalException):
     def __init__(self, message: str, *, key: str) -> None:
         super().__init__(message)
         self.key = key
+
+
+class ManifestConflictError(ManifestError):
+    """Copies of one batch's manifest list different chunks or digests. No reader picks
+    one: which is right is an operator's decision (``skyferry verify`` names the copies)."""
+
+    def __init__(self, message: str, *, key: str, batch_id: str, places: list[str]) -> None:
+        super().__init__(message, key=key)
+        self.batch_id = batch_id
+        self.places = places
 
 
 class ManifestQuorumError(SkyferryError, TransientException):

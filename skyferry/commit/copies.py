@@ -10,7 +10,9 @@ cloud, loses no manifest.
 
 A reader takes the union: every manifest the catalog lists, read from the catalog, and every
 one that only nodes list, read from the copy with the highest ``revision`` (a repair that
-rewrites a manifest raises it).
+rewrites a manifest raises it). Every readable copy is read: copies of one batch must agree on
+its chunks and their digests (a revision may change where replicas are, never which chunks
+the batch holds), and copies that disagree are a conflict, never a choice.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class SurveyEntry:
     body: bytes
     source: str  # the place whose copy ``body`` is
     places: dict[str, int] = field(default_factory=dict)  # place -> size of its copy
+    # place -> how its copy disagrees with ``body`` on the batch's chunks
+    conflicts: dict[str, str] = field(default_factory=dict)
+    invalid: list[str] = field(default_factory=list)  # places whose copy does not parse
 
 
 @dataclass
@@ -90,10 +95,13 @@ class Places:
                     done[place] = result  # type: ignore[assignment]
         return done, failed
 
-    def survey(self, prefix: str, revision: Callable[[bytes], int | None]) -> Survey:
-        """List ``prefix`` on every place and pick each manifest's copy (see the module).
+    def survey(self, prefix: str, parse: Callable[[bytes], tuple[int, object] | None]
+               ) -> Survey:
+        """List ``prefix`` on every place, read every copy, and pick each manifest's copy
+        (see the module).
 
-        ``revision(body)`` parses a copy: its revision, or None when it cannot be read.
+        ``parse(body)`` reads a copy: its revision and what every copy must agree on (the
+        batch's chunks), or None when it is not a valid manifest.
         """
         listed, unreachable = self.each(
             self.names, lambda store: {o.key: o for o in store.list(prefix)
@@ -109,30 +117,32 @@ class Places:
         for place, objects in listed.items():
             for key, info in objects.items():
                 holders.setdefault(key, {})[place] = info
+
+        def read(job: tuple[str, str]) -> tuple[str, str, bytes | None, str]:
+            key, place = job
+            try:
+                return key, place, self.store(place).get(key), ""
+            except (StorageError, TopologyError) as exc:
+                return key, place, None, str(exc)
+
+        jobs = [(key, place) for key, where in sorted(holders.items()) for place in where]
+        bodies: dict[str, dict[str, bytes]] = {}
+        problems: dict[str, list[str]] = {}
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(jobs)))) as pool:
+            for key, place, body, why in pool.map(read, jobs):
+                if body is None:
+                    problems.setdefault(key, []).append(f"{place}: {why}")
+                else:
+                    bodies.setdefault(key, {})[place] = body
         for key, where in sorted(holders.items()):
-            order = sorted(where, key=lambda p: p != CATALOG)  # the catalog's copy first
-            best: tuple[int, bytes, str] | None = None
-            problems = []
-            for place in order:
-                try:
-                    body = self.store(place).get(key)
-                except (StorageError, TopologyError) as exc:
-                    problems.append(f"{place}: {exc}")
-                    continue
-                rev = revision(body)
-                if rev is None:
-                    problems.append(f"{place}: not a valid manifest")
-                    continue
-                if best is None or rev > best[0]:
-                    best = (rev, body, place)
-                if place == CATALOG:
-                    break  # the catalog's copy, when it reads, is the one
-            if best is None:
-                survey.unreadable[key] = "; ".join(problems)
+            entry = _choose(bodies.get(key, {}), parse)
+            if entry is None:
+                survey.unreadable[key] = "; ".join(
+                    problems.get(key, []) + [f"{p}: not a valid manifest"
+                                             for p in bodies.get(key, {})])
                 continue
-            survey.entries[key] = SurveyEntry(
-                body=best[1], source=best[2],
-                places={p: info.size for p, info in where.items()})
+            entry.places = {p: info.size for p, info in where.items()}
+            survey.entries[key] = entry
         return survey
 
     def write(self, key: str, body: bytes, places: Iterable[str]
@@ -143,3 +153,24 @@ class Places:
     def remove(self, key: str, places: Iterable[str]) -> dict[str, str]:
         """Delete the copies at ``places``; why each one that stayed, stayed."""
         return self.each(places, lambda store: store.delete(key))[1]
+
+
+def _choose(copies: Mapping[str, bytes], parse: Callable[[bytes], tuple[int, object] | None]
+            ) -> SurveyEntry | None:
+    """The copy a reader uses (the catalog's when it reads, else the highest revision), with
+    every other copy that disagrees with it on the batch's chunks; None when none parses."""
+    parsed = {place: parse(body) for place, body in copies.items()}
+    valid = {place: found for place, found in parsed.items() if found is not None}
+    if not valid:
+        return None
+    order = sorted(valid, key=lambda p: (p != CATALOG, -valid[p][0], p))
+    source = order[0]
+    entry = SurveyEntry(body=copies[source], source=source,
+                        invalid=sorted(p for p, found in parsed.items() if found is None))
+    revision, chunks = valid[source]
+    for place in order[1:]:
+        other_revision, other_chunks = valid[place]
+        if other_chunks != chunks:
+            entry.conflicts[place] = (f"its copy (revision {other_revision}) lists other chunks "
+                                      f"than {source}'s (revision {revision})")
+    return entry

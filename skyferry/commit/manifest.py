@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from skyferry.commit.copies import CATALOG, Places, Survey
 from skyferry.errors import (
     BatchNotFoundError,
+    ManifestConflictError,
     ManifestError,
     ManifestQuorumError,
     ObjectNotFoundError,
@@ -136,11 +137,15 @@ class Manifest(BaseModel):
         return {r.node: r.cloud for c in self.chunks for r in c.verified}
 
 
-def _revision(body: bytes) -> int | None:
+def _parse_copy(body: bytes) -> tuple[int, object] | None:
+    """A manifest copy's revision, and what every copy of it must agree on: the batch and
+    its chunks with their keys, digests and sizes. None when it is not a valid manifest."""
     try:
-        return Manifest.model_validate_json(body).revision
+        manifest = Manifest.model_validate_json(body)
     except ValidationError:
         return None
+    chunks = tuple((c.index, c.key, c.digest, c.size, c.rows_out) for c in manifest.chunks)
+    return manifest.revision, (manifest.dataset, manifest.batch_id, chunks)
 
 
 def open_catalog(topology: Topology) -> Catalog:
@@ -214,20 +219,32 @@ class Catalog:
 
     def survey(self, dataset: str) -> Survey:
         """Every place's listing of the dataset's manifests (see :mod:`skyferry.commit.copies`)."""
-        return self.places.survey(safe_key("manifests", dataset), _revision)
+        return self.places.survey(safe_key("manifests", dataset), _parse_copy)
 
     def scan(self, dataset: str) -> tuple[list[Manifest], list[ManifestError]]:
         """Every committed manifest of ``dataset``, oldest first, and those that cannot be read.
 
         The catalog's manifests and those only the nodes keep, so a lost catalog loses none.
         One damaged manifest does not hide the others: it is returned as a
-        :class:`ManifestError` that names its key, and callers decide what it means for them.
+        :class:`ManifestError` that names its key, and callers decide what it means for them;
+        copies that disagree on a batch's chunks are a :class:`ManifestConflictError`.
         """
         survey = self.survey(dataset)
-        found = [Manifest.model_validate_json(e.body) for e in survey.entries.values()]
+        found = [Manifest.model_validate_json(e.body) for e in survey.entries.values()
+                 if not e.conflicts]
         unreadable = [ManifestError(f"manifest {key} is unreadable in every place that keeps "
                                     f"it: {why[:300]}", key=key)
                       for key, why in survey.unreadable.items()]
+        for key, entry in survey.entries.items():
+            if entry.conflicts:
+                batch = Manifest.model_validate_json(entry.body).batch_id
+                places = sorted([entry.source, *entry.conflicts])
+                unreadable.append(ManifestConflictError(
+                    f"the copies of batch {batch}'s manifest {key} disagree: "
+                    + "; ".join(f"{p}: {why}" for p, why in sorted(entry.conflicts.items()))
+                    + "; nothing of the batch is read or removed until an operator restores "
+                    "the right copy to every place (skyferry verify names them)",
+                    key=key, batch_id=batch, places=places))
         for error in unreadable:
             logger.warning("%s", error)
         return sorted(found, key=lambda m: (m.created_at, m.batch_id)), unreadable

@@ -20,7 +20,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
-from skyferry.errors import ConfigError, IntegrityError, StorageError, TopologyError, UnsafeKeyError
+from skyferry.errors import (
+    ConfigError,
+    IntegrityError,
+    ManifestConflictError,
+    StorageError,
+    TopologyError,
+    UnsafeKeyError,
+)
 from skyferry.hashing import content_hash
 from skyferry.ingest.versions import LiveSource, live_parts, live_sources
 from skyferry.models import SourceFile, StoredChunk
@@ -72,6 +79,9 @@ class DatasetReader:
             return [self.catalog.manifest(self.dataset, self.batch_id)]
         manifests, unreadable = self.catalog.scan(self.dataset)
         self.report.unreadable = [str(e) for e in unreadable]
+        for error in unreadable:  # copies that disagree: no copy is chosen for the reader
+            if isinstance(error, ManifestConflictError):
+                raise error
         if not manifests:
             if unreadable:
                 raise unreadable[0]

@@ -234,9 +234,16 @@ def repair_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
     report = RepairReport(dataset=dataset, found=found)
     catalog = open_catalog(topology)
     survey = catalog.survey(dataset)
-    manifests = sorted((Manifest.model_validate_json(e.body) for k, e in survey.entries.items()
-                        if batch_id is None or k.endswith(f"/batch={batch_id}.json")),
-                       key=lambda m: (m.created_at, m.batch_id))
+    wanted = {k: e for k, e in survey.entries.items()
+              if batch_id is None or k.endswith(f"/batch={batch_id}.json")}
+    for key, entry in sorted(wanted.items()):  # which copy is right is not repair's guess
+        if entry.conflicts:
+            report.copies_failed.append(
+                f"{key}: its copies disagree on the batch's chunks ("
+                + "; ".join(f"{p}: {why}" for p, why in sorted(entry.conflicts.items()))
+                + "): the batch is left untouched")
+    manifests = sorted((Manifest.model_validate_json(e.body) for e in wanted.values()
+                        if not e.conflicts), key=lambda m: (m.created_at, m.batch_id))
     if node is not None:
         manifests = [m for m in manifests
                      if node in {r.node for c in m.chunks for r in c.replicas}]

@@ -154,6 +154,13 @@ def _claimed(catalog: Catalog, dataset: str, manifests: list[Manifest]) -> set[s
     return keys
 
 
+def _batch_prefix(manifest_key: str) -> str:
+    """Where a batch's objects are, from its manifest's key:
+    ``manifests/<dataset>/date=<d>/batch=<id>.json`` -> ``<dataset>/date=<d>/batch=<id>/``."""
+    _, dataset, date, batch = manifest_key[:-len(".json")].split("/", 3)
+    return f"{dataset}/{date}/{batch}/"
+
+
 def _list_node(topology: Topology, name: str, dataset: str
                ) -> tuple[Store | None, dict[str, ObjectInfo], str]:
     """The node's store and its objects under ``dataset``, or why it cannot be read."""
@@ -204,7 +211,8 @@ def _check_copies(catalog: Catalog, survey: Survey, manifest: Manifest, deep: bo
     key = catalog.key_of(manifest)
     entry = survey.entries[key]
     checks = []
-    for place in catalog.copy_places(manifest):
+    places = catalog.copy_places(manifest)
+    for place in [*places, *sorted(set(entry.conflicts) - set(places))]:
         def found(status: ReplicaStatus, detail: str = "", place: str = place) -> CopyCheck:
             return CopyCheck(manifest.batch_id, key, place, status, detail)
 
@@ -212,6 +220,10 @@ def _check_copies(catalog: Catalog, survey: Survey, manifest: Manifest, deep: bo
             continue
         if place not in entry.places:
             checks.append(found("missing", "no copy"))
+        elif place in entry.conflicts:
+            checks.append(found("differs", f"conflict: {entry.conflicts[place]}"))
+        elif place in entry.invalid:
+            checks.append(found("differs", "not a valid manifest"))
         elif entry.places[place] != len(entry.body):
             checks.append(found("differs", f"{entry.places[place]} bytes, "
                                 f"{len(entry.body)} expected"))
@@ -291,9 +303,13 @@ def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
                              deep or (j[2].batch_id, j[3].index, j[4]) in suspects,
                              throttle, read), jobs)
     claimed = _claimed(catalog, dataset, every)
+    # a batch whose manifest copies disagree, or cannot be read: what any copy might claim
+    # is no orphan
+    kept = tuple(_batch_prefix(key) for key, entry in survey.entries.items()
+                 if entry.conflicts) + tuple(_batch_prefix(key) for key in survey.unreadable)
     for name, (_, listing) in sorted(nodes.items()):
         for key in sorted(listing):
-            if (temp_target(key) or key) not in claimed:
+            if (temp_target(key) or key) not in claimed and not key.startswith(kept):
                 report.orphans.append(f"{name}:{key}")
     report.bytes_read = sum(read)
     report.seconds = round(time.perf_counter() - started, 3)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
 from skyferry.config import get_settings
-from skyferry.errors import IntegrityError, ReadPlanError
+from skyferry.errors import IntegrityError, ManifestConflictError, ReadPlanError
 from skyferry.read.fetch import ChunkCache, Fetcher, ReadReport, reader_place
 from skyferry.read.plan import (
     BLOCK_ROWS,
@@ -105,6 +105,9 @@ class TrainingReader:
     def manifests(self) -> list[Manifest]:
         if self._manifests is None:
             manifests, unreadable = self.catalog.scan(self.config.dataset)
+            for problem in unreadable:  # copies that disagree: no copy is chosen
+                if isinstance(problem, ManifestConflictError):
+                    raise problem
             for problem in unreadable:
                 logger.warning("a manifest of %s cannot be read: %s", self.config.dataset,
                                problem)

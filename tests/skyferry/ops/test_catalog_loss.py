@@ -99,9 +99,10 @@ def test_a_damaged_node_copy_is_found_and_rewritten(home: Path,
     node = sorted(manifest.holders())[0]
     copy = home / "nodes" / node / key
     copy.write_bytes(copy.read_bytes().replace(b'"rows_in"', b'"rows_xx"'))  # same size
-    assert verify_dataset(load_topology(), "c").healthy  # the default level sees the size
-    deep = verify_dataset(load_topology(), "c", deep=True)
-    assert [(c.place, c.status) for c in deep.damaged_copies] == [(node, "differs")]
+    for deep in (False, True):  # every copy is read and parsed, at either level
+        found = verify_dataset(load_topology(), "c", deep=deep)
+        assert [(c.place, c.status, c.detail) for c in found.damaged_copies] == [
+            (node, "differs", "not a valid manifest")]
     assert runner.invoke(app, ["repair", "c", "--deep"]).exit_code == 0
     assert copy.read_bytes() == (home / "catalog" / key).read_bytes()
 
