@@ -40,7 +40,7 @@ from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
 from skyferry.models import ChunkPlan, StoredChunk
 from skyferry.ops.report import placement_markdown, stage_breakdown
-from skyferry.run.batch import summarize
+from skyferry.run.batch import check_batch_reuse, summarize
 from skyferry.run.context import BatchRun, RunSetup, open_run
 from skyferry.secrets import install_scrubber
 from tasks._common import with_retries
@@ -89,6 +89,7 @@ def _run_batch(setup: RunSetup, started: float) -> PipelineResult:
     if config.batch_id is not None:  # committed before, or by the run this one waited for
         for manifest in setup.catalog.manifests(config.dataset):
             if manifest.batch_id == config.batch_id:
+                check_batch_reuse(setup, manifest)
                 logger.info("batch %s is already committed; nothing to do", config.batch_id)
                 return PipelineResult(status="already_committed", dataset=config.dataset,
                                       batch_id=config.batch_id,
@@ -99,15 +100,17 @@ def _run_batch(setup: RunSetup, started: float) -> PipelineResult:
         logger.info("no new or changed files under %s", config.source)
         return PipelineResult(status="up_to_date", dataset=config.dataset,
                               skipped_files=list(listing.skipped),
+                              odd_files=dict(listing.odd),
                               duration_s=round(time.perf_counter() - started, 3))
     run = with_retries(plan_batch)(ref(setup), ref(listing.files))
     try:
-        return _move_and_commit(run, listing.skipped, started)
+        return _move_and_commit(run, listing.skipped, started, listing.odd)
     finally:
         run.close()
 
 
-def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float) -> PipelineResult:
+def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
+                     odd_files: dict[str, str]) -> PipelineResult:
     logger = get_run_logger()
     config, plan = run.config, run.plan
     done = run.catalog.done_chunks(plan.dataset, plan.batch_id) if run.resumed else {}
@@ -133,7 +136,7 @@ def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float) ->
     except Exception as exc:
         raise StageError(str(exc), stage=stage, dataset=config.dataset,
                          batch_id=plan.batch_id) from exc
-    result = summarize(run, manifest, key, new, len(done), started, skipped_files)
+    result = summarize(run, manifest, key, new, len(done), started, skipped_files, odd_files)
     result.flow_run_id = str(flow_run.id) if flow_run.id else None
     publish_artifacts(result)
     logger.info("committed %s: %d chunks, %d rows stored, %d rejected", key,

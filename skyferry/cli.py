@@ -91,6 +91,11 @@ def print_summary(result: PipelineResult, rejects: list[dict[str, Any]] | None =
         err.print(f"[bold yellow]at risk:[/] {len(result.chunks_at_risk)} chunks have every "
                   "replica in one cloud (--min-clouds 1); losing it loses them: "
                   f"{result.chunks_at_risk[:20]}")
+    for url, why in list(result.odd_files.items())[:10]:
+        console.print(f"[yellow]passed over[/] {url}: {why}")
+    if len(result.odd_files) > 10:
+        console.print(f"[yellow]passed over {len(result.odd_files) - 10} more such files[/] "
+                      "(--json lists them; --strict fails on them)")
     if result.skipped_files:
         console.print(f"[yellow]passed over {len(result.skipped_files)} hidden or marker "
                       f"files[/] (name them with a glob to take them): "
@@ -156,6 +161,9 @@ def run(
     transform: Annotated[Optional[list[str]], typer.Option(help="module:function")] = None,
     schema: Annotated[Optional[str], typer.Option("--schema", help="schema YAML")] = None,
     source_cloud: Annotated[Optional[str], typer.Option(help="cloud of a local source")] = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="fail on a source file that cannot be taken (empty, a dangling or "
+        "directory symlink, a name that is not UTF-8) instead of passing it over")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="show Prefect's tracebacks of a failure")] = False,
@@ -168,7 +176,7 @@ def run(
             format=format,  # type: ignore[arg-type]  # pydantic validates the literal
             chunk_size=parse_size(chunk_size), replicas=replicas, quorum=quorum,
             min_clouds=min_clouds, transforms=transform or [], schema_path=schema,
-            source_cloud=source_cloud,
+            source_cloud=source_cloud, strict=strict,
         )
     except ValueError as exc:
         _fail(exc)

@@ -181,6 +181,10 @@ class PipelineConfig(BaseModel):
         description="Clouds a chunk's verified replicas must span (at most the topology's "
                     "clouds), so that losing one cloud loses no committed chunk. 1 takes "
                     "availability instead: the manifest then lists the chunks at risk.")
+    strict: bool = Field(
+        default=False, description="Fail the run on a source file that cannot be taken (empty, "
+        "a dangling or directory symlink, a name that is not UTF-8) instead of passing it over "
+        "and naming it in the result.")
     transforms: list[str] = Field(
         default_factory=list, description="DataFrame -> DataFrame functions, module:function."
     )

@@ -8,6 +8,7 @@ keyword-only attributes so callers (and retry conditions) never parse messages.
     │   ├── TopologyError            (invalid topology file or block)
     │   ├── SchemaError              (invalid schema, or data missing a schema column)
     │   ├── TransformError           (a transform that cannot be imported or fails)
+    │   ├── BatchIdReusedError       (a committed batch id named for another listing)
     │   └── ReadPlanError            (a training read asked for what the dataset cannot give)
     ├── SourceError ................................ TerminalException
     │   ├── SourceNotFoundError      (the source URL does not exist)
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 __all__ = [
     "AccessDeniedError",
+    "BatchIdReusedError",
     "BatchNotFoundError",
     "ConfigError",
     "EmptySourceError",
@@ -100,6 +102,13 @@ class SchemaError(ConfigError):
 
 class ReadPlanError(ConfigError):
     pass
+
+
+class BatchIdReusedError(ConfigError):
+    def __init__(self, message: str, *, dataset: str, batch_id: str) -> None:
+        super().__init__(message, source=batch_id)
+        self.dataset = dataset
+        self.batch_id = batch_id
 
 
 class TransformError(ConfigError):

@@ -65,6 +65,9 @@ class PipelineResult(BaseModel):
     down_reasons: dict[str, str] = Field(default_factory=dict)
     skipped_files: list[str] = Field(
         default_factory=list, description="hidden or marker files a folder listing passed over")
+    odd_files: dict[str, str] = Field(
+        default_factory=dict, description="files that could not be taken (empty, a dangling "
+        "or directory symlink, a name that is not UTF-8), each with why; --strict fails on them")
     chunks_at_risk: list[int] = Field(
         default_factory=list, description="chunks whose replicas are all in one cloud (a run "
         "with min_clouds 1): losing that cloud loses them")

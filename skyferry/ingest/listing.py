@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
 
 from skyferry.errors import (
     EmptySourceError,
@@ -70,6 +73,9 @@ class Listing:
 
     files: list[SourceFile]
     skipped: list[str] = field(default_factory=list)
+    # files that cannot be taken as they are (empty, a dangling or directory symlink, a
+    # name that is not UTF-8): URL -> why; a strict run fails on any of them
+    odd: dict[str, str] = field(default_factory=dict)
 
 
 def _root_of(path: str, is_glob: bool, is_dir: bool) -> str:
@@ -115,6 +121,7 @@ def list_source_files(url: str, storage_options: Mapping[str, Any] | None = None
     root = _root_of(fs._strip_protocol(path), is_glob, is_dir)
     files = []
     skipped = []
+    odd: dict[str, str] = {}
     for fpath, info in sorted(found.items()):
         if info.get("type") == "directory":
             continue
@@ -123,19 +130,53 @@ def list_source_files(url: str, storage_options: Mapping[str, Any] | None = None
         if is_dir and name.startswith((".", "_")):
             skipped.append(furl)  # hidden files and markers such as _SUCCESS
             continue
+        why = _odd(fs, fpath, info)
+        if why:
+            odd[_printable(furl)] = why
+            continue
         size = int(info.get("size") or 0)
-        if size == 0:
-            raise ZeroByteFileError(f"source file is empty (0 bytes): {furl}", url=furl)
         rel = fpath[len(root):].lstrip("/") if root and fpath.startswith(root + "/") else name
         files.append(SourceFile(url=furl, size=size, fingerprint=_fingerprint(info), path=rel))
     if skipped:
         logger.warning("passed over %d hidden or marker files under %s (name them with a "
                        "glob to take them): %s", len(skipped), url, ", ".join(skipped[:20]))
+    for furl, why in odd.items():
+        logger.warning("passed over %s: %s", furl, why)
     if not files:
+        if len(odd) == 1 and not skipped:  # the source is this one file: say what it is
+            ((furl, why),) = odd.items()
+            error = ZeroByteFileError if why.startswith("empty") else SourceError
+            raise error(f"source file {furl} cannot be taken: {why}", url=furl)
         hint = f" ({len(skipped)} hidden or marker files passed over)" if skipped else ""
+        hint += f" ({len(odd)} files that cannot be taken: see the log)" if odd else ""
         raise EmptySourceError(f"source matches no files: {url}{hint}", url=url)
     logger.info("listed %d files (%d bytes) under %s", len(files), sum(f.size for f in files), url)
-    return Listing(files=files, skipped=skipped)
+    return Listing(files=files, skipped=skipped, odd=odd)
+
+
+def _odd(fs: Any, path: str, info: Mapping[str, Any]) -> str:
+    """Why a listed entry cannot be taken as a source file, or "" when it can."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not UTF-8 (rename it to take it)"
+    if info.get("type") not in (None, "file"):
+        if info.get("islink") and isinstance(fs, LocalFileSystem):
+            target = os.path.realpath(path)
+            if not os.path.exists(target):
+                return f"a dangling symlink (to {os.readlink(path)})"
+            if os.path.isdir(target):
+                return ("a symlink to a directory, which is not followed (name the directory "
+                        "itself to take it)")
+        return f"not a regular file ({info.get('type')})"
+    if int(info.get("size") or 0) == 0:
+        return "empty (0 bytes)"
+    return ""
+
+
+def _printable(url: str) -> str:
+    """``url`` as text that can be logged and stored: bytes that are not UTF-8 escaped."""
+    return url.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def list_source(url: str, storage_options: Mapping[str, Any] | None = None) -> list[SourceFile]:

@@ -145,6 +145,8 @@ def _decode_csv(part: ChunkPart, data: bytes, header: bytes, schema: Schema | No
     block of the chunk held text in)."""
     invalid: list[Any] = []
 
+    if not data.strip() and not (header or b"").strip():  # a file of blank lines: no rows
+        return pa.table({}), 0
     if not _is_utf8(data):  # pyarrow cannot hand a malformed row that is not UTF-8 to us
         return _decode_csv_by_record(part, data, header, schema, rejects, text)
 
@@ -199,6 +201,10 @@ def _decode_csv(part: ChunkPart, data: bytes, header: bytes, schema: Schema | No
     try:
         if retry:
             table = parse(True, convert)
+        if schema is not None and _infinite(table, schema):
+            # an infinity may be spelled ("inf") or a finite value that overflowed ("1e400"):
+            # the text tells them apart (rare, so the common block is read once)
+            raise pa.ArrowInvalid("conversion error: an infinity to check against its text")
     except pa.ArrowInvalid as exc:
         if schema is None or "conversion error" not in str(exc).lower():
             raise FormatError(f"{part.source} [{part.start}:{part.end}] is not valid CSV: {exc}",
@@ -222,6 +228,16 @@ def _decode_csv(part: ChunkPart, data: bytes, header: bytes, schema: Schema | No
         table, rows = _coerce(table, schema, part, rejects, raw)
         table = _apply_constraints(table, schema, part, rejects, rows)
     return table, rows_in
+
+
+def _infinite(table: pa.Table, schema: Schema) -> bool:
+    """Whether a float column of the schema holds an infinity."""
+    for name, col in schema.columns.items():
+        if col.type == "float64" and name in table.column_names and pa.types.is_floating(
+                table.schema.field(name).type):
+            if pc.any(pc.fill_null(pc.is_inf(table.column(name)), False)).as_py():
+                return True
+    return False
 
 
 def _decode_csv_by_record(part: ChunkPart, data: bytes, header: bytes, schema: Schema | None,

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from skyferry import __version__
 from skyferry.commit.manifest import BatchPlan, Lineage, Manifest
+from skyferry.errors import BatchIdReusedError, SourceError
 from skyferry.ingest.listing import Listing, list_source_files
 from skyferry.ingest.read import plan_chunks
 from skyferry.ingest.versions import SourceIndex, grown_from, source_index
@@ -35,6 +36,12 @@ def new_source_files(setup: RunSetup) -> Listing:
     """
     config = setup.config
     listing = list_source_files(config.source, config.source_options)
+    if listing.odd and config.strict:
+        url, why = next(iter(listing.odd.items()))
+        raise SourceError(
+            f"{len(listing.odd)} source files cannot be taken, and the run is strict: "
+            + "; ".join(f"{u}: {w}" for u, w in list(listing.odd.items())[:10]),
+            url=url)
     index = source_index(setup.catalog, config.dataset)
     index.prefetch(f.url for f in listing.files)
     fresh = []
@@ -52,7 +59,28 @@ def new_source_files(setup: RunSetup) -> Listing:
             logger.warning("%s changed; its new version supersedes the committed one",
                            file.url)
     logger.info("%d of %d source files are new or changed", len(fresh), len(listing.files))
-    return Listing(files=fresh, skipped=list(listing.skipped))
+    return Listing(files=fresh, skipped=list(listing.skipped), odd=dict(listing.odd))
+
+
+def check_batch_reuse(setup: RunSetup, manifest: Manifest) -> None:
+    """A run named a batch id that is committed: that is a re-run only when the source
+    lists every file the batch holds and nothing new or changed besides. Otherwise it is a
+    :class:`BatchIdReusedError`, not a quiet "already committed"."""
+    config = setup.config
+    held = {f.url for f in manifest.lineage.sources}
+    listed = {f.url for f in list_source_files(config.source, config.source_options).files}
+    fresh = {f.url for f in new_source_files(setup).files} - held
+    missing = held - listed
+    if not missing and not fresh:
+        return
+    what = (f"{len(missing)} of its files are not under {config.source} (such as "
+            f"{sorted(missing)[0]})" if missing else
+            f"{config.source} has {len(fresh)} new or changed files it does not hold (such as "
+            f"{sorted(fresh)[0]})")
+    raise BatchIdReusedError(
+        f"batch {manifest.batch_id} of {config.dataset!r} is committed, and {what}: give this "
+        "listing a new --batch-id, or none", dataset=config.dataset,
+        batch_id=manifest.batch_id)
 
 
 def _plan_fingerprint(plan: BatchPlan) -> str:
@@ -131,7 +159,8 @@ def commit_batch(run: BatchRun, chunks: list[StoredChunk]) -> tuple[Manifest, st
 
 
 def summarize(run: BatchRun, manifest: Manifest, key: str, new: list[StoredChunk],
-              skipped: int, started: float, skipped_files: list[str]) -> PipelineResult:
+              skipped: int, started: float, skipped_files: list[str],
+              odd_files: dict[str, str] | None = None) -> PipelineResult:
     """The run's result: the manifest's counts, the stages' metrics, where replicas went."""
     setup = run.setup
     stages = setup.recorder.metrics()
@@ -162,5 +191,6 @@ def summarize(run: BatchRun, manifest: Manifest, key: str, new: list[StoredChunk
         bytes_in=sum(s.size - s.extends for s in manifest.lineage.sources),
         bytes_stored=manifest.bytes_stored, stages=stages, node_failures_handled=failures,
         down_nodes=setup.health.down_nodes(), skipped_files=list(skipped_files),
+        odd_files=dict(odd_files or {}),
         down_reasons=setup.down_reasons(), chunks_at_risk=list(manifest.chunks_at_risk),
     )

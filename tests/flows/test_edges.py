@@ -322,3 +322,77 @@ def test_a_csv_with_invalid_utf8_rejects_the_row_and_exports(home: Path, tmp_pat
     export_dataset("u", tmp_path / "u-out.csv")
     assert (tmp_path / "u-out.csv").read_text().splitlines() == ['"id","name"', '1,"ok"',
                                                                  '3,"fine"']
+
+
+def _odd_folder(src: Path, tmp_path: Path) -> dict[str, str]:
+    """A folder of two good CSVs beside each kind of file that cannot be taken; the odd
+    files' names, each with the words its reason must hold."""
+    import os
+
+    write_ml_csv(src / "a.csv", 30, seed=1)
+    write_ml_csv(tmp_path / "elsewhere" / "x.csv", 5, seed=2)
+    write_ml_csv(src / "real" / "b.csv", 20, seed=3, start_id=30)
+    (src / "empty.csv").write_bytes(b"")
+    os.symlink(tmp_path / "elsewhere", src / "linked")  # a directory symlink
+    os.symlink(tmp_path / "nowhere.csv", src / "dangling.csv")
+    os.symlink(".", src / "real" / "loop")  # a loop, were it followed
+    bad = os.fsencode(str(src)) + b"/bad\xffname.csv"
+    with open(bad, "wb") as fh:
+        fh.write(b"id,f0,f1,category,label\n1,0.1,0.2,cat,0\n")
+    return {"empty.csv": "empty (0 bytes)", "linked": "symlink to a directory",
+            "dangling.csv": "dangling symlink", "loop": "symlink to a directory",
+            "bad\\xffname.csv": "not UTF-8"}
+
+
+def test_odd_files_are_passed_over_and_named_or_fail_a_strict_run(
+        home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    expected = _odd_folder(src, tmp_path)
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="odd"))
+    assert result.status == "completed", result.error
+    assert result.rows_stored == 50  # a.csv and real/b.csv, nothing of the odd files
+    named = {url.rsplit("/", 1)[-1]: why for url, why in result.odd_files.items()}
+    assert set(named) == set(expected)
+    for name, words in expected.items():
+        assert words in named[name], (name, named[name])
+    assert DatasetReader("odd").read_table().num_rows == 50
+
+    cause = _cause(PipelineConfig(source=str(src), dataset="odd-strict", strict=True))
+    assert "cannot be taken, and the run is strict" in str(cause)
+    assert "empty.csv" in str(cause) and "dangling.csv" in str(cause)
+    assert open_catalog_manifests("odd-strict") == []
+
+
+def test_a_binary_run_passes_over_a_zero_byte_file(home: Path, tmp_path: Path) -> None:
+    src = tmp_path / "bin"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"\x01" * 100)
+    (src / "zero.bin").write_bytes(b"")
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="zb", format="binary"))
+    assert result.status == "completed", result.error
+    assert [u.rsplit("/", 1)[-1] for u in result.odd_files] == ["zero.bin"]
+    assert result.bytes_in == 100
+
+
+def test_a_batch_id_reused_for_another_listing_is_a_typed_error(home: Path,
+                                                                tmp_path: Path) -> None:
+    from skyferry.errors import BatchIdReusedError
+
+    write_ml_csv(tmp_path / "one" / "a.csv", 10, seed=1)
+    write_ml_csv(tmp_path / "two" / "b.csv", 10, seed=2)
+    config = PipelineConfig(source=str(tmp_path / "one"), dataset="r", batch_id="b1")
+    assert run_pipeline(config).status == "completed"
+    assert run_pipeline(config).status == "already_committed"  # the same listing: a re-run
+    cause = _cause(config.model_copy(update={"source": str(tmp_path / "two")}))
+    assert isinstance(cause, BatchIdReusedError) and cause.batch_id == "b1"
+    assert "b1" in str(cause) and "a.csv" in str(cause)
+    write_ml_csv(tmp_path / "one" / "c.csv", 10, seed=3, start_id=10)
+    cause = _cause(config)
+    assert isinstance(cause, BatchIdReusedError) and "c.csv" in str(cause)
+    assert [m.batch_id for m in open_catalog_manifests("r")] == ["b1"]
+
+
+def open_catalog_manifests(dataset: str) -> list[object]:
+    from skyferry.commit.manifest import open_catalog
+
+    return list(open_catalog(load_topology()).manifests(dataset))

@@ -166,3 +166,12 @@ def test_an_undecodable_part_is_a_format_error_naming_the_file() -> None:
     part = ChunkPart(source="file:///data/odd.parquet", start=0, end=4, row_groups=(0,))
     with pytest.raises(FormatError, match="odd.parquet"):
         process_parts([(part, b"PAR1", b"")], "parquet", None, [], "t")
+
+
+@pytest.mark.parametrize("schema", [None, SCHEMA])
+def test_a_csv_of_blank_lines_holds_no_rows(schema: Schema | None) -> None:
+    for data in (b"\n", b"\r\n\n  \n"):
+        part = ChunkPart(source="file:///data/blank.csv", start=0, end=len(data))
+        buffer, out = process_parts([(part, data, b"")], "csv", schema, [], "t")
+        assert pq.read_table(io.BytesIO(buffer.to_pybytes())).num_rows == 0
+        assert (out.rows_in, out.rows_rejected) == (0, 0)

@@ -124,7 +124,8 @@ def _same(stored: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
             assert got["x"].hex() == want["x"].hex()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(rows())
 def test_csv_values_are_stored_exactly_or_rejected_with_their_row(
         case: tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]) -> None:
@@ -134,7 +135,8 @@ def test_csv_values_are_stored_exactly_or_rejected_with_their_row(
     assert rows_rejected == rejected
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(rows())
 def test_jsonl_values_are_stored_exactly_or_rejected_with_their_row(
         case: tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]) -> None:
