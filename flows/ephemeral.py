@@ -11,6 +11,9 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
+import threading
 import time
 from uuid import UUID
 
@@ -24,6 +27,7 @@ from prefect.client.schemas.filters import (
     TaskRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import Settings as PrefectSettings
 from prefect.settings import get_current_settings
 from prefect.settings.models.server.services import ServerServicesDBVacuumSettings
@@ -32,7 +36,7 @@ from skyferry.metrics import PipelineResult
 from tasks.commit import COMMIT_TASK
 
 __all__ = ["EPHEMERAL_RECORDER_BATCH", "EPHEMERAL_STARTUP_TIMEOUT_S", "EVENT_VACUUM_STAMPS",
-           "run_settings", "settle_ephemeral_api"]
+           "guard_ephemeral_api", "run_settings", "settle_ephemeral_api"]
 
 EPHEMERAL_RECORDER_BATCH = 100  # task-run events per database write, ephemeral API only
 SETTLE_POLL_S = 0.1  # how often settle_ephemeral_api asks the API
@@ -154,3 +158,55 @@ def settle_ephemeral_api(result: PipelineResult, timeout_s: float = 10.0) -> boo
             if settled or time.monotonic() >= deadline:
                 return settled
             time.sleep(SETTLE_POLL_S)
+
+
+# The guard: a small process that holds the read end of a pipe whose write end only this
+# process holds. However this process ends (SIGKILL included), the kernel closes the write
+# end, the guard's read returns, and it stops the API server, checked by its command line
+# first. A normal exit stops the server itself (Prefect's atexit), and the guard finds none.
+_GUARD = """
+import os, signal, sys, time
+pid = int(sys.argv[1])
+sys.stdin.buffer.read()
+def ours():
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"prefect.server.api.server:create_app" in fh.read()
+    except OSError:
+        return False
+for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+    if not ours():
+        break
+    os.kill(pid, sig)
+    end = time.monotonic() + wait
+    while ours() and time.monotonic() < end:
+        time.sleep(0.05)
+"""
+_guarded: dict[int, tuple[subprocess.Popen[bytes], int]] = {}
+_guard_lock = threading.Lock()
+
+
+def guard_ephemeral_api() -> None:
+    """Make the ephemeral API's server process end with this one, however this one ends.
+
+    Prefect stops the server it started at a normal exit; a process killed with SIGKILL
+    runs no exit handler, and its server would outlive it. Call it once the API is up (a
+    flow is running); it returns at once against a real server, or when already guarded.
+    """
+    if get_current_settings().api.url or not sys.platform.startswith("linux"):
+        return
+    for server in list(SubprocessASGIServer._instances.values()):
+        process = server.server_process
+        if process is None or process.poll() is not None:
+            continue
+        with _guard_lock:
+            if process.pid in _guarded:
+                continue
+            read, write = os.pipe()  # both ends are not inherited by other children
+            try:
+                guard = subprocess.Popen([sys.executable, "-c", _GUARD, str(process.pid)],
+                                         stdin=read, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True)
+            finally:
+                os.close(read)
+            _guarded[process.pid] = (guard, write)  # the write end stays open until exit

@@ -30,7 +30,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from blocks.credentials import resolve_credentials_with_blocks
 from flows.common import emit_node_events, event, ref
 from flows.dispatch import dispatch_to_pools, run_in_process
-from flows.ephemeral import run_settings
+from flows.ephemeral import guard_ephemeral_api, run_settings
 from flows.live import LiveStatus, create_live_status
 from skyferry.commit.lease import DatasetLease
 from skyferry.config import PipelineConfig, Settings, get_settings
@@ -56,6 +56,7 @@ __all__ = ["multicloud_pipeline", "run_pipeline"]
 def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
     """Ingest a source, process it, store every chunk on R nodes (W verified), commit."""
     started = time.perf_counter()
+    guard_ephemeral_api()  # the API's server ends with this process, even on SIGKILL
     resolve_credentials_with_blocks()
     try:
         setup = open_run(config)

@@ -81,3 +81,45 @@ def test_the_demo_stores_replicas_on_every_node_and_reads_them_back(tmp_path: Pa
         row = next(line for line in done.stdout.splitlines() if f" {node} " in line)
         assert int(row.split("│")[2]) > 0, row  # chunks on the node
         assert any((tmp_path / "home" / "nodes" / node / "demo-train").rglob("*.parquet"))
+
+
+def test_a_run_killed_with_sigkill_leaves_no_api_server_behind(tmp_path: Path) -> None:
+    """The run's ephemeral API server ends with it, though SIGKILL runs no exit handler."""
+    import signal
+    import time
+
+    import psutil
+
+    src = tmp_path / "src"
+    write_ml_csv(src / "a.csv", 40_000, seed=22)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    env.update(SKYFERRY_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
+               PREFECT_LOGGING_LEVEL="WARNING")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "skyferry.cli", "run", str(src), "--dataset", "killed",
+         "--chunk-size", "8KB"], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    servers: list[psutil.Process] = []
+    guards: list[psutil.Process] = []
+    deadline = time.monotonic() + 120
+    try:
+        while not (servers and guards) and time.monotonic() < deadline and run.poll() is None:
+            try:
+                children = psutil.Process(run.pid).children(recursive=True)
+            except psutil.NoSuchProcess:  # the run ended first
+                break
+            servers = [p for p in children if "prefect.server.api.server:create_app"
+                       in " ".join(p.cmdline())]
+            guards = [p for p in children if "sys.stdin.buffer.read()" in " ".join(p.cmdline())]
+            time.sleep(0.1)
+        assert servers and guards and run.poll() is None, "the run's API and guard never started"
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        gone, alive = psutil.wait_procs(servers + guards, timeout=15)
+        assert alive == [], [p.cmdline() for p in alive]
+    finally:
+        for proc in servers + guards:  # only what this test's run started
+            if proc.is_running():
+                proc.kill()
+        if run.poll() is None:
+            run.kill()
