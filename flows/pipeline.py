@@ -189,6 +189,7 @@ def run_pipeline(config: PipelineConfig, settings: Settings | None = None) -> Pi
 
     A failed run returns ``status="failed"`` with the error and the stage it failed in.
     """
+    started = time.perf_counter()
     settings = settings or get_settings()
     if settings.tune_malloc:  # before Prefect starts its threads: see skyferry/memory.py
         tune_allocator()
@@ -207,4 +208,5 @@ def run_pipeline(config: PipelineConfig, settings: Settings | None = None) -> Pi
         return PipelineResult(status="failed", dataset=config.dataset, batch_id=exc.batch_id,
                               error=str(exc), error_stage=exc.stage,
                               error_type=type(exc.__cause__ or exc).__name__,
-                              flow_run_id=str(run_id) if run_id else None)
+                              flow_run_id=str(run_id) if run_id else None,
+                              duration_s=round(time.perf_counter() - started, 3))

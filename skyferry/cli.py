@@ -15,7 +15,7 @@ from rich.table import Table
 
 from blocks.credentials import resolve_credentials_with_blocks
 from skyferry.config import PipelineConfig, get_settings, parse_duration, parse_size
-from skyferry.errors import SkyferryError
+from skyferry.errors import ConfigError, SkyferryError
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult, rate_text
 from skyferry.topology import Topology, load_topology
@@ -75,9 +75,22 @@ def _settle(result: PipelineResult) -> None:
                   f"flow run {result.flow_run_id}; its run history may miss the last ones")
 
 
-def _fail(exc: BaseException) -> None:
+def _fail(exc: BaseException, as_json: bool = False) -> None:
+    """A user's error in one line, exit 2; with ``--json``, a JSON document on stdout too."""
+    if as_json:
+        typer.echo(json.dumps({"error": str(exc), "error_type": type(exc).__name__}))
     err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
     raise typer.Exit(code=2)
+
+
+def _check_output_file(path: Path) -> None:
+    """``path`` can be written as a file: not a directory, and under no file."""
+    if path.is_dir():
+        raise ConfigError(f"--to {path} is a directory; name a file", source=str(path))
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"--to {path} is under {parent}, which is a file",
+                              source=str(path))
 
 
 def print_summary(result: PipelineResult, rejects: list[dict[str, Any]] | None = None) -> None:
@@ -169,6 +182,8 @@ def run(
                                           help="show Prefect's tracebacks of a failure")] = False,
 ) -> None:
     """Run the multicloud-pipeline flow on SOURCE."""
+    from skyferry.run.context import open_run
+
     _prefect_quiet()
     try:
         config = PipelineConfig(
@@ -178,7 +193,8 @@ def run(
             min_clouds=min_clouds, transforms=transform or [], schema_path=schema,
             source_cloud=source_cloud, strict=strict,
         )
-    except ValueError as exc:
+        open_run(config)  # the dataset name, topology, schema and transforms, before Prefect
+    except (ValueError, SkyferryError) as exc:
         _fail(exc)
     from flows.pipeline import run_pipeline
 
@@ -221,11 +237,12 @@ def export(
 def read(
     dataset: Annotated[str, typer.Argument(help="dataset name")],
     to: Annotated[Path, typer.Option("--to", help="output .parquet")],
-    rank: Annotated[int, typer.Option(help="this reader's rank")] = 0,
-    world_size: Annotated[int, typer.Option("--world-size", help="ranks in all")] = 1,
-    seed: Annotated[int, typer.Option(help="the shuffle's seed")] = 0,
-    epoch: Annotated[int, typer.Option(help="the epoch (each has its own order)")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="rows per batch")] = 256,
+    rank: Annotated[int, typer.Option(min=0, help="this reader's rank")] = 0,
+    world_size: Annotated[int, typer.Option("--world-size", min=1, help="ranks in all")] = 1,
+    seed: Annotated[int, typer.Option(min=0, help="the shuffle's seed")] = 0,
+    epoch: Annotated[int, typer.Option(min=0, help="the epoch (each has its own order)")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="rows per batch")
+                          ] = 256,
     drop_remainder: Annotated[bool, typer.Option(
         "--drop-remainder", help="drop the rows that do not divide among the ranks, rather "
         "than pad with the epoch's first rows")] = False,
@@ -248,6 +265,7 @@ def read(
                           cache_dir=cache_dir, decoded=decoded,
                           remainder="drop" if drop_remainder else "pad")
     try:
+        _check_output_file(to)
         rows, report = read_to_file(config, to, topology=load_topology(topology))
     except SkyferryError as exc:
         _fail(exc)
@@ -451,7 +469,7 @@ def verify(
                                 concurrency=concurrency, max_mb_s=max_mb_s,
                                 lost=lost or ())
     except SkyferryError as exc:
-        _fail(exc)
+        _fail(exc, as_json)
     if as_json:
         typer.echo(report.to_json())
     else:
@@ -510,7 +528,7 @@ def repair(
                                 max_node_share=max_node_share, lost=lost or (),
                                 probe_timeout_s=get_settings().probe_timeout_s)
     except SkyferryError as exc:
-        _fail(exc)
+        _fail(exc, as_json)
     if as_json:
         typer.echo(report.to_json())
     else:

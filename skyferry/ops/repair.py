@@ -36,7 +36,7 @@ from skyferry.commit.manifest import Catalog, Manifest, open_catalog
 from skyferry.distribute.placement import NodeHealth, Placer
 from skyferry.distribute.probe import probe_nodes
 from skyferry.distribute.replication import verify_replica
-from skyferry.errors import SkyferryError, StorageError, TopologyError
+from skyferry.errors import ConfigError, SkyferryError, StorageError, TopologyError
 from skyferry.hashing import content_hash
 from skyferry.models import ReplicaRecord, StoredChunk
 from skyferry.ops.verify import VerifyReport, verify_dataset
@@ -230,6 +230,9 @@ def repair_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
     hint on that node (a node that came back: its hints are replayed). ``lost``: nodes known
     to have lost their data (see :func:`~skyferry.ops.verify.verify_dataset`)."""
     started = time.perf_counter()
+    if not 0.0 <= max_node_share <= 1.0:  # NaN too: it would turn the brake off
+        raise ConfigError(f"max_node_share must be a share from 0 to 1, not {max_node_share}",
+                          source="max_node_share")
     found = verify_dataset(topology, dataset, batch_id=batch_id, deep=deep, lost=lost)
     report = RepairReport(dataset=dataset, found=found)
     catalog = open_catalog(topology)

@@ -252,6 +252,11 @@ def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
     operator knows lost their data (a disk replaced, a server that keeps nothing across a
     restart): an empty listing of theirs is the truth, and their replicas are missing."""
     started = time.perf_counter()
+    names = {n.name for n in topology.nodes}
+    unknown = sorted(set(lost) - names)
+    if unknown:
+        raise TopologyError(f"--lost names {', '.join(unknown)}, which the topology does not "
+                            f"have; its nodes are {', '.join(sorted(names))}", source="lost")
     catalog = open_catalog(topology)
     survey = catalog.survey(dataset)
     every = sorted((Manifest.model_validate_json(e.body) for e in survey.entries.values()),

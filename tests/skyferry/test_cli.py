@@ -50,6 +50,9 @@ def test_run_reports_a_failure_with_its_stage(home: Path, tmp_path: Path) -> Non
     out = runner.invoke(app, ["run", str(tmp_path / "missing"), "--dataset", "x"])
     assert out.exit_code == 1
     assert "ingestion" in out.output and "source not found" in out.output
+    out = runner.invoke(app, ["run", str(tmp_path / "missing"), "--dataset", "x", "--json"])
+    failed = json.loads(out.stdout)
+    assert failed["status"] == "failed" and failed["duration_s"] > 0  # the time it took
 
 
 def test_bad_chunk_size_is_refused(home: Path) -> None:
