@@ -7,6 +7,7 @@ keyword-only attributes so callers (and retry conditions) never parse messages.
     ├── ConfigError ................................ TerminalException
     │   ├── TopologyError            (invalid topology file or block)
     │   ├── SchemaError              (invalid schema, or data missing a schema column)
+    │   │   └── SchemaEvolutionError (a chunk's column cannot take the dataset's type exactly)
     │   ├── TransformError           (a transform that cannot be imported or fails)
     │   ├── BatchIdReusedError       (a committed batch id named for another listing)
     │   └── ReadPlanError            (a training read asked for what the dataset cannot give)
@@ -58,6 +59,7 @@ __all__ = [
     "ReplicasAtRiskError",
     "ReplicaVerificationError",
     "SchemaError",
+    "SchemaEvolutionError",
     "SkyferryError",
     "SourceChangedError",
     "SourceError",
@@ -98,6 +100,12 @@ class TopologyError(ConfigError):
 
 class SchemaError(ConfigError):
     pass
+
+
+class SchemaEvolutionError(SchemaError):
+    def __init__(self, message: str, *, column: str) -> None:
+        super().__init__(message, source=column)
+        self.column = column
 
 
 class ReadPlanError(ConfigError):

@@ -126,6 +126,10 @@ class StoredChunk(_Record):
     md5: str | None = Field(
         default=None, description="MD5 of the bytes, kept when a store that checksums uploads "
         "holds a replica: a verify compares it with the store's own checksum, reading nothing")
+    columns: str | None = Field(
+        default=None, description="the stored file's Arrow schema (base64 of Arrow's "
+        "serialization): readers resolve the dataset's schema from these without reading a "
+        "chunk (skyferry/evolution.py)")
 
     @property
     def verified(self) -> list[ReplicaRecord]:

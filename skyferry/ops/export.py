@@ -10,7 +10,7 @@ import contextlib
 import io
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -28,6 +28,7 @@ from skyferry.errors import (
     TopologyError,
     UnsafeKeyError,
 )
+from skyferry.evolution import chunk_schemas, conform, dataset_schema
 from skyferry.hashing import content_hash
 from skyferry.ingest.versions import LiveSource, live_parts, live_sources
 from skyferry.models import SourceFile, StoredChunk
@@ -67,6 +68,7 @@ class DatasetReader:
         self._stores: dict[str, Store] = {}
         self._manifests: list[Manifest] | None = None
         self._live: dict[str, LiveSource] | None = None
+        self._schema: pa.Schema | None = None
 
     def manifests(self) -> list[Manifest]:
         """The committed manifests read (read once per reader), oldest first."""
@@ -145,23 +147,16 @@ class DatasetReader:
                 self.report.bytes += len(data)
                 yield manifest, chunk, data
 
+    def schema(self) -> pa.Schema:
+        """The dataset's schema, resolved from its chunks' (skyferry/evolution.py): every
+        reader reads through it."""
+        if self._schema is None:
+            self._schema = dataset_schema(self.manifests(), self._store)
+        return self._schema
+
     def chunk_schemas(self) -> Iterator[pa.Schema]:
-        """Each chunk's Arrow schema, from its Parquet footer (a small ranged read)."""
-        for manifest in self.manifests():
-            for chunk in manifest.chunks:
-                for replica in chunk.verified:
-                    try:
-                        store = self._store(replica.node)
-                        with store.fs.open(store.path(chunk.key), "rb") as fh:
-                            yield pq.read_schema(fh)
-                        break
-                    except Exception as exc:  # a bad replica: the next one may do
-                        logger.warning("cannot read the schema of chunk %d on %s: %s",
-                                       chunk.index, replica.node, exc)
-                else:
-                    raise IntegrityError(
-                        f"no readable replica of chunk {chunk.index} of {manifest.dataset}",
-                        dataset=manifest.dataset, batch_id=manifest.batch_id, chunk=chunk.index)
+        """Each chunk's Arrow schema, oldest batch first (see :func:`chunk_schemas`)."""
+        return chunk_schemas(self.manifests(), self._store)
 
     def iter_tables(self) -> Iterator[pa.Table]:
         """Each chunk's rows, without those of source versions a newer one superseded."""
@@ -176,9 +171,9 @@ class DatasetReader:
             yield table
 
     def read_table(self) -> pa.Table:
-        tables = list(self.iter_tables())
-        schema = unify(t.schema for t in tables)
-        return pa.concat_tables([conform(t, schema) for t in tables])
+        schema = self.schema()
+        tables = [conform(t, schema) for t in self.iter_tables()]
+        return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def _live_rows(table: pa.Table, chunk: StoredChunk, keep: list[bool]) -> pa.Table:
@@ -193,38 +188,6 @@ def _live_rows(table: pa.Table, chunk: StoredChunk, keep: list[bool]) -> pa.Tabl
             pieces.append(table.slice(offset, rows))
         offset += rows
     return pa.concat_tables(pieces) if pieces else table.slice(0, 0)
-
-
-def unify(schemas: Iterable[pa.Schema]) -> pa.Schema:
-    """One schema for chunks that were typed independently (datasets without a schema).
-
-    Types are promoted where Arrow can (int -> double); a column whose chunks disagree
-    otherwise (double in one, string in another) becomes string, so no value is lost.
-    """
-    fields: dict[str, pa.Field] = {}
-    for schema in schemas:
-        for f in schema:
-            seen = fields.get(f.name)
-            if seen is None or seen.type == f.type:
-                fields[f.name] = f if seen is None else seen
-                continue
-            try:
-                merged = pa.unify_schemas([pa.schema([seen]), pa.schema([f])],
-                                          promote_options="permissive")
-                fields[f.name] = merged.field(f.name)
-            except (pa.ArrowTypeError, pa.ArrowInvalid):
-                fields[f.name] = pa.field(f.name, pa.string())
-    return pa.schema(list(fields.values()))
-
-
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    columns = []
-    for f in schema:
-        if f.name in table.column_names:
-            columns.append(table.column(f.name).cast(f.type))
-        else:
-            columns.append(pa.nulls(table.num_rows, type=f.type))
-    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _relative_path(file: SourceFile) -> PurePosixPath:
@@ -298,7 +261,7 @@ def export_dataset(dataset: str, to: str | Path, *, batch_id: str | None = None,
                           f"{', '.join(EXPORT_SUFFIXES)}", source=str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.partial")
-    schema = unify(reader.chunk_schemas())
+    schema = reader.schema()
     try:
         with open(tmp, "wb") as sink:
             _write_tables(reader, sink, schema, suffix)

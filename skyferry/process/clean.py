@@ -53,6 +53,7 @@ class ProcessOutput:
     rejects: list[dict[str, Any]] = field(default_factory=list)
     rows_added: int = 0
     rows_dropped: int = 0
+    columns: pa.Schema | None = None  # the stored file's columns
 
     @property
     def rows_rejected(self) -> int:
@@ -618,6 +619,7 @@ class ChunkEncoder:
                 self._writer = pq.ParquetWriter(self.sink, self.columns, compression="zstd",
                                                 use_dictionary=dictionary)
         self._writer.close()
+        self.out.columns = self.columns
         self.out.part_rows = [self.part_rows.get((p.source, p.start), 0) for p in parts]
         return self.out
 

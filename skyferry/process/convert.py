@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["convert_column"]
+__all__ = ["convert_column", "spelled"]
 
 _CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
 # a zone offset after a time of day (a date alone ends in "-01", which is no zone)
@@ -49,7 +49,7 @@ def convert_column(values: pa.Array | pa.ChunkedArray, target: pa.DataType, name
     if array.type == target:
         return array, {}
     if pa.types.is_string(target):
-        return _as_text(array), {}
+        return spelled(array), {}
     text = pa.types.is_string(array.type) or pa.types.is_large_string(array.type)
     if text:
         array = _prepared(array, target)
@@ -163,7 +163,7 @@ def _finer(value: Any, target: pa.DataType) -> bool:
     return True
 
 
-def _as_text(array: pa.Array) -> pa.Array:
+def spelled(array: pa.Array) -> pa.Array:
     """Text as it is; other values in their JSON spelling (``1``, ``true``, ``{"a": 2}``)."""
     if pa.types.is_string(array.type):
         return array

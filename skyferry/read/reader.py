@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from skyferry.commit.manifest import Manifest, open_catalog
 from skyferry.config import get_settings
 from skyferry.errors import IntegrityError, ManifestConflictError, ReadPlanError
+from skyferry.evolution import conform, dataset_schema
 from skyferry.read.fetch import ChunkCache, Fetcher, ReadReport, reader_place
 from skyferry.read.plan import (
     BLOCK_ROWS,
@@ -30,6 +31,7 @@ from skyferry.read.plan import (
     Slice,
     plan_epoch,
 )
+from skyferry.storage import Store
 from skyferry.topology import Topology, load_topology
 
 __all__ = ["ReaderConfig", "TrainingReader", "chunk_files", "read_to_file"]
@@ -91,6 +93,7 @@ class TrainingReader:
         self.consumed = 0  # rows of the epoch read by every rank before this reader started
         self.batches_read = 0  # batches this rank has yielded since then
         self._plan: ReadPlan | None = None
+        self._schema: pa.Schema | None = None
         self._files: OrderedDict[str, Future[tuple[pa.MemoryMappedFile, np.ndarray]]] = (
             OrderedDict())
         self._groups: OrderedDict[tuple[str, int], Future[pa.Table]] = OrderedDict()
@@ -117,6 +120,21 @@ class TrainingReader:
                 self.catalog.manifest(self.config.dataset)  # raises BatchNotFoundError
             self._manifests = manifests
         return self._manifests
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The dataset's schema, resolved from every chunk's (skyferry/evolution.py): every
+        batch this reader yields has exactly these columns and types."""
+        if self._schema is None:
+            stores: dict[str, Store] = {}
+
+            def store_of(node: str) -> Store:
+                if node not in stores:
+                    stores[node] = self.topology.node(node).open_store()
+                return stores[node]
+
+            self._schema = dataset_schema(self.manifests(), store_of)
+        return self._schema
 
     @property
     def plan(self) -> ReadPlan:
@@ -266,8 +284,9 @@ class TrainingReader:
         first, last = (int(g) for g in np.searchsorted(starts, [low, high], side="right") - 1)
         tables = [self._group(chunk, g) for g in range(first, last + 1)]
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-        return pc.take(table, pa.array(piece.rows - starts[first]),
-                       boundscheck=False)  # in bounds: checked above
+        taken = pc.take(table, pa.array(piece.rows - starts[first]),
+                        boundscheck=False)  # in bounds: checked above
+        return conform(taken, self.schema)
 
     def _file(self, chunk: PlannedChunk) -> tuple[pa.MemoryMappedFile, np.ndarray]:
         """The verified copy of ``chunk``, mapped, and where each of its row groups starts."""
@@ -389,10 +408,8 @@ def read_to_file(config: ReaderConfig, to: Path, *,
     writer: pq.ParquetWriter | None = None
     try:
         for table in reader:
-            if writer is None:
-                writer = pq.ParquetWriter(temp, table.schema, compression="zstd")
-            elif table.schema != writer.schema:
-                table = table.cast(writer.schema)
+            if writer is None:  # every batch has the dataset's resolved schema
+                writer = pq.ParquetWriter(temp, reader.schema, compression="zstd")
             writer.write_table(table)
             rows += table.num_rows
         if writer is None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from skyferry.distribute.replication import FanOut, WriteOutcome
 from skyferry.errors import QuorumNotMetError, StageError
+from skyferry.evolution import encode_schema
 from skyferry.ingest.read import SourceStream
 from skyferry.models import ChunkPlan, StoredChunk
 from skyferry.process.clean import ChunkEncoder, ProcessOutput, SchemaDrift
@@ -163,6 +164,7 @@ def _record(chunk: ChunkPlan, run: BatchRun, key: str, attempt: int, stream: _St
         part_rows=() if binary else tuple(out.part_rows), replicas=tuple(outcome.replicas),
         node_failures=outcome.node_failures, attempts=attempt, md5=outcome.md5,
         at_risk=outcome.at_risk,
+        columns=encode_schema(out.columns) if out.columns is not None else None,
     )
 
 

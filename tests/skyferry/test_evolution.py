@@ -1,0 +1,135 @@
+"""Batches whose columns are added, dropped and change type (nested too): every reader
+returns the same rows, through the one schema resolved from the chunks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skyferry.errors import SchemaEvolutionError
+from skyferry.evolution import conform, resolve, wider
+from skyferry.ops.export import DatasetReader, export_dataset
+from skyferry.read.reader import ReaderConfig, TrainingReader, read_to_file
+from tests.helpers.sf_data import commit_without_prefect
+
+BATCHES: list[list[dict[str, Any]]] = [
+    [{"id": i, "a": i, "tags": [i], "gone": f"g{i}"} for i in range(0, 40)],
+    [{"id": i, "a": f"x{i}", "tags": [f"s{i}"], "new": i / 4} for i in range(40, 80)],
+    [{"id": i, "a": i + 0.5, "tags": None, "new": i} for i in range(80, 120)],
+]
+
+
+def _expected() -> dict[int, dict[str, Any]]:
+    """Each row as the resolved schema reads it: `a` and `tags` text in JSON spelling."""
+    rows = {}
+    for batch in BATCHES:
+        for row in batch:
+            a = row["a"]
+            rows[row["id"]] = {
+                "id": row["id"], "a": a if isinstance(a, str) else json.dumps(a),
+                "tags": None if row["tags"] is None else json.dumps(row["tags"]),
+                "gone": row.get("gone"), "new": None if "new" not in row else float(row["new"])}
+    return rows
+
+
+@pytest.fixture
+def drifted(home: Path, tmp_path: Path) -> str:
+    src = tmp_path / "src"
+    src.mkdir()
+    for n, batch in enumerate(BATCHES):
+        (src / f"b{n}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in batch))
+        commit_without_prefect(src, "drift")
+    return "drift"
+
+
+def _by_id(table: pa.Table) -> dict[int, dict[str, Any]]:
+    return {r["id"]: r for r in table.to_pylist()}
+
+
+def test_every_reader_returns_the_same_rows_through_one_schema(drifted: str,
+                                                               tmp_path: Path) -> None:
+    expected = _expected()
+    reader = DatasetReader(drifted)
+    schema = reader.schema()
+    assert {f.name: str(f.type) for f in schema} == {
+        "id": "int64", "a": "string", "tags": "string", "gone": "string", "new": "double"}
+    assert _by_id(reader.read_table()) == expected
+
+    export_dataset(drifted, tmp_path / "out.parquet")
+    assert _by_id(pq.read_table(tmp_path / "out.parquet")) == expected
+    export_dataset(drifted, tmp_path / "out.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert {r["id"]: r for r in lines} == expected
+
+    training = TrainingReader(ReaderConfig(drifted, batch_size=7))
+    batches = list(training)
+    assert all(b.schema.equals(schema) for b in batches)
+    assert _by_id(pa.concat_tables(batches)) == expected
+    rows, _ = read_to_file(ReaderConfig(drifted, batch_size=7), tmp_path / "read.parquet")
+    assert rows == len(expected)
+    assert _by_id(pq.read_table(tmp_path / "read.parquet")) == expected
+
+
+def test_a_big_integer_meeting_a_float_column_is_a_typed_error_not_a_rounding() -> None:
+    ints = pa.table({"x": pa.array([2**53 + 1], pa.int64())})
+    floats = pa.table({"x": pa.array([0.5])})
+    schema = resolve([ints.schema, floats.schema])
+    assert schema.field("x").type == pa.float64()
+    assert conform(pa.table({"x": pa.array([2**53], pa.int64())}), schema).column(
+        "x").to_pylist() == [float(2**53)]
+    with pytest.raises(SchemaEvolutionError, match="'x'"):
+        conform(ints, schema)
+
+
+TYPES = [pa.int32(), pa.int64(), pa.float64(), pa.string(), pa.bool_(),
+         pa.timestamp("us", "UTC"), pa.timestamp("ns", "UTC"), pa.decimal128(10, 2),
+         pa.decimal128(20, 5), pa.list_(pa.int64()), pa.list_(pa.string()),
+         pa.struct([("k", pa.int64())]), pa.null()]
+VALUES: dict[str, Any] = {
+    "int32": 7, "int64": 2**40, "double": 0.25, "string": "t", "bool": True,
+    "timestamp[us, tz=UTC]": 1_700_000_000_000_000,
+    "timestamp[ns, tz=UTC]": 1_700_000_000_000_000_001,
+    "decimal128(10, 2)": "12.25", "decimal128(20, 5)": "-1.00001",
+    "list<item: int64>": [1, 2], "list<item: string>": ["a"],
+    "struct<k: int64>": {"k": 3}, "null": None}
+
+
+def _column(kind: pa.DataType) -> pa.Array:
+    value = VALUES[str(kind)]
+    if pa.types.is_timestamp(kind):
+        return pa.array([value, None], pa.int64()).cast(kind)
+    if pa.types.is_decimal(kind):
+        from decimal import Decimal
+        return pa.array([Decimal(value), None], kind)
+    return pa.array([value, None], kind)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.lists(st.dictionaries(st.sampled_from(["a", "b", "c"]), st.sampled_from(TYPES),
+                                min_size=1), min_size=1, max_size=4))
+def test_any_drift_resolves_to_a_schema_every_chunk_fits(
+        chunks: list[dict[str, pa.DataType]]) -> None:
+    tables = [pa.table({name: _column(kind) for name, kind in columns.items()})
+              for columns in chunks]
+    schema = resolve(t.schema for t in tables)
+    for table in tables:
+        fitted = conform(table, schema)
+        assert fitted.schema.equals(schema) and fitted.num_rows == 2
+        for name in schema.names:
+            column = fitted.column(name)
+            assert column[1].as_py() is None  # nulls stay null
+            if name not in table.column_names:
+                assert column.null_count == 2  # a column the chunk lacks reads as nulls
+            elif table.column(name).type == schema.field(name).type:
+                assert column.equals(table.column(name))  # the same type: the same values
+            else:
+                assert column[0].is_valid == table.column(name)[0].is_valid  # nothing lost
+                assert wider(table.column(name).type, schema.field(name).type) == \
+                    schema.field(name).type
