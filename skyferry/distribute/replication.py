@@ -440,13 +440,20 @@ class FanOut:
             if sink.future.done():
                 sink._drain()
 
-    def _drop(self, sink: _Sink, exc: BaseException) -> None:
+    def _drop(self, sink: _Sink, exc: BaseException, *, hung: bool = False) -> None:
+        """Stop feeding ``sink``. A ``hung`` node is marked down with ``exc`` as its cause
+        first, then every call in flight to it is cancelled: the other chunks' writers to it
+        end too, and their errors then find the node down for this cause."""
         self._errors[sink.node.name] = exc
         sink.abandoned = exc
         with contextlib.suppress(queue.Full):
             sink.queue.put_nowait(None)
-        if not sink.future.done():  # hung: its calls in flight are abandoned
-            self.writer.store_of(sink.node).cancel()
+        if sink.future.done():
+            return
+        if hung:
+            self.writer.health.mark(sink.node.name, "down", str(exc))
+        if hung or self.writer.health.state(sink.node.name) == "down":
+            self.writer.store_of(sink.node).cancel()  # its calls in flight are abandoned
 
     def _put(self, sink: _Sink, item: bytes | None) -> None:
         node, writer = sink.node, self.writer
@@ -472,11 +479,11 @@ class FanOut:
             allowance = writer._allowance(node)
             if sink.owed() > allowance:
                 exc = NodeUnavailableError(
-                    f"node {node.name} did not answer a call writing {self.key!r} for "
+                    f"node {node.name} did not answer a call writing {self.key!r} within "
                     f"{allowance:.1f}s: it is hung or too slow", node=node.name, key=self.key)
                 if item is not None:
                     writer._leave(node.name, len(item))
-                self._drop(sink, exc)
+                self._drop(sink, exc, hung=True)
                 return
             try:
                 sink.queue.put(item, timeout=SLOT_POLL_S)
@@ -516,7 +523,7 @@ class FanOut:
                     self._drop(sink, NodeUnavailableError(
                         f"node {node.name} did not finish writing {self.key!r} within "
                         f"{allowance:.1f}s: it is hung or too slow", node=node.name,
-                        key=self.key))
+                        key=self.key), hung=True)
                     return
                 continue
             if exc is not None:
