@@ -208,11 +208,13 @@ class ReplicaWriter:
         used: set[str] = set(done)
         targets: list[Node] = []
         for node in (self.topology.node(n) for n in planned if n not in used):
-            used.add(node.name)
             if self.health.healthy(node.name):
+                used.add(node.name)
                 targets.append(node)
-            else:
+            elif self.health.state(node.name) == "down":
+                used.add(node.name)
                 failures += 1
+            # a suspect node is no failure: it waits among the spares, after every healthy one
         errors: list[str] = []
         md5: str | None = None
         while True:
@@ -220,10 +222,14 @@ class ReplicaWriter:
             clouds = {n.cloud for n in current}
             missing = wanted - len(current)
             if missing > 0 or len(clouds) < min_clouds:
-                usable = [n for n in self.topology.nodes if self.health.healthy(n.name)]
-                spare = self.placer.rank(n for n in usable if n.name not in used)
-                if len(clouds) < 2:
-                    spare.sort(key=lambda n: n.cloud in clouds)  # stable: other clouds first
+                spare = []
+                for state in ("healthy", "suspect"):  # a slow replica rather than none
+                    ranked = self.placer.rank(n for n in self.topology.nodes if n.enabled
+                                              and n.name not in used
+                                              and self.health.state(n.name) == state)
+                    if len(clouds) < 2:
+                        ranked.sort(key=lambda n: n.cloud in clouds)  # stable: other clouds
+                    spare += ranked
                 if missing <= 0:  # enough replicas, too few clouds: one more, elsewhere
                     spare, missing = [n for n in spare if n.cloud not in clouds], 1
                 for node in spare[:missing]:

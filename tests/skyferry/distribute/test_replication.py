@@ -212,3 +212,27 @@ def test_time_spent_producing_the_next_block_is_not_held_against_a_node(home: Pa
     for name in planned:
         assert (home / "nodes" / name / "d" / "chunk-00000.bin").read_bytes() == data
     assert set(health.answered) == set(planned)  # each write was evidence the node answers
+
+
+def test_a_suspect_node_is_avoided_but_takes_a_replica_that_would_go_nowhere(
+        home: Path) -> None:
+    """A suspect node (slow probes: a busy emulator) is no failure. A healthy spare takes
+    its replica; with no spare left, it takes the replica itself rather than leave a hint."""
+    data = bytes(range(256)) * 64
+    planned = ["aws-node-1", "gcp-node-1", "azure-node-1"]
+    full = load_topology()
+    for names, expected in ((None, ["aws-node-1", "aws-node-2", "azure-node-1"]),
+                            (planned, planned)):
+        topo = full if names is None else full.model_copy(
+            update={"nodes": [n for n in full.nodes if n.name in names]})
+        health = NodeHealth()
+        health.mark("gcp-node-1", "suspect", "slow: each of its last 2 probes took 600 ms")
+        writer = ReplicaWriter(topo, health, Placer(topo, "aws", topo.source_region, 3), "aws")
+        try:
+            outcome = writer.write(0, "d/chunk-00000.bin", blocks_of(data), planned, 2)
+        finally:
+            writer.close()
+        assert sorted(r.node for r in outcome.replicas if r.state == "verified") == sorted(expected)
+        assert outcome.node_failures == 0
+        for name in expected:
+            assert (home / "nodes" / name / "d" / "chunk-00000.bin").read_bytes() == data
