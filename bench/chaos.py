@@ -1,5 +1,6 @@
 """``make chaos``: every chaos scenario against the local servers, one table and one JSON
-line (tests/chaos/harness.py says what each figure means)."""
+line (tests/chaos/harness.py says what each figure means). Scenario names as arguments run
+only those, after the clean run that sets the baseline."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def main() -> None:
             server.start()
         env = ChaosEnv(servers, work / "scenarios")
         try:
-            for name in SCENARIOS:
+            chosen = list(SCENARIOS) if len(sys.argv) < 2 else ["clean", *sys.argv[1:]]
+            for name in chosen:
                 sys.stderr.write(f"running: {name}\n")
                 outcomes.append(run_scenario(env, name))
         finally:

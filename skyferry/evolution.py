@@ -7,8 +7,10 @@ made to fit it by :func:`conform`. The rules, which docs/schema.md states for us
 - a column is in the dataset's schema if any chunk has it, in the order of first appearance;
   a chunk without it reads as nulls (every column is nullable);
 - integers of any width are ``int64``; floats are ``float64``; an integer column that meets
-  a float column is ``float64``, and each integer is converted exactly or not at all (beyond
-  2^53 a typed :class:`~skyferry.errors.SchemaEvolutionError` names the column);
+  a float column is ``float64`` when every integer converts exactly, and text when one is
+  beyond 2^53 (each chunk's manifest entry marks such a column); a chunk committed before
+  manifests marked it that holds one is a typed
+  :class:`~skyferry.errors.SchemaEvolutionError` naming the column;
 - timestamps with the same zone take the finer unit; decimals take the larger scale and the
   digits both need;
 - any other disagreement, nested columns included (``[1]`` in one chunk, ``["a"]`` in
@@ -31,6 +33,7 @@ import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest
 from skyferry.errors import IntegrityError, SchemaEvolutionError
+from skyferry.process.clean import BEYOND_DOUBLE
 from skyferry.process.convert import spelled
 from skyferry.storage import Store
 
@@ -78,11 +81,16 @@ def wider(a: pa.DataType, b: pa.DataType) -> pa.DataType:
 def resolve(schemas: Iterable[pa.Schema]) -> pa.Schema:
     """The dataset's schema from its chunks' schemas, oldest first."""
     types: dict[str, pa.DataType] = {}
+    beyond: set[str] = set()  # integer columns that hold values no double holds exactly
     for schema in schemas:
         for field in schema:
             types[field.name] = wider(types[field.name], field.type) \
                 if field.name in types else field.type
-    return pa.schema([pa.field(name, kind, nullable=True) for name, kind in types.items()])
+            if (field.metadata or {}).get(BEYOND_DOUBLE):
+                beyond.add(field.name)
+    return pa.schema([pa.field(name, pa.string() if name in beyond and
+                               pa.types.is_floating(kind) else kind, nullable=True)
+                      for name, kind in types.items()])
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -121,8 +121,11 @@ class FailureDetector:
         self.views: dict[str, NodeView] = {}
         now = clock()
         for node in self.nodes:
+            # the run's first probe of the node (before any write) is its first round trip:
+            # a node slowed before the prober's first answer is compared with it
             view = NodeView(intervals=deque(maxlen=self.config.window), last_ok=now,
-                            last_seen=now, rtts=deque(maxlen=self.config.slow_window))
+                            last_seen=now, rtts=deque(maxlen=self.config.slow_window),
+                            fastest_s=health.latency_s.get(node.name))
             if not health.healthy(node.name):
                 view.state = "down" if health.states.get(node.name) == "down" else "suspect"
                 view.reason = health.reasons.get(node.name, "")

@@ -182,9 +182,10 @@ class ReplicaWriter:
 
         A write that hangs keeps its slot, so the writes behind it would wait for ever; the
         node is marked down when the hung write's allowance runs out, and they stop here.
+        A suspect (slow) node is not down: its writes take their turn.
         """
         while not slot.acquire(timeout=SLOT_POLL_S):
-            if not self.health.healthy(node.name):
+            if self.health.state(node.name) == "down":
                 raise NodeUnavailableError(
                     f"node {node.name} was marked down while writing {key!r} waited for one "
                     f"of its {node.max_writes} write slots", node=node.name, key=key)

@@ -337,9 +337,11 @@ def _as_text(table: pa.Table) -> pa.Table:
 
 def _inexact(table: pa.Table, schema: Schema | None) -> bool:
     """Whether Arrow's JSON reader may have rounded a value of an integer or decimal column:
-    it reads a column that mixes integers and fractions as doubles."""
+    it reads a column that mixes integers and fractions as doubles. Without a schema, any
+    double column holding a magnitude of 2^53 or more may hide a rounded integer."""
     if schema is None:
-        return False
+        return any(_reaches_2_53(table.column(f.name)) for f in table.schema
+                   if pa.types.is_floating(f.type))
     for name, col in schema.columns.items():
         if name not in table.column_names or col.type not in ("int64", "decimal"):
             continue
@@ -350,11 +352,19 @@ def _inexact(table: pa.Table, schema: Schema | None) -> bool:
     return False
 
 
+def _reaches_2_53(column: pa.ChunkedArray) -> bool:
+    if len(column) == column.null_count:
+        return False
+    largest = pc.max(pc.abs(column)).as_py()
+    return largest is not None and largest >= 2 ** 53
+
+
 def _decode_jsonl(part: ChunkPart, data: bytes, rejects: list[dict[str, Any]],
                   schema: Schema | None = None) -> tuple[pa.Table, int]:
-    """A block of JSON Lines as a table. With a schema, a block whose integer or decimal
-    column Arrow would read through doubles is parsed line by line instead, its schema
-    columns kept in their JSON spelling for the exact conversion."""
+    """A block of JSON Lines as a table. A block whose integers Arrow may have read through
+    doubles is parsed line by line instead: with a schema, its schema columns are kept in
+    their JSON spelling for the exact conversion; without one, a column that mixes integers
+    no double holds with fractions is text (:func:`_mixed_records`)."""
     try:
         table = pajson.read_json(io.BytesIO(data))
         if not _inexact(table, schema):
@@ -497,13 +507,30 @@ def _wider(a: pa.DataType, b: pa.DataType) -> pa.DataType:
     return pa.string()
 
 
-def widen(schema: pa.Schema, other: pa.Schema) -> pa.Schema:
-    """Both schemas' columns, in order of appearance, each of the wider type."""
+def widen(schema: pa.Schema, table: pa.Table) -> pa.Schema:
+    """Both sides' columns, in order of appearance, each of the wider type. An integer column
+    with a value beyond 2^53 that meets a float column is text: no double holds it exactly."""
     types = {f.name: f.type for f in schema}
-    for field_ in other:
-        types[field_.name] = _wider(types[field_.name], field_.type) \
-            if field_.name in types else field_.type
+    for field_ in table.schema:
+        if field_.name not in types:
+            types[field_.name] = field_.type
+            continue
+        kind = _wider(types[field_.name], field_.type)
+        if pa.types.is_floating(kind) and beyond_double(table.column(field_.name)):
+            kind = pa.string()
+        types[field_.name] = kind
     return pa.schema(list(types.items()))
+
+
+BEYOND_DOUBLE = b"skyferry.beyond_double"  # field metadata: the column has such integers
+
+
+def beyond_double(column: pa.ChunkedArray | pa.Array) -> bool:
+    """Whether an integer column holds a value that no double holds exactly (beyond 2^53)."""
+    if not pa.types.is_integer(column.type) or len(column) == column.null_count:
+        return False
+    extremes = pc.min_max(column)
+    return max(abs(extremes["min"].as_py()), abs(extremes["max"].as_py())) > 2 ** 53
 
 
 def _spelled(column: pa.ChunkedArray) -> pa.Array:
@@ -529,6 +556,8 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table | None:
             return None
         elif pa.types.is_string(field_.type) and not pa.types.is_null(column.type):
             columns.append(_spelled(column))
+        elif pa.types.is_floating(field_.type) and beyond_double(column):
+            return None
         else:
             columns.append(pc.cast(column, field_.type))
     return pa.Table.from_arrays(columns, schema=schema)
@@ -557,6 +586,7 @@ class ChunkEncoder:
         self.seconds = 0.0
         self._writer: pq.ParquetWriter | None = None
         self._empty: pa.Table | None = None
+        self._beyond: set[str] = set()  # integer columns with values beyond 2^53
 
     def add(self, part: ChunkPart, data: bytes = b"", header: bytes = b"",
             offset: int | None = None) -> None:
@@ -599,7 +629,9 @@ class ChunkEncoder:
             self.columns = pa.schema([(f.name, f.type) for f in table.schema])
         fitted = conform(table, self.columns)
         if fitted is None:
-            raise SchemaDrift(widen(self.columns, table.schema))
+            raise SchemaDrift(widen(self.columns, table))
+        self._beyond.update(f.name for f in fitted.schema
+                            if beyond_double(fitted.column(f.name)))
         if fitted.num_rows == 0 and self._writer is not None:
             return
         if self._writer is None:
@@ -619,7 +651,10 @@ class ChunkEncoder:
                 self._writer = pq.ParquetWriter(self.sink, self.columns, compression="zstd",
                                                 use_dictionary=dictionary)
         self._writer.close()
-        self.out.columns = self.columns
+        assert self.columns is not None
+        self.out.columns = pa.schema([  # for the dataset's schema: see skyferry/evolution.py
+            f.with_metadata({BEYOND_DOUBLE: b"true"}) if f.name in self._beyond else f
+            for f in self.columns])
         self.out.part_rows = [self.part_rows.get((p.source, p.start), 0) for p in parts]
         return self.out
 

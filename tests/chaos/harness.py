@@ -77,7 +77,8 @@ class ChaosEnv:
         for proxy in self.proxies.values():
             proxy.close()
 
-    def fresh(self, name: str) -> Scenario:
+    def fresh(self, name: str, *, max_writes: int | None = None,
+              rows: int = ROWS_PER_FILE) -> Scenario:
         self.count += 1
         home = self.root / f"{self.count:02d}-{name}"
         shutil.rmtree(home, ignore_errors=True)
@@ -85,13 +86,15 @@ class ChaosEnv:
         for server in self.servers.values():  # a killed server from the last scenario
             if server.proc is None or server.proc.poll() is not None:
                 server.start()
-        return Scenario(self, name, home, bucket=f"chaos{self.count:02d}")
+        return Scenario(self, name, home, bucket=f"chaos{self.count:02d}",
+                        max_writes=max_writes, rows=rows)
 
 
 class Scenario:
     """One scenario's home, topology, source and the handles to fault its nodes."""
 
-    def __init__(self, env: ChaosEnv, name: str, home: Path, bucket: str) -> None:
+    def __init__(self, env: ChaosEnv, name: str, home: Path, bucket: str, *,
+                 max_writes: int | None = None, rows: int = ROWS_PER_FILE) -> None:
         self.env, self.name, self.home, self.bucket = env, name, home, bucket
         # nodes whose server was killed: the emulators keep nothing across a restart, so
         # their data is lost, and repair is told so (`skyferry repair --lost NODE`)
@@ -100,8 +103,8 @@ class Scenario:
         self.ids: dict[str, set[int]] = {}
         for i in range(FILES):
             path = self.source / f"part-{i}.csv"
-            write_ml_csv(path, ROWS_PER_FILE, seed=100 + i, start_id=i * ROWS_PER_FILE)
-            self.ids[path.name] = set(range(i * ROWS_PER_FILE, (i + 1) * ROWS_PER_FILE))
+            write_ml_csv(path, rows, seed=100 + i, start_id=i * rows)
+            self.ids[path.name] = set(range(i * rows, (i + 1) * rows))
         for proxy in env.proxies.values():
             proxy.heal()
         lines = [f'catalog: "{home}/catalog"', "source_cloud: aws", "source_region: r1",
@@ -116,9 +119,10 @@ class Scenario:
             else:
                 options["endpoint_url"] = proxy
             opts = json.dumps({k: str(v) for k, v in options.items()})
+            cap = f", max_writes: {max_writes}" if max_writes else ""
             lines.append(f'  - {{name: {SERVER_NODE[cloud]}, cloud: {cloud}, region: r1, '
                          f'url: "{protocol}://{bucket}/data", timeout_s: 5, '
-                         f'storage_options: {opts}}}')
+                         f'storage_options: {opts}{cap}}}')
             local = home / "nodes" / LOCAL_NODE[cloud]
             local.mkdir(parents=True)
             set_faults(local)
@@ -202,13 +206,28 @@ def _when_stored(scenario: Scenario, dataset: str, chunks: int, act: Callable[[]
     return thread
 
 
-def _run(scenario: Scenario, dataset: str) -> tuple[str, float, Any]:
-    from flows.pipeline import run_pipeline
-    from skyferry.config import PipelineConfig
+def _run(scenario: Scenario, dataset: str, *, in_flight: int | None = None
+         ) -> tuple[str, float, Any]:
+    import os
 
+    from flows.pipeline import run_pipeline
+    from skyferry.config import PipelineConfig, get_settings
+
+    before = os.environ.get("SKYFERRY_MAX_IN_FLIGHT")
+    if in_flight is not None:
+        os.environ["SKYFERRY_MAX_IN_FLIGHT"] = str(in_flight)
+    get_settings.cache_clear()
     started = time.monotonic()
-    result = run_pipeline(PipelineConfig(source=str(scenario.source), dataset=dataset,
-                                         topology=str(scenario.topology), chunk_size=CHUNK))
+    try:
+        result = run_pipeline(PipelineConfig(source=str(scenario.source), dataset=dataset,
+                                             topology=str(scenario.topology),
+                                             chunk_size=CHUNK))
+    finally:
+        if before is None:
+            os.environ.pop("SKYFERRY_MAX_IN_FLIGHT", None)
+        else:
+            os.environ["SKYFERRY_MAX_IN_FLIGHT"] = before
+        get_settings.cache_clear()
     return result.status, time.monotonic() - started, result
 
 
@@ -271,14 +290,16 @@ def run_scenario(env: ChaosEnv, name: str) -> Outcome:
 
 def _faulted(name: str, fault: Callable[[Scenario], None], *, after: int = 3,
              expect: str = "committed", then: Callable[[Scenario], None] | None = None,
-             detect: str | None = None, as_state: str = "down"
-             ) -> Callable[[ChaosEnv], Outcome]:
+             detect: str | None = None, as_state: str = "down", queued: bool = False,
+             rows: int = ROWS_PER_FILE) -> Callable[[ChaosEnv], Outcome]:
     """A scenario: ``fault`` once ``after`` chunks are stored while the run writes;
     ``then`` after the run (before healing); ``detect``: the node whose detection (as
-    ``as_state``) is timed."""
+    ``as_state``) is timed. ``queued``: each server node takes one write at a time while
+    8 chunks are in flight, so several chunks wait for each node. ``rows``: per source
+    file, so that the run lasts long enough after the fault to see it."""
 
     def scenario_run(env: ChaosEnv) -> Outcome:
-        scenario = env.fresh(name)
+        scenario = env.fresh(name, max_writes=1 if queued else None, rows=rows)
         dataset = "chaos"
         timer = _DownTimes()
         logging.getLogger("skyferry.distribute").addHandler(timer)
@@ -286,7 +307,8 @@ def _faulted(name: str, fault: Callable[[Scenario], None], *, after: int = 3,
         thread = _when_stored(scenario, dataset, after, lambda: fault(scenario), done, fired)
         began = time.monotonic()
         try:
-            status, seconds, result = _run(scenario, dataset)
+            status, seconds, result = _run(scenario, dataset,
+                                           in_flight=8 if queued else None)
         finally:
             done.set()
             thread.join(10)
@@ -448,8 +470,13 @@ SCENARIOS: dict[str, Callable[[ChaosEnv], Outcome]] = {
                                              _stop_server("aws"), detect="s3-node"),
     # on Azurite: the GCS emulator serves one request at a time, so one throttled upload
     # stalls every other request, probes included, as no real store does
+    # four times the rows: a slow node is suspect after two slow probes, 2 to 3 s
     "3 300 ms latency, 2 MB/s": _faulted("3 300 ms latency, 2 MB/s", _slow("azure"),
-                                         after=1, detect="az-node", as_state="suspect"),
+                                         after=1, detect="az-node", as_state="suspect",
+                                         rows=4 * ROWS_PER_FILE),
+    "3b the same, with chunks queued per node": _faulted(
+        "3b the same, with chunks queued per node", _slow("azure"), after=1,
+        detect="az-node", as_state="suspect", queued=True, rows=4 * ROWS_PER_FILE),
     "4 node flaps": _faulted("4 node flaps", _flap("aws"), detect="s3-node"),
     "5 disk full": _faulted("5 disk full", lambda s: s.local("gcp", enospc=True),
                             detect="gcp-local"),

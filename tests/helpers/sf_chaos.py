@@ -82,15 +82,21 @@ class FaultProxy:
                                   b"\x00\x00\x00\x00")
                 client.close()
                 continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), 5)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns.update((client, upstream))
-            for src, dst, back in ((client, upstream, False), (upstream, client, True)):
-                threading.Thread(target=self._pump, args=(src, dst, back), daemon=True).start()
+            # connected on a thread of its own: a connect that waits (a single-threaded
+            # server's full backlog drops the SYN, and it is sent again 1 s, then 3 s later)
+            # must not hold up every other connection, the node's probes included
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port), 5)
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self._conns.update((client, upstream))
+        for src, dst, back in ((client, upstream, False), (upstream, client, True)):
+            threading.Thread(target=self._pump, args=(src, dst, back), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, back: bool) -> None:
         try:
@@ -116,6 +122,13 @@ class FaultProxy:
             pass
         finally:
             for sock in (src, dst):
+                # shutdown first: a close alone neither wakes the other direction's thread
+                # blocked in recv on the socket nor sends the FIN while that recv holds it,
+                # so the peer would wait on a connection that is over
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 try:
                     sock.close()
                 except OSError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import blake3
 import numpy as np
@@ -83,3 +84,31 @@ def commit_without_prefect(source: Path, dataset: str, **options: object) -> Man
         return commit_batch(run, stored)[0]
     finally:
         run.close()
+
+
+# Batches whose columns are added, dropped and change type (nested too)
+DRIFTED_BATCHES: list[list[dict[str, Any]]] = [
+    [{"id": i, "a": i, "tags": [i], "gone": f"g{i}"} for i in range(0, 40)],
+    [{"id": i, "a": f"x{i}", "tags": [f"s{i}"], "new": i / 4} for i in range(40, 80)],
+    [{"id": i, "a": i + 0.5, "tags": None, "new": i} for i in range(80, 120)],
+]
+
+
+def commit_drifted(source: Path, dataset: str) -> dict[int, dict[str, Any]]:
+    """Commit :data:`DRIFTED_BATCHES` as three batches of ``dataset`` from JSON Lines files
+    under ``source``; each row by id as the resolved schema reads it (``a`` and ``tags``
+    text in their JSON spelling, ``new`` a double)."""
+    import json
+
+    source.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    for n, batch in enumerate(DRIFTED_BATCHES):
+        (source / f"b{n}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in batch))
+        commit_without_prefect(source, dataset)
+        for row in batch:
+            a = row["a"]
+            expected[row["id"]] = {
+                "id": row["id"], "a": a if isinstance(a, str) else json.dumps(a),
+                "tags": None if row["tags"] is None else json.dumps(row["tags"]),
+                "gone": row.get("gone"), "new": None if "new" not in row else float(row["new"])}
+    return expected

@@ -17,67 +17,45 @@ from skyferry.errors import SchemaEvolutionError
 from skyferry.evolution import conform, resolve, wider
 from skyferry.ops.export import DatasetReader, export_dataset
 from skyferry.read.reader import ReaderConfig, TrainingReader, read_to_file
-from tests.helpers.sf_data import commit_without_prefect
-
-BATCHES: list[list[dict[str, Any]]] = [
-    [{"id": i, "a": i, "tags": [i], "gone": f"g{i}"} for i in range(0, 40)],
-    [{"id": i, "a": f"x{i}", "tags": [f"s{i}"], "new": i / 4} for i in range(40, 80)],
-    [{"id": i, "a": i + 0.5, "tags": None, "new": i} for i in range(80, 120)],
-]
-
-
-def _expected() -> dict[int, dict[str, Any]]:
-    """Each row as the resolved schema reads it: `a` and `tags` text in JSON spelling."""
-    rows = {}
-    for batch in BATCHES:
-        for row in batch:
-            a = row["a"]
-            rows[row["id"]] = {
-                "id": row["id"], "a": a if isinstance(a, str) else json.dumps(a),
-                "tags": None if row["tags"] is None else json.dumps(row["tags"]),
-                "gone": row.get("gone"), "new": None if "new" not in row else float(row["new"])}
-    return rows
+from tests.helpers.sf_data import commit_drifted, commit_without_prefect
 
 
 @pytest.fixture
-def drifted(home: Path, tmp_path: Path) -> str:
-    src = tmp_path / "src"
-    src.mkdir()
-    for n, batch in enumerate(BATCHES):
-        (src / f"b{n}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in batch))
-        commit_without_prefect(src, "drift")
-    return "drift"
+def drifted(home: Path, tmp_path: Path) -> tuple[str, dict[int, dict[str, Any]]]:
+    return "drift", commit_drifted(tmp_path / "src", "drift")
 
 
 def _by_id(table: pa.Table) -> dict[int, dict[str, Any]]:
     return {r["id"]: r for r in table.to_pylist()}
 
 
-def test_every_reader_returns_the_same_rows_through_one_schema(drifted: str,
-                                                               tmp_path: Path) -> None:
-    expected = _expected()
-    reader = DatasetReader(drifted)
+def test_every_reader_returns_the_same_rows_through_one_schema(
+        drifted: tuple[str, dict[int, dict[str, Any]]], tmp_path: Path) -> None:
+    dataset, expected = drifted
+    reader = DatasetReader(dataset)
     schema = reader.schema()
     assert {f.name: str(f.type) for f in schema} == {
         "id": "int64", "a": "string", "tags": "string", "gone": "string", "new": "double"}
     assert _by_id(reader.read_table()) == expected
 
-    export_dataset(drifted, tmp_path / "out.parquet")
+    export_dataset(dataset, tmp_path / "out.parquet")
     assert _by_id(pq.read_table(tmp_path / "out.parquet")) == expected
-    export_dataset(drifted, tmp_path / "out.jsonl")
+    export_dataset(dataset, tmp_path / "out.jsonl")
     lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert {r["id"]: r for r in lines} == expected
 
-    training = TrainingReader(ReaderConfig(drifted, batch_size=7))
+    training = TrainingReader(ReaderConfig(dataset, batch_size=7))
     batches = list(training)
     assert all(b.schema.equals(schema) for b in batches)
     assert _by_id(pa.concat_tables(batches)) == expected
-    rows, _ = read_to_file(ReaderConfig(drifted, batch_size=7), tmp_path / "read.parquet")
+    rows, _ = read_to_file(ReaderConfig(dataset, batch_size=7), tmp_path / "read.parquet")
     assert rows == len(expected)
     assert _by_id(pq.read_table(tmp_path / "read.parquet")) == expected
 
 
 def test_a_big_integer_meeting_a_float_column_is_a_typed_error_not_a_rounding() -> None:
+    """A chunk whose manifest entry does not say it holds such integers (one committed
+    before entries said so): the conversion is refused, never rounded."""
     ints = pa.table({"x": pa.array([2**53 + 1], pa.int64())})
     floats = pa.table({"x": pa.array([0.5])})
     schema = resolve([ints.schema, floats.schema])
@@ -86,6 +64,44 @@ def test_a_big_integer_meeting_a_float_column_is_a_typed_error_not_a_rounding() 
         "x").to_pylist() == [float(2**53)]
     with pytest.raises(SchemaEvolutionError, match="'x'"):
         conform(ints, schema)
+
+
+BIG = [2**53 + 1, -(2**63), 2**63 - 1]
+
+
+def _exact_text(table: pa.Table) -> dict[int, Any]:
+    return {r["id"]: r["x"] for r in table.to_pylist()}
+
+
+@pytest.mark.parametrize("within", [False, True], ids=["across batches", "within a chunk"])
+def test_integers_no_double_holds_meeting_floats_read_back_exactly_as_text(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, within: bool) -> None:
+    """Integers beyond 2^53 in one batch (or one block of a chunk), floats in another: the
+    column is text, every value in its exact spelling, through every reader."""
+    from skyferry.config import get_settings
+
+    monkeypatch.setenv("SKYFERRY_BLOCK_SIZE", str(64 << 10))
+    get_settings.cache_clear()
+    src = tmp_path / "src"
+    src.mkdir()
+    pad = "p" * 60  # rows of about 100 bytes: the file spans several 64 KiB blocks
+    ints = [{"id": i, "x": BIG[i % 3], "pad": pad} for i in range(2000)]
+    floats = [{"id": i, "x": i + 0.5, "pad": pad} for i in range(2000, 4000)]
+    expected = {r["id"]: str(r["x"]) for r in ints + floats}
+    if within:
+        (src / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ints + floats))
+        commit_without_prefect(src, "big")
+    else:
+        for n, rows in enumerate((ints, floats)):
+            (src / f"b{n}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            commit_without_prefect(src, "big")
+    reader = DatasetReader("big")
+    assert reader.schema().field("x").type == pa.string()
+    assert _exact_text(reader.read_table()) == expected
+    export_dataset("big", tmp_path / "out.parquet")
+    assert _exact_text(pq.read_table(tmp_path / "out.parquet")) == expected
+    training = TrainingReader(ReaderConfig("big", batch_size=500))
+    assert _exact_text(pa.concat_tables(list(training))) == expected
 
 
 TYPES = [pa.int32(), pa.int64(), pa.float64(), pa.string(), pa.bool_(),

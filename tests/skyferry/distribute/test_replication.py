@@ -158,6 +158,48 @@ def test_a_write_waiting_for_a_slot_of_a_node_gone_down_gives_up(home: Path) -> 
     assert writer._queued.get(node.name, 0) == 0
 
 
+def test_a_write_waiting_for_a_slot_of_a_slow_node_takes_its_turn(home: Path) -> None:
+    """A node turned suspect (slow) while a chunk waits for its one write slot is not down:
+    the chunk writes its replica there once the slot is free, and the node stays up."""
+    writer = _capped(1)
+    node = writer.topology.node("aws-node-1")
+    slot = writer._slot(node)
+    assert slot is not None and slot.acquire(blocking=False)  # a slow write holds the slot
+    data = b"replica bytes"
+    planned = ["aws-node-1", "gcp-node-1"]
+    done: list[Any] = []
+    waiting, real_wait = threading.Event(), writer._wait_for_slot
+
+    def wait(node_: Any, slot_: Any, key: str) -> None:
+        waiting.set()
+        real_wait(node_, slot_, key)
+
+    writer._wait_for_slot = wait  # type: ignore[method-assign]
+    thread = threading.Thread(target=lambda: done.append(
+        writer.write(0, "d/x.bin", blocks_of(data), planned, 2)))
+    thread.start()
+    assert waiting.wait(30)
+    seen, real_state = threading.Event(), writer.health.state
+
+    def state(name: str) -> Any:
+        found = real_state(name)
+        if name == node.name and found == "suspect":
+            seen.set()
+        return found
+
+    writer.health.state = state  # type: ignore[method-assign]
+    writer.health.mark(node.name, "suspect", "slow: each of its last 2 probes took 920 ms")
+    assert seen.wait(30)  # the waiting write polled its slot and found the node suspect
+    slot.release()  # the slow write ends
+    thread.join(timeout=30)
+    (outcome,) = done
+    assert [r.node for r in outcome.replicas if r.state == "verified"] == planned
+    assert outcome.errors == [] and outcome.node_failures == 0
+    assert writer.health.state(node.name) == "suspect"
+    assert (home / "nodes" / "aws-node-1" / "d" / "x.bin").read_bytes() == data
+    writer.close()
+
+
 def test_chunks_that_share_capped_nodes_in_any_order_all_finish(home: Path) -> None:
     """Every chunk streams to its replicas in step, so a chunk holding one capped node's slot
     while waiting for another's, held by a chunk waiting for the first, would wait for ever:

@@ -9,7 +9,7 @@ import pytest
 
 from skyferry.commit.manifest import Manifest
 from skyferry.read.reader import ReaderConfig, TrainingReader
-from tests.helpers.sf_data import commit_without_prefect, write_ml_csv
+from tests.helpers.sf_data import commit_drifted, commit_without_prefect, write_ml_csv
 
 pytestmark = pytest.mark.frameworks
 pytest.importorskip("datasets")
@@ -60,3 +60,12 @@ def test_hf_workers_read_every_row_of_the_rank_once(committed: Manifest,
     expected = [i for t in TrainingReader(_config(tmp_path)) for i in t.column("id").to_pylist()]
     loader = DataLoader(hf_dataset(_config(tmp_path)), batch_size=None, num_workers=2)
     assert sorted(int(r["id"]) for r in loader) == sorted(expected)
+
+
+def test_a_hf_dataset_reads_a_drifted_dataset_through_its_one_schema(home: Path,
+                                                                     tmp_path: Path) -> None:
+    from skyferry.read.hf_dataset import hf_dataset
+
+    expected = commit_drifted(tmp_path / "src", "drift")
+    rows = list(hf_dataset(ReaderConfig("drift", batch_size=16)))
+    assert {r["id"]: r for r in rows} == expected

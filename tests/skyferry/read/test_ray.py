@@ -10,7 +10,7 @@ import pytest
 
 from skyferry.commit.manifest import Manifest, open_catalog
 from skyferry.topology import load_topology
-from tests.helpers.sf_data import commit_without_prefect, write_ml_csv
+from tests.helpers.sf_data import commit_drifted, commit_without_prefect, write_ml_csv
 
 pytestmark = pytest.mark.frameworks
 ray = pytest.importorskip("ray")
@@ -47,3 +47,17 @@ def test_a_ray_dataset_reads_each_chunk_in_its_own_task(committed: Manifest, hom
     assert sorted(r["id"] for r in rows) == list(range(ROWS))
     suspects = open_catalog(load_topology()).suspects("train")
     assert {(c, n) for _, c, n in suspects} == {(bad.index, chosen[bad.index])}
+
+
+def test_a_ray_dataset_reads_a_drifted_dataset_through_its_one_schema(home: Path,
+                                                                      tmp_path: Path) -> None:
+    from skyferry.read.ray_datasource import SkyferryDatasource
+
+    expected = commit_drifted(tmp_path / "src", "drift")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"SKYFERRY_HOME": os.environ["SKYFERRY_HOME"]}})
+    try:
+        rows = ray.data.read_datasource(SkyferryDatasource("drift")).take_all()
+    finally:
+        ray.shutdown()
+    assert {r["id"]: r for r in rows} == expected

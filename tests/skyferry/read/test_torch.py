@@ -9,7 +9,7 @@ import pytest
 
 from skyferry.commit.manifest import Manifest
 from skyferry.read.reader import ReaderConfig, TrainingReader
-from tests.helpers.sf_data import commit_without_prefect, write_ml_csv
+from tests.helpers.sf_data import commit_drifted, commit_without_prefect, write_ml_csv
 
 pytestmark = pytest.mark.frameworks
 torch = pytest.importorskip("torch")
@@ -69,3 +69,24 @@ def test_a_stateful_dataloader_resumes_exactly(committed: Manifest, tmp_path: Pa
     again.load_state_dict(state)
     seen += [int(i) for batch in again for i in batch["id"]]
     assert seen == _plan_ids(tmp_path)
+
+
+def test_a_dataloader_reads_a_drifted_dataset_through_its_one_schema(home: Path,
+                                                                     tmp_path: Path) -> None:
+    """Batches that added, dropped and retyped columns (nested too): every batch has the
+    resolved columns, text columns as lists, numbers as tensors where they have no nulls."""
+    from torch.utils.data import DataLoader
+
+    from skyferry.read.torch_dataset import SkyferryIterableDataset
+
+    expected = commit_drifted(tmp_path / "src", "drift")
+    loader = DataLoader(SkyferryIterableDataset(ReaderConfig("drift", batch_size=16)),
+                        batch_size=None, num_workers=2)
+    rows = {}
+    for batch in loader:
+        assert set(batch) == {"id", "a", "tags", "gone", "new"}
+        ids = [int(i) for i in batch["id"]]
+        for n, i in enumerate(ids):
+            rows[i] = {k: (v[n].item() if isinstance(v, torch.Tensor) else v[n])
+                       for k, v in batch.items()}
+    assert rows == expected
