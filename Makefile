@@ -36,11 +36,13 @@ test-frameworks: setup
 	$(BIN)/python -m pytest -q -m frameworks
 
 bench: setup
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch]" \
+		|| echo "torch could not be installed: reader_throughput_ratio_to_mosaic is not reported"
 	command -v rclone >/dev/null || (apt-get update -qq && apt-get install -y -qq rclone) \
 		|| echo "rclone could not be installed: rclone_ratio is not reported"
 	test -x .venv-mosaic/bin/python || ($(PYTHON) -m venv .venv-mosaic \
 		&& .venv-mosaic/bin/pip install --quiet mosaicml-streaming==0.13.0 pyarrow) \
-		|| echo "MosaicML Streaming could not be installed: reader_ratio_to_mosaic is not reported"
+		|| echo "MosaicML Streaming could not be installed: reader_throughput_ratio_to_mosaic is not reported"
 	$(BIN)/python bench/bench.py
 
 chaos: setup

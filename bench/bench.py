@@ -1,10 +1,14 @@
-"""skyferry's benchmark: per-stage figures, each a ratio to a baseline measured in the same run.
+"""``make bench``: skyferry against floors and peers, each figure from counterbalanced pairs.
 
-Run with ``make bench``. Prints a line per figure, then one JSON line. These machines are
-noisy, so each figure is a ratio to a baseline measured seconds before or after it.
+Every timed comparison runs both sides in ABBA order (bench/measure.py) and reports each
+side's min/median/max and CPU seconds. A ``*_time_ratio`` is lower-is-better, a
+``*_throughput_ratio`` higher-is-better. A floor does strictly less work than skyferry, so
+the run fails, naming the figure, when a ratio beats its floor. The table, then one JSON
+line, are printed at the end; docs/benchmarks.md says what each figure is.
 
-Environment: BENCH_DIR (default: a temp dir), BENCH_GIB (default 1), BENCH_BIG_GIB (default 4).
-Prefect's local database is a new one under BENCH_DIR (``PREFECT_HOME``), not the user's.
+Environment: BENCH_DIR (default: a temp dir), BENCH_GIB (default 1), BENCH_BIG_GIB (default
+4), BENCH_PAIRS (default 5), BENCH_PARTS (comma-separated sections to run; default all).
+Prefect's database is a new one under BENCH_DIR (``PREFECT_HOME``), not the user's.
 """
 
 from __future__ import annotations
@@ -19,26 +23,45 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
+
+from bench.measure import Side, TreeSampler, abba, evict, floor_copy  # noqa: E402
 
 GIB = 1 << 30
 MIB = 1 << 20
 ROOT = Path(os.environ.get("BENCH_DIR") or tempfile.mkdtemp(prefix="skyferry-bench-"))
 SIZE = int(float(os.environ.get("BENCH_GIB", "1")) * GIB)
 BIG = int(float(os.environ.get("BENCH_BIG_GIB", "4")) * GIB)
-CHUNK = 0  # the default chunk size (set in main, from skyferry's config)
-HISTORY = 2_000  # committed batches behind plan_s_with_history
-FSYNC_PAIRS = 3  # binary runs with and without fsync, alternating
-PAIRS = 3  # a figure against a baseline: this many pairs, alternating, the median ratio
-# The runs' ephemeral Prefect API keeps its database here, not in the user's ~/.prefect: the
-# runs stay out of their history, and the figures do not depend on how large that history
-# has grown (a 958 MB one made each run of 64 empty chunks 0.1-0.3 s longer, measured).
+PAIRS = int(os.environ.get("BENCH_PAIRS", "5"))
+PARTS = [p for p in os.environ.get("BENCH_PARTS", "").split(",") if p]
+SMALL_FILES = 10_000
+SERVER = "prefect.server"  # the command line of Prefect's API server, a child of the CLI
 PREFECT_HOME = ROOT / "prefect-home"
 os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
-figures: dict[str, object] = {}
+
+
+@dataclass
+class Figure:
+    """One row of the table."""
+
+    name: str
+    value: float | None
+    definition: str
+    against: str = ""  # the floor or peer
+    sides: list[Side] = field(default_factory=list)
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+
+
+FIGURES: list[Figure] = []
+BEATEN: list[str] = []  # figures that beat their floor: a measuring bug
 
 
 def say(text: str) -> None:
@@ -46,14 +69,13 @@ def say(text: str) -> None:
     sys.stdout.flush()
 
 
-def timed(fn: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def _seconds(times: list[float]) -> str:
-    return " ".join(f"{t:.1f}" for t in times) + "s"
+def record(figure: Figure) -> Figure:
+    FIGURES.append(figure)
+    value = "n/a" if figure.value is None else f"{figure.value}"
+    say(f"{figure.name:<34} {value}  {figure.note}")
+    for side in figure.sides:
+        say(f"    {side.line()}")
+    return figure
 
 
 def sync() -> None:
@@ -73,19 +95,21 @@ def write_random(path: Path, size: int, seed: int) -> None:
             left -= n
 
 
-def write_csv(path: Path, size: int) -> None:
+def write_csv(folder: Path, size: int) -> Path:
+    """One CSV file of about ``size`` bytes of well-formed rows (the demo's generator; its
+    bad rows cut off the end, so the peer's plain conversion reads it too)."""
     from skyferry.ops.demo import generate_dataset
 
-    generate_dataset(path, total_bytes=size, files=1)
-    for bad in path.glob("train-*.csv"):
-        # the benchmark compares against a bare conversion: keep the rows well-formed
-        data_end = bad.stat().st_size
-        with open(bad, "rb+") as fh:
-            fh.seek(max(0, data_end - 4096))
-            tail = fh.read()
-            keep = tail.find(b"999999991,")
-            if keep >= 0:
-                fh.truncate(max(0, data_end - 4096) + keep)
+    generate_dataset(folder, total_bytes=size, files=1)
+    path = next(folder.glob("*.csv"))
+    end = path.stat().st_size
+    with open(path, "rb+") as fh:
+        fh.seek(max(0, end - 4096))
+        tail = fh.read()
+        keep = tail.find(b"999999991,")
+        if keep >= 0:
+            fh.truncate(max(0, end - 4096) + keep)
+    return path
 
 
 def fresh_home(name: str) -> Path:
@@ -98,455 +122,505 @@ def fresh_home(name: str) -> Path:
     return home
 
 
-def run_skyferry(source: str, dataset: str, *, durable: bool = True,
-                 **extra: object) -> tuple[float, object]:
+def run_skyferry(source: Path, dataset: str, **options: Any) -> Any:
+    """One run in this process (Prefect's API already up: its start-up is startup_s's)."""
     from flows.ephemeral import settle_ephemeral_api
     from flows.pipeline import run_pipeline
     from skyferry.config import PipelineConfig
 
-    config = PipelineConfig(source=source, dataset=dataset, chunk_size=CHUNK, **extra)
-    started = time.perf_counter()
-    result = run_pipeline(config)
-    if durable:
-        sync()
-    elapsed = time.perf_counter() - started
+    result = run_pipeline(PipelineConfig(source=str(source), dataset=dataset, **options))
     if result.status != "completed":
         raise SystemExit(f"benchmark run failed: {result.error}")
-    # Untimed: the API records this run's last task runs before the next run starts, as it
-    # does before a `skyferry run` process exits. Otherwise the next run's create could meet
-    # those writes, be refused, and be retried by Prefect's client 2.4 s later (measured).
-    settle_ephemeral_api(result)
-    return elapsed, result
+    sync()  # the page cache's dirty pages of this run are not the next run's
+    settle_ephemeral_api(result)  # untimed in effect: the API records the run's last tasks
+    return result
 
 
-def floor_write(src: Path, targets: list[Path]) -> None:
-    """The disk's floor: three writers at once, each copying the file to its own target in
-    16 MiB blocks, then one sync."""
-    def copy(target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(src, "rb") as fh, open(target, "wb") as out:
-            while block := fh.read(16 * MIB):
-                out.write(block)
-
-    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
-        list(pool.map(copy, targets))
-    sync()
+@dataclass
+class Child:
+    wall_s: float
+    peak_mb: float
+    server_mb: float
+    stdout: str
 
 
-def floor_hash(src: Path) -> None:
-    """The CPU's floor: BLAKE3 over the file on every core (the file is in the page cache)."""
-    import mmap
+def child(args: list[str], *, home: Path | None = None, label: str | None = SERVER,
+          check: bool = True) -> Child:
+    """A command in a new process, from exec to exit, its whole tree's PSS sampled."""
+    env = dict(os.environ)
+    if home is not None:
+        env["SKYFERRY_HOME"] = str(home)
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            text=True)
+    with TreeSampler(proc.pid, label=label) as sampler:
+        out, err = proc.communicate()
+    wall = time.perf_counter() - started
+    if check and proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:4])} ... exited {proc.returncode}: "
+                         + " / ".join(err.strip().splitlines()[-3:]))
+    return Child(wall, sampler.peak_mb, sampler.share_mb, out)
 
-    import blake3
 
-    with open(src, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        blake3.blake3(mapped, max_threads=blake3.blake3.AUTO).hexdigest()
+def cli(*args: str, home: Path | None = None) -> Child:
+    return child([sys.executable, "-m", "skyferry.cli", *args], home=home)
 
 
-def bare_pyarrow(src: Path, dst: Path) -> None:
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 3)
+
+
+def part(name: str) -> bool:
+    return not PARTS or name in PARTS
+
+
+# --- sections ----------------------------------------------------------------------------
+def startup(data: Path) -> None:
+    """`skyferry run` of a new 2-row CSV file, from exec to exit."""
+    runs = Side("skyferry run, 2 rows")
+    for i in range(PAIRS):
+        src = data / "tiny" / f"t{i}" / "t.csv"
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_text(f"id,x\n{2 * i},a\n{2 * i + 1},b\n")
+        home = fresh_home(f"startup-{i}")
+        runs.run(lambda src=src, home=home: cli("run", str(src.parent), "--dataset", "tiny",
+                                                home=home))
+    record(Figure("startup_s", round(runs.median, 2), "wall time of `skyferry run` on a new "
+                  "2-row CSV file, exec to exit (Prefect's ephemeral API server included)",
+                  sides=[runs], target="<= 5", met=runs.median <= 5,
+                  note="median; Prefect's ephemeral API server starts in each run"))
+
+
+def binary(blob: Path) -> None:
+    """1 GiB of random bytes to 3 local nodes, against the floor."""
+    floor_dir = ROOT / "floor"
+    targets = [floor_dir / f"n{i}" / "one.bin" for i in range(3)]
+
+    def floor() -> None:
+        floor_copy(blob, targets)
+
+    def sky() -> None:
+        fresh_home("binary")
+        run_skyferry(blob, "blob")
+
+    def clean() -> None:
+        shutil.rmtree(floor_dir, ignore_errors=True)
+        shutil.rmtree(ROOT / "homes" / "binary", ignore_errors=True)
+        sync()
+
+    fresh_home("binary")
+    run_skyferry(blob, "warm")  # Prefect's start-up, untimed
+    clean()
+    floor_side, sky_side = abba(("floor", floor), ("skyferry", sky), PAIRS, between=clean)
+    value = ratio(sky_side.median, floor_side.min)
+    figure = record(Figure(
+        "binary_time_ratio_to_floor", value,
+        f"{SIZE / GIB:.0f} GiB binary file to 3 local nodes: skyferry's median over the floor's "
+        "minimum", "the source read once, BLAKE3 on every core, 3 copies written with early "
+        "writeback and fdatasync", [sky_side, floor_side], "<= 1.3", value <= 1.3))
+    if value < 1:
+        BEATEN.append(figure.name)
+
+
+def rclone(blob: Path) -> None:
+    """rclone copying the same file to 3 local folders in one process (a union remote that
+    creates on all), its MD5 check after each copy on, then a sync; against skyferry."""
+    exe = shutil.which("rclone")
+    if exe is None:
+        record(Figure("rclone_time_ratio", None, "skyferry's median over rclone's median",
+                      note="rclone is not installed"))
+        return
+    targets = [ROOT / "rclone" / f"n{i}" for i in range(3)]
+    env = dict(os.environ, RCLONE_CONFIG_ALL_TYPE="union",
+               RCLONE_CONFIG_ALL_UPSTREAMS=" ".join(str(t) for t in targets),
+               RCLONE_CONFIG_ALL_CREATE_POLICY="all", RCLONE_CONFIG_ALL_ACTION_POLICY="all")
+
+    def peer() -> None:
+        for target in targets:
+            target.mkdir(parents=True, exist_ok=True)
+        subprocess.run([exe, "copy", "--transfers", "4", str(blob.parent), "all:"], env=env,
+                       check=True, capture_output=True)
+        sync()
+
+    def sky() -> None:
+        fresh_home("rclone-sky")
+        run_skyferry(blob, "blob")
+
+    def clean() -> None:
+        shutil.rmtree(ROOT / "rclone", ignore_errors=True)
+        shutil.rmtree(ROOT / "homes" / "rclone-sky", ignore_errors=True)
+        sync()
+
+    peer_side, sky_side = abba(("rclone", peer), ("skyferry", sky), PAIRS, between=clean)
+    value = ratio(sky_side.median, peer_side.median)
+    record(Figure("rclone_time_ratio", value, f"{SIZE / GIB:.0f} GiB binary file to 3 local "
+                  "folders: skyferry's median over rclone's median",
+                  "rclone copy, one process, a union remote creating on all 3, --transfers 4, "
+                  "its hash check on, then sync", [sky_side, peer_side], "< 1", value < 1))
+
+
+def pyarrow_peer(src: Path, targets: list[Path], block: int) -> None:
+    """CSV to zstd Parquet as a pyarrow user streams it: ``open_csv`` blocks into one
+    ``ParquetWriter`` with skyferry's settings (a row group per block, dictionary except on
+    floats), the bytes teed to every target, each made durable with ``fdatasync``."""
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    table = pacsv.read_csv(src)
-    pq.write_table(table, dst, compression="zstd")
+    class Tee:
+        closed = False
+
+        def __init__(self) -> None:
+            self.files = [open(t, "wb") for t in targets]  # noqa: SIM115
+
+        def flush(self) -> None:
+            pass
+
+        def write(self, data: Any) -> int:
+            for fh in self.files:
+                fh.write(data)
+            return len(data)
+
+        def close(self) -> None:
+            if self.closed:
+                return
+            self.closed = True
+            for fh in self.files:
+                fh.flush()
+                os.fdatasync(fh.fileno())
+                fh.close()
+
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    tee = Tee()
+    reader = pacsv.open_csv(src, read_options=pacsv.ReadOptions(block_size=block))
+    schema = reader.schema
+    dictionary = [f.name for f in schema if not pa.types.is_floating(f.type)]
+    sink = pa.PythonFile(tee, mode="w")  # type: ignore[arg-type]
+    with pq.ParquetWriter(sink, schema, compression="zstd", use_dictionary=dictionary) as out:
+        for batch in reader:
+            out.write_table(pa.Table.from_batches([batch]),
+                            row_group_size=max(1, batch.num_rows))
+    tee.close()
 
 
-def plain_pipeline(source: str, dataset: str) -> float:
-    """The same chunk sequence without Prefect: a plain thread pool, same parallelism."""
-    from skyferry.config import PipelineConfig
-    from skyferry.distribute.probe import probe_nodes
-    from skyferry.run.batch import commit_batch, journal_chunk, new_source_files, plan_batch
-    from skyferry.run.chunk import move_chunk
-    from skyferry.run.context import open_run
-
-    started = time.perf_counter()
-    setup = open_run(PipelineConfig(source=source, dataset=dataset, chunk_size=CHUNK))
-    probe_nodes(setup.topology, setup.health, setup.settings.probe_timeout_s)
-    run = plan_batch(setup, new_source_files(setup).files)
-    try:
-        with ThreadPoolExecutor(max_workers=setup.settings.max_in_flight) as pool:
-            stored = [moved[0] for moved in pool.map(lambda c: move_chunk(c, run),
-                                                      run.plan.chunks)]
-        for chunk in stored:
-            journal_chunk(run, chunk)
-        commit_batch(run, stored)
-    finally:
-        run.close()
-    sync()
-    return time.perf_counter() - started
-
-
-def warm_memory() -> float:
-    """Touch the free memory once, in 1 GiB blocks, then free it; returns the seconds taken.
-
-    On these VMs the first touch of a guest page faults to the hypervisor: about 2.5 s per
-    GiB of system time, charged to whichever run allocates that page first. Warming it once
-    keeps that out of the ratios (the figure is printed, as the machine's, not skyferry's).
-    """
-    import numpy as np
-    import psutil
-
-    blocks = max(0, int(psutil.virtual_memory().available / GIB) - 3)
-    started = time.perf_counter()
-    held = [np.ones(GIB // 8) for _ in range(blocks)]
-    del held
-    return time.perf_counter() - started
-
-
-def child_peak_rss(source: str, dataset: str, chunk: int | None = None) -> tuple[float, float]:
-    """Run the CLI in a child; return (its flow duration, the child's peak RSS in MB)."""
-    cmd = [sys.executable, "-m", "skyferry.cli", "run", source, "--dataset", dataset,
-           "--chunk-size", str(chunk or CHUNK), "--json"]
-    out_path = ROOT / "child.json"
-    # ru_maxrss is no use here: a child inherits this process's high-water mark through
-    # fork/vfork, and it survives exec. VmHWM of the child's own (new) address space is
-    # exact and monotonic, so sampling it, and its children's, finds the peak.
-    peak_kb = 0
-    err_path = ROOT / "child.err"
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        child = subprocess.Popen(cmd, stdout=out, stderr=err, env=os.environ)
-        while True:
-            try:
-                child.wait(timeout=0.25)
-                break
-            except subprocess.TimeoutExpired:
-                peak_kb = max(peak_kb, _tree_hwm_kb(child.pid))
-    if child.returncode != 0:
-        tail = err_path.read_text().strip().splitlines()[-3:]
-        raise SystemExit(f"the benchmark child failed with status {child.returncode}: "
-                         + " / ".join(tail))
-    result = json.loads(out_path.read_text())
-    sync()
-    return float(result["duration_s"]), peak_kb / 1024
-
-
-def _tree_hwm_kb(pid: int) -> int:
-    import psutil
-
-    try:
-        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0
-    peak = 0
-    for proc in procs:
-        try:
-            with open(f"/proc/{proc.pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        peak = max(peak, int(line.split()[1]))
-        except OSError:
-            continue
-    return peak
-
-
-def main() -> None:
-    global CHUNK
-    from skyferry.config import DEFAULT_CHUNK_SIZE
-
-    CHUNK = DEFAULT_CHUNK_SIZE
-    say(f"bench dir {ROOT}; {SIZE / GIB:.1f} GiB runs, {BIG / GIB:.1f} GiB memory run")
-    say(f"warm_memory_s           {warm_memory():.1f}  (first touch of the VM's free memory; "
-        "not skyferry's)")
-    data = ROOT / "data"
-    blob = data / "blob" / "one.bin"
-    write_random(blob, SIZE, seed=1)
-    csv_dir = data / "csv"
-    write_csv(csv_dir, SIZE)
-    csv_file = next(csv_dir.glob("*.csv"))
-    sync()
-
-    # Prefect's one-time start-up, on its own
-    fresh_home("startup")
-    tiny = data / "tiny" / "t.bin"
-    write_random(tiny, 1024, seed=2)
-    figures["startup_s"] = round(run_skyferry(str(tiny), "tiny")[0], 2)
-    say(f"startup_s               {figures['startup_s']}  (ephemeral API + first flow run)")
-
-    # 1 GiB binary vs the machine's floor: the slower of the disk (three parallel writers,
-    # one sync) and the CPU (BLAKE3 on every core), each measured here
-    # (PAIRS pairs, alternating; the median of the pairs' ratios: the disk's speed moves by
-    # half within minutes on these machines, and a pair sees the same disk)
-    floor_dir = ROOT / "floor"
-    hash_s = min(timed(lambda: floor_hash(blob)) for _ in range(3))
-    ratios, write_times, sky_times = [], [], []
-    for _ in range(PAIRS):
-        write_s = timed(lambda: floor_write(blob, [floor_dir / f"n{i}" / "one.bin"
-                                                   for i in range(3)]))
-        shutil.rmtree(floor_dir)
-        sync()
-        fresh_home("binary")
-        sky_s, result = run_skyferry(str(blob), "blob")
-        write_times.append(write_s)
-        sky_times.append(sky_s)
-        ratios.append(sky_s / max(write_s, hash_s))
-    figures["binary_ratio_to_floor"] = round(statistics.median(ratios), 3)
-    say(f"binary_ratio_to_floor   {figures['binary_ratio_to_floor']}  "
-        f"(median of {PAIRS} pairs; skyferry {_seconds(sky_times)} vs 3 parallel writers + "
-        f"sync {_seconds(write_times)}, BLAKE3 on every core {hash_s:.2f}s; target <= 1.15)")
-    _stage_lines(result)
-    maintenance(ROOT / "homes" / "binary", "blob")
-    shutil.rmtree(ROOT / "homes" / "binary")
-
-    # what durable writes cost: the binary run with and without fsync, alternating, each
-    # ending in one sync (the bytes on disk either way); the median of the pairs' ratios
-    ratios, timed_runs = [], {"durable": [], "no fsync": []}
-    for _ in range(FSYNC_PAIRS):
-        for durable in (False, True):
-            fresh_home("binary-fsync")
-            os.environ["SKYFERRY_DURABLE_WRITES"] = str(durable).lower()
-            try:
-                seconds, _ = run_skyferry(str(blob), "blob")
-            finally:
-                del os.environ["SKYFERRY_DURABLE_WRITES"]
-            timed_runs["durable" if durable else "no fsync"].append(seconds)
-        ratios.append(timed_runs["durable"][-1] / timed_runs["no fsync"][-1])
-    shutil.rmtree(ROOT / "homes" / "binary-fsync")
-    figures["fsync_cost"] = round(statistics.median(ratios), 3)
-    say(f"fsync_cost              {figures['fsync_cost']}  (median of {FSYNC_PAIRS} pairs; "
-        + ", ".join(f"{k} {' '.join(f'{t:.1f}' for t in v)}s" for k, v in timed_runs.items())
-        + ")")
-
-    rclone = shutil.which("rclone")  # `make bench` installs it (Debian's package)
-    if rclone:
-        targets = [ROOT / "rclone" / f"n{i}" for i in range(3)]
-
-        def rclone_copy() -> None:
-            procs = [subprocess.Popen([rclone, "copy", "--checksum", str(blob.parent), str(t)],
-                                      stderr=subprocess.DEVNULL) for t in targets]
-            for p in procs:
-                p.wait()
-            sync()
-
-        rclone_s = timed(rclone_copy)
-        shutil.rmtree(ROOT / "rclone")
-        figures["rclone_ratio"] = round(sky_s / rclone_s, 3)
-        say(f"rclone_ratio            {figures['rclone_ratio']}  (rclone {rclone_s:.1f}s; "
-            "target < 1)")
-    else:
-        figures["rclone_ratio"] = None
-        say("rclone_ratio            n/a (rclone is not installed)")
-
-    # 1 GiB CSV -> zstd Parquet vs bare pyarrow: PAIRS pairs, alternating, the median ratio
-    bare_times, csv_times, ratios = [], [], []
-    for _ in range(PAIRS):
-        bare_times.append(timed(lambda: bare_pyarrow(csv_file, ROOT / "bare.parquet")))
-        (ROOT / "bare.parquet").unlink()
-        fresh_home("csv")
-        sync()
-        elapsed, result = run_skyferry(str(csv_file), "csv", durable=False)
-        csv_times.append(elapsed)
-        ratios.append(bare_times[-1] / elapsed)
-    csv_bytes = csv_file.stat().st_size
-    figures["csv_ratio_to_pyarrow"] = round(statistics.median(ratios), 3)
-    figures["csv_mb_s"] = round(csv_bytes / 1e6 / statistics.median(csv_times), 1)
-    say(f"csv_ratio_to_pyarrow    {figures['csv_ratio_to_pyarrow']}  (median of {PAIRS} pairs; "
-        f"skyferry {_seconds(csv_times)}, bare pyarrow {_seconds(bare_times)}, neither synced; "
-        f"target >= 0.9); csv_mb_s {figures['csv_mb_s']}")
-    _stage_lines(result)
-    shutil.rmtree(ROOT / "homes" / "csv")
-
-    # peak memory of the CSV run, in a child
-    fresh_home("csv-memory")
-    _, csv_rss = child_peak_rss(str(csv_file), "csv")
-    shutil.rmtree(ROOT / "homes" / "csv-memory")
-    figures["peak_rss_csv_mb"] = round(csv_rss, 1)
-    say(f"peak_rss_csv_mb         {figures['peak_rss_csv_mb']}  ({csv_bytes / GIB:.1f} GiB of CSV; "
-        "target < 1024)")
-
-    # ingestion alone: list, plan (quote-aware scan), streamed ranged reads + hashing
+def csv(csv_file: Path) -> None:
     from skyferry.config import get_settings
-    from skyferry.ingest.listing import list_source
-    from skyferry.ingest.read import SourceStream, plan_chunks
 
-    def ingest() -> None:
-        plans = plan_chunks(list_source(str(csv_file)), "auto", CHUNK)
-        block = get_settings().block_size
+    block = get_settings().block_size
+    targets = [ROOT / "pyarrow" / f"n{i}" / "out.parquet" for i in range(3)]
 
-        def read(plan: object) -> None:
-            for _ in SourceStream(plan, None, block):  # type: ignore[arg-type]
-                pass
+    def peer() -> None:
+        pyarrow_peer(csv_file, targets, block)
 
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            list(pool.map(read, plans))
+    def sky() -> None:
+        fresh_home("csv")
+        run_skyferry(csv_file, "csv")
 
-    ingest_s = timed(ingest)
-    figures["ingest_mb_s"] = round(csv_bytes / 1e6 / ingest_s, 1)
-    say(f"ingest_mb_s             {figures['ingest_mb_s']}  (target >= 200)")
-
-    # small files vs one file
-    small_dir = data / "small"
-    count = 10_000
-    each = SIZE // count
-    import numpy as np
-
-    rng = np.random.default_rng(3)
-    small_dir.mkdir(parents=True, exist_ok=True)
-    payload = rng.bytes(each + 4096)
-    for i in range(count):
-        (small_dir / f"f{i:05d}.bin").write_bytes(payload[i % 4096:i % 4096 + each])
-    sync()
-    fresh_home("one")
-    one_s, _ = run_skyferry(str(blob), "one")
-    shutil.rmtree(ROOT / "homes" / "one")
-    fresh_home("small")
-    small_s, _ = run_skyferry(str(small_dir), "small")
-    shutil.rmtree(ROOT / "homes" / "small")
-    figures["small_files_ratio"] = round(small_s / one_s, 3)
-    say(f"small_files_ratio       {figures['small_files_ratio']}  ({count} files {small_s:.1f}s "
-        f"vs one file {one_s:.1f}s; target <= 2)")
-    shutil.rmtree(small_dir)
-
-    # 4 GiB: peak memory in a child, and Prefect's share of the wall time
-    big = data / "big" / "big.bin"
-    write_random(big, BIG, seed=4)
-    sync()
-    flow_times, plain_times, peaks = [], [], []
-    for _ in range(2):  # interleaved, best of two: the disk is shared and noisy
-        fresh_home("big")
-        prefect_s, rss = child_peak_rss(str(big), "big")
-        shutil.rmtree(ROOT / "homes" / "big")
+    def clean() -> None:
+        shutil.rmtree(ROOT / "pyarrow", ignore_errors=True)
+        shutil.rmtree(ROOT / "homes" / "csv", ignore_errors=True)
         sync()
-        flow_times.append(prefect_s)
-        peaks.append(rss)
-        fresh_home("big-plain")
-        plain_times.append(plain_pipeline(str(big), "big"))
-        shutil.rmtree(ROOT / "homes" / "big-plain")
+
+    peer_side, sky_side = abba(("pyarrow", peer), ("skyferry", sky), PAIRS, between=clean)
+    value = ratio(sky_side.median, peer_side.median)
+    size = csv_file.stat().st_size
+    record(Figure("csv_time_ratio_to_pyarrow", value,
+                  f"{size / GIB:.1f} GiB CSV to zstd Parquet on 3 local nodes, durable: "
+                  "skyferry's median over pyarrow's median",
+                  "pyarrow streaming (open_csv to ParquetWriter), skyferry's writer settings, "
+                  "3 copies, fdatasync", [sky_side, peer_side], "<= 1.2", value <= 1.2,
+                  note=f"skyferry {size / 1e6 / sky_side.median:.0f} MB/s"))
+
+
+def plain_path_script(source: Path, dataset: str) -> list[str]:
+    """The chunk path without Prefect, in a fresh process: probe, plan, the chunks through a
+    plain thread pool as wide as the run's window, journal, commit, sync."""
+    code = f"""
+import os, sys
+from concurrent.futures import ThreadPoolExecutor
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from skyferry.config import PipelineConfig
+from skyferry.distribute.probe import probe_nodes
+from skyferry.run.batch import commit_batch, journal_chunk, new_source_files, plan_batch
+from skyferry.run.chunk import move_chunk
+from skyferry.run.context import open_run
+setup = open_run(PipelineConfig(source={str(source)!r}, dataset={dataset!r}))
+probe_nodes(setup.topology, setup.health, setup.settings.probe_timeout_s)
+run = plan_batch(setup, new_source_files(setup).files)
+try:
+    with ThreadPoolExecutor(max_workers=setup.settings.max_in_flight) as pool:
+        stored = [m[0] for m in pool.map(lambda c: move_chunk(c, run), run.plan.chunks)]
+    for chunk in stored:
+        journal_chunk(run, chunk)
+    commit_batch(run, stored)
+finally:
+    run.close()
+os.sync()
+"""
+    return [sys.executable, "-c", code]
+
+
+def orchestration(big: Path) -> None:
+    """The 4 GiB binary run as a user runs it (`skyferry run`, exec to exit) against the
+    same chunk path without Prefect in a fresh process; the run's whole-tree peak memory."""
+    peaks: list[Child] = []
+
+    def sky() -> None:
+        home = fresh_home("big")
+        peaks.append(cli("run", str(big), "--dataset", "big", home=home))
         sync()
-    figures["peak_rss_mb"] = round(max(peaks), 1)
-    say(f"peak_rss_mb             {figures['peak_rss_mb']}  ({BIG / GIB:.0f} GiB, "
-        f"{CHUNK // MIB} MiB chunks; target < 512)")
-    prefect_s, plain_s = min(flow_times), min(plain_times)
-    # Orchestration on its own: the same flow over the same number of chunks, each 1 byte,
-    # so reading, hashing and writing cost nothing; run the same way (a child CLI, its own
-    # API), timed the same way (the flow's own duration). Its time over the 4 GiB run's.
-    chunks = BIG // CHUNK
-    tiny_src = data / "orchestration" / "tiny.bin"
-    write_random(tiny_src, chunks, seed=5)
-    orchestration_times = []
-    for _ in range(2):
-        fresh_home("orchestration")
-        orchestration_times.append(child_peak_rss(str(tiny_src), "o", chunk=1)[0])
-    orchestration_s = min(orchestration_times)
-    figures["overhead_share"] = round(orchestration_s / prefect_s, 4)
-    figures["overhead_vs_plain"] = round(max(0.0, (prefect_s - plain_s) / prefect_s), 4)
-    say(f"overhead_share          {figures['overhead_share']}  (orchestrating {chunks} chunks "
-        f"with no data: {orchestration_s:.2f}s, over the {prefect_s:.1f}s flow; target < 0.02)")
-    say(f"overhead_vs_plain       {figures['overhead_vs_plain']}  (the same stage functions in a "
-        f"plain thread pool: {plain_s:.1f}s; disk-bound, so noisy)")
-    shutil.rmtree(big.parent)
 
-    plan_history()
+    def plain() -> None:
+        home = fresh_home("big-plain")
+        child(plain_path_script(big, "big"), home=home, label=None)
 
-    # the training reader: against pyarrow.dataset and MosaicML Streaming; egress; resume
-    sys.path.insert(0, str(Path(__file__).parent))
-    import reader_bench
+    def clean() -> None:
+        for name in ("big", "big-plain"):
+            shutil.rmtree(ROOT / "homes" / name, ignore_errors=True)
+        sync()
 
-    figures.update(reader_bench.main())
-
-    # the clouds: local S3/GCS/Azure servers, against a direct fsspec copy
-    sys.path.insert(0, str(Path(__file__).parent))
-    import cloud_bench
-
-    figures.update(cloud_bench.main())
-
-    say(json.dumps(figures, sort_keys=True))
+    plain_side, sky_side = abba(("plain chunk path", plain), ("skyferry run", sky), PAIRS,
+                                between=clean)
+    shares = [(s - p) / s for s, p in zip(sky_side.wall, plain_side.wall, strict=True)]
+    value = round(statistics.median(shares), 4)
+    record(Figure("overhead_time_ratio", value,
+                  f"(`skyferry run` of {BIG / GIB:.0f} GiB, exec to exit, minus the plain chunk "
+                  "path's wall time in a fresh process) over the run's; median of the pairs",
+                  "the same chunk path in a plain thread pool, no Prefect",
+                  [sky_side, plain_side], "<= 0.10", value <= 0.10,
+                  note=f"pairs' min {min(shares):.3f}, max {max(shares):.3f}"))
+    peak = max(peaks, key=lambda c: c.peak_mb)
+    record(Figure("peak_run_binary_mb", round(peak.peak_mb),
+                  f"`skyferry run` of {BIG / GIB:.0f} GiB binary ({BIG // (512 * MIB)} chunks "
+                  "of 512 MiB): the largest summed PSS of its process tree",
+                  target="<= 768", met=peak.peak_mb <= 768,
+                  note=f"Prefect's API server {peak.server_mb:.0f} MB of it; max of {PAIRS}"))
 
 
-def plan_history() -> None:
-    """Planning 10 new files on a dataset with HISTORY committed batches, against planning
-    them on an empty dataset (median of 5 each, alternating)."""
-    from datetime import UTC, datetime, timedelta
+def memory(data: Path, big: Path) -> None:
+    """Whole-tree peak memory of every command at the default chunk size: `run` of a CSV of
+    8 chunks or more, then `export`, `read`, `verify --deep` and `repair` of the datasets."""
+    size = max(BIG, 8 * 512 * MIB)
+    csv_file = write_csv(data / "csv-big", size)
+    sync()
+    home = fresh_home("memory")
+    runs = [cli("run", str(csv_file), "--dataset", "csv", home=home)]
+    cli("run", str(big), "--dataset", "big", home=home)
+    out = ROOT / "out"
+    out.mkdir(exist_ok=True)
+    cmds = {
+        "peak_run_csv_mb": (runs[0], f"`skyferry run` of a {size / GIB:.0f} GiB CSV file"),
+        "peak_export_mb": (cli("export", "csv", "--to", str(out / "e.parquet"), home=home),
+                           "`skyferry export` of that dataset to Parquet"),
+        "peak_read_mb": (cli("read", "csv", "--to", str(out / "r.parquet"), home=home),
+                         "`skyferry read` of that dataset to Parquet"),
+        "peak_verify_deep_mb": (cli("verify", "big", "--deep", home=home),
+                                f"`skyferry verify --deep` of the {BIG / GIB:.0f} GiB binary "
+                                "dataset"),
+    }
+    _lose_one_replica_each(home, "big")
+    cmds["peak_repair_mb"] = (cli("repair", "big", home=home),
+                              "`skyferry repair` of one lost replica of every chunk")
+    for name, (run, what) in cmds.items():
+        limit = 768 if name == "peak_run_csv_mb" else 512
+        record(Figure(name, round(run.peak_mb), f"{what}: the largest summed PSS of its "
+                      "process tree", target=f"<= {limit}", met=run.peak_mb <= limit,
+                      note=f"Prefect's API server {run.server_mb:.0f} MB" if run.server_mb
+                      else ""))
+    shutil.rmtree(out)
+    shutil.rmtree(csv_file.parent)
+    shutil.rmtree(home)
+
+
+def _lose_one_replica_each(home: Path, dataset: str) -> int:
+    """Delete one replica of every chunk from a node that keeps another of the dataset's
+    replicas (a node whose listing went empty would be called unreachable: see
+    docs/known-limitations.md); the bytes deleted."""
+    from collections import Counter
 
     from skyferry.commit.manifest import open_catalog
-    from skyferry.config import PipelineConfig
-    from skyferry.ops.demo import generate_dataset
-    from skyferry.run.batch import new_source_files, plan_batch
-    from skyferry.run.context import open_run
-    from skyferry.storage import Store
     from skyferry.topology import load_topology
 
-    new, old = ROOT / "data" / "plan-new", ROOT / "data" / "plan-old"
-    generate_dataset(new, total_bytes=10 * 20_000, files=10)
-    generate_dataset(old, total_bytes=20_000, files=1)
-    fresh_home("plan-history")
-    run_skyferry(str(old), "hist")  # one real batch: the template of the history
-    catalog = open_catalog(load_topology())
-    template = catalog.manifest("hist")
-    fast = Store(catalog.store.url, name="catalog", durable=False)
-    start = datetime(2025, 1, 1, tzinfo=UTC)
-    for i in range(HISTORY):
-        sources = [f.model_copy(update={"url": f"file:///history/{i:05d}-{j}.csv"})
-                   for j, f in enumerate(template.lineage.sources)]
-        manifest = template.model_copy(update={
-            "batch_id": f"history{i:05d}",
-            "created_at": (start + timedelta(minutes=i)).isoformat(timespec="seconds"),
-            "lineage": template.lineage.model_copy(update={"sources": sources})})
-        fast.put(catalog.key_of(manifest), manifest.to_json())
-
-    def plan(dataset: str) -> float:
-        setup = open_run(PipelineConfig(source=str(new), dataset=dataset, chunk_size=CHUNK))
-        started = time.perf_counter()
-        listing = new_source_files(setup)
-        run = plan_batch(setup, listing.files)
-        elapsed = time.perf_counter() - started
-        run.close()
-        assert len(listing.files) == 10
-        setup.catalog.drop_pending(dataset, run.plan.batch_id)
-        return elapsed
-
-    plan("hist")  # the first plan after the history was written builds the index: untimed
-    times: dict[str, list[float]] = {"hist": [], "empty": []}
-    for _ in range(5):
-        for dataset in times:
-            times[dataset].append(plan(dataset))
-    hist, empty = statistics.median(times["hist"]), statistics.median(times["empty"])
-    figures["plan_s_with_history"] = round(hist / empty, 3)
-    say(f"plan_s_with_history     {figures['plan_s_with_history']}  (10 new files: "
-        f"{hist * 1000:.0f} ms with {HISTORY} committed batches, {empty * 1000:.0f} ms on an "
-        "empty dataset; target < 1.5)")
-    shutil.rmtree(ROOT / "homes" / "plan-history")
+    manifest = open_catalog(load_topology()).manifest(dataset)
+    held = Counter(r.node for c in manifest.chunks for r in c.verified)
+    lost = 0
+    for chunk in manifest.chunks:
+        node = max((r.node for r in chunk.verified), key=lambda n: held[n])
+        if held[node] < 2:
+            continue
+        (home / "nodes" / node / chunk.key).unlink()
+        held[node] -= 1
+        lost += chunk.size
+    sync()
+    return lost
 
 
-def maintenance(home: Path, dataset: str) -> None:
-    """Verify at both levels, then repair a lost replica of every chunk: MB/s of each."""
+def small_files(data: Path, blob: Path) -> None:
+    """10,000 files of unique random bytes, against one file of the same total size."""
+    folder = data / "small"
+    each = SIZE // SMALL_FILES
+    for i in range(SMALL_FILES):
+        write_random(folder / f"f{i:05d}.bin", each, seed=1000 + i)
+    one = data / "one" / "one.bin"
+    write_random(one, each * SMALL_FILES, seed=999)
+    sync()
+
+    def run(src: Path, name: str) -> Callable[[], None]:
+        def go() -> None:
+            fresh_home(name)
+            run_skyferry(src, name)
+        return go
+
+    def clean() -> None:
+        for name in ("small", "one"):
+            shutil.rmtree(ROOT / "homes" / name, ignore_errors=True)
+        sync()
+
+    one_side, small_side = abba(("one file", run(one, "one")),
+                                ("10,000 files", run(folder, "small")), PAIRS, between=clean)
+    per_file = [(s - o) / SMALL_FILES * 1000
+                for s, o in zip(small_side.wall, one_side.wall, strict=True)]
+    value = round(statistics.median(per_file), 3)
+    record(Figure("small_file_ms", value, "(10,000 files' run − one file's run of the same "
+                  "bytes) ÷ 10,000: ms per file; median of the pairs",
+                  "one file of the same total size", [small_side, one_side],
+                  note=f"pairs' min {min(per_file):.3f}, max {max(per_file):.3f} ms"))
+    shutil.rmtree(folder)
+    shutil.rmtree(one.parent)
+
+
+def cold(blob: Path) -> None:
+    """verify --deep and repair with every replica evicted from the page cache, as ratios to
+    the disk's own cold read speed (a file evicted, then read through); the dataset in 8
+    chunks, so that every node holds some and repair has a replica of most to re-create."""
     from skyferry.commit.manifest import open_catalog
+    from skyferry.config import get_settings
     from skyferry.ops.repair import repair_dataset
     from skyferry.ops.verify import verify_dataset
     from skyferry.topology import load_topology
 
+    home = fresh_home("cold")
+    run_skyferry(blob, "blob", chunk_size=max(1, SIZE // 8))  # 8 chunks over the 5 nodes
     topology = load_topology()
-    manifest = open_catalog(topology).manifest(dataset)
-    replicas = sum(c.size * len(c.verified) for c in manifest.chunks)
-    for deep in (False, True):
-        report = verify_dataset(topology, dataset, deep=deep)
+    manifest = open_catalog(topology).manifest("blob")
+    replicas = [home / "nodes" / r.node / c.key for c in manifest.chunks for r in c.verified]
+
+    def disk() -> None:  # the same files, cold, read through on as many threads
+        evict(replicas)
+        with ThreadPoolExecutor(max_workers=get_settings().max_in_flight) as pool:
+            list(pool.map(_read_through, replicas))
+
+    def deep() -> None:
+        evict(replicas)
+        report = verify_dataset(topology, "blob", deep=True)
         assert report.healthy, report.counts()
-        name = f"verify_{report.level}_mb_s"
-        # MB/s of bytes read: the default level reads none (it checks sizes), so it has none
-        figures[name] = round(report.bytes_read / 1e6 / report.seconds, 1) \
-            if report.bytes_read else None
-        say(f"{name:<23} {figures[name] if figures[name] is not None else '-'}  "
-            f"({replicas / 1e6:.0f} MB of replicas in {report.seconds:.2f}s, "
-            f"{report.bytes_read / 1e6:.0f} MB read)")
-    for i, chunk in enumerate(manifest.chunks):  # one replica of every chunk, alternating
-        # between its first two nodes: every node keeps some, so none lists empty (which
-        # verify would call unreachable, and repair would leave alone)
-        (home / "nodes" / chunk.verified[i % 2].node / chunk.key).unlink()
+
+    disk_side, verify_side = abba(("cold read of the replicas", disk),
+                                  ("verify --deep", deep), PAIRS)
+    read_bytes = sum(p.stat().st_size for p in replicas)
+    disk_mb_s = read_bytes / 1e6 / disk_side.min
+    verify_mb_s = read_bytes / 1e6 / verify_side.median
+    verify_ratio = ratio(verify_mb_s, disk_mb_s)
+    if verify_ratio > 1:
+        BEATEN.append("verify_deep_cold_throughput_ratio")
+    record(Figure("verify_deep_cold_throughput_ratio", verify_ratio,
+                  "MB/s of `verify --deep` (every replica read and hashed, none cached) over "
+                  "the disk's: the fastest cold read of the same files, as many at once",
+                  "the replicas read through, cold, on as many threads, not hashed",
+                  [verify_side, disk_side],
+                  note=f"verify {verify_mb_s:.0f} MB/s, disk {disk_mb_s:.0f} MB/s"))
+    repair_side = Side("repair")
+
+    copied = 0
+
+    def repair() -> None:
+        report = repair_dataset(topology, "blob", max_node_share=1.0)
+        assert report.complete and report.bytes_copied == lost, (report.bytes_copied, lost)
+
+    for _ in range(PAIRS):
+        lost = _lose_one_replica_each(home, "blob")
+        copied += lost
+        evict([p for p in home.glob("nodes/*/blob/**/*") if p.is_file()])
+        repair_side.run(repair)
+    copied //= PAIRS
+    repair_mb_s = copied / 1e6 / repair_side.median
+    record(Figure("repair_cold_throughput_ratio", ratio(repair_mb_s, disk_mb_s),
+                  "MB/s of `repair` re-creating one lost replica of every chunk from cold "
+                  "replicas (read, verified, written durably) over the disk's cold read MB/s",
+                  "the replicas read through, cold (above)", [repair_side, disk_side],
+                  note=f"repair {repair_mb_s:.0f} MB/s of replicas re-created"))
+    shutil.rmtree(home)
+
+
+def _read_through(path: Path) -> None:
+    with open(path, "rb", buffering=0) as fh:
+        while fh.read(16 * MIB):
+            pass
+
+
+def render() -> str:
+    head = ("figure", "value", "target", "met", "skyferry min/median/max s",
+            "floor or peer min/median/max s")
+    rows = []
+    for f in FIGURES:
+        sides = [f"{s.min:.2f}/{s.median:.2f}/{s.max:.2f}" for s in f.sides]
+        rows.append((f.name, "n/a" if f.value is None else str(f.value), f.target or "-",
+                     "-" if f.met is None else ("yes" if f.met else "no"),
+                     sides[0] if sides else "-", sides[1] if len(sides) > 1 else "-"))
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
+                     for r in [head, *rows])
+
+
+def main() -> None:
+    say(f"bench dir {ROOT}; {SIZE / GIB:.1f} GiB runs, {BIG / GIB:.1f} GiB big runs, "
+        f"{PAIRS} pairs")
+    data = ROOT / "data"
+    blob = data / "blob" / "one.bin"
+    write_random(blob, SIZE, seed=1)
+    csv_file = write_csv(data / "csv", SIZE)
+    big = data / "big" / "big.bin"
+    if part("orchestration") or part("memory"):
+        write_random(big, BIG, seed=4)
     sync()
-    repaired = repair_dataset(topology, dataset, max_node_share=1.0)
-    assert repaired.complete and repaired.bytes_copied == manifest.bytes_stored
-    figures["repair_mb_s"] = round(repaired.bytes_copied / 1e6 / repaired.seconds, 1)
-    say(f"repair_mb_s             {figures['repair_mb_s']}  (one lost replica of each chunk, "
-        f"{repaired.bytes_copied / 1e6:.0f} MB re-created in {repaired.seconds:.2f}s)")
+    sections: list[tuple[str, Callable[[], None]]] = [
+        ("startup", lambda: startup(data)),
+        ("binary", lambda: binary(blob)),
+        ("rclone", lambda: rclone(blob)),
+        ("csv", lambda: csv(csv_file)),
+        ("small", lambda: small_files(data, blob)),
+        ("cold", lambda: cold(blob)),
+        ("orchestration", lambda: orchestration(big)),
+        ("memory", lambda: memory(data, big)),
+    ]
+    for name, section in sections:
+        if part(name):
+            say(f"-- {name}")
+            section()
+    extra: dict[str, Any] = {}
+    if part("reader"):
+        import reader_bench  # type: ignore[import-not-found]
 
+        extra.update(reader_bench.main())
+    if part("cloud"):
+        import cloud_bench  # type: ignore[import-not-found]
 
-def _stage_lines(result: object) -> None:
-    for name, m in result.stages.items():  # type: ignore[attr-defined]
-        rate = "-" if m.mb_s is None else f"{m.mb_s:.1f}"
-        say(f"    {name:<13} items {m.items:>4}  {m.bytes / 1e6:>8.1f} MB  "
-            f"busy {m.duration_s:>6.2f}s  {rate:>9} MB/s")
+        extra.update(cloud_bench.main())
+    say("")
+    say(render())
+    body: dict[str, Any] = {f.name: f.value for f in FIGURES}
+    body["sides"] = {f.name: {s.name: s.summary() for s in f.sides} for f in FIGURES
+                     if f.sides}
+    body.update(extra)
+    say(json.dumps(body, sort_keys=True))
+    if BEATEN:
+        raise SystemExit(f"a ratio beat its floor, which cannot be: {', '.join(BEATEN)} "
+                         "(the floor does less work than skyferry; the floor is wrong)")
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
     try:
         main()
     finally:

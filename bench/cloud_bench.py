@@ -1,16 +1,17 @@
 """Cloud figures for ``make bench``: skyferry against a direct fsspec copy to the same nodes.
+These are emulator figures (moto, gcp-storage-emulator, Azurite on this machine), not clouds'.
 
-Starts the local S3 (moto), GCS (gcp-storage-emulator) and Azure (Azurite) servers, then
-times, in one run:
-- a direct fsspec copy of the same bytes to one node in each cloud, the three at once, and
-  skyferry's pipeline, three replicas (one per cloud), verified: four rounds, each side's
-  order reversed every round, the mean of each. skyferry runs twice a round: with
-  ``max_writes: 1`` on every node, one upload at a time per node as the direct copy makes
-  (``cloud_ratio_to_direct``), and with no cap, every chunk in flight writing at once
-  (``cloud_ratio_uncapped``);
-- rclone pointed at the S3 server, when rclone is installed.
+Both sides do the same work: the same bytes in 16 MiB objects, each sent as the same upload
+type in parts of skyferry's part size (S3 multipart, GCS resumable, Azure staged blocks,
+through fsspec's own writers on the direct side), and each verified the same way (S3's
+multipart ETag and GCS's MD5 against the bytes sent; Azure's read back and hashed), to one
+node in each cloud, the three clouds at once. In counterbalanced pairs; skyferry runs with
+``max_writes: 1`` on every node, one upload at a time per node as the direct copy makes
+(``cloud_throughput_ratio_to_direct``), and with no cap (``cloud_throughput_ratio_uncapped``).
+A skyferry run that lost a node wrote fewer replicas than the direct copy: it is dropped,
+and the dropped runs are counted and printed.
 
-Environment: BENCH_CLOUD_MIB (default 384), BENCH_DIR.
+Environment: BENCH_CLOUD_MIB (default 384), BENCH_DIR, BENCH_PAIRS (default 5).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,14 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests.helpers
 
+from bench.measure import Side, abba  # noqa: E402
 from tests.helpers import sf_servers  # noqa: E402
 
 MIB = 1 << 20
 SIZE = int(os.environ.get("BENCH_CLOUD_MIB", "384")) * MIB
 CHUNK = 16 * MIB
 NODES = {"aws": "s3", "gcp": "gs", "azure": "az"}
-ROUNDS = 4  # rounds of the direct copy and skyferry, in ABBA order
+PAIRS = int(os.environ.get("BENCH_PAIRS", "5"))
 
 
 def say(text: str) -> None:
@@ -74,23 +76,47 @@ def main() -> dict[str, Any]:
         src.parent.mkdir(parents=True, exist_ok=True)
         src.write_bytes(_without_final_cr(bytearray(os.urandom(SIZE))))
 
-        # direct fsspec copies: each cloud alone (MB/s per cloud), then all three at once
+        # direct fsspec copies to the three clouds at once
+        import base64
+        import hashlib
+
+        import blake3
         import fsspec
+
+        from skyferry.storage import PART_SIZE
+
+        def verify(fs: Any, protocol: str, path: str, data: bytes) -> None:
+            """What skyferry checks of each replica it writes, the same way."""
+            fs.invalidate_cache(path)
+            if protocol == "az":  # Azure keeps no checksum of a block upload: read it back
+                back = fs.cat_file(path)
+                assert blake3.blake3(back).digest() == blake3.blake3(data).digest(), path
+                return
+            info = fs.info(path)
+            assert int(info["size"]) == len(data), path
+            if protocol == "s3":
+                parts = [hashlib.md5(data[i:i + PART_SIZE], usedforsecurity=False).digest()
+                         for i in range(0, len(data), PART_SIZE)]
+                whole = hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest()
+                expected = f"{whole}-{len(parts)}" if len(parts) > 1 else parts[0].hex()
+                assert str(info["ETag"]).strip('"') == expected, path
+            else:
+                md5 = hashlib.md5(data, usedforsecurity=False).digest()
+                assert base64.b64decode(info["md5Hash"]) == md5, path
 
         def direct(protocol: str, bucket: str) -> float:
             fs = fsspec.filesystem(protocol, **env.options(protocol), skip_instance_cache=True)
             started = time.perf_counter()
             with open(src, "rb") as fh:
                 for n in range((SIZE + CHUNK - 1) // CHUNK):
-                    fs.pipe_file(f"{bucket}/direct/part-{n:05d}", fh.read(CHUNK))
+                    data = fh.read(CHUNK)
+                    blake3.blake3(data).digest()  # skyferry hashes what it sends
+                    path = f"{bucket}/direct/part-{n:05d}"
+                    with fs.open(path, "wb", block_size=PART_SIZE) as out:
+                        for at in range(0, len(data), PART_SIZE):
+                            out.write(data[at:at + PART_SIZE])
+                    verify(fs, protocol, path, data)
             return time.perf_counter() - started
-
-        per_cloud = {}
-        for cloud, protocol in NODES.items():
-            env.make_bucket(protocol, f"{cloud}-solo")
-            per_cloud[cloud] = round(SIZE / 1e6 / direct(protocol, f"{cloud}-solo"), 1)
-        figures["direct_mb_s_per_cloud"] = per_cloud
-        say(f"direct fsspec MB/s per cloud: {per_cloud}")
 
         def clear(paths: dict[str, str]) -> None:
             """Delete what a run wrote (protocol -> path): the servers slowed by about 0.5 s a
@@ -141,73 +167,60 @@ def main() -> dict[str, Any]:
         # starts, as it does before a `skyferry run` process exits
         settle_ephemeral_api(warm)
 
-        def skyferry_run(round_: int, side: str) -> float | None:
-            """A timed run, or None when it lost a node: it then wrote two replicas, not
-            three, which is not the same work as the direct copy. That is reported."""
-            dataset = f"cloud-{side}-{round_}"
-            started = time.perf_counter()
-            result = run_pipeline(PipelineConfig(source=str(src), dataset=dataset,
-                                                 topology=str(topologies[side]),
-                                                 chunk_size=CHUNK))
-            elapsed = time.perf_counter() - started
-            assert result.status == "completed", result.error
-            settle_ephemeral_api(result)
-            clear({p: f"{c}-sky/x/{dataset}" for c, p in NODES.items()})
-            if not result.down_nodes and not result.node_failures_handled:
-                return elapsed
-            say(f"discarded a skyferry run ({elapsed:.1f}s): node(s) down "
-                f"{result.down_reasons or result.down_nodes}, so not every chunk has three "
-                "replicas")
-            return None
+        dropped: dict[str, list[str]] = {"skyferry": [], "uncapped": []}
+        lost_node: dict[str, list[bool]] = {"skyferry": [], "uncapped": []}  # per run
+        rounds = iter(range(10_000))
 
-        # The servers' speed varies by 10-20% from run to run here: the sides' order is
-        # reversed every round (direct, capped, uncapped; then the other way round), each
-        # run's objects deleted after it, and the mean of each side, so none gets the
-        # fresher servers.
-        times: dict[str, list[float]] = {"direct": [], "skyferry": [], "uncapped": []}
-        for round_ in range(ROUNDS):
-            sides = list(times) if round_ % 2 == 0 else list(times)[::-1]
-            for side in sides:
-                if side == "direct":
-                    times[side].append(direct_all(round_))
-                elif (elapsed := skyferry_run(round_, side)) is not None:
-                    times[side].append(elapsed)
-        for side in ("skyferry", "uncapped"):
-            if not times[side]:
-                raise SystemExit(f"every one of {ROUNDS} skyferry cloud runs ({side}) lost a "
+        def skyferry_run(side: str) -> Callable[[], None]:
+            """A run; one that lost a node wrote fewer replicas than the direct copy and is
+            dropped (its time is taken out below), counted and printed."""
+            def go() -> None:
+                dataset = f"cloud-{side}-{next(rounds)}"
+                result = run_pipeline(PipelineConfig(source=str(src), dataset=dataset,
+                                                     topology=str(topologies[side]),
+                                                     chunk_size=CHUNK))
+                assert result.status == "completed", result.error
+                settle_ephemeral_api(result)
+                clear({p: f"{c}-sky/x/{dataset}" for c, p in NODES.items()})
+                lost_node[side].append(bool(result.node_failures_handled))
+                if result.node_failures_handled:
+                    dropped[side].append(f"{result.node_failures_handled} node failure(s): "
+                                         f"{result.down_reasons or result.down_nodes}")
+                    say(f"dropped a {side} run: {dropped[side][-1]}")
+            return go
+
+        def direct_side() -> None:
+            tag = next(rounds)
+            for cloud, protocol in NODES.items():
+                env.make_bucket(protocol, f"{cloud}-direct-{tag}")
+            with ThreadPoolExecutor(max_workers=3) as pool:
+                list(pool.map(lambda item: direct(item[1], f"{item[0]}-direct-{tag}"),
+                              NODES.items()))
+            clear({p: f"{c}-direct-{tag}/direct" for c, p in NODES.items()})
+
+        for side, name in (("skyferry", "cloud_throughput_ratio_to_direct"),
+                           ("uncapped", "cloud_throughput_ratio_uncapped")):
+            direct_times, sky = abba(("direct fsspec", direct_side),
+                                     (f"skyferry ({side})", skyferry_run(side)), PAIRS)
+            lost = dropped[side]
+            kept = [i for i, lost_one in enumerate(lost_node[side]) if not lost_one]
+            sky = Side(sky.name, [sky.wall[i] for i in kept], [sky.cpu[i] for i in kept])
+            if not sky.wall:
+                raise SystemExit(f"every one of {PAIRS} skyferry cloud runs ({side}) lost a "
                                  "node; no figure")
-        mean = {side: sum(t) / len(t) for side, t in times.items()}
-        say("cloud rounds: " + ", ".join(f"{side} {[round(t, 1) for t in ts]} s"
-                                         for side, ts in times.items()))
-        figures["cloud_ratio_to_direct"] = round(mean["direct"] / mean["skyferry"], 3)
-        figures["cloud_ratio_uncapped"] = round(mean["direct"] / mean["uncapped"], 3)
-        figures["cloud_skyferry_mb_s"] = round(SIZE / 1e6 / mean["skyferry"], 1)
-        say(f"cloud_ratio_to_direct   {figures['cloud_ratio_to_direct']}  (skyferry "
-            f"{mean['skyferry']:.1f}s vs direct {mean['direct']:.1f}s on average, to the same "
-            "3 nodes, one upload at a time per node on both sides; target >= 0.9)")
-        say(f"cloud_ratio_uncapped    {figures['cloud_ratio_uncapped']}  (skyferry with no "
-            f"max_writes: {mean['uncapped']:.1f}s, up to 4 uploads at once per node)")
+            figures[name] = round(direct_times.median / sky.median, 3)
+            figures.setdefault("sides", {})[name] = {"skyferry": sky.summary(),
+                                                     "direct": direct_times.summary()}
+            figures[f"{name}_dropped_runs"] = len(lost)
+            say(f"{name:<34} {figures[name]}  (emulators; {SIZE / MIB:.0f} MiB to 3 nodes, "
+                f"one per cloud; {len(lost)} of {PAIRS} skyferry runs dropped for a lost "
+                "node; target >= 0.9)")
+            say(f"    {sky.line()}")
+            say(f"    {direct_times.line()}")
+        figures["cloud_skyferry_mb_s"] = round(
+            SIZE / 1e6 / figures["sides"]["cloud_throughput_ratio_to_direct"]["skyferry"][
+                "median_s"], 1)
 
-        rclone = shutil.which("rclone")
-        if rclone:
-            env.make_bucket("s3", "rclone")
-            rc_env = dict(os.environ, RCLONE_CONFIG_MOTO_TYPE="s3",
-                          RCLONE_CONFIG_MOTO_PROVIDER="Other",
-                          RCLONE_CONFIG_MOTO_ACCESS_KEY_ID=sf_servers.S3_KEY,
-                          RCLONE_CONFIG_MOTO_SECRET_ACCESS_KEY=sf_servers.S3_SECRET,
-                          RCLONE_CONFIG_MOTO_ENDPOINT=env.s3.endpoint,
-                          RCLONE_CONFIG_MOTO_REGION="us-east-1")
-            rc_env.pop("AWS_CA_BUNDLE", None)  # rclone cannot use a CA bundle over plain http
-            started = time.perf_counter()
-            subprocess.run([rclone, "copy", "--checksum", str(src.parent), "moto:rclone/"],
-                           env=rc_env, check=True, capture_output=True)
-            rclone_s = time.perf_counter() - started
-            figures["rclone_s3_mb_s"] = round(SIZE / 1e6 / rclone_s, 1)
-            say(f"rclone to the S3 server: {figures['rclone_s3_mb_s']} MB/s "
-                f"(direct fsspec: {per_cloud['aws']} MB/s)")
-        else:
-            figures["rclone_s3_mb_s"] = None
-            say("rclone to the S3 server: n/a (rclone is not installed)")
     finally:
         for server in servers.values():
             server.stop()

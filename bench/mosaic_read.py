@@ -1,9 +1,13 @@
 """Run in MosaicML Streaming's own environment (``.venv-mosaic``: it needs numpy < 2.2, which
-skyferry's does not allow): write the rows of a Parquet file as MDS shards with xxh64 hashes,
-then read them once through ``StreamingDataset`` with the hashes checked and its shuffle on.
-Prints one JSON line: the rows read and the rows per second of the read alone.
+skyferry's does not allow).
 
-Usage: mosaic_read.py ROWS.parquet OUT_DIR BATCH_SIZE
+    mosaic_read.py write ROWS.parquet MDS_DIR     # the rows as MDS shards, xxh64 hashes
+    mosaic_read.py read MDS_DIR CACHE_DIR BATCH   # one epoch through a torch DataLoader
+
+``read`` treats MDS_DIR as the remote: every shard is copied into the cold CACHE_DIR and its
+hash checked, then read shuffled through ``DataLoader(batch_size=BATCH, num_workers=2)``,
+which makes the same tensors as skyferry's front end. Prints one JSON line: the rows and the
+seconds of the epoch.
 """
 
 from __future__ import annotations
@@ -12,25 +16,38 @@ import json
 import sys
 import time
 
-import pyarrow.parquet as pq
-from streaming import MDSWriter, StreamingDataset
+COLUMNS = {"id": "int64", "f0": "float64", "f1": "float64", "category": "str",
+           "label": "int64"}
 
 
-def main() -> None:
-    rows_path, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def write(rows_path: str, out: str) -> None:
+    import pyarrow.parquet as pq
+    from streaming import MDSWriter
+
     table = pq.read_table(rows_path)
-    columns = {"id": "int64", "f0": "float64", "f1": "float64", "category": "str",
-               "label": "int64"}
-    with MDSWriter(out=out, columns=columns, hashes=["xxh64"]) as writer:
+    with MDSWriter(out=out, columns=COLUMNS, hashes=["xxh64"]) as writer:
         for row in table.to_pylist():
             writer.write(row)
-    dataset = StreamingDataset(local=out, validate_hash="xxh64", batch_size=batch,
-                               shuffle=True, shuffle_seed=1)
+
+
+def read(remote: str, local: str, batch: int) -> None:
+    from streaming import StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+    from torch.utils.data import DataLoader
+
+    clean_stale_shared_memory()
     started = time.perf_counter()
-    count = sum(1 for _ in dataset)
+    dataset = StreamingDataset(remote=remote, local=local, validate_hash="xxh64",
+                               batch_size=batch, shuffle=True, shuffle_seed=1)
+    rows = 0
+    for tensors in DataLoader(dataset, batch_size=batch, num_workers=2):
+        rows += len(tensors["id"])
     seconds = time.perf_counter() - started
-    sys.stdout.write(json.dumps({"rows": count, "rows_s": count / seconds}) + "\n")
+    sys.stdout.write(json.dumps({"rows": rows, "seconds": seconds}) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1] == "write":
+        write(sys.argv[2], sys.argv[3])
+    else:
+        read(sys.argv[2], sys.argv[3], int(sys.argv[4]))

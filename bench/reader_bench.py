@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.measure import Side, abba  # noqa: E402
 
 BATCH = 1024
 PAIRS = 5
@@ -76,40 +80,50 @@ def _figures(root: Path) -> dict[str, Any]:
         options.setdefault("cache_dir", cache)
         return TrainingReader(ReaderConfig("train", batch_size=BATCH, seed=1, **options))
 
-    def baseline() -> float:
-        started = time.perf_counter()
-        base = sum(b.num_rows for b in ds.dataset(files, format="parquet").to_batches(
-            batch_size=BATCH))
-        return base / (time.perf_counter() - started)
+    def parquet_peer() -> None:
+        for batch in ds.dataset(files, format="parquet").to_batches(batch_size=BATCH):
+            del batch
 
-    def timed(**options: Any) -> float:
-        started = time.perf_counter()
-        read = sum(b.num_rows for b in reader(**options))
-        return read / (time.perf_counter() - started)
+    def read_all(**options: Any) -> Callable[[], None]:
+        def go() -> None:
+            for batch in reader(**options):
+                del batch
+        return go
 
     # the first epoch makes the decoded copies (the Parquet files are cached already)
-    first = timed()
-    figures["reader_first_epoch_ratio_to_pyarrow"] = round(first / baseline(), 3)
-    decoded = sum(p.stat().st_size for p in cache.glob("*.arrow"))
+    read_all()()
+    arrow = sorted(cache.glob("*.arrow"))
+    decoded = sum(p.stat().st_size for p in arrow)
     parquet = sum(p.stat().st_size for p in cache.glob("*.chunk"))
     figures["decoded_cache_size_ratio"] = round(decoded / parquet, 2)
-    for name, options in (("reader_ratio_to_pyarrow", {}),
-                          ("reader_ratio_parquet_cache", {"decoded": False})):
-        ratios, sky_rates, base_rates = [], [], []
-        for _ in range(PAIRS):
-            sky_rates.append(timed(**options))
-            base_rates.append(baseline())
-            ratios.append(sky_rates[-1] / base_rates[-1])
-        figures[name] = round(statistics.median(ratios), 3)
-        if not options:
-            figures["reader_rows_s"] = round(statistics.median(sky_rates))
-        say(f"{name:<26} {figures[name]}  (median of {PAIRS} pairs; reader "
-            f"{statistics.median(sky_rates):,.0f} rows/s, pyarrow.dataset "
-            f"{statistics.median(base_rates):,.0f} rows/s; {rows:,} rows in "
-            f"{len(manifest.chunks)} chunks{'' if options else '; target >= 0.9'})")
-    say(f"reader_first_epoch_ratio_to_pyarrow {figures['reader_first_epoch_ratio_to_pyarrow']}"
-        f"  (the epoch that makes the decoded copies, {decoded / 1e6:.1f} MB: "
-        f"{figures['decoded_cache_size_ratio']}x the Parquet files)")
+
+    def ipc_peer() -> None:
+        """pyarrow over the same decoded Arrow files: each file memory-mapped, its rows
+        taken in a shuffled order in batches, the files in a shuffled order."""
+        rng = np.random.default_rng(1)
+        for i in rng.permutation(len(arrow)):
+            table = ds.dataset(str(arrow[i]), format="ipc").to_table()
+            order = rng.permutation(table.num_rows)
+            for at in range(0, table.num_rows, BATCH):
+                table.take(order[at:at + BATCH])
+
+    for name, peer, options, what in (
+            ("reader_throughput_ratio_to_pyarrow", parquet_peer, {"decoded": False},
+             "the reader on its cached Parquet files (decoded=False), shuffled, each chunk "
+             "hashed when opened, over pyarrow.dataset reading the same files in order"),
+            ("reader_decoded_throughput_ratio_to_ipc", ipc_peer, {},
+             "the reader on its decoded Arrow copies over pyarrow.dataset(format='ipc') "
+             "plus take, shuffled, on the same files")):
+        peer_side, sky_side = abba(("pyarrow", peer), ("reader", read_all(**options)), PAIRS)
+        value = round(peer_side.median / sky_side.median, 3)  # rows/s: the same rows each
+        figures[name] = value
+        figures.setdefault("sides", {})[name] = {"reader": sky_side.summary(),
+                                                 "pyarrow": peer_side.summary()}
+        say(f"{name:<38} {value}  ({what}; {rows:,} rows in {len(manifest.chunks)} chunks"
+            f"{'; target >= 0.9' if not options else ''})")
+        say(f"    {sky_side.line()}")
+        say(f"    {peer_side.line()}")
+    figures["reader_rows_s"] = round(rows / sky_side.median)
 
     # a reader in a cloud that holds a replica of every chunk, cold cache
     clouds = {n.name: n.cloud for n in load_topology().nodes}
@@ -145,37 +159,69 @@ def _figures(root: Path) -> dict[str, Any]:
     say(f"resume_first_batch_ms   {figures['resume_first_batch_ms']}  (a new reader, the "
         "state loaded, its first batch)")
 
-    figures["reader_ratio_to_mosaic"] = _mosaic(root, files, figures["reader_rows_s"])
+    figures["reader_throughput_ratio_to_mosaic"] = _mosaic(root, files)
     return figures
 
 
-def _mosaic(root: Path, files: list[str], reader_rows_s: float) -> float | None:
-    """MosaicML Streaming in its own environment (``.venv-mosaic``, made by ``make bench``):
-    its numpy pin (< 2.2) cannot live beside skyferry's."""
+def _mosaic(root: Path, files: list[str]) -> float | None:
+    """skyferry's PyTorch front end against MosaicML Streaming, both through a torch
+    DataLoader (batches of 1,024 as tensors, 2 workers), each from its remote copy into a cold
+    cache with every hash checked; in counterbalanced pairs, each side in a process of its
+    own. MosaicML runs in its own environment (``.venv-mosaic``, made by ``make bench``): its
+    numpy pin (< 2.2) cannot live beside skyferry's."""
     import json
     import subprocess
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    python = Path(__file__).resolve().parent.parent / ".venv-mosaic" / "bin" / "python"
+    here = Path(__file__).resolve().parent
+    python = here.parent / ".venv-mosaic" / "bin" / "python"
     if not python.exists():
-        say("reader_ratio_to_mosaic  n/a (no .venv-mosaic: `make bench` makes it)")
+        say("reader_throughput_ratio_to_mosaic n/a (no .venv-mosaic: `make bench` makes it)")
+        return None
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        say("reader_throughput_ratio_to_mosaic n/a (torch is not installed: `make bench` "
+            "installs it)")
         return None
     rows = root / "rows.parquet"
     pq.write_table(pa.concat_tables(pq.read_table(f) for f in files), rows)
-    done = subprocess.run([str(python), str(Path(__file__).with_name("mosaic_read.py")),
-                           str(rows), str(root / "mds"), str(BATCH)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        tail = " / ".join(done.stderr.strip().splitlines()[-3:])
-        say(f"reader_ratio_to_mosaic  n/a (the MosaicML read failed: {tail})")
+    mds = root / "mds"
+    subprocess.run([str(python), str(here / "mosaic_read.py"), "write", str(rows), str(mds)],
+                   check=True, capture_output=True)
+    runs = iter(range(1_000))
+    seconds: dict[str, list[float]] = {"mosaic": [], "reader": []}
+
+    def side(name: str, args: list[str]) -> Callable[[], None]:
+        def go() -> None:
+            cache = root / f"cold-{next(runs)}"
+            done = subprocess.run([*args, str(cache), str(BATCH)], capture_output=True,
+                                  text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(" / ".join(done.stderr.strip().splitlines()[-3:]))
+            seconds[name].append(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+            shutil.rmtree(cache, ignore_errors=True)
+        return go
+
+    try:
+        abba(("mosaic", side("mosaic", [str(python), str(here / "mosaic_read.py"), "read",
+                                        str(mds)])),
+             ("reader", side("reader", [sys.executable, str(here / "reader_loader.py"),
+                                        "train"])), PAIRS)
+    except RuntimeError as exc:
+        say(f"reader_throughput_ratio_to_mosaic n/a (a read failed: {exc})")
         return None
-    mosaic = json.loads(done.stdout.strip().splitlines()[-1])
-    ratio = round(reader_rows_s / mosaic["rows_s"], 3)
-    say(f"reader_ratio_to_mosaic  {ratio}  (StreamingDataset {mosaic['rows_s']:,.0f} rows/s "
-        f"over {mosaic['rows']:,} rows, xxh64 hashes checked, shuffled; target >= 1)")
-    return ratio
+    mosaic, reader = Side("MosaicML Streaming", seconds["mosaic"]), Side(
+        "skyferry reader", seconds["reader"])
+    value = round(mosaic.median / reader.median, 3)
+    say(f"reader_throughput_ratio_to_mosaic {value}  (one epoch through a torch DataLoader, "
+        "2 workers, batches of 1,024 as tensors, cold caches, every hash checked; the "
+        "epoch's own seconds, not the interpreters' start)")
+    say(f"    {reader.line()}")
+    say(f"    {mosaic.line()}")
+    return value
 
 
 if __name__ == "__main__":
