@@ -1,17 +1,16 @@
 """The training reader's figures for ``make bench`` (or run alone).
 
 A CSV dataset of BENCH_READER_ROWS rows (default 1,000,000) is committed in 8 MB chunks
-without Prefect. Then, each figure a ratio from this run:
-- ``reader_ratio_to_pyarrow``: rows per second through the reader (shuffled, each chunk's
-  decoded copy hashed when opened, warm cache) against ``pyarrow.dataset`` reading the same
-  verified Parquet files in order; batches of 1,024; the median of five alternating pairs;
-  ``reader_ratio_parquet_cache`` the same with no decoded copies (``decoded=False``), and
-  ``reader_first_epoch_ratio_to_pyarrow`` the epoch that makes them;
-- ``reader_ratio_to_mosaic``: the same rows written to MosaicML Streaming's MDS format (with
-  xxh64 shard hashes) and read through its ``StreamingDataset`` with the hashes checked and
-  its shuffle on, in its own environment (``.venv-mosaic``, which ``make bench`` makes);
-- ``egress_bytes_local``: bytes read across clouds by a reader, with a cold cache, in a cloud
-  that holds a replica of every chunk;
+without Prefect, then read in batches of 1,024, each figure from BENCH_PAIRS (5)
+counterbalanced pairs (bench/measure.py):
+- ``reader_throughput_ratio_to_pyarrow``: the reader on its cached Parquet files
+  (``decoded=False``: shuffled, each chunk hashed when opened) against ``pyarrow.dataset``
+  reading the same Parquet files in order;
+- ``reader_decoded_throughput_ratio_to_ipc``: the reader on its decoded Arrow copies against
+  ``pyarrow.dataset(format="ipc")`` plus ``take`` in a shuffled order on the same files;
+- ``reader_throughput_ratio_to_mosaic``: one epoch through a torch ``DataLoader`` (2 workers,
+  tensors) from a cold cache, every hash checked, against MosaicML Streaming doing the same
+  from a remote folder, in its own environment (``.venv-mosaic``, which ``make bench`` makes);
 - ``resume_first_batch_ms``: from making a reader and loading a state to its first batch.
 """
 
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.measure import Side, abba  # noqa: E402
 
 BATCH = 1024
-PAIRS = 5
+PAIRS = int(os.environ.get("BENCH_PAIRS", "5"))
 
 
 def say(text: str) -> None:
@@ -64,9 +63,8 @@ def main() -> dict[str, Any]:
 def _figures(root: Path) -> dict[str, Any]:
     import pyarrow.dataset as ds
 
-    from skyferry.commit.manifest import open_catalog
+    from skyferry.read.plan import BLOCK_ROWS
     from skyferry.read.reader import ReaderConfig, TrainingReader, chunk_files
-    from skyferry.topology import load_topology
     from tests.helpers.sf_data import commit_without_prefect, write_ml_csv
 
     rows = int(os.environ.get("BENCH_READER_ROWS", "1000000"))
@@ -98,14 +96,17 @@ def _figures(root: Path) -> dict[str, Any]:
     figures["decoded_cache_size_ratio"] = round(decoded / parquet, 2)
 
     def ipc_peer() -> None:
-        """pyarrow over the same decoded Arrow files: each file memory-mapped, its rows
-        taken in a shuffled order in batches, the files in a shuffled order."""
+        """pyarrow over the same decoded Arrow files, shuffled as the reader shuffles: the
+        files in a shuffled order, each file's rows in blocks of BLOCK_ROWS taken in a
+        shuffled order (``take``), then cut into batches."""
         rng = np.random.default_rng(1)
         for i in rng.permutation(len(arrow)):
             table = ds.dataset(str(arrow[i]), format="ipc").to_table()
-            order = rng.permutation(table.num_rows)
-            for at in range(0, table.num_rows, BATCH):
-                table.take(order[at:at + BATCH])
+            for at in range(0, table.num_rows, BLOCK_ROWS):
+                block = table.slice(at, BLOCK_ROWS)
+                taken = block.take(rng.permutation(block.num_rows))
+                for cut in range(0, taken.num_rows, BATCH):
+                    taken.slice(cut, BATCH)
 
     for name, peer, options, what in (
             ("reader_throughput_ratio_to_pyarrow", parquet_peer, {"decoded": False},
@@ -113,37 +114,23 @@ def _figures(root: Path) -> dict[str, Any]:
              "hashed when opened, over pyarrow.dataset reading the same files in order"),
             ("reader_decoded_throughput_ratio_to_ipc", ipc_peer, {},
              "the reader on its decoded Arrow copies over pyarrow.dataset(format='ipc') "
-             "plus take, shuffled, on the same files")):
+             "plus take in blocks of 4,096 rows, shuffled as the reader shuffles, on the same "
+             "files")):
         peer_side, sky_side = abba(("pyarrow", peer), ("reader", read_all(**options)), PAIRS)
         value = round(peer_side.median / sky_side.median, 3)  # rows/s: the same rows each
         figures[name] = value
         figures.setdefault("sides", {})[name] = {"reader": sky_side.summary(),
                                                  "pyarrow": peer_side.summary()}
         say(f"{name:<38} {value}  ({what}; {rows:,} rows in {len(manifest.chunks)} chunks"
-            f"{'; target >= 0.9' if not options else ''})")
+            f"{'; target >= 0.9' if options else ''})")
         say(f"    {sky_side.line()}")
         say(f"    {peer_side.line()}")
     figures["reader_rows_s"] = round(rows / sky_side.median)
 
-    # a reader in a cloud that holds a replica of every chunk, cold cache
-    clouds = {n.name: n.cloud for n in load_topology().nodes}
-    held = [{clouds[r.node] for r in c.verified} for c in manifest.chunks]
-    local = sorted(set.intersection(*held)) if held else []
-    if local:
-        cold = reader(cloud=local[0], cache_dir=root / "cold")
-        sum(b.num_rows for b in cold)
-        figures["egress_bytes_local"] = cold.report.cross_cloud_bytes
-        say(f"egress_bytes_local      {figures['egress_bytes_local']}  (a reader in "
-            f"{local[0]}, cold cache: {dict(cold.report.bytes_from)}; target 0)")
-    else:
-        figures["egress_bytes_local"] = None
-        say("egress_bytes_local      n/a (no cloud holds a replica of every chunk)")
-    open_catalog(load_topology())  # the catalog is still there for the resume below
-
     # the first batch after a resume
     first = reader()
     batches = iter(first)
-    for _ in range(100):
+    for _ in range(min(100, rows // BATCH // 2)):  # into the epoch
         next(batches)
     state = first.state_dict()
     batches.close()  # its threads stop working ahead
@@ -159,11 +146,11 @@ def _figures(root: Path) -> dict[str, Any]:
     say(f"resume_first_batch_ms   {figures['resume_first_batch_ms']}  (a new reader, the "
         "state loaded, its first batch)")
 
-    figures["reader_throughput_ratio_to_mosaic"] = _mosaic(root, files)
+    figures["reader_throughput_ratio_to_mosaic"] = _mosaic(root, files, figures)
     return figures
 
 
-def _mosaic(root: Path, files: list[str]) -> float | None:
+def _mosaic(root: Path, files: list[str], figures: dict[str, Any]) -> float | None:
     """skyferry's PyTorch front end against MosaicML Streaming, both through a torch
     DataLoader (batches of 1,024 as tensors, 2 workers), each from its remote copy into a cold
     cache with every hash checked; in counterbalanced pairs, each side in a process of its
@@ -216,6 +203,8 @@ def _mosaic(root: Path, files: list[str]) -> float | None:
     mosaic, reader = Side("MosaicML Streaming", seconds["mosaic"]), Side(
         "skyferry reader", seconds["reader"])
     value = round(mosaic.median / reader.median, 3)
+    figures.setdefault("sides", {})["reader_throughput_ratio_to_mosaic"] = {
+        "reader": reader.summary(), "mosaic": mosaic.summary()}
     say(f"reader_throughput_ratio_to_mosaic {value}  (one epoch through a torch DataLoader, "
         "2 workers, batches of 1,024 as tensors, cold caches, every hash checked; the "
         "epoch's own seconds, not the interpreters' start)")
