@@ -41,6 +41,8 @@ BIG = int(float(os.environ.get("BENCH_BIG_GIB", "4")) * GIB)
 PAIRS = int(os.environ.get("BENCH_PAIRS", "5"))
 PARTS = [p for p in os.environ.get("BENCH_PARTS", "").split(",") if p]
 SMALL_FILES = 10_000
+HISTORY = int(os.environ.get("BENCH_HISTORY", "2000"))  # committed batches behind planning
+HISTORY_FILES = 100  # source files in each
 SERVER = "prefect.server"  # the command line of Prefect's API server, a child of the CLI
 PREFECT_HOME = ROOT / "prefect-home"
 os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
@@ -553,6 +555,68 @@ def cold(blob: Path) -> None:
     shutil.rmtree(home)
 
 
+def history(data: Path) -> None:
+    """Planning on a dataset with HISTORY batches of 100 files each, committed through the
+    code a run uses (no Prefect: tests/helpers/sf_data.py), against planning on an empty
+    dataset: 10 new files and 10,000 new files; and the index rebuilt from the manifests."""
+    from skyferry.config import PipelineConfig
+    from skyferry.run.batch import new_source_files, plan_batch
+    from skyferry.run.context import open_run
+    from tests.helpers.sf_data import commit_without_prefect
+
+    home = fresh_home("history")
+    began = time.perf_counter()
+    for i in range(HISTORY):
+        folder = data / "history" / f"b{i:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(HISTORY_FILES):
+            (folder / f"f{j:03d}.csv").write_text(f"id,x\n{i * HISTORY_FILES + j},{i}\n")
+        commit_without_prefect(folder, "hist")
+    committed_s = time.perf_counter() - began
+    new: dict[int, Path] = {}
+    for count in (10, 10_000):
+        new[count] = data / "history-new" / str(count)
+        new[count].mkdir(parents=True, exist_ok=True)
+        for j in range(count):
+            (new[count] / f"n{j:05d}.csv").write_text(f"id,x\n{j},0\n")
+
+    def plan(count: int, dataset: str) -> Callable[[], None]:
+        def go() -> None:
+            setup = open_run(PipelineConfig(source=str(new[count]), dataset=dataset))
+            listing = new_source_files(setup)
+            run = plan_batch(setup, listing.files)
+            assert len(listing.files) == count
+            run.close()
+            setup.catalog.drop_pending(dataset, run.plan.batch_id)
+        return go
+
+    for count in (10, 10_000):
+        empty_side, hist_side = abba((f"{count:,} new files, empty dataset", plan(count, "e")),
+                                     (f"{count:,} new files, {HISTORY:,} batches",
+                                      plan(count, "hist")), PAIRS)
+        record(Figure(f"plan_{count}_time_ratio_with_history",
+                      ratio(hist_side.median, empty_side.median),
+                      f"planning {count:,} new files on a dataset of {HISTORY:,} committed "
+                      f"batches of {HISTORY_FILES} files, over planning them on an empty one",
+                      "the same planning on an empty dataset", [hist_side, empty_side],
+                      target="<= 1.5", met=hist_side.median <= 1.5 * empty_side.median,
+                      note=f"the history committed in {committed_s:.0f} s"))
+    rebuild = Side("index rebuilt, then 10 new files planned")
+
+    def rebuilt() -> None:
+        shutil.rmtree(home / "catalog" / "index" / "hist")
+        rebuild.run(plan(10, "hist"))
+
+    for _ in range(PAIRS):
+        rebuilt()
+    record(Figure("index_rebuild_s", round(rebuild.median, 2),
+                  f"planning 10 new files after the source index was deleted: the index "
+                  f"rebuilt from {HISTORY:,} manifests", sides=[rebuild]))
+    shutil.rmtree(home)
+    shutil.rmtree(data / "history")
+    shutil.rmtree(data / "history-new")
+
+
 def _read_through(path: Path) -> None:
     with open(path, "rb", buffering=0) as fh:
         while fh.read(16 * MIB):
@@ -608,6 +672,7 @@ def main() -> None:
         ("cold", lambda: cold(blob)),
         ("orchestration", lambda: orchestration(big)),
         ("memory", lambda: memory(data, big)),
+        ("history", lambda: history(data)),
     ]
     for name, section in sections:
         if part(name):
