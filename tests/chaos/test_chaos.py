@@ -52,3 +52,6 @@ def test_chaos(env: ChaosEnv, name: str, home: Path) -> None:
     expected = "refused" if name.startswith("9") else "committed"
     assert outcome.outcome == expected, render([outcome])
     _assert_safe(outcome)
+    if name.startswith("3"):  # a slow node, chunks queued at it or not: busy, never down
+        assert outcome.detection_s is not None, render([outcome])
+        assert not any("reported down" in note for note in outcome.notes), render([outcome])

@@ -82,9 +82,8 @@ class FaultProxy:
                                   b"\x00\x00\x00\x00")
                 client.close()
                 continue
-            # connected on a thread of its own: a connect that waits (a single-threaded
-            # server's full backlog drops the SYN, and it is sent again 1 s, then 3 s later)
-            # must not hold up every other connection, the node's probes included
+            # connected on a thread of its own: a connect that waits (a busy single-threaded
+            # server) must not hold up every other connection, the node's probes included
             threading.Thread(target=self._connect, args=(client,), daemon=True).start()
 
     def _connect(self, client: socket.socket) -> None:
