@@ -7,7 +7,9 @@ the run fails, naming the figure, when a ratio beats its floor. The table, then 
 line, are printed at the end; docs/benchmarks.md says what each figure is.
 
 Environment: BENCH_DIR (default: a temp dir), BENCH_GIB (default 1), BENCH_BIG_GIB (default
-4), BENCH_PAIRS (default 5), BENCH_PARTS (comma-separated sections to run; default all).
+4), BENCH_PAIRS (default 5), BENCH_HISTORY (committed batches behind the planning figures;
+default 500), BENCH_PARTS (comma-separated sections to run; default all: startup, binary,
+rclone, csv, small, cold, orchestration, memory, history, reader, cloud).
 Prefect's database is a new one under BENCH_DIR (``PREFECT_HOME``), not the user's.
 """
 
@@ -41,7 +43,7 @@ BIG = int(float(os.environ.get("BENCH_BIG_GIB", "4")) * GIB)
 PAIRS = int(os.environ.get("BENCH_PAIRS", "5"))
 PARTS = [p for p in os.environ.get("BENCH_PARTS", "").split(",") if p]
 SMALL_FILES = 10_000
-HISTORY = int(os.environ.get("BENCH_HISTORY", "2000"))  # committed batches behind planning
+HISTORY = int(os.environ.get("BENCH_HISTORY", "500"))  # committed batches behind planning
 HISTORY_FILES = 100  # source files in each
 SERVER = "prefect.server"  # the command line of Prefect's API server, a child of the CLI
 PREFECT_HOME = ROOT / "prefect-home"
