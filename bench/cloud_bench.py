@@ -189,6 +189,15 @@ def main() -> dict[str, Any]:
                     say(f"dropped a {side} run: {dropped[side][-1]}")
             return go
 
+        def plain_run() -> None:
+            """The same chunks through the chunk path in a plain thread pool, no Prefect."""
+            from tests.helpers.sf_data import commit_without_prefect
+
+            dataset = f"cloud-plain-{next(rounds)}"
+            commit_without_prefect(src, dataset, parallel=get_settings().max_in_flight,
+                                   topology=str(topologies["skyferry"]), chunk_size=CHUNK)
+            clear({p: f"{c}-sky/x/{dataset}" for c, p in NODES.items()})
+
         def direct_side() -> None:
             tag = next(rounds)
             for cloud, protocol in NODES.items():
@@ -217,6 +226,17 @@ def main() -> dict[str, Any]:
                 "node; target >= 0.9)")
             say(f"    {sky.line()}")
             say(f"    {direct_times.line()}")
+            if side == "skyferry":  # where the time goes: the same chunks without Prefect
+                plain = Side("the chunk path without Prefect")
+                for _ in range(PAIRS):
+                    plain.run(plain_run)
+                figures[f"{name}_prefect_s"] = round(sky.median - plain.median, 2)
+                figures["sides"][name]["plain chunk path"] = plain.summary()
+                say(f"    {plain.line()}")
+                say(f"    of skyferry's median, {sky.median - plain.median:.2f} s is Prefect's "
+                    f"(its median less the plain chunk path's), "
+                    f"{plain.median - direct_times.median:.2f} s the chunk path's over the "
+                    "direct copy")
         figures["cloud_skyferry_mb_s"] = round(
             SIZE / 1e6 / figures["sides"]["cloud_throughput_ratio_to_direct"]["skyferry"][
                 "median_s"], 1)

@@ -209,10 +209,14 @@ class TreeSampler:
     """Samples a process tree's summed PSS every ``every`` s on a thread, until stopped.
 
     ``peak_mb``: the largest sum seen; ``share_mb``: at that moment, the PSS of the processes
-    whose command line contains ``label`` (Prefect's API server, say)."""
+    whose command line contains one of ``label`` (Prefect's API server, say). ``also`` names
+    further processes to count with their trees, asked at each sample: a server that the
+    command uses but that is not its child."""
 
-    def __init__(self, pid: int, every: float = 0.02, label: str | None = None) -> None:
-        self.pid, self.every, self.label = pid, every, label
+    def __init__(self, pid: int, every: float = 0.02, label: str | tuple[str, ...] | None = None,
+                 also: Callable[[], Iterable[int]] | None = None) -> None:
+        self.pid, self.every, self.also = pid, every, also
+        self.label = (label,) if isinstance(label, str) else label
         self.peak_kb = 0
         self.share_kb = 0
         self.samples = 0
@@ -232,13 +236,15 @@ class TreeSampler:
 
     def sample(self) -> None:
         sizes = tree_pss_kb(self.pid)
+        for pid in self.also() if self.also is not None else ():
+            sizes.update(tree_pss_kb(pid))
         total = sum(sizes.values())
         self.samples += 1
         if total > self.peak_kb:
             self.peak_kb = total
             if self.label is not None:
                 self.share_kb = sum(kb for p, kb in sizes.items()
-                                    if self.label in _cmdline(p))
+                                    if any(name in _cmdline(p) for name in self.label))
 
     def _loop(self) -> None:
         while not self._stop.is_set():

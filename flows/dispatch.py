@@ -30,6 +30,7 @@ from prefect.client.schemas.objects import StateType, WorkerStatus
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
+from prefect.settings import get_current_settings
 from prefect.states import Cancelled
 
 from flows.chunks import move_share
@@ -74,8 +75,11 @@ def run_in_process(run: BatchRun, todo: list[ChunkPlan], live: LiveStatus) -> li
         move_share(todo, run, live)  # journals each chunk; metrics land in run.setup
         return []
     with get_client(sync_client=True) as client:  # the API this run reports to
-        api_url = str(client.api_url)
-    child = cloud_share.with_options(task_runner=make_task_runner(run.setup.settings, api_url))
+        api_env = {"PREFECT_API_URL": str(client.api_url)}
+    auth = get_current_settings().api.auth_string  # a local API's password (flows/local_api.py)
+    if auth is not None:
+        api_env["PREFECT_API_AUTH_STRING"] = auth.get_secret_value()
+    child = cloud_share.with_options(task_runner=make_task_runner(run.setup.settings, api_env))
     down = run.setup.down_reasons()
     report: ShareReport = child(**{
         **_child_parameters(run, "all", [c.index for c in todo], None, live),

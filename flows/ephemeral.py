@@ -27,12 +27,14 @@ from prefect.client.schemas.filters import (
     TaskRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
-from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import Settings as PrefectSettings
 from prefect.settings import get_current_settings
 from prefect.settings.models.server.services import ServerServicesDBVacuumSettings
 
+from flows.local_api import ensure_local_api, pointed_at
+from skyferry.config import Settings, get_settings
 from skyferry.metrics import PipelineResult
+from skyferry.secrets import register
 from tasks.commit import COMMIT_TASK
 
 __all__ = ["EPHEMERAL_RECORDER_BATCH", "EPHEMERAL_STARTUP_TIMEOUT_S", "EVENT_VACUUM_STAMPS",
@@ -44,10 +46,12 @@ EVENT_VACUUM_STAMPS = "skyferry-event-vacuum.json"  # in PREFECT_HOME
 EPHEMERAL_STARTUP_TIMEOUT_S = 120  # how long an ephemeral API may take to start
 
 
-def run_settings() -> PrefectSettings:
-    """The current Prefect settings, adjusted for an ephemeral API (no ``PREFECT_API_URL``).
+def run_settings(settings: Settings | None = None) -> PrefectSettings:
+    """The Prefect settings of a run: the current ones when ``PREFECT_API_URL`` is set;
+    otherwise pointed at the local API that later runs reuse (``SKYFERRY_PREFECT_API=local``,
+    flows/local_api.py, started now if none runs), or left to Prefect's ephemeral API.
 
-    An ephemeral API lives and dies with this process, so:
+    A local or ephemeral API is the run's alone, or lives and dies with this process, so:
 
     - no flow-run heartbeats: nothing can watch them, and Prefect's heartbeat thread, which
       sleeps in 1 s steps, holds up the end of every run by up to a second;
@@ -55,14 +59,16 @@ def run_settings() -> PrefectSettings:
       write, at least once a second) instead of one database transaction per event: about
       half the server's CPU per task, CPU the chunks need on a small machine. Set either
       setting and yours is kept;
-    - its event vacuum runs at most once per loop (:func:`_pace_event_vacuum`);
+    - an ephemeral API's event vacuum runs at most once per loop (:func:`_pace_event_vacuum`);
     - it has ``EPHEMERAL_STARTUP_TIMEOUT_S`` to start, not Prefect's 20 s: on a new database
       it first builds its schema, which can take longer. Set
       ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` and yours is kept.
 
-    Against a real server the settings are the server's and the heartbeats stay. A copy,
-    not ``temporary_settings``: that rebuilds every settings model from the environment.
+    The local API starts with these settings (its database, recorder and vacuum). Against
+    a real server the settings are the server's and the heartbeats stay. A copy, not
+    ``temporary_settings``: that rebuilds every settings model from the environment.
     """
+    sky = settings or get_settings()
     current = get_current_settings()
     if current.api.url:
         return current
@@ -72,14 +78,22 @@ def run_settings() -> PrefectSettings:
     ours = {"batch_size": EPHEMERAL_RECORDER_BATCH, "flush_interval": 1.0}
     recorder = recorder.model_copy(
         update={k: v for k, v in ours.items() if k not in recorder.model_fields_set})
-    vacuum = _pace_event_vacuum(current)
+    # a local API lives on: its vacuum runs as a long-lived server's does
+    vacuum = current.server.services.db_vacuum if sky.prefect_api == "local" \
+        else _pace_event_vacuum(current)
     ephemeral = current.server.ephemeral
     if "startup_timeout_seconds" not in ephemeral.model_fields_set:
         ephemeral = ephemeral.model_copy(
             update={"startup_timeout_seconds": EPHEMERAL_STARTUP_TIMEOUT_S})
     services = services.model_copy(update={"task_run_recorder": recorder, "db_vacuum": vacuum})
     server = current.server.model_copy(update={"ephemeral": ephemeral, "services": services})
-    return current.model_copy(update={"flows": flows, "server": server})
+    adjusted = current.model_copy(update={"flows": flows, "server": server})
+    if sky.prefect_api != "local":
+        return adjusted
+    local = ensure_local_api(adjusted, sky.prefect_api_idle_s,
+                             timeout_s=ephemeral.startup_timeout_seconds)
+    register([local.auth_string, local.auth_string.split(":", 1)[1]])  # scrubbed from logs
+    return pointed_at(adjusted, local)
 
 
 def _pace_event_vacuum(current: PrefectSettings) -> ServerServicesDBVacuumSettings:
@@ -134,10 +148,11 @@ def settle_ephemeral_api(result: PipelineResult, timeout_s: float = 10.0) -> boo
     events in order, so once the run's last task (``commit-manifest`` in a committed run) is
     recorded final and no task run is left unfinished, every earlier one is recorded too.
 
-    Returns whether that holds. With ``PREFECT_API_URL`` set it returns at once: a real
+    Returns whether that holds. When this process started no ephemeral API (a
+    ``PREFECT_API_URL``, or the local API of flows/local_api.py) it returns at once: that
     server outlives this process.
     """
-    if get_current_settings().api.url or not result.flow_run_id:
+    if get_current_settings().api.url or not result.flow_run_id or not _ephemeral_running():
         return True
     runs = FlowRunFilter(id=FlowRunFilterId(any_=[UUID(result.flow_run_id)]))
     unfinished = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[
@@ -158,6 +173,13 @@ def settle_ephemeral_api(result: PipelineResult, timeout_s: float = 10.0) -> boo
             if settled or time.monotonic() >= deadline:
                 return settled
             time.sleep(SETTLE_POLL_S)
+
+
+def _ephemeral_running() -> bool:
+    """Whether this process started an ephemeral API that still runs."""
+    module = sys.modules.get("prefect.server.api.server")  # not imported: none was started
+    return module is not None and any(
+        server.running for server in module.SubprocessASGIServer._instances.values())
 
 
 # The guard: a small process that holds the read end of a pipe whose write end only this
@@ -195,6 +217,9 @@ def guard_ephemeral_api() -> None:
     """
     if get_current_settings().api.url or not sys.platform.startswith("linux"):
         return
+    # Prefect's server code (~2 s to import) is loaded only where an ephemeral API runs.
+    from prefect.server.api.server import SubprocessASGIServer
+
     for server in list(SubprocessASGIServer._instances.values()):
         process = server.server_process
         if process is None or process.poll() is not None:

@@ -196,7 +196,8 @@ def run_pipeline(config: PipelineConfig, settings: Settings | None = None) -> Pi
     install_scrubber()  # no registered secret reaches a log handler, Prefect's API included
     # the parent's own tasks (probe, list, plan, commit) share its context: threads
     runner: Any = ThreadPoolTaskRunner(max_workers=settings.max_workers)
-    with SettingsContext(profile=get_settings_context().profile, settings=run_settings()):
+    prefect_settings = run_settings(settings)  # starts or finds the local API, if that is used
+    with SettingsContext(profile=get_settings_context().profile, settings=prefect_settings):
         state = multicloud_pipeline.with_options(task_runner=runner)(config=config,
                                                                      return_state=True)
     try:

@@ -12,15 +12,16 @@ from skyferry.errors import ConfigError
 __all__ = ["SettingsTaskRunner", "make_task_runner", "uses_processes"]
 
 
-def make_task_runner(settings: Settings, api_url: str | None = None) -> Any:
+def make_task_runner(settings: Settings, api_env: dict[str, str] | None = None) -> Any:
     """A fresh task runner for the chunk tasks of one run, as ``settings`` asks.
 
     ``threads``: the tasks share the run's in-memory batch. ``dask``: the ``move-chunk``
     tasks run on Dask worker processes (a local cluster of one process per core, or the
     scheduler at ``SKYFERRY_DASK_ADDRESS``).
 
-    ``api_url`` is the Prefect API the local cluster's workers report to. Without it, on the
-    ephemeral API, every worker process would start a temporary API server of its own.
+    ``api_env`` points the local cluster's workers at the Prefect API the run reports to
+    (``PREFECT_API_URL``, and ``PREFECT_API_AUTH_STRING`` where it asks for one). Without
+    it, on the ephemeral API, every worker process would start a temporary API server.
     """
     if settings.task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=settings.max_workers)
@@ -35,8 +36,8 @@ def make_task_runner(settings: Settings, api_url: str | None = None) -> Any:
     cluster: dict[str, Any] = {"n_workers": settings.max_workers, "threads_per_worker": 1,
                                "processes": True, "host": "127.0.0.1",
                                "dashboard_address": "127.0.0.1:0"}
-    if api_url:
-        cluster["env"] = {"PREFECT_API_URL": api_url}
+    if api_env:
+        cluster["env"] = dict(api_env)
     return DaskTaskRunner(cluster_kwargs=cluster)
 
 

@@ -369,14 +369,23 @@ def status(
     once: Annotated[bool, typer.Option("--once", help="print one snapshot and exit")] = False,
     interval: Annotated[float, typer.Option(help="seconds between API reads")] = 1.0,
 ) -> None:
-    """A live dashboard of a pipeline run, from the Prefect API (PREFECT_API_URL)."""
+    """A live dashboard of a pipeline run, from the Prefect API (PREFECT_API_URL, or the
+    local API that runs reuse)."""
     _prefect_quiet()
     from prefect.client.orchestration import get_client
+    from prefect.context import SettingsContext, get_settings_context
+    from prefect.settings import get_current_settings
 
+    from flows.local_api import find_local_api, pointed_at
     from skyferry.ops.status import fetch_status, render_status, watch
 
+    settings = get_current_settings()
+    local = None if settings.api.url else find_local_api(settings.home)
+    if local is not None:  # the local API that `skyferry run` started and reuses
+        settings = pointed_at(settings, local)
     try:
-        with get_client(sync_client=True) as client:
+        with SettingsContext(profile=get_settings_context().profile, settings=settings), \
+                get_client(sync_client=True) as client:
             http = client._client  # the API's httpx client: a server, Cloud or ephemeral
             if once:
                 console.print(render_status(fetch_status(http, run_id)))
@@ -611,7 +620,8 @@ def demo(
     schema = resources.files("skyferry").joinpath("schemas/demo.yaml")
     config = PipelineConfig(source=f"{source}/*.csv", dataset="demo-train",
                             schema_path=str(schema), chunk_size=parse_size(chunk_size))
-    console.print("running multicloud-pipeline (the first flow starts Prefect's ephemeral API)")
+    console.print("running multicloud-pipeline (the first run starts Prefect's local API; "
+                  "later runs reuse it)")
     result = run_pipeline(config)
     print_summary(result, _rejects(result, None))
     _settle(result)
@@ -625,6 +635,48 @@ def demo(
     console.print(f"read back {report.chunks} verified chunks, {report.rows} rows -> {target}")
     console.print(json.dumps({"status": result.status, "rows_stored": result.rows_stored,
                               "rows_rejected": result.rows_rejected}))
+
+
+api_app = typer.Typer(no_args_is_help=True,
+                      help="The local Prefect API that runs start and reuse "
+                           "(without PREFECT_API_URL; see docs/operations.md).")
+app.add_typer(api_app, name="api")
+
+
+@api_app.command("status")
+def api_status(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Where the local API runs for this PREFECT_HOME, if it does; exit 1 if none runs."""
+    from prefect.settings import get_current_settings
+
+    from flows.local_api import find_local_api
+
+    home = get_current_settings().home
+    local = find_local_api(home)
+    if as_json:
+        typer.echo(json.dumps(None if local is None else {
+            "url": local.url, "pid": local.pid, "started": local.started}))
+    elif local is None:
+        console.print(f"no local Prefect API runs for {home}")
+    else:
+        console.print(f"local Prefect API at {local.url} (pid {local.pid}, up "
+                      f"{time.time() - local.started:.0f} s; PREFECT_HOME {home})")
+    if local is None:
+        raise typer.Exit(code=1)
+
+
+@api_app.command("stop")
+def api_stop() -> None:
+    """Stop the local API of this PREFECT_HOME (the next run starts another)."""
+    from prefect.settings import get_current_settings
+
+    from flows.local_api import stop_local_api
+
+    home = get_current_settings().home
+    pid = stop_local_api(home)
+    console.print(f"stopped the local Prefect API (pid {pid})" if pid is not None
+                  else f"no local Prefect API runs for {home}")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,14 @@ class Settings(BaseSettings):
     dask_address: str | None = Field(
         default=None, description="Dask scheduler to use; a local cluster when unset."
     )
+    prefect_api: Literal["local", "ephemeral"] = Field(
+        default="local",
+        description="Without PREFECT_API_URL: 'local' starts one Prefect API server per "
+                    "PREFECT_HOME that later runs reuse (flows/local_api.py); 'ephemeral' is "
+                    "Prefect's temporary server in every process.")
+    prefect_api_idle_s: float = Field(
+        default=900.0, gt=0,
+        description="The local Prefect API server exits after this many seconds unused.")
 
     @property
     def catalog_url(self) -> str:

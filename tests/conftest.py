@@ -13,6 +13,9 @@ import pytest
 os.environ.setdefault("SKYFERRY_RETRY_DELAYS", "[0.05, 0.05]")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# A command run by a test uses Prefect's ephemeral API, which ends with it: a local API
+# (flows/local_api.py) would outlive the test. tests/flows/test_local_api.py runs that one.
+os.environ.setdefault("SKYFERRY_PREFECT_API", "ephemeral")
 # gcsfs probes for hierarchical namespaces over gRPC, which the GCS emulator lacks: each call
 # would wait ~55 s. Must be set before gcsfs is imported (shared/EMULATORS.md).
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")

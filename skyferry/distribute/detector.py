@@ -19,8 +19,9 @@ is not a failure.
 Busy is not down: only time the node owes an answer counts. When skyferry itself is
 paused (its threads not scheduled: a saturated CPU, a long GIL hold), the evaluator's
 tick is late by that pause, and the silence of every node is shortened by it, as
-Cassandra's failure detector ignores a local pause. A node is slow only when each of its
-last two probes was slow, so one probe slowed by the run's own load does not make it so.
+Cassandra's failure detector ignores a local pause; a probe that spans such a pause is
+timed without it. A node is slow only when each of its last two probes was slow, so one
+probe slowed by the run's own load does not make it so.
 
 States, and what moves a node between them (:class:`DetectorConfig` has the numbers):
 
@@ -93,7 +94,8 @@ class NodeView:
     state: HealthState = "healthy"
     phi: float = 0.0
     rtt_s: float | None = None  # the last probe's round trip
-    rtts: deque[float] = field(default_factory=lambda: deque(maxlen=2))  # the last few
+    # the last few probes' round trips, each with when it ended
+    rtts: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=2))
     fastest_s: float | None = None
     last_ok: float | None = None  # monotonic time of the last heartbeat (a whole probe)
     last_seen: float | None = None  # ... or of the last step of a probe that completed
@@ -131,6 +133,7 @@ class FailureDetector:
                 view.reason = health.reasons.get(node.name, "")
             self.views[node.name] = view
         self._lock = threading.Lock()
+        self._pauses: deque[tuple[float, float]] = deque(maxlen=100)  # (start, end) of each
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._stores: dict[str, Store] = {}
@@ -146,7 +149,7 @@ class FailureDetector:
             view.last_ok = view.last_seen = now
             view.unbroken = True
             view.rtt_s = rtt
-            view.rtts.append(rtt)
+            view.rtts.append((rtt, now))
             view.fastest_s = rtt if view.fastest_s is None else min(view.fastest_s, rtt)
             view.failures = 0
             if view.ok_since is None:
@@ -170,7 +173,9 @@ class FailureDetector:
     def paused(self, seconds: float) -> None:
         """skyferry itself was not running for ``seconds``: no node owed an answer in that
         time, so every node's silence is shortened by it."""
+        now = self.clock()
         with self._lock:
+            self._pauses.append((now - seconds, now))
             for view in self.views.values():  # nor is it an interval between heartbeats
                 if view.last_seen is not None:
                     view.last_seen += seconds
@@ -215,13 +220,22 @@ class FailureDetector:
                 return "down", view.reason
         if view.phi >= cfg.suspect_phi:
             return "suspect", f"probes are late: {elapsed:.1f}s (phi {view.phi:.1f})"
-        typical = min(view.rtts) if len(view.rtts) == view.rtts.maxlen else None
+        typical = min(self._node_time(rtt, ended) for rtt, ended in view.rtts) \
+            if len(view.rtts) == view.rtts.maxlen else None
         if (typical is not None and view.fastest_s is not None
                 and typical >= max(cfg.slow_floor_s, cfg.slow_factor * view.fastest_s)):
             return "suspect", (f"slow: each of its last {len(view.rtts)} probes took "
                                f"{typical * 1000:.0f} ms or more, "
                                f"{typical / max(view.fastest_s, 1e-6):.0f}x its fastest")
         return "healthy", ""
+
+    def _node_time(self, rtt: float, ended: float) -> float:
+        """A probe's round trip less the time skyferry itself was paused during it: a probe
+        that spans a pause of the process's own (a long GIL hold) is not slow for it."""
+        started = ended - rtt
+        paused = sum(max(0.0, min(end, ended) - max(start, started))
+                     for start, end in self._pauses)
+        return max(0.0, rtt - paused)
 
     def evaluate(self) -> list[tuple[str, HealthState, str]]:
         """Judge every node now; mark ``health`` and return the changes."""

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from skyferry.commit.copies import CATALOG
 from skyferry.commit.manifest import Catalog, Manifest
-from skyferry.errors import ObjectNotFoundError
+from skyferry.errors import ObjectNotFoundError, SkyferryError
 from skyferry.hashing import content_hash, new_hasher
 from skyferry.ingest.listing import detect_format
 from skyferry.ingest.read import read_range
@@ -82,7 +82,9 @@ def _part_digests(chunk: StoredChunk) -> Sequence[str | None]:
     return [chunk.source_digest] if len(chunk.parts) == 1 else [None] * len(chunk.parts)
 
 
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3
+FIRST_DIGITS = 2  # a new index: 16**2 = 256 buckets
+SPLIT_AT = 96  # a commit that leaves its buckets this full on average makes 16x as many
 
 
 class IndexedVersion(BaseModel):
@@ -101,39 +103,71 @@ class IndexEntry(BaseModel):
 
 
 class SourceIndex:
-    """A dataset's source versions, one entry per source file, kept in the catalog in 256
-    buckets by the hash of the file's URL (``index/<dataset>/sources/<xx>.json``): planning
-    reads the buckets of the files it lists, not the history's manifests.
+    """A dataset's source versions, one entry per source file, kept in the catalog in buckets
+    by the hash of the file's URL (``index/<dataset>/sources-<D>/<hex>.json``, ``16**D``
+    buckets): planning reads the buckets of the files it lists, not the history's manifests.
+
+    The buckets stay small as the history grows: once a commit leaves the buckets it touched
+    holding ``SPLIT_AT`` entries on average, the index is rewritten into 16 times as many
+    (``D + 1``), and ``index/<dataset>/index.json`` names the new ``D`` only when every new
+    bucket is written. So a commit reads and writes about one small bucket per source file,
+    whatever the history; an entry is parsed only when it is looked up.
 
     A commit records its sources' versions *before* its catalog copy is written (the commit
     point), so an entry never lacks a committed version; a version is taken as live only if
     its manifest is committed (in the catalog, else on a node), so a batch that failed to
     commit, or was retracted, is not. Entries are rebuilt from the manifests, the truth,
-    when ``index/<dataset>/index.json`` is missing or of another format.
+    when ``index.json`` is missing or of another format. One run at a time writes a dataset
+    (its lease), so one process at a time writes its index.
     """
 
     def __init__(self, catalog: Catalog, dataset: str) -> None:
         self.catalog, self.dataset = catalog, dataset
         self._committed: dict[str, bool] = {}
-        self._buckets: dict[str, dict[str, IndexEntry]] = {}
-
-    def _bucket_key(self, bucket: str) -> str:
-        return safe_key("index", self.dataset, "sources", f"{bucket}.json")
-
-    @staticmethod
-    def _bucket(url: str) -> str:
-        return content_hash(url.encode())[:2]  # one of 256 buckets
+        # a bucket's entries; each parsed (an IndexEntry) when first looked up
+        self._buckets: dict[str, dict[str, IndexEntry | dict[str, Any]]] = {}
+        self._digits: int | None = None
 
     @property
     def marker_key(self) -> str:
         return safe_key("index", self.dataset, "index.json")
 
-    def _load(self, bucket: str) -> dict[str, IndexEntry]:
+    def _read_marker(self) -> dict[str, Any] | None:
+        """The marker, or None when it is missing, unreadable or of another format."""
+        try:
+            marker = json.loads(self.catalog.store.get(self.marker_key))
+        except ObjectNotFoundError:
+            return None
+        except ValueError:
+            logger.warning("the source index of %s is unreadable; it is rebuilt", self.dataset)
+            return None
+        if not isinstance(marker, dict) or marker.get("format") != INDEX_FORMAT \
+                or not isinstance(marker.get("digits"), int):
+            return None
+        return marker
+
+    @property
+    def digits(self) -> int:
+        """How many hex digits of the URL's hash name its bucket (from the marker)."""
+        if self._digits is None:
+            marker = self._read_marker()
+            self._digits = marker["digits"] if marker else FIRST_DIGITS
+        return self._digits
+
+    def _prefix(self, digits: int) -> str:
+        return safe_key("index", self.dataset, f"sources-{digits}")
+
+    def _bucket_key(self, bucket: str) -> str:
+        return safe_key("index", self.dataset, f"sources-{len(bucket)}", f"{bucket}.json")
+
+    def _bucket(self, url: str, digits: int | None = None) -> str:
+        return content_hash(url.encode())[:digits or self.digits]
+
+    def _load(self, bucket: str) -> dict[str, IndexEntry | dict[str, Any]]:
         if bucket not in self._buckets:
             try:
                 raw = json.loads(self.catalog.store.get(self._bucket_key(bucket)))
-                self._buckets[bucket] = {u: IndexEntry.model_validate(e)
-                                         for u, e in raw.get("entries", {}).items()}
+                self._buckets[bucket] = dict(raw.get("entries", {}))
             except ObjectNotFoundError:
                 self._buckets[bucket] = {}
         return self._buckets[bucket]
@@ -145,7 +179,11 @@ class SourceIndex:
             list(pool.map(self._load, buckets))
 
     def entry(self, url: str) -> IndexEntry | None:
-        return self._load(self._bucket(url)).get(url)
+        entries = self._load(self._bucket(url))
+        found = entries.get(url)
+        if isinstance(found, dict):
+            found = entries[url] = IndexEntry.model_validate(found)
+        return found
 
     def _is_committed(self, key: str) -> bool:
         if key not in self._committed:
@@ -177,7 +215,15 @@ class SourceIndex:
     def record(self, manifest: Manifest) -> None:
         """Add the manifest's source versions to their entries (before it is committed)."""
         self.prefetch(f.url for f in manifest.lineage.sources)
-        self._save(self._add(manifest))
+        touched = self._add(manifest)
+        self._save(touched)
+        if touched and sum(len(self._buckets[b]) for b in touched) / len(touched) >= SPLIT_AT:
+            try:
+                self._split()
+            except (OSError, SkyferryError) as exc:  # the old buckets stay in force
+                self._buckets = {}
+                logger.warning("could not split the source index of %s (it stays as it is; "
+                               "the next commit tries again): %s", self.dataset, exc)
 
     def _add(self, manifest: Manifest) -> set[str]:
         """Add the manifest's versions to the buckets in memory; the buckets touched."""
@@ -190,7 +236,7 @@ class SourceIndex:
         for source in manifest.lineage.sources:
             bucket = self._bucket(source.url)
             entries = self._load(bucket)
-            entry = entries.get(source.url) or IndexEntry(url=source.url)
+            entry = self.entry(source.url) or IndexEntry(url=source.url)
             entry.versions = [v for v in entry.versions if v.batch_id != manifest.batch_id]
             entry.versions.append(IndexedVersion(batch_id=manifest.batch_id, manifest=key,
                                                  file=source,
@@ -202,23 +248,47 @@ class SourceIndex:
 
     def _save(self, buckets: set[str]) -> None:
         def save(bucket: str) -> None:
-            body = {"entries": {u: e.model_dump(mode="json")
-                                for u, e in self._buckets[bucket].items()}}
+            body = {"entries": {u: e.model_dump(mode="json") if isinstance(e, IndexEntry)
+                                else e for u, e in self._buckets[bucket].items()}}
             self.catalog.store.put(self._bucket_key(bucket), json.dumps(body).encode())
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(save, sorted(buckets)))
 
+    def _split(self) -> None:
+        """Rewrite every entry into 16 times as many buckets, then name them in the marker
+        (a crash before that leaves the index as it was), then delete the old buckets."""
+        old, new = self.digits, self.digits + 1
+        old_keys = [i.key for i in self.catalog.store.list(self._prefix(old))]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(self._load, [k.rsplit("/", 1)[1].removesuffix(".json")
+                                       for k in old_keys]))
+            for info in list(self.catalog.store.list(self._prefix(new))):
+                self.catalog.store.delete(info.key)  # a split that did not finish
+        split: dict[str, dict[str, IndexEntry | dict[str, Any]]] = {}
+        for bucket, entries in self._buckets.items():
+            if len(bucket) == old:
+                for url, entry in entries.items():
+                    split.setdefault(self._bucket(url, new), {})[url] = entry
+        self._buckets = split
+        self._save(set(split))
+        self._write_marker(new)
+        self._digits = new
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(self.catalog.store.delete, old_keys))
+        logger.info("the source index of %s now has %d buckets (%d entries)", self.dataset,
+                    16 ** new, sum(len(e) for e in split.values()))
+
+    def _write_marker(self, digits: int) -> None:
+        self.catalog.store.put(self.marker_key, json.dumps(
+            {"format": INDEX_FORMAT, "digits": digits}).encode())
+
     def ensure(self) -> None:
         """Rebuild the entries from the manifests if the index is missing or outdated."""
-        try:
-            marker = json.loads(self.catalog.store.get(self.marker_key))
-            if marker.get("format") == INDEX_FORMAT:
-                return
-        except ObjectNotFoundError:
-            pass
-        except ValueError:
-            logger.warning("the source index of %s is unreadable; it is rebuilt", self.dataset)
+        marker = self._read_marker()
+        if marker is not None:
+            self._digits = marker["digits"]
+            return
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -227,11 +297,17 @@ class SourceIndex:
         for info in list(self.catalog.store.list(safe_key("index", self.dataset))):
             self.catalog.store.delete(info.key)
         self._buckets = {}
+        manifests = list(self.catalog.manifests(self.dataset))
+        files = len({f.url for m in manifests for f in m.lineage.sources})
+        digits = FIRST_DIGITS  # buckets under SPLIT_AT / 2 entries on average
+        while files / 16 ** digits >= SPLIT_AT / 2:
+            digits += 1
+        self._digits = digits
         touched: set[str] = set()
-        for manifest in self.catalog.manifests(self.dataset):
+        for manifest in manifests:
             touched |= self._add(manifest)
         self._save(touched)
-        self.catalog.store.put(self.marker_key, json.dumps({"format": INDEX_FORMAT}).encode())
+        self._write_marker(digits)
 
 
 def _digest_of_range(url: str, start: int, end: int,

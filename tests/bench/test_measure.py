@@ -83,6 +83,28 @@ def test_the_sampler_thread_keeps_the_peak_of_a_tree_that_has_shrunk_since() -> 
     assert 150 * 0.95 <= sampler.peak_mb <= 150 * 1.1 + 30  # the interpreter's own is small
 
 
+def test_a_server_outside_the_tree_is_counted_when_named_and_labelled() -> None:
+    hold = ("import sys; b = bytearray(b'\\x01') * ({mib} << 20); print('held', flush=True); "
+            "sys.stdin.readline()")
+    command = subprocess.Popen([sys.executable, "-c", hold.format(mib=40)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-c", hold.format(mib=160), "local-api"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        for proc in (command, server):
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        alone = TreeSampler(command.pid)
+        alone.sample()
+        both = TreeSampler(command.pid, label=("local-api",), also=lambda: [server.pid])
+        both.sample()
+        assert 160 * 0.9 <= both.peak_mb - alone.peak_mb <= 160 * 1.1 + 15
+        assert 160 * 0.9 <= both.share_mb <= 160 * 1.1 + 15
+    finally:
+        for proc in (command, server):
+            proc.kill()
+            proc.wait(30)
+
+
 def test_the_floor_reads_once_writes_every_copy_durably_and_hashes(tmp_path: Path) -> None:
     size = 40 * MIB + 12_345  # not a whole number of blocks
     src = tmp_path / "src.bin"

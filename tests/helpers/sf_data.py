@@ -65,9 +65,13 @@ def small_plan(dataset: str, chunks: int, fmt: str = "binary", *,
                      chunks=planned)
 
 
-def commit_without_prefect(source: Path, dataset: str, **options: object) -> Manifest:
+def commit_without_prefect(source: Path, dataset: str, parallel: int = 1,
+                           **options: object) -> Manifest:
     """Commit ``source`` as ``dataset`` through the domain's own sequence, with no flow: the
-    nodes probed, the batch planned, every chunk moved and journaled, the manifest written."""
+    nodes probed, the batch planned, every chunk moved (``parallel`` at once, in a plain
+    thread pool) and journaled, the manifest written."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from skyferry.config import PipelineConfig
     from skyferry.distribute.probe import probe_nodes
     from skyferry.run.batch import commit_batch, journal_chunk, new_source_files, plan_batch
@@ -78,7 +82,8 @@ def commit_without_prefect(source: Path, dataset: str, **options: object) -> Man
     probe_nodes(setup.topology, setup.health, setup.settings.probe_timeout_s)
     run = plan_batch(setup, new_source_files(setup).files)
     try:
-        stored = [move_chunk(chunk, run)[0] for chunk in run.plan.chunks]
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            stored = [m[0] for m in pool.map(lambda c: move_chunk(c, run), run.plan.chunks)]
         for chunk in stored:
             journal_chunk(run, chunk)
         return commit_batch(run, stored)[0]

@@ -206,6 +206,24 @@ def test_one_slow_probe_is_not_a_slow_node() -> None:
     assert [s for _, s in _beat(detector, clock, 3, rtt=0.9)] == ["suspect"]
 
 
+def test_probes_that_span_a_pause_of_skyferrys_own_are_not_slow() -> None:
+    """Two probes in a row each took 3 s, but skyferry itself was paused for all but a few
+    milliseconds of each: the node is not slow. The same round trips without the pauses are."""
+    detector, clock, health = _detector()
+    _beat(detector, clock, 30)
+    for _ in range(2):
+        clock.now += 3.0
+        detector.paused(2.995)  # the evaluator's tick came that late
+        detector.heartbeat("n1", 3.0)
+        assert detector.evaluate() == []
+    assert health.healthy("n1")
+    for _ in range(2):
+        clock.now += 3.0
+        detector.alive("n1")
+        detector.heartbeat("n1", 3.0)
+    assert [s for _, s, _ in detector.evaluate()] == ["suspect"]
+
+
 def test_a_long_hold_of_the_interpreter_does_not_call_the_nodes_down(tmp_path: Path) -> None:
     """Real threads: one thread holds Python's interpreter lock for seconds (a regular
     expression that backtracks), so no prober or evaluator runs. No node is called down."""

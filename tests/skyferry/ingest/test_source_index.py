@@ -106,3 +106,58 @@ def test_the_index_follows_the_manifests(home: Path, tmp_path: Path,
     catalog.retract(second)  # a batch no longer committed: its file is new again
     assert _run(src, "st") == ["b.csv"]
     _agrees(catalog, "st")
+
+
+def _bucket_keys(catalog: Catalog, dataset: str) -> dict[int, int]:
+    """How many bucket objects the index has, per digit count."""
+    counts: dict[int, int] = {}
+    for info in catalog.store.list(f"index/{dataset}"):
+        folder = info.key.split("/")[-2]
+        if folder.startswith("sources-"):
+            digits = int(folder.removeprefix("sources-"))
+            counts[digits] = counts.get(digits, 0) + 1
+    return counts
+
+
+def test_buckets_split_as_the_history_grows_and_a_broken_split_changes_nothing(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skyferry.ingest import versions
+
+    monkeypatch.setattr(versions, "FIRST_DIGITS", 1)  # 16 buckets
+    monkeypatch.setattr(versions, "SPLIT_AT", 2)  # split once touched buckets hold 2 each
+    src = tmp_path / "src"
+    for i in range(2):
+        write_ml_csv(src / f"a{i}.csv", 50, seed=i)
+    assert len(_run(src, "sp")) == 2
+    catalog = open_catalog(load_topology())
+    assert SourceIndex(catalog, "sp").digits == 1 and set(_bucket_keys(catalog, "sp")) == {1}
+
+    # a split that fails before its marker is written leaves the old buckets in force
+    for i in range(2, 40):
+        write_ml_csv(src / f"a{i}.csv", 50, seed=i)
+
+    def refuse(self: SourceIndex, digits: int) -> None:
+        raise OSError("the catalog went away (injected)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SourceIndex, "_write_marker", refuse)
+        assert len(_run(src, "sp")) == 38  # the batch commits; the split waits
+    assert SourceIndex(catalog, "sp").digits == 1
+    assert set(_bucket_keys(catalog, "sp")) == {1, 2}  # the unfinished split's buckets
+    _agrees(catalog, "sp")  # every committed file found through the old buckets
+    assert _run(src, "sp") == []  # that batch committed before the split failed
+
+    # the next commit splits: 16 times as many buckets, the old ones deleted, all agreeing
+    for i in range(40, 44):
+        write_ml_csv(src / f"a{i}.csv", 50, seed=i)
+    assert len(_run(src, "sp")) == 4
+    index = SourceIndex(catalog, "sp")
+    assert index.digits == 2
+    assert set(_bucket_keys(catalog, "sp")) == {2}
+    _agrees(catalog, "sp")
+    assert _run(src, "sp") == []
+
+    # a rebuild sizes the buckets for the files it finds
+    index.rebuild()
+    assert SourceIndex(catalog, "sp").digits == 2 and set(_bucket_keys(catalog, "sp")) == {2}
+    _agrees(catalog, "sp")
