@@ -187,7 +187,10 @@ def child(args: list[str], *, home: Path | None = None,
 
 
 def cli(*args: str, home: Path | None = None) -> Child:
-    return child([sys.executable, "-m", "skyferry.cli", *args], home=home)
+    """A ``skyferry`` command. Only ``run`` uses Prefect's API: the local API server's memory
+    counts with it, and with no other command."""
+    return child([sys.executable, "-m", "skyferry.cli", *args], home=home,
+                 label=SERVER if args[0] == "run" else None)
 
 
 def ratio(a: float, b: float) -> float:

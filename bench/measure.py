@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Side", "TreeSampler", "abba", "cpu_seconds", "evict", "floor_copy", "tree_pss_kb"]
 
@@ -111,8 +112,11 @@ class FloorResult:
 
 def floor_copy(src: Path, targets: Iterable[Path], block: int = 16 * MIB,
                writeback_every: int = 32 * MIB) -> FloorResult:
-    """Read ``src`` once; hash it with BLAKE3 on every core; write each block to every target
-    and start its writeback every ``writeback_every`` bytes; ``fdatasync`` every target."""
+    """Read ``src`` once; hash it with BLAKE3 on every core; write each block to every target,
+    one thread per target, while the next block is read and hashed (two buffers); start each
+    target's writeback every ``writeback_every`` bytes; ``fdatasync`` the targets at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import blake3
 
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -120,31 +124,38 @@ def floor_copy(src: Path, targets: Iterable[Path], block: int = 16 * MIB,
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
     fds = [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for p in paths]
-    read = written = 0
-    flushed = 0
+    flushed = [0] * len(fds)
+    read = 0
+
+    def write(i: int, data: memoryview, at: int) -> None:
+        done = 0
+        while done < len(data):
+            done += os.write(fds[i], data[done:])
+        if at + len(data) - flushed[i] >= writeback_every:
+            _start_writeback(fds[i], flushed[i], at + len(data) - flushed[i])
+            flushed[i] = at + len(data)
+
     try:
-        with open(src, "rb", buffering=0) as fh:
-            buffer = bytearray(block)
-            view = memoryview(buffer)
-            while n := fh.readinto(buffer):
-                data = view[:n]
+        with open(src, "rb", buffering=0) as fh, \
+                ThreadPoolExecutor(max_workers=len(fds)) as pool:
+            buffers = [bytearray(block), bytearray(block)]
+            pending: list[Any] = []
+            turn = 0
+            while n := fh.readinto(buffers[turn]):
+                data = memoryview(buffers[turn])[:n]
                 hasher.update(data)
-                for fd in fds:
-                    done = 0
-                    while done < n:
-                        done += os.write(fd, data[done:])
+                for future in pending:  # the other buffer's writes end before it is reused
+                    future.result()
+                pending = [pool.submit(write, i, data, read) for i in range(len(fds))]
                 read += n
-                written += n * len(fds)
-                if read - flushed >= writeback_every:
-                    for fd in fds:
-                        _start_writeback(fd, flushed, read - flushed)
-                    flushed = read
-        for fd in fds:
-            os.fdatasync(fd)
+                turn = 1 - turn
+            for future in pending:
+                future.result()
+            list(pool.map(os.fdatasync, fds))
     finally:
         for fd in fds:
             os.close(fd)
-    return FloorResult(hasher.hexdigest(), read, written)
+    return FloorResult(hasher.hexdigest(), read, read * len(fds))
 
 
 def evict(paths: Iterable[Path]) -> int:

@@ -178,8 +178,8 @@ def settle_ephemeral_api(result: PipelineResult, timeout_s: float = 10.0) -> boo
 def _ephemeral_running() -> bool:
     """Whether this process started an ephemeral API that still runs."""
     module = sys.modules.get("prefect.server.api.server")  # not imported: none was started
-    return module is not None and any(
-        server.running for server in module.SubprocessASGIServer._instances.values())
+    servers = getattr(getattr(module, "SubprocessASGIServer", None), "_instances", {})
+    return any(server.running for server in servers.values())  # module half-imported: none
 
 
 # The guard: a small process that holds the read end of a pipe whose write end only this
