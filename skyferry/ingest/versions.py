@@ -226,22 +226,25 @@ class SourceIndex:
                                "the next commit tries again): %s", self.dataset, exc)
 
     def _add(self, manifest: Manifest) -> set[str]:
-        """Add the manifest's versions to the buckets in memory; the buckets touched."""
+        """Add the manifest's versions to the buckets in memory; the buckets touched. The
+        entries are kept as JSON-ready dicts, parsed again only when looked up."""
         key = self.catalog.key_of(manifest)
-        parts: dict[str, list[tuple[int, int, str | None]]] = {}
+        parts: dict[str, list[list[Any]]] = {}
         for chunk in manifest.chunks:
             for part, digest in zip(chunk.parts, _part_digests(chunk), strict=True):
-                parts.setdefault(part.source, []).append((part.start, part.end, digest))
+                parts.setdefault(part.source, []).append([part.start, part.end, digest])
         touched = set()
         for source in manifest.lineage.sources:
             bucket = self._bucket(source.url)
             entries = self._load(bucket)
-            entry = self.entry(source.url) or IndexEntry(url=source.url)
-            entry.versions = [v for v in entry.versions if v.batch_id != manifest.batch_id]
-            entry.versions.append(IndexedVersion(batch_id=manifest.batch_id, manifest=key,
-                                                 file=source,
-                                                 parts=parts.get(source.url, [])))
-            entries[source.url] = entry
+            found = entries.get(source.url)
+            raw = found.model_dump(mode="json") if isinstance(found, IndexEntry) \
+                else found or {"url": source.url, "versions": []}
+            raw["versions"] = [v for v in raw["versions"] if v["batch_id"] != manifest.batch_id]
+            raw["versions"].append({"batch_id": manifest.batch_id, "manifest": key,
+                                    "file": source.model_dump(mode="json"),
+                                    "parts": parts.get(source.url, [])})
+            entries[source.url] = raw
             touched.add(bucket)
         self._committed.pop(key, None)
         return touched
@@ -299,8 +302,8 @@ class SourceIndex:
         self._buckets = {}
         manifests = list(self.catalog.manifests(self.dataset))
         files = len({f.url for m in manifests for f in m.lineage.sources})
-        digits = FIRST_DIGITS  # buckets under SPLIT_AT / 2 entries on average
-        while files / 16 ** digits >= SPLIT_AT / 2:
+        digits = FIRST_DIGITS  # the fewest buckets that hold under SPLIT_AT on average
+        while files / 16 ** digits >= SPLIT_AT:
             digits += 1
         self._digits = digits
         touched: set[str] = set()
