@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: setup demo test test-slow test-frameworks bench chaos lint clean
+.PHONY: setup demo test test-slow test-frameworks coverage bench chaos lint clean
 
 $(STAMP): pyproject.toml constraints.txt tools/package.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ test-slow: setup
 test-frameworks: setup
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch,hf,ray]"
 	$(BIN)/python -m pytest -q -m frameworks
+
+# Line and branch coverage of skyferry/, flows/, tasks/ and blocks/ from the default suite
+# (the code that runs in the test process; not the subprocesses it starts).
+coverage: setup
+	rm -rf .coverage-data && mkdir -p .coverage-data
+	$(BIN)/python -m coverage run -m pytest -q
+	$(BIN)/python -m coverage report --sort=cover | tail -n 30
 
 bench: setup
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch]" \

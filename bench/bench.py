@@ -448,44 +448,57 @@ def orchestration(big: Path) -> None:
 
 
 def memory(data: Path, big: Path) -> None:
-    """Whole-tree peak memory of every command at the default chunk size: `run` of a CSV of
-    8 chunks or more, then `export`, `read`, `verify --deep` and `repair` of the datasets."""
+    """Whole-tree peak memory of every command: `run` of a CSV of 8 chunks or more at the
+    default chunk size, then `export` (to Parquet, and a binary dataset to a folder),
+    `read`, `verify --deep` and `repair`, at the default chunk size and at 2 GiB chunks."""
     size = max(BIG, 8 * 512 * MIB)
     csv_file = write_csv(data / "csv-big", size)
     sync()
-    home = fresh_home("memory")
-    runs = [cli("run", str(csv_file), "--dataset", "csv", home=home)]
-    cli("run", str(big), "--dataset", "big", home=home)
     out = ROOT / "out"
-    out.mkdir(exist_ok=True)
-    cmds = {
-        "peak_run_csv_mb": (runs[0], f"`skyferry run` of a {size / GIB:.0f} GiB CSV file"),
-        "peak_export_mb": (cli("export", "csv", "--to", str(out / "e.parquet"), home=home),
-                           "`skyferry export` of that dataset to Parquet"),
-        "peak_read_mb": (cli("read", "csv", "--to", str(out / "r.parquet"), home=home),
-                         "`skyferry read` of that dataset to Parquet"),
-        "peak_verify_deep_mb": (cli("verify", "big", "--deep", home=home),
-                                f"`skyferry verify --deep` of the {BIG / GIB:.0f} GiB binary "
-                                "dataset"),
-    }
-    _lose_one_replica_each(home, "big")
-    cmds["peak_repair_mb"] = (cli("repair", "big", home=home),
-                              "`skyferry repair` of one lost replica of every chunk")
-    for name, (run, what) in cmds.items():
-        limit = 768 if name == "peak_run_csv_mb" else 512
-        record(Figure(name, round(run.peak_mb), f"{what}: the largest summed PSS of its "
-                      "process tree", target=f"<= {limit}", met=run.peak_mb <= limit,
-                      note=f"Prefect's API server {run.server_mb:.0f} MB" if run.server_mb
-                      else ""))
-    shutil.rmtree(out)
+    for chunk_size, suffix in ((None, ""), ("2GiB", "_2g")):
+        home = fresh_home(f"memory{suffix}")
+        sized = ["--chunk-size", chunk_size] if chunk_size else []
+        label = f"{chunk_size} chunks" if chunk_size else "512 MiB chunks (the default)"
+        runs = [cli("run", str(csv_file), "--dataset", "csv", *sized, home=home)]
+        cli("run", str(big), "--dataset", "big", *sized, home=home)
+        out.mkdir(exist_ok=True)
+        cmds: dict[str, tuple[Child, str]] = {}
+        if not chunk_size:
+            cmds["peak_run_csv_mb"] = (runs[0], f"`skyferry run` of a {size / GIB:.0f} GiB "
+                                                "CSV file")
+        cmds.update({
+            f"peak_export_mb{suffix}": (
+                cli("export", "csv", "--to", str(out / "e.parquet"), home=home),
+                f"`skyferry export` of that CSV dataset to Parquet, {label}"),
+            f"peak_export_binary_mb{suffix}": (
+                cli("export", "big", "--to", str(out / "bin"), home=home),
+                f"`skyferry export` of the {BIG / GIB:.0f} GiB binary dataset to a folder, "
+                f"{label}"),
+            f"peak_read_mb{suffix}": (
+                cli("read", "csv", "--to", str(out / "r.parquet"), home=home),
+                f"`skyferry read` of the CSV dataset to Parquet, {label}"),
+            f"peak_verify_deep_mb{suffix}": (
+                cli("verify", "big", "--deep", home=home),
+                f"`skyferry verify --deep` of the binary dataset, {label}"),
+        })
+        _lose_one_replica_each(home, "big")
+        cmds[f"peak_repair_mb{suffix}"] = (
+            cli("repair", "big", home=home),
+            f"`skyferry repair` of one lost replica of every binary chunk, {label}")
+        for name, (run, what) in cmds.items():
+            limit = 768 if name == "peak_run_csv_mb" else 512
+            record(Figure(name, round(run.peak_mb), f"{what}: the largest summed PSS of its "
+                          "process tree", target=f"<= {limit}", met=run.peak_mb <= limit,
+                          note=f"Prefect's API server {run.server_mb:.0f} MB" if run.server_mb
+                          else ""))
+        shutil.rmtree(out)
+        shutil.rmtree(home)
     shutil.rmtree(csv_file.parent)
-    shutil.rmtree(home)
 
 
 def _lose_one_replica_each(home: Path, dataset: str) -> int:
-    """Delete one replica of every chunk from a node that keeps another of the dataset's
-    replicas (a node whose listing went empty would be called unreachable: see
-    docs/known-limitations.md); the bytes deleted."""
+    """Delete one replica of every chunk, each from the node that holds the most of the
+    dataset's replicas then, so that every node keeps one; the bytes deleted."""
     from collections import Counter
 
     from skyferry.commit.manifest import open_catalog

@@ -25,14 +25,7 @@ from skyferry.run.context import BatchRun
 from tasks._common import with_retries
 from tasks.move import move_chunk, move_chunk_on_worker
 
-__all__ = ["move_chunks", "move_share"]
-
-
-def move_share(chunks: list[ChunkPlan], run: BatchRun,
-               live: LiveStatus | None = None) -> list[StoredChunk]:
-    """Move every chunk of a share and journal it; the first failure (a
-    :class:`StageError`) is raised once the chunks in flight have ended."""
-    return move_chunks(chunks, run, live)
+__all__ = ["move_chunks"]
 
 
 class _Failure:

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from blocks.credentials import resolve_credentials_with_blocks
-from flows.chunks import move_share
+from flows.chunks import move_chunks
 from flows.common import emit_node_events, event, ref
 from flows.live import LiveStatus
 from flows.runners import SettingsTaskRunner, uses_processes
@@ -85,7 +85,7 @@ def _move_share(run: BatchRun, cloud: str, chunks: list[int], pool: str | None,
     with LiveStatus(UUID(progress_artifact) if progress_artifact else None, run.catalog,
                     plan, started_at=started_at or time.time(), done_at_start=done_at_start,
                     health=setup.health) as live:
-        stored = move_share(todo, run, live)
+        stored = move_chunks(todo, run, live)
         live.update("distribution", force=True)
     run_id = str(flow_run.id) if flow_run.id else None
     report = ShareReport(

@@ -33,7 +33,7 @@ from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 from prefect.states import Cancelled
 
-from flows.chunks import move_share
+from flows.chunks import move_chunks
 from flows.cloud_share import cloud_share
 from flows.common import event
 from flows.live import LiveStatus
@@ -72,7 +72,7 @@ def run_in_process(run: BatchRun, todo: list[ChunkPlan], live: LiveStatus) -> li
     if not todo:
         return []
     if not uses_processes(run.setup.settings):
-        move_share(todo, run, live)  # journals each chunk; metrics land in run.setup
+        move_chunks(todo, run, live)  # journals each chunk; metrics land in run.setup
         return []
     with get_client(sync_client=True) as client:  # the API this run reports to
         api_env = {"PREFECT_API_URL": str(client.api_url)}

@@ -1,8 +1,9 @@
 """The ``verify-and-repair`` flow: check every replica of a committed dataset where it is,
 and, with ``repair``, bring every chunk back to R verified replicas.
 
-Its per-node table is an artifact of the run. The run fails, after publishing it, when
-damage is left: replicas a verify found damaged, or chunks a repair could not restore.
+Its per-node table is an artifact of the run. The run fails, after publishing it, unless
+the verdict is ``healthy`` (see :attr:`~skyferry.ops.verify.VerifyReport.verdict`): damage
+left, or a place that could not be checked; the CLI exits non-zero for the same verdicts.
 """
 
 from __future__ import annotations
@@ -45,21 +46,9 @@ def verify_and_repair(dataset: str, batch_id: str | None = None, deep: bool = Fa
     _publish(found, "repair" if repair else "verify")
     logger.info("%s %s (%s): %s", "repaired" if repair else "verified", dataset, found.level,
                 found.counts())
-    if repair and not repaired.complete:
-        left = repaired.unrecoverable + repaired.short + repaired.copies_failed + [
-            f"{node}: {why}" for node, why in repaired.braked.items()]
-        raise ReplicasAtRiskError(f"repair of {dataset} left chunks at risk: "
-                                  + "; ".join(left[:10]), dataset=dataset)
-    if found.not_checked:
-        raise ReplicasAtRiskError(
-            f"{dataset}: {found.not_checked} replicas on unreachable nodes were not checked: "
-            + "; ".join(f"{n}: {why}" for n, why in found.unreachable.items()),
-            dataset=dataset)
-    if not repair and not found.healthy:
-        raise ReplicasAtRiskError(
-            f"{dataset}: {len(found.damaged)} damaged replicas "
-            + ", ".join(f"{n} {s}" for s, n in found.counts().items() if s != "ok" and n)
-            + f"; {len(found.damaged_copies)} damaged manifest copies", dataset=dataset)
+    outcome = repaired if repair else found
+    if outcome.verdict != "healthy":  # the same verdict as the CLI's exit code
+        raise ReplicasAtRiskError(outcome.summary(), dataset=dataset)
     return dict(body)
 
 

@@ -470,8 +470,7 @@ def verify(
     """Check every replica, and every manifest copy, of a committed dataset. Exit 0: all ok;
     1: one is missing, differs or is unreadable; 3: none damaged, but a node or the catalog
     could not be checked."""
-    from skyferry.commit.copies import CATALOG
-    from skyferry.ops.verify import verify_dataset
+    from skyferry.ops.verify import EXIT_CODES, verify_dataset
 
     try:
         report = verify_dataset(load_topology(topology), dataset, batch_id=batch, deep=deep,
@@ -506,10 +505,8 @@ def verify(
         for node, why in report.unreachable.items():
             err.print(f"[bold red]unreachable:[/] {node}: {why} "
                       f"({report.not_checked} replicas not checked in all)")
-    if not report.healthy:
-        raise typer.Exit(code=1)
-    if report.unreachable and (report.not_checked or CATALOG in report.unreachable):
-        raise typer.Exit(code=3)
+    if report.verdict != "healthy":
+        raise typer.Exit(code=EXIT_CODES[report.verdict])
 
 
 @app.command()
@@ -531,6 +528,7 @@ def repair(
     chunk has R verified replicas; 1: a chunk is unrecoverable or short, or the repair
     stopped; 3: repaired, but a node could not be checked; 2: an error."""
     from skyferry.ops.repair import repair_dataset
+    from skyferry.ops.verify import EXIT_CODES
 
     try:
         report = repair_dataset(load_topology(topology), dataset, batch_id=batch, deep=deep,
@@ -559,13 +557,10 @@ def repair(
             err.print(f"[bold red]short:[/] {line}")
         for line in report.copies_failed:
             err.print(f"[bold red]manifest copy not restored:[/] {line}")
-    if not report.complete:
-        raise typer.Exit(code=1)
-    if report.found.not_checked:
-        if not as_json:
-            err.print(f"[bold yellow]not checked:[/] {report.found.not_checked} replicas on "
-                      f"unreachable nodes ({', '.join(report.found.unreachable)})")
-        raise typer.Exit(code=3)
+    if report.verdict == "unchecked" and not as_json:
+        err.print(f"[bold yellow]not checked:[/] {report.found.summary()}")
+    if report.verdict != "healthy":
+        raise typer.Exit(code=EXIT_CODES[report.verdict])
 
 
 @app.command()

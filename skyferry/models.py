@@ -9,8 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "ChunkPart",
     "ChunkPlan",
-    "IngestedChunk",
-    "ProcessedChunk",
     "ReplicaRecord",
     "ReplicaState",
     "SourceFile",
@@ -67,32 +65,6 @@ _PART_DIGESTS = Field(
 _PART_ROWS = Field(
     default=(), description="Rows stored from each part, in order: a reader skips the rows "
     "of a source version that a newer one superseded")
-
-
-class IngestedChunk(_Record):
-    plan: ChunkPlan
-    source_digest: str
-    bytes_read: int
-    part_digests: tuple[str, ...] = _PART_DIGESTS
-    attempts: int = 1
-
-
-class ProcessedChunk(_Record):
-    """A processed chunk's record; its bytes travel beside it (``skyferry.run.chunk``)."""
-
-    plan: ChunkPlan
-    source_digest: str
-    digest: str
-    size: int
-    rows_in: int
-    rows_out: int
-    rows_rejected: int
-    rows_added: int = 0
-    rows_dropped: int = 0
-    rejects_key: str | None = None
-    part_digests: tuple[str, ...] = _PART_DIGESTS
-    part_rows: tuple[int, ...] = _PART_ROWS
-    attempts: int = 1
 
 
 class ReplicaRecord(_Record):

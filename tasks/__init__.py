@@ -1,3 +1,5 @@
-"""The stage tasks: thin Prefect tasks over skyferry's plain functions, one module per stage."""
+"""Thin Prefect tasks over skyferry's plain functions: `move-chunk` (one chunk through
+ingest, process and distribute), and the parent's steps (list, plan, probe, journal, commit,
+verify, repair)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Ingest tasks: list what is new in the source, plan the batch, read one chunk."""
+"""Ingest tasks: list what is new in the source, and plan the batch."""
 
 from __future__ import annotations
 

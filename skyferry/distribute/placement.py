@@ -111,6 +111,17 @@ class Placer:
 
         return sorted(candidates, key=key)
 
+    def spares(self, candidates: Iterable[Node], held: Iterable[str] = ()) -> list[Node]:
+        """Nodes to take a chunk's next replica, best first: while the clouds in ``held``
+        (the clouds already holding one) number fewer than two, other clouds before them;
+        within that, by :meth:`rank`. The one ranking of spare nodes: a write that lost a
+        node, and a repair."""
+        ranked = self.rank(candidates)
+        clouds = set(held)
+        if len(clouds) < 2:
+            ranked.sort(key=lambda n: n.cloud in clouds)  # stable: rank holds within each
+        return ranked
+
     def choose(self, size: int, usable: Sequence[Node], exclude: Iterable[str] = ()) -> list[Node]:
         """Up to ``replicas`` nodes from ``usable`` (minus ``exclude``), spanning 2+ clouds."""
         skip = set(exclude)

@@ -225,12 +225,10 @@ class ReplicaWriter:
             if missing > 0 or len(clouds) < min_clouds:
                 spare = []
                 for state in ("healthy", "suspect"):  # a slow replica rather than none
-                    ranked = self.placer.rank(n for n in self.topology.nodes if n.enabled
-                                              and n.name not in used
-                                              and self.health.state(n.name) == state)
-                    if len(clouds) < 2:
-                        ranked.sort(key=lambda n: n.cloud in clouds)  # stable: other clouds
-                    spare += ranked
+                    spare += self.placer.spares((n for n in self.topology.nodes if n.enabled
+                                                 and n.name not in used
+                                                 and self.health.state(n.name) == state),
+                                                clouds)
                 if missing <= 0:  # enough replicas, too few clouds: one more, elsewhere
                     spare, missing = [n for n in spare if n.cloud not in clouds], 1
                 for node in spare[:missing]:

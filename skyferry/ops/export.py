@@ -1,17 +1,20 @@
-"""Read a committed dataset back the way a training job would.
+"""Read a committed dataset back the way a training job would, and export it.
 
-Each chunk is read from a healthy replica and checked against its hash; a missing or
-corrupt replica fails over to the next. Only chunks that a committed manifest lists are read.
+Each chunk is streamed from a healthy replica and checked against its hash as it lands
+(:mod:`skyferry.distribute.access`); a missing or corrupt replica fails over to the next.
+Only chunks that a committed manifest lists are read. Memory is bounded by a block and a
+row group, not by the chunk or the dataset.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -20,16 +23,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
+from skyferry.distribute.access import ChunkOutput, FileOutput, ReplicaRef, Replicas
 from skyferry.errors import (
     ConfigError,
     IntegrityError,
     ManifestConflictError,
-    StorageError,
-    TopologyError,
     UnsafeKeyError,
 )
 from skyferry.evolution import chunk_schemas, conform, dataset_schema
-from skyferry.hashing import content_hash
 from skyferry.ingest.versions import LiveSource, live_parts, live_sources
 from skyferry.models import SourceFile, StoredChunk
 from skyferry.ops.formats import csv_schema, csv_table, write_jsonl
@@ -56,16 +57,22 @@ class ExportReport:
 
 
 class DatasetReader:
-    """Iterates a dataset's committed chunks as verified bytes or Arrow tables."""
+    """Iterates a dataset's committed chunks, each read through
+    :class:`~skyferry.distribute.access.Replicas` (streamed, verified, failed over), as
+    Arrow tables or into a caller's output. A table chunk is read into a local file in
+    ``spool`` (default: the temp folder) first, so that no row is decoded before the
+    whole chunk matched its hash; it is then read one row group at a time."""
 
     def __init__(self, dataset: str, *, topology: Topology | None = None,
-                 batch_id: str | None = None) -> None:
+                 batch_id: str | None = None, spool: Path | None = None) -> None:
         self.dataset = dataset
         self.topology = topology or load_topology()
         self.catalog = open_catalog(self.topology)
         self.batch_id = batch_id
+        self.spool = spool
         self.report = ExportReport()
-        self._stores: dict[str, Store] = {}
+        self.replicas = Replicas(self.topology, self.catalog)
+        self.replicas.failovers = self.report.failovers
         self._manifests: list[Manifest] | None = None
         self._live: dict[str, LiveSource] | None = None
         self._schema: pa.Schema | None = None
@@ -97,44 +104,9 @@ class DatasetReader:
         return self._live
 
     def _store(self, node: str) -> Store:
-        if node not in self._stores:
-            self._stores[node] = self.topology.node(node).open_store()
-        return self._stores[node]
+        return self.replicas.store(node)
 
-    def _suspect(self, manifest: Manifest, chunk: StoredChunk, node: str, why: str) -> None:
-        """Note a bad replica in the catalog, so that the next verify reads it first."""
-        try:
-            self.catalog.note_suspect(manifest.dataset, manifest.batch_id, chunk.index, node,
-                                      why)
-        except StorageError as exc:
-            logger.warning("could not note the bad replica of chunk %d on %s: %s",
-                           chunk.index, node, exc)
-
-    def chunk_bytes(self, manifest: Manifest, chunk: StoredChunk) -> bytes:
-        """The chunk's bytes from the first replica whose hash matches."""
-        problems = []
-        for replica in chunk.verified:
-            try:
-                data = self._store(replica.node).get(chunk.key)
-            except (StorageError, TopologyError) as exc:
-                problems.append(f"{replica.node}: {exc}")
-                self._suspect(manifest, chunk, replica.node, str(exc))
-                continue
-            if len(data) == chunk.size and content_hash(data) == chunk.digest:
-                if problems:
-                    self.report.failovers.append(
-                        f"chunk {chunk.index}: {'; '.join(problems)} -> read {replica.node}")
-                    logger.warning("chunk %d failed over to %s (%s)", chunk.index,
-                                   replica.node, "; ".join(problems))
-                return data
-            problems.append(f"{replica.node}: hash mismatch (replica corrupt)")
-            self._suspect(manifest, chunk, replica.node, "hash mismatch")
-        raise IntegrityError(
-            f"no healthy replica of chunk {chunk.index} of {manifest.dataset}/batch="
-            f"{manifest.batch_id}: {'; '.join(problems) or 'no verified replicas'}",
-            dataset=manifest.dataset, batch_id=manifest.batch_id, chunk=chunk.index)
-
-    def iter_chunks(self) -> Iterator[tuple[Manifest, StoredChunk, bytes]]:
+    def iter_chunks(self) -> Iterator[tuple[Manifest, StoredChunk]]:
         """Every chunk that holds a live source version (see :mod:`skyferry.ingest.versions`)."""
         for manifest in self.manifests():
             self.report.batches.append(manifest.batch_id)
@@ -142,10 +114,14 @@ class DatasetReader:
                 if not any(live_parts(manifest, chunk, self.live())):
                     self.report.superseded_chunks += 1
                     continue
-                data = self.chunk_bytes(manifest, chunk)
-                self.report.chunks += 1
-                self.report.bytes += len(data)
-                yield manifest, chunk, data
+                yield manifest, chunk
+
+    def read_chunk(self, manifest: Manifest, chunk: StoredChunk,
+                   output: Callable[[], ChunkOutput]) -> None:
+        """The chunk's verified bytes into ``output`` (see :meth:`Replicas.read`)."""
+        self.replicas.read(ReplicaRef.of(manifest, chunk), output)
+        self.report.chunks += 1
+        self.report.bytes += chunk.size
 
     def schema(self) -> pa.Schema:
         """The dataset's schema, resolved from its chunks' (skyferry/evolution.py): every
@@ -159,16 +135,22 @@ class DatasetReader:
         return chunk_schemas(self.manifests(), self._store)
 
     def iter_tables(self) -> Iterator[pa.Table]:
-        """Each chunk's rows, without those of source versions a newer one superseded."""
-        for manifest, chunk, data in self.iter_chunks():
-            if chunk.format == "binary":
-                raise TypeError(f"dataset {self.dataset} holds binary chunks; use iter_files")
-            table = pq.read_table(io.BytesIO(data))
-            keep = live_parts(manifest, chunk, self.live())
-            if not all(keep):
-                table = _live_rows(table, chunk, keep)
-            self.report.rows += table.num_rows
-            yield table
+        """The live rows of each chunk, a row group at a time (rows of source versions a
+        newer one superseded are left out)."""
+        with tempfile.TemporaryDirectory(prefix=".skyferry-read-", dir=self.spool) as spool:
+            for manifest, chunk in self.iter_chunks():
+                if chunk.format == "binary":
+                    raise TypeError(f"dataset {self.dataset} holds binary chunks; export it "
+                                    "to a folder")
+                path = Path(spool) / f"{chunk.digest}.parquet"
+                self.read_chunk(manifest, chunk, partial(FileOutput, path))
+                try:
+                    keep = live_parts(manifest, chunk, self.live())
+                    for table in _live_row_groups(pq.ParquetFile(path), chunk, keep):
+                        self.report.rows += table.num_rows
+                        yield table
+                finally:
+                    path.unlink(missing_ok=True)
 
     def read_table(self) -> pa.Table:
         schema = self.schema()
@@ -176,18 +158,71 @@ class DatasetReader:
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def _live_rows(table: pa.Table, chunk: StoredChunk, keep: list[bool]) -> pa.Table:
-    """The rows of the parts in ``keep``, by the chunk's rows per part."""
-    if len(chunk.part_rows) != len(chunk.parts):  # written before rows were kept per part
-        logger.warning("chunk %d holds superseded rows it cannot tell apart; read whole",
-                       chunk.index)
-        return table
-    pieces, offset = [], 0
-    for rows, live in zip(chunk.part_rows, keep, strict=True):
-        if live:
-            pieces.append(table.slice(offset, rows))
-        offset += rows
-    return pa.concat_tables(pieces) if pieces else table.slice(0, 0)
+def _live_row_groups(parquet: pq.ParquetFile, chunk: StoredChunk, keep: list[bool]
+                     ) -> Iterator[pa.Table]:
+    """The chunk's row groups, each without the rows of the parts not in ``keep`` (by the
+    chunk's rows per part)."""
+    live: list[tuple[int, int]] | None = None  # (first row, end) of each live part
+    if not all(keep):
+        if len(chunk.part_rows) != len(chunk.parts):  # written before rows were kept per part
+            logger.warning("chunk %d holds superseded rows it cannot tell apart; read whole",
+                           chunk.index)
+        else:
+            live, offset = [], 0
+            for rows, kept in zip(chunk.part_rows, keep, strict=True):
+                if kept:
+                    live.append((offset, offset + rows))
+                offset += rows
+    first = 0
+    for group in range(parquet.metadata.num_row_groups):
+        table = parquet.read_row_group(group)
+        end = first + table.num_rows
+        if live is None:
+            yield table
+        else:
+            pieces = [table.slice(max(a, first) - first, min(b, end) - max(a, first))
+                      for a, b in live if a < end and b > first]
+            if pieces:
+                yield pa.concat_tables(pieces)
+        first = end
+
+
+class _PartsOutput:
+    """A binary chunk's bytes into the ``.partial`` files of its live parts (``files``,
+    None for a superseded part), each at its place in its file. A part counts as covered
+    only once the whole chunk verified; a failed attempt leaves ranges that the next
+    replica writes over."""
+
+    def __init__(self, chunk: StoredChunk, files: list[Path | None],
+                 covered: dict[str, int]) -> None:
+        self.chunk, self.files, self.covered = chunk, files, covered
+        self.bounds, offset = [], 0
+        for part in chunk.parts:
+            self.bounds.append((offset, offset + part.size))
+            offset += part.size
+
+    def write(self, offset: int, block: bytes) -> None:
+        end, view = offset + len(block), memoryview(block)
+        for part, path, (first, last) in zip(self.chunk.parts, self.files, self.bounds,
+                                             strict=True):
+            if path is None or last <= offset or first >= end:
+                continue
+            lo, hi = max(first, offset), min(last, end)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "r+b" if path.exists() else "wb") as fh:
+                fh.seek(part.start + lo - first)
+                fh.write(view[lo - offset:hi - offset])
+
+    def discard(self) -> None:
+        pass
+
+    def commit(self) -> None:
+        for part, path in zip(self.chunk.parts, self.files, strict=True):
+            if path is not None:
+                if not path.exists():  # an empty file: no byte of it was written
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.touch()
+                self.covered[part.source] += part.size
 
 
 def _relative_path(file: SourceFile) -> PurePosixPath:
@@ -215,42 +250,36 @@ def _export_binary(reader: DatasetReader, target: Path) -> None:
                                  dataset=reader.dataset, batch_id="", chunk=-1)
         seen[rel] = url
     target.mkdir(parents=True, exist_ok=True)
-    partial = {url: target / rel.parent / f".{rel.name}.partial" for url, rel in paths.items()}
+    partials = {url: target / rel.parent / f".{rel.name}.partial" for url, rel in paths.items()}
     covered: dict[str, int] = {url: 0 for url in live}
     try:
-        for manifest, chunk, data in reader.iter_chunks():
-            offset = 0
-            for part in chunk.parts:
-                source = live.get(part.source)
-                if source is not None and manifest.batch_id in source.batches:
-                    tmp = partial[part.source]
-                    tmp.parent.mkdir(parents=True, exist_ok=True)
-                    with open(tmp, "r+b" if tmp.exists() else "wb") as fh:
-                        fh.seek(part.start)
-                        fh.write(data[offset:offset + part.size])
-                    covered[part.source] += part.size
-                offset += part.size
+        for manifest, chunk in reader.iter_chunks():
+            files = [partials[p.source] if p.source in live
+                     and manifest.batch_id in live[p.source].batches else None
+                     for p in chunk.parts]
+            reader.read_chunk(manifest, chunk, partial(_PartsOutput, chunk, files, covered))
         for url, src in live.items():
             if covered[url] != src.file.size:
                 raise IntegrityError(
                     f"the committed chunks hold {covered[url]} of the {src.file.size} bytes of "
                     f"{url}", dataset=reader.dataset, batch_id=",".join(sorted(src.batches)),
                     chunk=-1)
-            with open(partial[url], "r+b") as fh:
+            with open(partials[url], "r+b") as fh:
                 fh.truncate(src.file.size)
                 os.fsync(fh.fileno())
         for url, rel in paths.items():
-            os.replace(partial[url], target / rel)
+            os.replace(partials[url], target / rel)
     finally:
-        for tmp in partial.values():
+        for tmp in partials.values():
             tmp.unlink(missing_ok=True)
 
 
 def export_dataset(dataset: str, to: str | Path, *, batch_id: str | None = None,
                    topology: Topology | None = None) -> ExportReport:
     """Write the dataset to ``to``: Parquet, or CSV/JSONL by extension (a folder for binary)."""
-    reader = DatasetReader(dataset, topology=topology, batch_id=batch_id)
     target = Path(to)
+    # a table chunk is read into a file beside the target before it is decoded
+    reader = DatasetReader(dataset, topology=topology, batch_id=batch_id, spool=target.parent)
     manifests = reader.manifests()
     if manifests and manifests[0].chunks and manifests[0].chunks[0].format == "binary":
         _export_binary(reader, target)

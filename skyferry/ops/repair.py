@@ -4,10 +4,12 @@ A repair first verifies (:mod:`skyferry.ops.verify`). Then, for each chunk that 
 good replicas than its manifest's replication factor (a replica missing, changed or
 unreadable, or a hint that was never written):
 
-- it reads the chunk from a good replica, and checks that copy's content hash;
-- it writes new replicas on the nodes placement would choose now (healthy, nearest to the
-  copy, at least two clouds when the topology has them, the least loaded first), and
-  verifies each one as a run does;
+- it streams the chunk from a good replica into new replicas, as a run writes them (a
+  :class:`~skyferry.distribute.replication.ReplicaWriter`), on the nodes placement would
+  choose now (healthy, nearest to the copy, at least two clouds when the topology has
+  them, the least loaded first); the copy's content hash is checked before any new
+  replica commits (a bad copy: the next good one is read), and each new replica is
+  verified as a run does. Memory: a few blocks, whatever the chunk's size;
 - only then does it remove a bad copy that is left on a node it did not rewrite;
 - a hint whose node is healthy is replayed: that node is the first choice for a new
   replica, as placement wanted; a hint of a chunk that has R replicas again is dropped;
@@ -20,7 +22,9 @@ unreadable, or a hint that was never written):
 A node that could not be listed is not acted on: its replicas stay in the manifest as they
 are. Before it touches anything, a repair stops if one node would lose more than
 ``max_node_share`` of the replicas it holds: that much damage on one node is more likely a
-wrong configuration than rot.
+wrong configuration than rot. A node that answers empty but holds its own identity marker
+(see :mod:`skyferry.ops.verify`), or that the operator names ``lost``, lost its replicas
+for certain: they are re-created, without the brake.
 """
 
 from __future__ import annotations
@@ -32,14 +36,21 @@ from collections import Counter
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 
+from skyferry.commit.copies import Survey
 from skyferry.commit.manifest import Catalog, Manifest, open_catalog
+from skyferry.distribute.access import ReplicaRef, Replicas, SourceReplicaError, mark_nodes
 from skyferry.distribute.placement import NodeHealth, Placer
 from skyferry.distribute.probe import probe_nodes
-from skyferry.distribute.replication import verify_replica
-from skyferry.errors import ConfigError, SkyferryError, StorageError, TopologyError
-from skyferry.hashing import content_hash
+from skyferry.distribute.replication import ReplicaWriter
+from skyferry.errors import (
+    ConfigError,
+    QuorumNotMetError,
+    SkyferryError,
+    StorageError,
+    TopologyError,
+)
 from skyferry.models import ReplicaRecord, StoredChunk
-from skyferry.ops.verify import VerifyReport, verify_dataset
+from skyferry.ops.verify import Verdict, VerifyReport, verify_dataset
 from skyferry.storage import Store
 from skyferry.topology import Node, Topology
 
@@ -69,10 +80,27 @@ class RepairReport:
         """Every committed chunk that could be checked has R verified replicas again."""
         return not (self.unrecoverable or self.short or self.braked or self.copies_failed)
 
+    @property
+    def verdict(self) -> Verdict:
+        """``damaged`` while damage is left; else the verify's ``unchecked`` (a place that
+        could not be read), or ``healthy``. Exit codes and the flow as for a verify."""
+        if not self.complete:
+            return "damaged"
+        return "unchecked" if self.found.verdict == "unchecked" else "healthy"
+
+    def summary(self) -> str:
+        """One line that says why the verdict is not ``healthy`` (empty when it is)."""
+        if self.verdict == "damaged":
+            left = self.unrecoverable + self.short + self.copies_failed + [
+                f"{node}: {why}" for node, why in self.braked.items()]
+            return f"repair of {self.dataset} left chunks at risk: " + "; ".join(left[:10])
+        return self.found.summary()
+
     def to_json(self) -> str:
         body = asdict(self)
         body["found"] = json.loads(self.found.to_json())
         body["complete"] = self.complete
+        body["verdict"] = self.verdict
         return json.dumps(body, indent=1)
 
 
@@ -102,40 +130,33 @@ class _Repairer:
         for node, why in found.unreachable.items():
             self.health.mark(node, "down", why)
         probe_nodes(topology, self.health, probe_timeout_s)
-        self.stores: dict[str, Store] = {}
+        mark_nodes(topology, self.health.healthy, catalog)
+        self.replicas = Replicas(topology, catalog)
         self.placers: dict[str, Placer] = {}
+        self.writers: dict[str, ReplicaWriter] = {}
 
     def store(self, node: str) -> Store:
-        if node not in self.stores:
-            self.stores[node] = self.topology.node(node).open_store()
-        return self.stores[node]
+        return self.replicas.store(node)
 
-    def read_good(self, chunk: StoredChunk, nodes: list[str]) -> tuple[bytes, str] | None:
-        """The chunk's bytes from the first of ``nodes`` whose copy hashes right."""
-        for node in nodes:
-            try:
-                data = self.store(node).get(chunk.key)
-            except (StorageError, TopologyError) as exc:
-                logger.warning("chunk %d: the copy on %s is unreadable: %s", chunk.index,
-                               node, exc)
-                continue
-            if len(data) == chunk.size and content_hash(data) == chunk.digest:
-                return data, node
-            logger.warning("chunk %d: the copy on %s does not match its hash", chunk.index,
-                           node)
-        return None
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def writer(self, cloud: str) -> ReplicaWriter:
+        """The writer of new replicas copied from ``cloud``: its spares ranked from there."""
+        if cloud not in self.writers:
+            placer = self.placers.setdefault(cloud, Placer(self.topology, cloud, None, 1))
+            self.writers[cloud] = ReplicaWriter(self.topology, self.health, placer, cloud)
+        return self.writers[cloud]
 
     def targets(self, source: str, keep: list[str], hinted: list[str]) -> list[Node]:
         """Healthy nodes without a copy, best first: where a hint says placement wanted the
-        chunk, then other clouds while the kept copies span one, then by rank (cost and
-        latency from the copy's cloud, then the bytes placed)."""
-        cloud = self.topology.node(source).cloud
-        placer = self.placers.setdefault(cloud, Placer(self.topology, cloud, None, 1))
-        ranked = placer.rank(n for n in self.topology.nodes
-                             if self.health.healthy(n.name) and n.name not in keep)
-        clouds = {self.topology.node(n).cloud for n in keep}
-        if len(clouds) < 2:
-            ranked.sort(key=lambda n: n.cloud in clouds)  # stable: rank holds within each
+        chunk, then the spare ranking from the copy's cloud (:meth:`Placer.spares`)."""
+        self.writer(self.topology.node(source).cloud)
+        placer = self.placers[self.topology.node(source).cloud]
+        ranked = placer.spares((n for n in self.topology.nodes
+                                if self.health.healthy(n.name) and n.name not in keep),
+                               {self.topology.node(n).cloud for n in keep})
         ranked.sort(key=lambda n: n.name not in hinted)
         return ranked
 
@@ -158,9 +179,10 @@ class _Repairer:
             self.settled(manifest, chunk, unknown)
             return chunk
         written: list[str] = []
+        md5 = chunk.md5
         if need > 0:
-            copy = self.read_good(chunk, good)
-            if copy is None:
+            copied = self.write(manifest, chunk, good, good + unknown, hinted, need, where)
+            if copied is None:
                 if not good and not unknown:
                     report.unrecoverable.append(
                         f"{where}: no replica whose hash verifies (listed on "
@@ -168,7 +190,7 @@ class _Repairer:
                 else:
                     report.short.append(f"{where}: no good copy could be read")
                 return chunk
-            written = self.write(chunk, copy, good + unknown, hinted, need, where)
+            written, md5 = copied[0], md5 or copied[1]
         for node in bad:  # only now that the new replicas are verified
             if node in written or state[node] == "missing":
                 continue
@@ -184,7 +206,7 @@ class _Repairer:
         if len(keep) < manifest.replication_factor:  # still short: the hints wait
             replicas += [ReplicaRecord(node=n, cloud=self.topology.node(n).cloud,
                                        state="hinted") for n in hinted if n not in keep]
-        return chunk.model_copy(update={"replicas": tuple(replicas)})
+        return chunk.model_copy(update={"replicas": tuple(replicas), "md5": md5})
 
     def settled(self, manifest: Manifest, chunk: StoredChunk, unknown: list[str]) -> None:
         """Forget what readers found wrong with the chunk's replicas: it is dealt with."""
@@ -192,33 +214,67 @@ class _Repairer:
             if (batch, index) == (manifest.batch_id, chunk.index) and node not in unknown:
                 self.catalog.clear_suspect(manifest.dataset, batch, index, node)
 
-    def write(self, chunk: StoredChunk, copy: tuple[bytes, str], keep: list[str],
-              hinted: list[str], need: int, where: str) -> list[str]:
-        """Write and verify ``need`` new replicas; the nodes that verified."""
-        data, source = copy
-        written: list[str] = []
-        for node in self.targets(source, keep, hinted):
-            if len(written) == need:
+    def write(self, manifest: Manifest, chunk: StoredChunk, good: list[str], keep: list[str],
+              hinted: list[str], need: int, where: str) -> tuple[list[str], str | None] | None:
+        """Write and verify ``need`` new replicas, streamed from the first of ``good`` whose
+        bytes verify (:meth:`Replicas.produce`) through a :class:`ReplicaWriter`; the nodes
+        that verified and the MD5 of the bytes, or None when no good copy could be read."""
+        ref = ReplicaRef.of(manifest, chunk)
+        for source in good:
+            targets = [n.name for n in self.targets(source, keep, hinted)[:need]]
+            if not targets:
                 break
-            store = self.store(node.name)
+            writer = self.writer(self.topology.node(source).cloud)
             try:
-                store.put(chunk.key, data)
-                verify_replica(store, chunk.key, chunk.digest, chunk.size,
-                               chunk.md5 if not store.is_local else None)
-            except (StorageError, TopologyError) as exc:
-                self.health.mark(node.name, "down", str(exc))
-                logger.warning("%s: a new replica on %s failed: %s", where, node.name, exc)
+                outcome = writer.write(chunk.index, chunk.key, self.replicas.produce(ref, source),
+                                       [*keep, *targets], len(keep) + 1, done=keep,
+                                       expect=(chunk.digest, chunk.size))
+            except SourceReplicaError as exc:
+                logger.warning("%s: the copy on %s cannot be copied: %s", where, source, exc)
                 continue
-            self.place(node, chunk.size)
-            written.append(node.name)
-            self.report.bytes_copied += chunk.size
-            self.report.recreated.append(f"{where} -> {node.name}")
-            self.report.hints_replayed += node.name in hinted
-        if len(written) < need:
-            self.report.short.append(
-                f"{where}: {len(keep) + len(written)} replicas of "
-                f"{len(keep) + need}; no healthy node left to take another")
-        return written
+            except QuorumNotMetError as exc:
+                logger.warning("%s: no new replica verified: %s", where, exc)
+                written, md5 = [], None
+            else:
+                written = [r.node for r in outcome.replicas
+                           if r.state == "verified" and r.node not in keep]
+                md5 = outcome.md5
+            for name in written:
+                self.place(self.topology.node(name), chunk.size)
+                self.report.bytes_copied += chunk.size
+                self.report.recreated.append(f"{where} -> {name}")
+                self.report.hints_replayed += name in hinted
+            if len(written) < need:
+                self.report.short.append(
+                    f"{where}: {len(keep) + len(written)} replicas of "
+                    f"{len(keep) + need}; no healthy node left to take another")
+            return written, md5
+        return None
+
+
+def _repair_manifests(repairer: _Repairer, catalog: Catalog, manifests: list[Manifest],
+                      survey: Survey, bad_copies: dict[str, list[str]],
+                      report: RepairReport) -> None:
+    """Each manifest's chunks back to R replicas, the manifest rewritten when they changed;
+    its damaged copies written again when they did not."""
+    for manifest in manifests:
+        chunks = [repairer.chunk(manifest, chunk) for chunk in manifest.chunks]
+        key = catalog.key_of(manifest)
+        if chunks != manifest.chunks:  # every replica it now lists has verified
+            rewritten = manifest.model_copy(update={"chunks": chunks,
+                                                    "revision": manifest.revision + 1})
+            try:
+                catalog.commit(rewritten, previous=manifest)
+            except (SkyferryError, StorageError) as exc:
+                report.copies_failed.append(f"{key}: {exc}")
+                continue
+            report.manifests_updated.append(key)
+            report.copies_restored += [f"{p}:{key}" for p in bad_copies.get(key, [])]
+        elif key in bad_copies:
+            failed = catalog.restore(key, survey.entries[key].body, bad_copies[key])
+            report.copies_restored += [f"{p}:{key}" for p in bad_copies[key]
+                                       if p not in failed]
+            report.copies_failed += [f"{p}:{key}: {why}" for p, why in failed.items()]
 
 
 def repair_dataset(topology: Topology, dataset: str, *, batch_id: str | None = None,
@@ -253,30 +309,18 @@ def repair_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
     bad_copies: dict[str, list[str]] = {}
     for check in found.damaged_copies:
         bad_copies.setdefault(check.key, []).append(check.place)
-    report.braked = _brakes(found, manifests, max_node_share, lost)  # a lost node: no brake
+    # a node known to have lost its data (--lost, or emptied with its own identity marker):
+    # no brake, for its damage is no sign of a wrong configuration
+    report.braked = _brakes(found, manifests, max_node_share, [*lost, *found.emptied])
     for node, why in report.braked.items():
         logger.error("repair of %s stopped before touching anything: %s: %s", dataset, node,
                      why)
     if not report.braked:
         repairer = _Repairer(topology, catalog, found, report, probe_timeout_s)
-        for manifest in manifests:
-            chunks = [repairer.chunk(manifest, chunk) for chunk in manifest.chunks]
-            key = catalog.key_of(manifest)
-            if chunks != manifest.chunks:  # every replica it now lists has verified
-                rewritten = manifest.model_copy(update={"chunks": chunks,
-                                                        "revision": manifest.revision + 1})
-                try:
-                    catalog.commit(rewritten, previous=manifest)
-                except (SkyferryError, StorageError) as exc:
-                    report.copies_failed.append(f"{key}: {exc}")
-                    continue
-                report.manifests_updated.append(key)
-                report.copies_restored += [f"{p}:{key}" for p in bad_copies.get(key, [])]
-            elif key in bad_copies:
-                failed = catalog.restore(key, survey.entries[key].body, bad_copies[key])
-                report.copies_restored += [f"{p}:{key}" for p in bad_copies[key]
-                                           if p not in failed]
-                report.copies_failed += [f"{p}:{key}: {why}" for p, why in failed.items()]
+        try:
+            _repair_manifests(repairer, catalog, manifests, survey, bad_copies, report)
+        finally:
+            repairer.close()
     report.seconds = round(time.perf_counter() - started, 3)
     logger.info("repair %s: %d replicas re-created, %d hints replayed, %d bad copies removed, "
                 "%d chunks unrecoverable, %d manifest copies restored", dataset,

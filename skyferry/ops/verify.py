@@ -9,9 +9,12 @@ Two levels, as a scrub has:
 - **deep**: every byte of every replica is read and checked against the chunk's content hash,
   at a bounded rate.
 
-A node that cannot be listed, or whose listing is empty while the manifests place replicas
-on it, is reported as unreachable: its replicas are not judged, so an outage never reads as
-thousands of missing replicas.
+A node that cannot be listed is reported as unreachable: its replicas are not judged, so an
+outage never reads as thousands of missing replicas. A node whose listing is empty while the
+manifests place replicas on it is judged by its identity marker
+(:func:`~skyferry.distribute.access.node_identity`): with its own marker it is the node the
+manifests mean, and the replicas are missing; without it (a wrong bucket, prefix or mount)
+it is unreachable, and the report says which.
 
 Each manifest's copies are checked the same way: one in the catalog, and one on each node
 holding the batch; listed with the right size, and (deep) the same bytes.
@@ -31,17 +34,22 @@ from typing import Literal
 
 from skyferry.commit.copies import CATALOG, Survey
 from skyferry.commit.manifest import Catalog, Manifest, open_catalog
+from skyferry.distribute.access import node_identity, node_store
 from skyferry.errors import ObjectNotFoundError, StorageError, TopologyError
 from skyferry.models import StoredChunk
 from skyferry.storage import ObjectInfo, Store, temp_target
-from skyferry.topology import Topology
+from skyferry.topology import Node, Topology
 
-__all__ = ["CopyCheck", "ReplicaCheck", "VerifyReport", "verify_dataset"]
+__all__ = ["EXIT_CODES", "CopyCheck", "ReplicaCheck", "Verdict", "VerifyReport",
+           "verify_dataset"]
 
 logger = logging.getLogger("skyferry.ops.verify")
 
 ReplicaStatus = Literal["ok", "missing", "differs", "unreadable"]
 DAMAGED = ("missing", "differs", "unreadable")
+# What a verify (or a repair) concluded; the command's exit code, and whether the flow fails
+Verdict = Literal["healthy", "damaged", "unchecked"]
+EXIT_CODES: dict[str, int] = {"healthy": 0, "damaged": 1, "unchecked": 3}
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ class VerifyReport:
     copies: list[CopyCheck] = field(default_factory=list)  # of the manifests
     orphans: list[str] = field(default_factory=list)  # "node:key"
     unreachable: dict[str, str] = field(default_factory=dict)  # node -> why
+    emptied: list[str] = field(default_factory=list)  # empty, with their own marker: all missing
     not_checked: int = 0  # replicas on unreachable nodes
     hints: int = 0  # replicas placement wanted on a node that did not get them
     bytes_read: int = 0
@@ -101,6 +110,30 @@ class VerifyReport:
         """Every replica and every manifest copy that could be checked is ``ok``."""
         return not (self.damaged or self.damaged_copies)
 
+    @property
+    def verdict(self) -> Verdict:
+        """``damaged`` when a replica or a manifest copy is; else ``unchecked`` when
+        replicas sit on a node that could not be read, or the catalog could not be; else
+        ``healthy``. The CLI exits with :data:`EXIT_CODES` of it; the flow fails unless it
+        is ``healthy``."""
+        if not self.healthy:
+            return "damaged"
+        if self.not_checked or CATALOG in self.unreachable:
+            return "unchecked"
+        return "healthy"
+
+    def summary(self) -> str:
+        """One line that says why the verdict is not ``healthy`` (empty when it is)."""
+        if self.verdict == "damaged":
+            return (f"{self.dataset}: {len(self.damaged)} damaged replicas "
+                    + ", ".join(f"{n} {s}" for s, n in self.counts().items() if s != "ok" and n)
+                    + f"; {len(self.damaged_copies)} damaged manifest copies")
+        if self.verdict == "unchecked":
+            return (f"{self.dataset}: {self.not_checked} replicas on unreachable places were "
+                    "not checked: " + "; ".join(f"{n}: {why}"
+                                                 for n, why in self.unreachable.items()))
+        return ""
+
     def by_node(self) -> list[dict[str, object]]:
         """One row per place (a node, or the catalog): its replicas by status, its orphans, its
         manifest copies, and whether it answered."""
@@ -121,7 +154,7 @@ class VerifyReport:
     def to_json(self) -> str:
         body = asdict(self)
         body.update(counts=self.counts(), copy_counts=self.copy_counts(),
-                    healthy=self.healthy)
+                    healthy=self.healthy, verdict=self.verdict)
         return json.dumps(body, indent=1)
 
 
@@ -168,10 +201,27 @@ def _list_node(topology: Topology, name: str, dataset: str
     if not node.enabled:
         return None, {}, "disabled in the topology"
     try:
-        store = node.open_store()
+        store = node_store(node)
         return store, {o.key: o for o in store.list(dataset)}, ""
     except (StorageError, TopologyError) as exc:
         return None, {}, f"cannot be listed: {exc}"
+
+
+def _empty_node(store: Store, node: Node, catalog: Catalog, dataset: str, wanted: int) -> str:
+    """Why a node whose listing of ``dataset`` is empty, although the manifests place
+    ``wanted`` replicas there, is not judged; or "" when its own identity marker is there:
+    it is the node the manifests mean, and the replicas are missing."""
+    empty = f"its listing of {dataset}/ is empty, but the manifests place {wanted} replicas there"
+    try:
+        identity, detail = node_identity(store, node, catalog)
+    except (StorageError, TopologyError) as exc:
+        return f"{empty}, and its identity marker cannot be read: {exc}"
+    if identity == "ours":
+        logger.warning("node %s answers and holds its own identity marker, but none of the %d "
+                       "replicas of %s placed there: they are missing", node.name, wanted,
+                       dataset)
+        return ""
+    return f"{empty}, and {detail}: is it pointed at the wrong bucket, prefix or folder?"
 
 
 def _check(store: Store, listing: dict[str, ObjectInfo], manifest: Manifest,
@@ -275,8 +325,9 @@ def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
             continue
         store, listing, why = _list_node(topology, node.name, dataset)
         if store is not None and not listing and wanted[node.name] and node.name not in lost:
-            why = (f"its listing of {dataset}/ is empty, but the manifests place "
-                   f"{wanted[node.name]} replicas there")
+            why = _empty_node(store, node, catalog, dataset, wanted[node.name])
+            if not why:
+                report.emptied.append(node.name)
         if why:
             report.unreachable[node.name] = why
         elif store is not None:

@@ -16,7 +16,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from skyferry.process.schema import Schema
 from skyferry.storage import open_url
 
 __all__ = ["ChunkEncoder", "ProcessOutput", "SchemaDrift", "Transform", "conform",
-           "load_transforms", "process_parts", "widen"]
+           "load_transforms", "widen"]
 
 logger = logging.getLogger("skyferry.process")
 
@@ -635,10 +635,16 @@ class ChunkEncoder:
         if fitted.num_rows == 0 and self._writer is not None:
             return
         if self._writer is None:
-            dictionary = [f.name for f in self.columns if not pa.types.is_floating(f.type)]
-            self._writer = pq.ParquetWriter(self.sink, self.columns, compression="zstd",
-                                            use_dictionary=dictionary)
+            self._open_writer()
+        assert self._writer is not None
         self._writer.write_table(fitted, row_group_size=max(1, fitted.num_rows))
+
+    def _open_writer(self) -> None:
+        """The chunk's Parquet writer: zstd, dictionary encoding on every column but floats."""
+        assert self.columns is not None
+        dictionary = [f.name for f in self.columns if not pa.types.is_floating(f.type)]
+        self._writer = pq.ParquetWriter(self.sink, self.columns, compression="zstd",
+                                        use_dictionary=dictionary)
 
     def close(self, parts: Sequence[ChunkPart]) -> ProcessOutput:
         """Finish the file; the chunk's counts, with each part's rows in ``parts``' order."""
@@ -647,9 +653,8 @@ class ChunkEncoder:
             self.columns = self.columns or pa.schema([(f.name, f.type) for f in empty.schema])
             self._write(empty)
             if self._writer is None:
-                dictionary = [f.name for f in self.columns if not pa.types.is_floating(f.type)]
-                self._writer = pq.ParquetWriter(self.sink, self.columns, compression="zstd",
-                                                use_dictionary=dictionary)
+                self._open_writer()
+        assert self._writer is not None
         self._writer.close()
         assert self.columns is not None
         self.out.columns = pa.schema([  # for the dataset's schema: see skyferry/evolution.py
@@ -657,25 +662,3 @@ class ChunkEncoder:
             for f in self.columns])
         self.out.part_rows = [self.part_rows.get((p.source, p.start), 0) for p in parts]
         return self.out
-
-
-def process_parts(blocks: Iterable[tuple[Any, ...]], fmt: str,
-                  schema: Schema | None, transforms: Sequence[tuple[str, Transform]],
-                  where: str, options: Mapping[str, Any] | None = None
-                  ) -> tuple[pa.Buffer, ProcessOutput]:
-    """Encode in-memory blocks ``(part, data, header[, offset])`` into one Parquet buffer
-    (the streamed path's encoder, into memory): for tests and small inputs."""
-    listed = list(blocks)
-    parts = list(dict.fromkeys(b[0] for b in listed))
-    columns = None
-    while True:
-        sink = pa.BufferOutputStream()
-        encoder = ChunkEncoder(fmt, schema, transforms, where, options, sink, columns)
-        try:
-            for block in listed:
-                encoder.add(*block)
-            out = encoder.close(parts)
-        except SchemaDrift as drift:
-            columns = drift.schema
-            continue
-        return sink.getvalue(), out

@@ -23,6 +23,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import blake3
@@ -30,17 +31,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Catalog
-from skyferry.errors import IntegrityError, StorageError, TopologyError
-from skyferry.hashing import new_hasher
+from skyferry.distribute.access import FileOutput, ReplicaRef, Replicas
+from skyferry.errors import TopologyError
 from skyferry.read.plan import PlannedChunk
-from skyferry.storage import Store
 from skyferry.topology import LinkCost, Topology
 
 __all__ = ["ChunkCache", "Fetcher", "Place", "ReadReport", "reader_place"]
 
 logger = logging.getLogger("skyferry.read")
 
-FETCH_BLOCK = 8 << 20  # bytes per ranged read of a replica
 # Environment variables that say which cloud and region a machine is in.
 _PLACE_ENV = (("aws", ("AWS_REGION", "AWS_DEFAULT_REGION")),
               ("gcp", ("GOOGLE_CLOUD_REGION", "CLOUDSDK_COMPUTE_REGION", "CLOUD_ML_REGION")),
@@ -220,7 +219,8 @@ class Fetcher:
         self.topology, self.catalog, self.cache = topology, catalog, cache
         self.report = ReadReport(place)
         self.chosen: dict[str, tuple[str, ...]] = {}  # digest -> replicas, in the order to try
-        self._stores: dict[str, Store] = {}
+        self.replicas = Replicas(topology, catalog, on_bytes=self._account)
+        self.replicas.failovers = self.report.failovers
         self._lock = threading.Lock()
 
     def cost(self, node: str) -> LinkCost:
@@ -287,75 +287,25 @@ class Fetcher:
         return pa.memory_map(str(path))
 
     def _fetch(self, chunk: PlannedChunk, path: Path) -> None:
-        problems = []
-        for node in self.nearest(chunk):
-            temp = self.cache.temp(chunk.digest)
-            try:
-                digest, size = self._copy(node, chunk, temp)
-            except (StorageError, TopologyError) as exc:
-                temp.unlink(missing_ok=True)
-                problems.append(f"{node}: {exc}")
-                self._suspect(chunk, node, str(exc))
-                continue
-            if digest != chunk.digest or size != chunk.size:
-                temp.unlink(missing_ok=True)
-                problems.append(f"{node}: hash mismatch (replica corrupt)")
-                self._suspect(chunk, node, "hash mismatch")
-                continue
-            os.replace(temp, path)
-            self._count(fetched=1)
-            if problems:
-                self._count(failover=f"chunk {chunk.index} of batch {chunk.batch_id}: "
-                            f"{'; '.join(problems)} -> read {node}")
-                logger.warning("chunk %d failed over to %s (%s)", chunk.index, node,
-                               "; ".join(problems))
-            return
-        raise IntegrityError(
-            f"no healthy replica of chunk {chunk.index} of {chunk.dataset}/batch="
-            f"{chunk.batch_id}: {'; '.join(problems) or 'no verified replicas'}",
-            dataset=chunk.dataset, batch_id=chunk.batch_id, chunk=chunk.index)
-
-    def _copy(self, node: str, chunk: PlannedChunk, temp: Path) -> tuple[str, int]:
-        store = self._store(node)
-        hasher = new_hasher()
-        size = store.size(chunk.key)
-        cost = self.cost(node)
+        """Read the chunk into the cache from its nearest good replica, hashed as it lands
+        (see :meth:`Replicas.read`)."""
+        ref = ReplicaRef(chunk.dataset, chunk.batch_id, chunk.index, chunk.key, chunk.digest,
+                         chunk.size, tuple(self.nearest(chunk)))
         started = time.perf_counter()
-        with open(temp, "wb") as out:
-            for offset in range(0, size, FETCH_BLOCK):
-                data = store.get(chunk.key, offset, min(offset + FETCH_BLOCK, size))
-                hasher.update(data)
-                out.write(data)
-                self._account(node, len(data), cost)
-        logger.debug("fetched chunk %d from %s: %d bytes in %.2fs", chunk.index, node, size,
-                     time.perf_counter() - started)
-        return str(hasher.hexdigest()), size
+        node = self.replicas.read(ref, partial(FileOutput, path))
+        self._count(fetched=1)
+        logger.debug("fetched chunk %d from %s: %d bytes in %.2fs", chunk.index, node,
+                     chunk.size, time.perf_counter() - started)
 
-    def _account(self, node: str, nbytes: int, cost: LinkCost) -> None:
-        report = self.report
+    def _account(self, node: str, nbytes: int) -> None:
+        report, cost = self.report, self.cost(node)
         with self._lock:
             report.bytes_from[node] += nbytes
             report.egress_usd += nbytes / 1e9 * cost.egress_usd_per_gb
             if self.topology.node(node).cloud != report.place.cloud:
                 report.cross_cloud_bytes += nbytes
 
-    def _count(self, *, cache_hits: int = 0, fetched: int = 0,
-               failover: str | None = None) -> None:
+    def _count(self, *, cache_hits: int = 0, fetched: int = 0) -> None:
         with self._lock:  # a reader's threads share the report
             self.report.cache_hits += cache_hits
             self.report.fetched += fetched
-            if failover is not None:
-                self.report.failovers.append(failover)
-
-    def _store(self, node: str) -> Store:
-        if node not in self._stores:
-            self._stores[node] = self.topology.node(node).open_store()
-        return self._stores[node]
-
-    def _suspect(self, chunk: PlannedChunk, node: str, why: str) -> None:
-        """Note a bad replica in the catalog, for the next verify and repair."""
-        try:
-            self.catalog.note_suspect(chunk.dataset, chunk.batch_id, chunk.index, node, why)
-        except StorageError as exc:
-            logger.warning("could not note the bad replica of chunk %d on %s: %s",
-                           chunk.index, node, exc)

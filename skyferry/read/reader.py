@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
 from skyferry.config import get_settings
+from skyferry.distribute.access import node_store
 from skyferry.errors import IntegrityError, ManifestConflictError, ReadPlanError
 from skyferry.evolution import conform, dataset_schema
 from skyferry.read.fetch import ChunkCache, Fetcher, ReadReport, reader_place
@@ -31,7 +32,6 @@ from skyferry.read.plan import (
     Slice,
     plan_epoch,
 )
-from skyferry.storage import Store
 from skyferry.topology import Topology, load_topology
 
 __all__ = ["ReaderConfig", "TrainingReader", "chunk_files", "read_to_file"]
@@ -126,14 +126,8 @@ class TrainingReader:
         """The dataset's schema, resolved from every chunk's (skyferry/evolution.py): every
         batch this reader yields has exactly these columns and types."""
         if self._schema is None:
-            stores: dict[str, Store] = {}
-
-            def store_of(node: str) -> Store:
-                if node not in stores:
-                    stores[node] = self.topology.node(node).open_store()
-                return stores[node]
-
-            self._schema = dataset_schema(self.manifests(), store_of)
+            self._schema = dataset_schema(
+                self.manifests(), lambda node: node_store(self.topology.node(node)))
         return self._schema
 
     @property

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from skyferry.commit.manifest import BatchPlan, Catalog, open_catalog
 from skyferry.config import PipelineConfig, Settings, get_settings
+from skyferry.distribute.access import mark_nodes
 from skyferry.distribute.detector import DetectorConfig, FailureDetector
 from skyferry.distribute.placement import NodeHealth, Placer
 from skyferry.distribute.replication import ReplicaWriter
@@ -98,7 +99,8 @@ def open_run(config: PipelineConfig, settings: Settings | None = None) -> RunSet
                              key=config.dataset)
     if config.dataset == "manifests" or config.dataset.startswith("_"):
         raise UnsafeKeyError(f"dataset name {config.dataset!r} is reserved: nodes keep "
-                             "manifest copies under manifests/ and probes under _probe/",
+                             "manifest copies under manifests/, probes under _probe/ and "
+                             "their identity under _skyferry/",
                              key=config.dataset)
     if config.batch_id is not None:
         safe_key(f"batch={config.batch_id}")
@@ -142,6 +144,7 @@ def open_batch(setup: RunSetup, plan: BatchPlan, placer: Placer, *,
     """The batch ``plan`` placed with ``placer``, ready to move its chunks, with the nodes
     watched by a failure detector until :meth:`BatchRun.close`."""
     writer = ReplicaWriter(setup.topology, setup.health, placer, setup.source_cloud)
+    mark_nodes(setup.topology, setup.health.healthy, setup.catalog)
     detector = None
     if setup.settings.probe_interval_s > 0:
         detector = FailureDetector(

@@ -10,6 +10,7 @@ from blocks.storage_node import StorageNode, topology_from_blocks
 from flows.pipeline import run_pipeline
 from skyferry.config import PipelineConfig
 from skyferry.ops.export import DatasetReader
+from tests.helpers.sf_data import verified_chunks
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -34,4 +35,4 @@ def test_a_topology_from_saved_blocks_runs_and_keeps_secrets_secret(home: Path,
     assert result.status == "completed", result.error
     assert result.stages["storage"].by_node == {"blk-aws": 3, "blk-gcp": 3}
     reader = DatasetReader("blk", topology=topology)
-    assert b"".join(data for _, _, data in reader.iter_chunks()) == src.read_bytes()
+    assert b"".join(verified_chunks(reader)) == src.read_bytes()

@@ -22,7 +22,7 @@ from skyferry.config import PipelineConfig
 from skyferry.ops.export import DatasetReader, export_dataset
 from skyferry.topology import load_topology
 from tests.helpers import sf_servers
-from tests.helpers.sf_data import write_ml_csv
+from tests.helpers.sf_data import verified_chunks, write_ml_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.clouds,
               pytest.mark.usefixtures("prefect_harness")]
@@ -402,8 +402,8 @@ def test_a_streamed_replica_reads_back_identical_and_a_corrupted_one_is_refused(
     assert result.status == "completed", result.error
     (chunk,) = _manifest("streamed").chunks
     assert "x" in {r.node for r in chunk.verified}
-    read = b"".join(d for _m, _c, d in DatasetReader(
-        "streamed", topology=load_topology(str(alone))).iter_chunks())
+    read = b"".join(verified_chunks(DatasetReader("streamed",
+                                                  topology=load_topology(str(alone)))))
     assert read == data
 
     server_fs = fsspec.filesystem(protocol, **clouds.options(protocol), skip_instance_cache=True)

@@ -117,3 +117,27 @@ def commit_drifted(source: Path, dataset: str) -> dict[int, dict[str, Any]]:
                 "tags": None if row["tags"] is None else json.dumps(row["tags"]),
                 "gone": row.get("gone"), "new": None if "new" not in row else float(row["new"])}
     return expected
+
+
+class _InMemory:
+    """A chunk read into memory (tests read small chunks): kept only once verified."""
+
+    def __init__(self, into: list[bytes]) -> None:
+        self.into, self.data = into, bytearray()
+
+    def write(self, offset: int, block: bytes) -> None:
+        self.data += block
+
+    def discard(self) -> None:
+        self.data.clear()
+
+    def commit(self) -> None:
+        self.into.append(bytes(self.data))
+
+
+def verified_chunks(reader: Any) -> list[bytes]:
+    """The bytes of every live chunk a ``DatasetReader`` reads, each verified, in order."""
+    out: list[bytes] = []
+    for manifest, chunk in reader.iter_chunks():
+        reader.read_chunk(manifest, chunk, lambda: _InMemory(out))
+    return out

@@ -4,12 +4,14 @@ skyferry's reader."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import blake3
 import pytest
 from typer.testing import CliRunner
 
+import skyferry
 from skyferry.cli import app
 from skyferry.commit.manifest import Catalog, Manifest
 from skyferry.ops.export import export_dataset
@@ -158,3 +160,42 @@ def test_repair_does_not_act_on_a_node_that_lists_empty(home: Path, committed: M
     assert len(json.loads(out.output)["recreated"]) == sum(
         1 for c in committed.chunks if node in {r.node for r in c.verified})
     assert verify_dataset(load_topology(), "r", deep=True).healthy
+
+
+def test_a_node_emptied_under_its_own_marker_has_its_replicas_missing_and_repair_recreates_them(
+        home: Path, committed: Manifest) -> None:
+    node = committed.chunks[0].verified[0].node
+    held = sum(1 for c in committed.chunks for r in c.verified if r.node == node)
+    shutil.rmtree(home / "nodes" / node / "r")  # every replica gone; the node and its marker stay
+    marker = json.loads((home / "nodes" / node / "_skyferry" / "node.json").read_text())
+    assert marker["node"] == node
+    out = runner.invoke(app, ["verify", "r", "--json"])
+    assert out.exit_code == 1, out.output
+    body = json.loads(out.output)
+    assert body["unreachable"] == {} and body["emptied"] == [node]
+    assert sorted(c["node"] for c in body["replicas"] if c["status"] == "missing") == \
+        [node] * held
+    out = runner.invoke(app, ["repair", "r", "--json"])  # all of one node's: no brake
+    assert out.exit_code == 0, out.output
+    assert len(json.loads(out.output)["recreated"]) == held
+    assert verify_dataset(load_topology(), "r", deep=True).verdict == "healthy"
+
+
+def test_a_node_pointed_at_an_empty_folder_is_unreachable_and_repair_touches_nothing(
+        home: Path, committed: Manifest, tmp_path: Path) -> None:
+    node = committed.chunks[0].verified[0].node
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    default = (Path(skyferry.__file__).parent / "default_topology.yaml").read_text()
+    assert f'"{{home}}/nodes/{node}"' in default
+    topology = tmp_path / "moved.yaml"
+    topology.write_text(default.replace(f'"{{home}}/nodes/{node}"', f'"{elsewhere}"'))
+    out = runner.invoke(app, ["verify", "r", "--topology", str(topology)])
+    assert out.exit_code == 3, out.output
+    assert "no skyferry node marker" in out.output and node in out.output
+    out = runner.invoke(app, ["repair", "r", "--topology", str(topology), "--json"])
+    assert out.exit_code == 3, out.output
+    body = json.loads(out.output)
+    assert body["recreated"] == [] and body["removed"] == []
+    assert list(elsewhere.rglob("*")) == []  # not a replica, not a marker
+    assert Catalog(load_topology().catalog_store()).manifest("r") == committed
