@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import blake3
 import numpy as np
+import pyarrow as pa
 
 from skyferry.commit.manifest import BatchPlan, Lineage, Manifest
 from skyferry.models import ChunkPart, ChunkPlan, SourceFile
+from skyferry.process.clean import ChunkEncoder, ProcessOutput, SchemaDrift, Transform
+from skyferry.process.schema import Schema
 
 
 def write_ml_csv(path: Path, rows: int, *, seed: int, start_id: int = 0,
@@ -141,3 +145,25 @@ def verified_chunks(reader: Any) -> list[bytes]:
     for manifest, chunk in reader.iter_chunks():
         reader.read_chunk(manifest, chunk, lambda: _InMemory(out))
     return out
+
+
+def process_parts(blocks: Iterable[tuple[Any, ...]], fmt: str,
+                  schema: Schema | None, transforms: Sequence[tuple[str, Transform]],
+                  where: str, options: Mapping[str, Any] | None = None
+                  ) -> tuple[pa.Buffer, ProcessOutput]:
+    """Encode in-memory blocks ``(part, data, header[, offset])`` into one Parquet buffer,
+    through the streamed path's encoder."""
+    listed = list(blocks)
+    parts = list(dict.fromkeys(b[0] for b in listed))
+    columns = None
+    while True:
+        sink = pa.BufferOutputStream()
+        encoder = ChunkEncoder(fmt, schema, transforms, where, options, sink, columns)
+        try:
+            for block in listed:
+                encoder.add(*block)
+            out = encoder.close(parts)
+        except SchemaDrift as drift:
+            columns = drift.schema
+            continue
+        return sink.getvalue(), out

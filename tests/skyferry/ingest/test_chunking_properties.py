@@ -22,7 +22,7 @@ from skyferry.hashing import content_hash
 from skyferry.ingest import chunking
 from skyferry.ingest.listing import list_source
 from skyferry.ingest.read import SourceStream, plan_chunks
-from skyferry.process.clean import process_parts
+from tests.helpers.sf_data import process_parts
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -1,23 +1,17 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from skyferry.errors import FormatError, SchemaError, TransformError
 from skyferry.models import ChunkPart
 from skyferry.process.clean import (
-    ChunkEncoder,
-    ProcessOutput,
-    SchemaDrift,
-    Transform,
     load_transforms,
 )
 from skyferry.process.schema import Schema
+from tests.helpers.sf_data import process_parts
 
 SCHEMA = Schema.model_validate({"columns": {
     "id": {"type": "int64", "nullable": False},
@@ -35,28 +29,6 @@ CSV = (b"id,f0,f1,label\n"
        b",0.3,7.0,0\n"            # id null
        b"8,0.4,8.0,1\n")
 PART = ChunkPart(source="file:///data/train.csv", start=0, end=len(CSV))
-
-
-def process_parts(blocks: Iterable[tuple[Any, ...]], fmt: str,
-                  schema: Schema | None, transforms: Sequence[tuple[str, Transform]],
-                  where: str, options: Mapping[str, Any] | None = None
-                  ) -> tuple[pa.Buffer, ProcessOutput]:
-    """Encode in-memory blocks ``(part, data, header[, offset])`` into one Parquet buffer,
-    through the streamed path's encoder."""
-    listed = list(blocks)
-    parts = list(dict.fromkeys(b[0] for b in listed))
-    columns = None
-    while True:
-        sink = pa.BufferOutputStream()
-        encoder = ChunkEncoder(fmt, schema, transforms, where, options, sink, columns)
-        try:
-            for block in listed:
-                encoder.add(*block)
-            out = encoder.close(parts)
-        except SchemaDrift as drift:
-            columns = drift.schema
-            continue
-        return sink.getvalue(), out
 
 
 def _run(data: bytes, schema: Schema | None, transforms: list[str] = ()):  # type: ignore[no-untyped-def]

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skyferry.models import ChunkPart
-from skyferry.process.clean import process_parts
 from skyferry.process.schema import Schema
+from tests.helpers.sf_data import process_parts
 
 SCHEMA = Schema.model_validate({"columns": {
     "n": {"type": "int64"},
