@@ -196,17 +196,17 @@ def test_a_streamed_local_write_starts_writing_back_as_it_goes_and_flushes_at_co
     commit's fsync waits for all of it; the file holds the bytes written."""
     import os
 
-    from skyferry import storage
+    from skyferry.storage import local, uploads
 
     ranges: list[tuple[int, int]] = []
-    real = storage._start_writeback
+    real = local.start_writeback
 
     def start(fd: int, offset: int, length: int) -> None:
         ranges.append((offset, length))
         real(fd, offset, length)
 
-    monkeypatch.setattr(storage, "FLUSH_EVERY", 1000)
-    monkeypatch.setattr(storage, "_start_writeback", start)
+    monkeypatch.setattr(uploads, "FLUSH_EVERY", 1000)
+    monkeypatch.setattr(local, "start_writeback", start)
     synced: list[str] = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
@@ -236,7 +236,7 @@ def test_an_abandoned_requests_connection_error_is_no_traceback(
     error: that is logged at debug level, while any other unretrieved error still shows."""
     import asyncio
 
-    from skyferry.storage import _quiet_abandoned_requests
+    from skyferry.storage.store import _quiet_abandoned_requests
 
     loop = asyncio.new_event_loop()
     try:

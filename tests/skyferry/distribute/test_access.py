@@ -21,6 +21,7 @@ from skyferry.ops.repair import repair_dataset
 from skyferry.ops.verify import verify_dataset
 from skyferry.read.reader import ReaderConfig, TrainingReader
 from skyferry.storage import Store
+from skyferry.storage.errors import translate
 from skyferry.topology import Topology, load_topology
 from tests.helpers import sf_servers
 from tests.helpers.sf_data import commit_without_prefect, write_ml_csv
@@ -102,8 +103,8 @@ def damaged(request: pytest.FixtureRequest, home: Path, tmp_path: Path,
     def failing_get(self: Store, key: str, start: int | None = None,
                     end: int | None = None) -> bytes:
         if self.name == bad[3] and key == broken.key and start:
-            raise self._translate(ConnectionResetError("connection reset (injected)"), key,
-                                  "read")
+            raise translate(ConnectionResetError("connection reset (injected)"), self.name,
+                            key, "read")
         return get(self, key, start, end)
 
     monkeypatch.setattr(Store, "get", failing_get)
@@ -177,8 +178,8 @@ def test_a_repair_whose_copy_fails_mid_stream_copies_from_the_next(
     def failing_get(self: Store, key: str, start: int | None = None,
                     end: int | None = None) -> bytes:
         if self.name == source and key == chunk.key and start:
-            raise self._translate(ConnectionResetError("connection reset (injected)"), key,
-                                  "read")
+            raise translate(ConnectionResetError("connection reset (injected)"), self.name,
+                            key, "read")
         return get(self, key, start, end)
 
     with pytest.MonkeyPatch.context() as patch:
