@@ -20,9 +20,9 @@ from flows.chunks import move_chunks
 from flows.common import emit_node_events, event, ref
 from flows.live import LiveStatus
 from flows.runners import SettingsTaskRunner, uses_processes
+from flows.shares import CHILD_FLOW, ShareReport
 from skyferry.config import PipelineConfig
 from skyferry.distribute.probe import probe_nodes
-from skyferry.distribute.shares import CHILD_FLOW, ShareReport
 from skyferry.errors import SkyferryError, StageError
 from skyferry.run.context import BatchRun, load_batch, open_run
 from tasks import distribute
@@ -93,7 +93,6 @@ def _move_share(run: BatchRun, cloud: str, chunks: list[int], pool: str | None,
         stored=[c.index for c in stored], stages=setup.recorder.snapshot(),
         down_reasons=setup.down_reasons(),
     )
-    run.catalog.save_share_report(plan.dataset, plan.batch_id,
-                                  f"{cloud}-{run_id or 'local'}",
-                                  report.model_dump_json().encode())
+    run.catalog.save_note(plan.dataset, plan.batch_id, f"share-{cloud}-{run_id or 'local'}",
+                          report.model_dump_json().encode())
     return report

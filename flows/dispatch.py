@@ -38,7 +38,7 @@ from flows.cloud_share import cloud_share
 from flows.common import event
 from flows.live import LiveStatus
 from flows.runners import make_task_runner, uses_processes
-from skyferry.distribute.shares import ShareReport, assign_shares, share_deployment
+from flows.shares import ShareReport, assign_shares, share_deployment
 from skyferry.models import ChunkPlan
 from skyferry.run.context import BatchRun
 
@@ -199,7 +199,7 @@ def dispatch_to_pools(run: BatchRun, todo: list[ChunkPlan],
                         force=True)
                     reassign(run_id, f"was not picked up by {child.pool} in {timeout:.0f}s")
             live.update("distribution")
-    for raw in run.catalog.share_reports(plan.dataset, plan.batch_id):
+    for raw in run.catalog.notes(plan.dataset, plan.batch_id):  # each child's ShareReport
         report = ShareReport.model_validate_json(raw)
         if report.flow_run_id and UUID(report.flow_run_id) in launched:
             reports.append(report)

@@ -2,7 +2,7 @@
 
 The parent probes the nodes, lists the source and plans the batch (chunks and replica
 placement), journaling the plan. It splits the chunks into one share per cloud
-(:func:`skyferry.distribute.shares.assign_shares`) and runs each share as a ``cloud-share``
+(:func:`flows.shares.assign_shares`) and runs each share as a ``cloud-share``
 child flow:
 
 - deployed (``dispatch=auto`` in a deployment run, or ``dispatch=deployments``): through
@@ -32,9 +32,9 @@ from flows.common import emit_node_events, event, ref
 from flows.dispatch import dispatch_to_pools, run_in_process
 from flows.ephemeral import guard_ephemeral_api, run_settings
 from flows.live import LiveStatus, create_live_status
+from flows.shares import ShareReport
 from skyferry.commit.lease import DatasetLease
 from skyferry.config import PipelineConfig, Settings, get_settings
-from skyferry.distribute.shares import ShareReport
 from skyferry.errors import SkyferryError, StageError
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult

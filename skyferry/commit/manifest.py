@@ -323,13 +323,15 @@ class Catalog:
         names = (info.key.rsplit("/", 1)[-1] for info in self.store.list(prefix))
         return {int(n[6:11]) for n in names if n.startswith("chunk-") and n.endswith(".json")}
 
-    def save_share_report(self, dataset: str, batch_id: str, name: str, body: bytes) -> None:
-        self.store.put(self._pending(dataset, batch_id, f"share-{name}.json"), body)
+    def save_note(self, dataset: str, batch_id: str, name: str, body: bytes) -> None:
+        """Keep ``body`` beside the batch's journal (``note-<name>.json``): dropped with it."""
+        self.store.put(self._pending(dataset, batch_id, f"note-{name}.json"), body)
 
-    def share_reports(self, dataset: str, batch_id: str) -> list[bytes]:
+    def notes(self, dataset: str, batch_id: str) -> list[bytes]:
+        """Every note kept beside the batch's journal."""
         prefix = safe_key("pending", dataset, f"batch={batch_id}")
         return [self.store.get(info.key) for info in self.store.list(prefix)
-                if info.key.rsplit("/", 1)[-1].startswith("share-")]
+                if info.key.rsplit("/", 1)[-1].startswith("note-")]
 
     def drop_pending(self, dataset: str, batch_id: str) -> None:
         for info in list(self.store.list(safe_key("pending", dataset, f"batch={batch_id}"))):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from flows.shares import assign_shares
 from skyferry.distribute.placement import NodeHealth, Placer
-from skyferry.distribute.shares import assign_shares
 from skyferry.models import ChunkPart, ChunkPlan
 from skyferry.topology import load_topology
 
