@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Catalog
-from skyferry.distribute.access import FileOutput, ReplicaRef, Replicas
+from skyferry.distribute.access import FileOutput, Replicas
 from skyferry.errors import TopologyError
 from skyferry.read.plan import PlannedChunk
 from skyferry.topology import LinkCost, Topology
@@ -289,10 +289,8 @@ class Fetcher:
     def _fetch(self, chunk: PlannedChunk, path: Path) -> None:
         """Read the chunk into the cache from its nearest good replica, hashed as it lands
         (see :meth:`Replicas.read`)."""
-        ref = ReplicaRef(chunk.dataset, chunk.batch_id, chunk.index, chunk.key, chunk.digest,
-                         chunk.size, tuple(self.nearest(chunk)))
         started = time.perf_counter()
-        node = self.replicas.read(ref, partial(FileOutput, path))
+        node = self.replicas.read(chunk, partial(FileOutput, path), self.nearest(chunk))
         self._count(fetched=1)
         logger.debug("fetched chunk %d from %s: %d bytes in %.2fs", chunk.index, node,
                      chunk.size, time.perf_counter() - started)

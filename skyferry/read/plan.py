@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 
 from skyferry.commit.manifest import Manifest
+from skyferry.distribute.access import ReplicaRef
 from skyferry.errors import ReadPlanError
 from skyferry.ingest.versions import live_parts, live_sources
 
@@ -37,17 +38,11 @@ Remainder = Literal["pad", "drop"]
 
 
 @dataclass(frozen=True)
-class PlannedChunk:
-    """A chunk as the plan sees it: its live rows (ranges of the stored rows, superseded
-    source versions left out) and where its replicas are."""
+class PlannedChunk(ReplicaRef):
+    """A chunk as the plan sees it: where its replicas are (a
+    :class:`~skyferry.distribute.access.ReplicaRef`), and its live rows (ranges of the
+    stored rows, superseded source versions left out)."""
 
-    dataset: str
-    batch_id: str
-    index: int
-    key: str
-    digest: str
-    size: int
-    nodes: tuple[str, ...]  # its verified replicas
     ranges: tuple[tuple[int, int], ...]  # live rows: (first stored row, count)
     rows: int
 
