@@ -466,19 +466,28 @@ def memory(data: Path, big: Path) -> None:
         if not chunk_size:
             cmds["peak_run_csv_mb"] = (runs[0], f"`skyferry run` of a {size / GIB:.0f} GiB "
                                                 "CSV file")
+        def measured(*args: str, output: Path | None = None, home: Path = home) -> Child:
+            """A command's tree measured; its output deleted at once (disk space)."""
+            done = cli(*args, home=home)
+            if output is not None:
+                shutil.rmtree(output) if output.is_dir() else output.unlink(missing_ok=True)
+            return done
+
         cmds.update({
             f"peak_export_mb{suffix}": (
-                cli("export", "csv", "--to", str(out / "e.parquet"), home=home),
+                measured("export", "csv", "--to", str(out / "e.parquet"),
+                         output=out / "e.parquet"),
                 f"`skyferry export` of that CSV dataset to Parquet, {label}"),
             f"peak_export_binary_mb{suffix}": (
-                cli("export", "big", "--to", str(out / "bin"), home=home),
+                measured("export", "big", "--to", str(out / "bin"), output=out / "bin"),
                 f"`skyferry export` of the {BIG / GIB:.0f} GiB binary dataset to a folder, "
                 f"{label}"),
             f"peak_read_mb{suffix}": (
-                cli("read", "csv", "--to", str(out / "r.parquet"), home=home),
+                measured("read", "csv", "--to", str(out / "r.parquet"),
+                         output=out / "r.parquet"),
                 f"`skyferry read` of the CSV dataset to Parquet, {label}"),
             f"peak_verify_deep_mb{suffix}": (
-                cli("verify", "big", "--deep", home=home),
+                measured("verify", "big", "--deep"),
                 f"`skyferry verify --deep` of the binary dataset, {label}"),
         })
         _lose_one_replica_each(home, "big")
