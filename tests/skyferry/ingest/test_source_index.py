@@ -3,13 +3,16 @@ index always agrees with the manifests it is folded from."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from skyferry.commit.manifest import Catalog, Manifest, open_catalog
 from skyferry.config import PipelineConfig
 from skyferry.distribute.probe import probe_nodes
+from skyferry.hashing import content_hash
 from skyferry.ingest.versions import SourceIndex, live_sources, source_index
 from skyferry.run.batch import commit_batch, journal_chunk, new_source_files, plan_batch
 from skyferry.run.chunk import move_chunk
@@ -119,6 +122,27 @@ def _bucket_keys(catalog: Catalog, dataset: str) -> dict[int, int]:
     return counts
 
 
+def _bucket_of(src: Path, i: int) -> str:
+    """The one-digit bucket of ``src/a{i}.csv``'s URL."""
+    return content_hash(fsspec.filesystem("file").unstrip_protocol(
+        str(src / f"a{i}.csv")).encode())[:1]
+
+
+def _names(src: Path, candidates: Iterable[int], keep: Callable[[str, set[str]], bool],
+           count: int) -> list[int]:
+    """The first ``count`` candidates whose bucket ``keep`` accepts, given those taken."""
+    picked: list[int] = []
+    taken: set[str] = set()
+    for i in candidates:
+        digit = _bucket_of(src, i)
+        if keep(digit, taken):
+            picked.append(i)
+            taken.add(digit)
+            if len(picked) == count:
+                return picked
+    raise AssertionError(f"no {count} candidates fit")
+
+
 def test_buckets_split_as_the_history_grows_and_a_broken_split_changes_nothing(
         home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from skyferry.ingest import versions
@@ -126,14 +150,17 @@ def test_buckets_split_as_the_history_grows_and_a_broken_split_changes_nothing(
     monkeypatch.setattr(versions, "FIRST_DIGITS", 1)  # 16 buckets
     monkeypatch.setattr(versions, "SPLIT_AT", 2)  # split once touched buckets hold 2 each
     src = tmp_path / "src"
-    for i in range(2):
+    # the buckets depend on the URL (so on tmp_path): the files are picked by their bucket
+    first = _names(src, range(100), lambda digit, taken: digit not in taken, 2)
+    for i in first:
         write_ml_csv(src / f"a{i}.csv", 50, seed=i)
-    assert len(_run(src, "sp")) == 2
+    assert len(_run(src, "sp")) == 2  # two buckets of one entry each: no split
     catalog = open_catalog(load_topology())
     assert SourceIndex(catalog, "sp").digits == 1 and set(_bucket_keys(catalog, "sp")) == {1}
 
     # a split that fails before its marker is written leaves the old buckets in force
-    for i in range(2, 40):
+    second = [i for i in range(100) if i not in first][:38]  # 40 in 16 buckets: a split
+    for i in second:
         write_ml_csv(src / f"a{i}.csv", 50, seed=i)
 
     def refuse(self: SourceIndex, digits: int) -> None:
@@ -148,8 +175,9 @@ def test_buckets_split_as_the_history_grows_and_a_broken_split_changes_nothing(
     assert _run(src, "sp") == []  # that batch committed before the split failed
 
     # the next commit splits: 16 times as many buckets, the old ones deleted, all agreeing
-    for i in range(40, 44):
-        write_ml_csv(src / f"a{i}.csv", 50, seed=i)
+    held = {_bucket_of(src, i) for i in [*first, *second]}
+    for i in _names(src, range(100, 400), lambda digit, taken: digit in held, 4):
+        write_ml_csv(src / f"a{i}.csv", 50, seed=i)  # each into a bucket that holds one
     assert len(_run(src, "sp")) == 4
     index = SourceIndex(catalog, "sp")
     assert index.digits == 2
