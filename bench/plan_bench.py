@@ -16,7 +16,7 @@ from pathlib import Path
 
 from skyferry.ingest.listing import list_source
 from skyferry.ingest.read import plan_chunks
-from skyferry.process.clean import _is_utf8
+from skyferry.process.decode import is_utf8
 
 CHUNK = 64 << 20
 
@@ -62,7 +62,7 @@ def main() -> None:
         figures[name] = round(path.stat().st_size / 1e6 / seconds, 1)
         _say(f"{name}: {figures[name]} ({path.stat().st_size / 1e6:.0f} MB in {seconds:.2f} s)")
         data = path.read_bytes()[:CHUNK]
-        check = _best(lambda data=data: _is_utf8(data))
+        check = _best(lambda data=data: is_utf8(data))
         figures[f"utf8_check_{'quoted' if quoted else 'plain'}_gb_s"] = round(
             len(data) / 1e9 / check, 1)
     _say(json.dumps(figures))

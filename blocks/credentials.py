@@ -18,9 +18,8 @@ import logging
 from typing import Any
 
 from skyferry.errors import TopologyError
-from skyferry.topology import use_credentials
 
-__all__ = ["options_from_block", "resolve_credentials_with_blocks"]
+__all__ = ["options_from_block"]
 
 logger = logging.getLogger("skyferry.blocks")
 
@@ -29,7 +28,7 @@ def _secret(value: Any) -> Any:
     return value.get_secret_value() if hasattr(value, "get_secret_value") else value
 
 
-def options_from_block(reference: str, *, node: str) -> dict[str, Any]:
+def options_from_block(reference: str, node: str) -> dict[str, Any]:
     """Load the named credentials block and return fsspec storage options."""
     from prefect.blocks.core import Block
 
@@ -72,8 +71,3 @@ def options_from_block(reference: str, *, node: str) -> dict[str, Any]:
         return {}
     raise TopologyError(f"node {node}: block {reference!r} is a {kind}, not AwsCredentials, "
                         "GcpCredentials or AzureBlobStorageCredentials", source=node)
-
-
-def resolve_credentials_with_blocks() -> None:
-    """Resolve nodes' ``credentials`` references as saved Prefect blocks, in this process."""
-    use_credentials(lambda reference, node: options_from_block(reference, node=node))

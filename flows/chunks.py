@@ -8,6 +8,7 @@ so memory is bounded by the window times a few blocks, whatever the dataset's si
 from __future__ import annotations
 
 from collections import deque
+from contextlib import AbstractContextManager
 from queue import SimpleQueue
 from typing import Any
 
@@ -17,11 +18,12 @@ from prefect.futures import PrefectFuture
 from flows.common import event, ref
 from flows.live import LiveStatus
 from flows.runners import uses_processes
-from skyferry.errors import StageError
+from skyferry.errors import StageError, failing_as
 from skyferry.models import ChunkPlan, StoredChunk
 from skyferry.run.batch import journal_chunk
 from skyferry.run.chunk import ChunkProgress, Moved
 from skyferry.run.context import BatchRun
+from skyferry.stages import Stage
 from tasks._common import with_retries
 from tasks.move import move_chunk, move_chunk_on_worker
 
@@ -29,40 +31,35 @@ __all__ = ["move_chunks"]
 
 
 class _Failure:
-    """The first chunk that failed in a share: raised when the chunks in flight have ended.
-
-    A stage's failure is already a :class:`StageError`; anything else (a crashed task run)
-    is raised as the stage's failure, from it.
-    """
+    """The first chunk that failed in a share: raised when the chunks in flight have ended."""
 
     def __init__(self, run: BatchRun) -> None:
         self.run = run
-        self.first: tuple[Exception, str, int] | None = None
+        self.first: StageError | None = None
 
-    def add(self, exc: Exception, stage: str, index: int) -> None:
-        stage = exc.stage if isinstance(exc, StageError) else stage
-        get_run_logger().error("chunk %s failed in %s: %s", index, stage, exc,
-                               extra=event(self.run.config, stage, self.run.plan.batch_id,
+    def failing_as(self, stage: Stage, index: int) -> AbstractContextManager[None]:
+        """A failure inside that is not already a stage's (a crashed task run) is ``stage``'s."""
+        return failing_as(stage, dataset=self.run.config.dataset,
+                          batch_id=self.run.plan.batch_id, chunk=index)
+
+    def add(self, exc: StageError, index: int) -> None:
+        get_run_logger().error("chunk %s failed in %s: %s", index, exc.stage, exc,
+                               extra=event(self.run.config, exc.stage, self.run.plan.batch_id,
                                            index))
-        self.run.setup.recorder.record(stage, nbytes=0, seconds=0.0, ok=False)
+        self.run.setup.recorder.record(exc.stage, nbytes=0, seconds=0.0, ok=False)
         if self.first is None:
-            self.first = (exc, stage, index)
+            self.first = exc
 
     def __bool__(self) -> bool:
         return self.first is not None
 
     def raise_first(self) -> None:
-        if self.first is None:
-            return
-        exc, stage, index = self.first
-        if isinstance(exc, StageError):
-            raise exc
-        raise StageError(str(exc), stage=stage, batch_id=self.run.plan.batch_id,
-                         dataset=self.run.config.dataset, chunk=index) from exc
+        if self.first is not None:
+            raise self.first
 
 
 def _stored(run: BatchRun, chunk: StoredChunk, stored: list[StoredChunk], total: int,
-            live: LiveStatus | None, stage: str) -> None:
+            live: LiveStatus | None, stage: Stage) -> None:
     journal_chunk(run, chunk)
     stored.append(chunk)
     get_run_logger().info("chunk %s stored on %s (%d/%d of this share)", chunk.index,
@@ -109,9 +106,10 @@ def move_chunks(chunks: list[ChunkPlan], run: BatchRun,
         future = finished.get()
         index, progress = active.pop(future)
         try:
-            chunk, timings, last = _outcome(future, progress)
-        except Exception as exc:
-            failure.add(exc, "distribution", index)
+            with failure.failing_as("distribution", index):
+                chunk, timings, last = _outcome(future, progress)
+        except StageError as exc:
+            failure.add(exc, index)
             queue.clear()
             continue
         for stage, (nbytes, seconds) in timings.items():
@@ -119,9 +117,10 @@ def move_chunks(chunks: list[ChunkPlan], run: BatchRun,
             run.setup.recorder.record(stage, nbytes=int(nbytes), seconds=seconds,
                                       attempts=chunk.attempts if stage == last else 1)
         try:
-            _stored(run, chunk, stored, len(chunks), live, "distribution")
-        except Exception as exc:
-            failure.add(exc, "storage", index)
+            with failure.failing_as("storage", index):
+                _stored(run, chunk, stored, len(chunks), live, "distribution")
+        except StageError as exc:
+            failure.add(exc, index)
             queue.clear()
             continue
         if queue and not failure:

@@ -15,7 +15,6 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from blocks.credentials import resolve_credentials_with_blocks
 from flows.chunks import move_chunks
 from flows.common import emit_node_events, event, ref
 from flows.live import LiveStatus
@@ -23,7 +22,7 @@ from flows.runners import SettingsTaskRunner, uses_processes
 from flows.shares import CHILD_FLOW, ShareReport
 from skyferry.config import PipelineConfig
 from skyferry.distribute.probe import probe_nodes
-from skyferry.errors import SkyferryError, StageError
+from skyferry.errors import failing_as
 from skyferry.run.context import BatchRun, load_batch, open_run
 from tasks import distribute
 
@@ -41,20 +40,13 @@ def cloud_share(config: PipelineConfig, batch_id: str, cloud: str, chunks: list[
     ``known_down`` are nodes an earlier in-process share found down, with why; they are
     avoided without being probed again. A child on another pool probes every node itself.
     """
-    resolve_credentials_with_blocks()
-    try:
+    with failing_as("setup", dataset=config.dataset, batch_id=batch_id):
         setup = open_run(config)
-    except SkyferryError as exc:
-        raise StageError(str(exc), stage="setup", batch_id=batch_id,
-                         dataset=config.dataset) from exc
     emit_node_events(setup)
     for node, reason in (known_down or {}).items():
         setup.health.mark(node, "down", reason)
-    try:
+    with failing_as("setup", dataset=config.dataset, batch_id=batch_id):
         run = load_batch(setup, batch_id)
-    except Exception as exc:
-        raise StageError(str(exc), stage="ingestion", batch_id=batch_id,
-                         dataset=config.dataset) from exc
     try:
         return _move_share(run, cloud, chunks, pool, progress_artifact, started_at,
                            done_at_start)
@@ -67,15 +59,12 @@ def _move_share(run: BatchRun, cloud: str, chunks: list[int], pool: str | None,
                 done_at_start: int) -> ShareReport:
     logger = get_run_logger()
     setup, plan = run.setup, run.plan
-    try:
+    with failing_as("setup", dataset=plan.dataset, batch_id=plan.batch_id):
         if uses_processes(setup.settings):  # the flow's own process; the cluster gets chunks
             probe_nodes(setup.topology, setup.health, setup.settings.probe_timeout_s)
         else:
             distribute.probe_nodes(ref(setup))
         done = run.catalog.done_indices(plan.dataset, plan.batch_id)
-    except Exception as exc:
-        raise StageError(str(exc), stage="ingestion", batch_id=plan.batch_id,
-                         dataset=plan.dataset) from exc
     by_index = {c.index: c for c in plan.chunks}
     todo = [by_index[i] for i in chunks if i not in done]
     where = pool or "in-process"

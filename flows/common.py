@@ -12,6 +12,7 @@ from skyferry.config import PipelineConfig
 from skyferry.distribute.placement import HealthState
 from skyferry.run.context import RunSetup
 from skyferry.secrets import scrub
+from skyferry.stages import Stage
 
 __all__ = ["emit_node_events", "event", "ref"]
 
@@ -25,7 +26,7 @@ def ref(value: Any) -> Any:
     return quote(value)
 
 
-def event(config: PipelineConfig, stage: str, batch_id: str | None = None,
+def event(config: PipelineConfig, stage: Stage, batch_id: str | None = None,
           chunk: int | None = None) -> dict[str, Any]:
     """Structured fields for a log event: the dataset, the batch, the stage and the chunk."""
     return {"dataset": config.dataset, "batch": batch_id or config.batch_id, "stage": stage,

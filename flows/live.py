@@ -21,6 +21,7 @@ from prefect.client.schemas.actions import ArtifactUpdate
 
 from skyferry.commit.manifest import BatchPlan, Catalog
 from skyferry.distribute.placement import NodeHealth
+from skyferry.stages import Stage
 
 __all__ = ["LiveStatus", "create_live_status", "PROGRESS_DESCRIPTION"]
 
@@ -59,7 +60,7 @@ class LiveStatus:
         self.health = health
         self.interval_s = interval_s
         self._sizes = {c.index: c.size for c in plan.chunks}
-        self._stage = "ingestion"
+        self._stage: Stage = "ingestion"
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -71,7 +72,7 @@ class LiveStatus:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def fields(self, stage: str) -> dict[str, str]:
+    def fields(self, stage: Stage) -> dict[str, str]:
         """The live fields, computed from the journal."""
         done = self.catalog.done_indices(self.plan.dataset, self.plan.batch_id)
         total = len(self.plan.chunks)
@@ -96,7 +97,7 @@ class LiveStatus:
             "started_at": f"{self.started_at:.3f}",
         }
 
-    def update(self, stage: str, *, force: bool = False) -> None:
+    def update(self, stage: Stage, *, force: bool = False) -> None:
         """Note ``stage`` for the next publish; ``force`` publishes now, and for the last time."""
         if self.artifact_id is None:
             return
@@ -139,7 +140,7 @@ class LiveStatus:
                 if self._stop.wait(self.interval_s):
                     return
 
-    def _publish(self, stage: str, client: SyncPrefectClient | None = None) -> None:
+    def _publish(self, stage: Stage, client: SyncPrefectClient | None = None) -> None:
         try:
             fields = self.fields(stage)
             done, total = int(fields["chunks_done"]), int(fields["chunks_total"])

@@ -27,7 +27,6 @@ from prefect.context import FlowRunContext, SettingsContext, get_settings_contex
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from blocks.credentials import resolve_credentials_with_blocks
 from flows.common import emit_node_events, event, ref
 from flows.dispatch import dispatch_to_pools, run_in_process
 from flows.ephemeral import guard_ephemeral_api, run_settings
@@ -35,7 +34,7 @@ from flows.live import LiveStatus, create_live_status
 from flows.shares import ShareReport
 from skyferry.commit.lease import DatasetLease
 from skyferry.config import PipelineConfig, Settings, get_settings
-from skyferry.errors import SkyferryError, StageError
+from skyferry.errors import StageError, failing_as
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
 from skyferry.models import ChunkPlan, StoredChunk
@@ -57,15 +56,12 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
     """Ingest a source, process it, store every chunk on R nodes (W verified), commit."""
     started = time.perf_counter()
     guard_ephemeral_api()  # the API's server ends with this process, even on SIGKILL
-    resolve_credentials_with_blocks()
-    try:
+    batch = config.batch_id or "unplanned"
+    with failing_as("setup", dataset=config.dataset, batch_id=batch):
         setup = open_run(config)
-    except SkyferryError as exc:
-        raise StageError(str(exc), stage="setup", batch_id=config.batch_id or "unplanned",
-                         dataset=config.dataset) from exc
     emit_node_events(setup)
     logger = get_run_logger()
-    try:
+    with failing_as("setup", dataset=config.dataset, batch_id=batch):
         latencies = probe_nodes(ref(setup))
         logger.info("nodes: %s", {n: ("down" if v is None else f"{v * 1000:.1f} ms")
                                   for n, v in latencies.items()})
@@ -74,36 +70,37 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
                                  "dataset %s is being run by another run (pid %s on %s); "
                                  "waiting for it to end", config.dataset, holder.get("pid"),
                                  holder.get("host")))
-        with lease:
-            return _run_batch(setup, started)
-    except StageError:
-        raise
-    except Exception as exc:
-        raise StageError(str(exc), stage="ingestion", dataset=config.dataset,
-                         batch_id=config.batch_id or "unplanned") from exc
+    # the lease's taking and release are setup's; the batch's stages raise their own
+    with failing_as("setup", dataset=config.dataset, batch_id=batch), lease:
+        return _run_batch(setup, started)
 
 
 def _run_batch(setup: RunSetup, started: float) -> PipelineResult:
     """List, plan, move and commit, while this run holds the dataset's lease."""
     logger = get_run_logger()
     config = setup.config
-    if config.batch_id is not None:  # committed before, or by the run this one waited for
-        for manifest in setup.catalog.manifests(config.dataset):
-            if manifest.batch_id == config.batch_id:
-                check_batch_reuse(setup, manifest)
-                logger.info("batch %s is already committed; nothing to do", config.batch_id)
-                return PipelineResult(status="already_committed", dataset=config.dataset,
-                                      batch_id=config.batch_id,
-                                      chunks_skipped=len(manifest.chunks),
-                                      duration_s=round(time.perf_counter() - started, 3))
-    listing = with_retries(list_new_files)(ref(setup))
+    batch = config.batch_id or "unplanned"
+    with failing_as("ingestion", dataset=config.dataset, batch_id=batch):  # the listing
+        if config.batch_id is not None:  # committed before, or by the run this one waited for
+            for manifest in setup.catalog.manifests(config.dataset):
+                if manifest.batch_id == config.batch_id:
+                    check_batch_reuse(setup, manifest)
+                    logger.info("batch %s is already committed; nothing to do",
+                                config.batch_id)
+                    return PipelineResult(status="already_committed", dataset=config.dataset,
+                                          batch_id=config.batch_id,
+                                          chunks_skipped=len(manifest.chunks),
+                                          duration_s=round(time.perf_counter() - started, 3))
+        listing = with_retries(list_new_files)(ref(setup))
     if not listing.files:
         logger.info("no new or changed files under %s", config.source)
         return PipelineResult(status="up_to_date", dataset=config.dataset,
                               skipped_files=list(listing.skipped),
                               odd_files=dict(listing.odd),
                               duration_s=round(time.perf_counter() - started, 3))
-    run = with_retries(plan_batch)(ref(setup), ref(listing.files))
+    # planning the chunks; placing them raises as distribution's
+    with failing_as("ingestion", dataset=config.dataset, batch_id=batch):
+        run = with_retries(plan_batch)(ref(setup), ref(listing.files))
     try:
         return _move_and_commit(run, listing.skipped, started, listing.odd)
     finally:
@@ -119,8 +116,7 @@ def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
     logger.info("batch %s: %d chunks, %d to do, %d already stored", plan.batch_id,
                 len(plan.chunks), len(todo), len(done),
                 extra=event(config, "ingestion", plan.batch_id))
-    stage = "distribution"
-    try:
+    with failing_as("distribution", dataset=config.dataset, batch_id=plan.batch_id):
         progress = create_live_status(plan, len(done))
         with LiveStatus(progress, run.catalog, plan, started_at=time.time(),
                         done_at_start=len(done), health=run.setup.health) as live:
@@ -128,15 +124,11 @@ def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
                 reports = dispatch_to_pools(run, todo, live)
             else:
                 reports = run_in_process(run, todo, live)
-            stage = "storage"
-            new = _collect(run, todo, reports)
-            live.update("storage", force=True)
+            with failing_as("storage", dataset=config.dataset, batch_id=plan.batch_id):
+                new = _collect(run, todo, reports)
+                live.update("storage", force=True)
+    with failing_as("storage", dataset=config.dataset, batch_id=plan.batch_id):
         manifest, key = with_retries(commit_manifest)(ref(run), ref(list(done.values()) + new))
-    except StageError:
-        raise
-    except Exception as exc:
-        raise StageError(str(exc), stage=stage, dataset=config.dataset,
-                         batch_id=plan.batch_id) from exc
     result = summarize(run, manifest, key, new, len(done), started, skipped_files, odd_files)
     result.flow_run_id = str(flow_run.id) if flow_run.id else None
     publish_artifacts(result)

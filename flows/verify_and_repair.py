@@ -14,7 +14,6 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from blocks.credentials import resolve_credentials_with_blocks
 from flows.common import ref
 from skyferry.config import get_settings
 from skyferry.errors import ReplicasAtRiskError
@@ -33,7 +32,6 @@ def verify_and_repair(dataset: str, batch_id: str | None = None, deep: bool = Fa
     missing or damaged and replay hints. ``node``: repair only the batches with a replica or
     a hint on it (the ``node-recovered-repair`` automation sets it). Returns the report as
     JSON-ready data."""
-    resolve_credentials_with_blocks()
     logger = get_run_logger()
     topo = load_topology(topology)
     if repair:

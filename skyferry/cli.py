@@ -13,7 +13,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from blocks.credentials import resolve_credentials_with_blocks
 from skyferry.config import PipelineConfig, get_settings, parse_duration, parse_size
 from skyferry.errors import ConfigError, SkyferryError
 from skyferry.memory import tune_allocator
@@ -28,7 +27,6 @@ err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whole for
 
 @app.callback()
 def _setup_process() -> None:
-    resolve_credentials_with_blocks()  # nodes may name saved credentials blocks
     # Before any command imports pyarrow or starts Prefect: a thread that has allocated
     # keeps its own glibc arena, which the tuning cannot reach (skyferry/memory.py).
     if get_settings().tune_malloc:

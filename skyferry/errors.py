@@ -38,6 +38,11 @@ keyword-only attributes so callers (and retry conditions) never parse messages.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from skyferry.stages import Stage
+
 __all__ = [
     "AccessDeniedError",
     "BatchIdReusedError",
@@ -72,6 +77,7 @@ __all__ = [
     "TransientException",
     "UnsafeKeyError",
     "ZeroByteFileError",
+    "failing_as",
     "is_transient",
 ]
 
@@ -272,7 +278,7 @@ class StageError(SkyferryError):
     """The one boundary of a stage's failure: names the stage, the dataset, the batch and,
     where there is one, the chunk. Raised once, ``from`` its cause."""
 
-    def __init__(self, message: str, *, stage: str, batch_id: str, dataset: str,
+    def __init__(self, message: str, *, stage: Stage, batch_id: str, dataset: str,
                  chunk: int | None = None) -> None:
         where = f"{dataset}/batch={batch_id}" + (f" chunk {chunk}" if chunk is not None else "")
         super().__init__(f"stage {stage} failed for {where}: {message}")
@@ -287,9 +293,23 @@ class StageError(SkyferryError):
                                self.chunk))
 
 
-def _stage_error(message: str, stage: str, batch_id: str, dataset: str,
+def _stage_error(message: str, stage: Stage, batch_id: str, dataset: str,
                  chunk: int | None) -> StageError:
     return StageError(message, stage=stage, batch_id=batch_id, dataset=dataset, chunk=chunk)
+
+
+@contextmanager
+def failing_as(stage: Stage, *, dataset: str, batch_id: str,
+               chunk: int | None = None) -> Iterator[None]:
+    """A failure inside is ``stage``'s: raised as a :class:`StageError` from its cause. A
+    :class:`StageError` from a step inside keeps the stage it names."""
+    try:
+        yield
+    except StageError:
+        raise
+    except Exception as exc:
+        raise StageError(str(exc), stage=stage, batch_id=batch_id, dataset=dataset,
+                         chunk=chunk) from exc
 
 
 def is_transient(exc: BaseException) -> bool:

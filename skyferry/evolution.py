@@ -33,14 +33,24 @@ import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest
 from skyferry.errors import IntegrityError, SchemaEvolutionError
-from skyferry.process.clean import BEYOND_DOUBLE
 from skyferry.process.convert import spelled
 from skyferry.storage import Store
 
-__all__ = ["chunk_schemas", "conform", "dataset_schema", "decode_schema", "encode_schema",
-           "resolve", "wider"]
+__all__ = ["BEYOND_DOUBLE", "beyond_double", "chunk_schemas", "conform", "dataset_schema",
+           "decode_schema", "encode_schema", "resolve", "wider"]
 
 logger = logging.getLogger("skyferry.read")
+
+
+BEYOND_DOUBLE = b"skyferry.beyond_double"  # field metadata: the column has such integers
+
+
+def beyond_double(column: pa.ChunkedArray | pa.Array) -> bool:
+    """Whether an integer column holds a value that no double holds exactly (beyond 2^53)."""
+    if not pa.types.is_integer(column.type) or len(column) == column.null_count:
+        return False
+    extremes = pc.min_max(column)
+    return max(abs(extremes["min"].as_py()), abs(extremes["max"].as_py())) > 2 ** 53
 
 
 def encode_schema(schema: pa.Schema) -> str:

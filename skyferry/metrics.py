@@ -8,10 +8,11 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from skyferry.stages import STAGES, Stage
+
 __all__ = ["MEASURABLE_S", "PipelineResult", "StageMetrics", "StageRecorder", "STAGES",
            "rate_text"]
 
-STAGES = ("ingestion", "processing", "distribution", "storage")
 Status = Literal["completed", "failed", "up_to_date", "already_committed"]
 
 # A stage busy for less than this moved its bytes in no time one can measure: it gets no
@@ -72,7 +73,7 @@ class PipelineResult(BaseModel):
         default_factory=list, description="chunks whose replicas are all in one cloud (a run "
         "with min_clouds 1): losing that cloud loses them")
     error: str | None = None
-    error_stage: str | None = None
+    error_stage: Stage | None = None
     error_type: str | None = Field(default=None, description="the type of the error's cause")
 
 
@@ -92,7 +93,7 @@ class StageRecorder:
     acc: dict[str, _Acc] = field(default_factory=lambda: {s: _Acc() for s in STAGES})
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record(self, stage: str, *, nbytes: int, seconds: float, attempts: int = 1,
+    def record(self, stage: Stage, *, nbytes: int, seconds: float, attempts: int = 1,
                ok: bool = True) -> None:
         with self._lock:
             a = self.acc[stage]

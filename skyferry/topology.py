@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable
+from functools import cache
 from importlib import resources
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +33,16 @@ from skyferry.storage import Store
 
 __all__ = [
     "KNOWN_CLOUDS",
+    "CREDENTIALS_GROUP",
     "CredentialResolver",
     "Link",
     "LinkCost",
     "Node",
     "Topology",
+    "credential_resolver",
     "load_topology",
     "location_of",
     "protocol_of",
-    "use_credentials",
     "with_timeouts",
 ]
 
@@ -67,15 +70,25 @@ def with_timeouts(protocol: str, options: dict[str, Any], timeout_s: float) -> d
 
 
 # Resolves a node's ``credentials`` reference ("aws-credentials/prod") into fsspec storage
-# options. The domain knows no credentials store: the Prefect layer (blocks/credentials.py)
-# hands its resolver to :func:`use_credentials` before a run reaches a node.
+# options. The domain knows no credentials store: a resolver is installed as an entry point
+# of the group ``skyferry.credentials``; skyferry's own (blocks/credentials.py) reads saved
+# Prefect blocks. It is found when a node first names credentials, in any process.
 CredentialResolver = Callable[[str, str], dict[str, Any]]
-_resolver: list[CredentialResolver] = []
+CREDENTIALS_GROUP = "skyferry.credentials"
 
 
-def use_credentials(resolve: CredentialResolver) -> None:
-    """Resolve nodes' ``credentials`` references with ``resolve(reference, node_name)``."""
-    _resolver[:] = [resolve]
+@cache
+def credential_resolver() -> CredentialResolver:
+    """The one resolver installed under :data:`CREDENTIALS_GROUP`."""
+    found = list(entry_points(group=CREDENTIALS_GROUP))
+    if len(found) != 1:
+        names = ", ".join(sorted(e.value for e in found)) or "none"
+        raise TopologyError(f"nodes name credentials, and {len(found)} resolvers are "
+                            f"installed as {CREDENTIALS_GROUP} entry points ({names}): "
+                            "install skyferry (pip install -e .) so that exactly one is",
+                            source=CREDENTIALS_GROUP)
+    resolver: CredentialResolver = found[0].load()
+    return resolver
 
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -155,11 +168,7 @@ class Node(BaseModel):
         options = dict(self.storage_options)
         register_options(options)
         if self.credentials:
-            if not _resolver:
-                raise TopologyError(f"node {self.name} names credentials {self.credentials!r}, "
-                                    "and nothing resolves credentials in this process",
-                                    source=self.name)
-            options.update(_resolver[0](self.credentials, self.name))
+            options.update(credential_resolver()(self.credentials, self.name))
             register_options(options)
         options = with_timeouts(protocol, options, self.timeout_s)
         if own_session and protocol != "file":

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-from blocks.credentials import resolve_credentials_with_blocks
 from skyferry.models import ChunkPlan
 from skyferry.run import chunk as sequence
 from skyferry.run.chunk import ChunkProgress, Moved
@@ -31,7 +30,6 @@ def move_chunk(chunk: ChunkPlan, run: BatchRun, progress: ChunkProgress) -> Move
 @io_task("move-chunk-on-worker")
 def move_chunk_on_worker(chunk: ChunkPlan, config_json: str, batch_id: str,
                          known_down: dict[str, str]) -> Moved:
-    resolve_credentials_with_blocks()  # a Dask worker's own process
     run = worker_run(config_json, batch_id, known_down)
     # a retry may land on another worker process: start it over, hold nothing back here
     return sequence.move_chunk(chunk, run, attempt())

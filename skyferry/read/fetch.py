@@ -9,12 +9,17 @@ again each time a reader opens it, so a file damaged on the reader's disk is fet
 Beside a chunk's Parquet file the cache can keep its decoded copy (Arrow IPC, one record batch
 per row group), made from the verified Parquet file and hashed when it is made; each open
 hashes it again against that hash, and a damaged copy is made again.
+
+A reader gets an open file, not a mapping: it reads a row group at a time (Arrow's ``ReadAt``,
+safe from many threads), and the file's pages stay page cache, not the reader's memory; the
+open file stays readable when the cache drops it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -36,7 +41,7 @@ from skyferry.errors import TopologyError
 from skyferry.read.plan import PlannedChunk
 from skyferry.topology import LinkCost, Topology
 
-__all__ = ["ChunkCache", "Fetcher", "Place", "ReadReport", "reader_place"]
+__all__ = ["ROW_COUNTS", "ChunkCache", "Fetcher", "Place", "ReadReport", "reader_place"]
 
 logger = logging.getLogger("skyferry.read")
 
@@ -170,43 +175,51 @@ class ChunkCache:
                 total -= size
 
 
-def _digest(mapped: pa.MemoryMappedFile) -> tuple[str, int]:
-    """The content hash and size of a mapped file."""
-    mapped.seek(0)
-    data = mapped.read_buffer()  # the mapping itself, not a copy
-    mapped.seek(0)
-    return str(blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()), data.size
+_HASH_BLOCK = 8 << 20
+ROW_COUNTS = "skyferry.row_counts"  # a decoded copy's footer: each record batch's rows
 
 
-def _mapped_if(path: Path, expected: tuple[str, int]) -> pa.MemoryMappedFile | None:
-    """``path`` mapped, if its bytes hash to ``expected`` (hash, size)."""
+def _digest(opened: pa.NativeFile) -> tuple[str, int]:
+    """The content hash and size of an open file, read a block at a time."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    size = opened.size()
+    for offset in range(0, size, _HASH_BLOCK):
+        hasher.update(opened.read_at(min(_HASH_BLOCK, size - offset), offset))
+    return str(hasher.hexdigest()), size
+
+
+def _opened_if(path: Path, expected: tuple[str, int]) -> pa.NativeFile | None:
+    """``path`` open, if its bytes hash to ``expected`` (hash, size)."""
     try:
-        mapped = pa.memory_map(str(path))
+        opened = pa.OSFile(str(path))
     except FileNotFoundError:  # dropped by another reader's trim
         return None
-    if _digest(mapped) == expected:
-        return mapped
-    mapped.close()
+    if _digest(opened) == expected:
+        return opened
+    opened.close()
     return None
 
 
-def _decode(source: pa.MemoryMappedFile, path: Path, cache: ChunkCache) -> pa.MemoryMappedFile:
+def _decode(source: pa.NativeFile, path: Path, cache: ChunkCache) -> pa.NativeFile:
     """Write ``source``'s rows to ``path`` as an Arrow IPC file (a record batch for each row
-    group, one row group in memory at a time), record its hash, and map it."""
+    group, one row group in memory at a time), record its hash, and open it."""
     parquet = pq.ParquetFile(source)
     temp = cache.temp(path.name)
     try:
+        counts = [parquet.metadata.row_group(i).num_rows
+                  for i in range(parquet.metadata.num_row_groups)]
         with pa.OSFile(str(temp), "wb") as sink, \
-                pa.ipc.new_file(sink, parquet.schema_arrow) as writer:
+                pa.ipc.new_file(sink, parquet.schema_arrow,
+                                metadata={ROW_COUNTS: json.dumps(counts)}) as writer:
             for group in range(parquet.metadata.num_row_groups):
                 table = parquet.read_row_group(group)
                 writer.write_batch(pa.RecordBatch.from_arrays(
                     [column.combine_chunks() for column in table.columns],
                     schema=table.schema))
-        mapped = pa.memory_map(str(temp))
-        cache.record(path.name.split(".")[0], _digest(mapped))
+        opened = pa.OSFile(str(temp))
+        cache.record(path.name.split(".")[0], _digest(opened))
         os.replace(temp, path)
-        return mapped
+        return opened
     finally:
         temp.unlink(missing_ok=True)
 
@@ -246,45 +259,45 @@ class Fetcher:
         self.cache.trim(keep=chunk.digest)
         return self.cache.path(chunk.digest)
 
-    def open(self, chunk: PlannedChunk, *, decoded: bool = True) -> pa.MemoryMappedFile:
-        """A verified copy of ``chunk``, mapped: its decoded copy (an Arrow IPC file with a
+    def open(self, chunk: PlannedChunk, *, decoded: bool = True) -> pa.NativeFile:
+        """A verified copy of ``chunk``, open: its decoded copy (an Arrow IPC file with a
         record batch for each of the chunk's row groups, made from its verified Parquet
-        file the first time), or its Parquet file. The bytes hashed are the bytes mapped,
-        and stay readable when the cache drops the file."""
+        file the first time), or its Parquet file. The file hashed is the file open, and
+        stays readable when the cache drops it."""
         with self.cache.lock(chunk.digest):
-            mapped = self._decoded(chunk) if decoded else self._verified(chunk)
+            opened = self._decoded(chunk) if decoded else self._verified(chunk)
         self.cache.trim(keep=chunk.digest)
-        return mapped
+        return opened
 
-    def _decoded(self, chunk: PlannedChunk) -> pa.MemoryMappedFile:
+    def _decoded(self, chunk: PlannedChunk) -> pa.NativeFile:
         path = self.cache.decoded_path(chunk.digest)
         recorded = self.cache.recorded(chunk.digest)
         if recorded is not None and path.exists():
-            mapped = _mapped_if(path, recorded)
-            if mapped is not None:
+            opened = _opened_if(path, recorded)
+            if opened is not None:
                 self.cache.used(path)
                 self._count(cache_hits=1)
-                return mapped
+                return opened
             logger.warning("the decoded copy of chunk %d of %s/batch=%s is damaged; making "
                            "it again", chunk.index, chunk.dataset, chunk.batch_id)
         self.cache.forget_decoded(chunk.digest)
         with self._verified(chunk) as source:
             return _decode(source, path, self.cache)
 
-    def _verified(self, chunk: PlannedChunk) -> pa.MemoryMappedFile:
+    def _verified(self, chunk: PlannedChunk) -> pa.NativeFile:
         """The cached Parquet file of ``chunk``, hashed now, or fetched (under its lock)."""
         path = self.cache.path(chunk.digest)
         if path.exists():
-            mapped = _mapped_if(path, (chunk.digest, chunk.size))
-            if mapped is not None:
+            opened = _opened_if(path, (chunk.digest, chunk.size))
+            if opened is not None:
                 self.cache.used(path)
                 self._count(cache_hits=1)
-                return mapped
+                return opened
             logger.warning("the cached copy of chunk %d of %s/batch=%s is damaged; "
                            "fetching it again", chunk.index, chunk.dataset, chunk.batch_id)
             path.unlink(missing_ok=True)
         self._fetch(chunk, path)  # hashed as it landed
-        return pa.memory_map(str(path))
+        return pa.OSFile(str(path))
 
     def _fetch(self, chunk: PlannedChunk, path: Path) -> None:
         """Read the chunk into the cache from its nearest good replica, hashed as it lands

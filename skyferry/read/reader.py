@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import Counter, OrderedDict, deque
@@ -22,7 +23,7 @@ from skyferry.config import get_settings
 from skyferry.distribute.access import node_store
 from skyferry.errors import IntegrityError, ManifestConflictError, ReadPlanError
 from skyferry.evolution import conform, dataset_schema
-from skyferry.read.fetch import ChunkCache, Fetcher, ReadReport, reader_place
+from skyferry.read.fetch import ROW_COUNTS, ChunkCache, Fetcher, ReadReport, reader_place
 from skyferry.read.plan import (
     BLOCK_ROWS,
     PlannedChunk,
@@ -94,7 +95,7 @@ class TrainingReader:
         self.batches_read = 0  # batches this rank has yielded since then
         self._plan: ReadPlan | None = None
         self._schema: pa.Schema | None = None
-        self._files: OrderedDict[str, Future[tuple[pa.MemoryMappedFile, np.ndarray]]] = (
+        self._files: OrderedDict[str, Future[tuple[pa.NativeFile, np.ndarray]]] = (
             OrderedDict())
         self._groups: OrderedDict[tuple[str, int], Future[pa.Table]] = OrderedDict()
         self._lock = threading.Lock()
@@ -154,7 +155,7 @@ class TrainingReader:
     def tables(self, chunks: Collection[str] | None = None) -> Iterator[pa.Table]:
         """The batches. The reader's threads work ahead of them, a run of batches at a time
         (one batch first, then up to ``_GROUP_ROWS`` rows): each finds the run's rows in
-        the plan, reads the row groups that hold them (each once: mapped from the decoded
+        the plan, reads the row groups that hold them (each once: read from the decoded
         copy, or decoded), gathers them with one ``take`` per chunk, and the batches are
         slices of the run. With ``chunks`` (digests), only the rows of those chunks: a
         batch with none of them is left out."""
@@ -282,20 +283,22 @@ class TrainingReader:
                         boundscheck=False)  # in bounds: checked above
         return conform(taken, self.schema)
 
-    def _file(self, chunk: PlannedChunk) -> tuple[pa.MemoryMappedFile, np.ndarray]:
-        """The verified copy of ``chunk``, mapped, and where each of its row groups starts."""
+    def _file(self, chunk: PlannedChunk) -> tuple[pa.NativeFile, np.ndarray]:
+        """The verified copy of ``chunk``, open, and where each of its row groups starts."""
         return self._once(self._files, chunk.digest, _VERIFIED, lambda: self._verify(chunk))
 
-    def _verify(self, chunk: PlannedChunk) -> tuple[pa.MemoryMappedFile, np.ndarray]:
+    def _verify(self, chunk: PlannedChunk) -> tuple[pa.NativeFile, np.ndarray]:
         # verified before any of its rows is read
-        mapped = self.fetcher.open(chunk, decoded=self.config.decoded)
+        opened = self.fetcher.open(chunk, decoded=self.config.decoded)
         if self.config.decoded:
-            opened = pa.ipc.open_file(mapped)
-            counts = [opened.get_batch(i).num_rows for i in range(opened.num_record_batches)]
+            ipc = pa.ipc.open_file(opened)
+            recorded = (ipc.metadata or {}).get(ROW_COUNTS.encode())
+            counts = json.loads(recorded) if recorded is not None else [
+                ipc.get_batch(i).num_rows for i in range(ipc.num_record_batches)]
         else:
-            meta = pq.read_metadata(mapped)
+            meta = pq.read_metadata(opened)
             counts = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        return mapped, np.cumsum([0, *counts], dtype=np.int64)
+        return opened, np.cumsum([0, *counts], dtype=np.int64)
 
     def _group(self, chunk: PlannedChunk, group: int) -> pa.Table:
         return self._once(self._groups, (chunk.digest, group), _GROUPS,
@@ -304,11 +307,11 @@ class TrainingReader:
     def _decode(self, chunk: PlannedChunk, group: int) -> pa.Table:
         """Row group ``group`` of ``chunk`` (its record batch in the decoded copy), through a
         reader of its own: a Parquet reader is not to be shared between threads, and the
-        mapped file reads at an offset without moving a position."""
-        mapped, _ = self._file(chunk)
+        open file reads at an offset without moving a position."""
+        opened, _ = self._file(chunk)
         if self.config.decoded:
-            return pa.Table.from_batches([pa.ipc.open_file(mapped).get_batch(group)])
-        return pq.ParquetFile(mapped).read_row_group(group)
+            return pa.Table.from_batches([pa.ipc.open_file(opened).get_batch(group)])
+        return pq.ParquetFile(opened).read_row_group(group)
 
     def _once(self, made: OrderedDict[Any, Future[Any]], key: Any, keep: int,
               make: Callable[[], Any]) -> Any:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from skyferry import __version__
 from skyferry.commit.manifest import BatchPlan, Lineage, Manifest
-from skyferry.errors import BatchIdReusedError, SourceError
+from skyferry.errors import BatchIdReusedError, SourceError, failing_as
 from skyferry.ingest.listing import Listing, list_source_files
 from skyferry.ingest.read import plan_chunks
 from skyferry.ingest.versions import SourceIndex, grown_from, source_index
@@ -126,8 +126,9 @@ def plan_batch(setup: RunSetup, files: list[SourceFile]) -> BatchRun:
         logger.warning("batch %s had a different plan; starting it again", batch_id)
         setup.catalog.drop_pending(config.dataset, batch_id)
     placer = new_placer(setup)
-    nodes = placer.plan([c.size for c in chunks], setup.health, config.quorum,
-                        draft.min_clouds)
+    with failing_as("distribution", dataset=config.dataset, batch_id=batch_id):  # placement
+        nodes = placer.plan([c.size for c in chunks], setup.health, config.quorum,
+                            draft.min_clouds)
     placed = [c.model_copy(update={"nodes": tuple(n)}) for c, n in zip(chunks, nodes,
                                                                         strict=True)]
     plan = draft.model_copy(update={"batch_id": batch_id, "chunks": placed})

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,16 +26,19 @@ from skyferry.errors import QuorumNotMetError, StageError
 from skyferry.evolution import encode_schema
 from skyferry.ingest.read import SourceStream
 from skyferry.models import ChunkPlan, StoredChunk
-from skyferry.process.clean import ChunkEncoder, ProcessOutput, SchemaDrift
+from skyferry.process.clean import ChunkEncoder, ProcessOutput
+from skyferry.process.encode import SchemaDrift
 from skyferry.run.context import BatchRun
+from skyferry.stages import Stage
 
-__all__ = ["STAGES", "ChunkProgress", "Moved", "move_chunk"]
+__all__ = ["CHUNK_STAGES", "ChunkProgress", "Moved", "move_chunk"]
 
 logger = logging.getLogger("skyferry.run")
 
-STAGES = ("ingestion", "processing", "distribution")
+CHUNK_STAGES: tuple[Stage, ...] = ("ingestion", "processing", "distribution")
+"""The stages a chunk's move measures; storage (its journal and the commit) is the run's."""
 
-Moved = tuple[StoredChunk, dict[str, list[float]], str]
+Moved = tuple[StoredChunk, dict[Stage, list[float]], Stage]
 """A moved chunk: the stored record; per stage, ``[bytes, seconds]``; and the stage the
 attempt started at (where a retry resumed, so where its retries are counted)."""
 
@@ -45,12 +50,38 @@ class ChunkProgress:
     its source again, and must hash the same); a finished move leaves its outcome in
     ``moved``."""
 
-    stage: str = STAGES[0]
+    stage: Stage = "ingestion"
     done: tuple[str, ...] = ()  # nodes holding a verified replica from an earlier attempt
     expect: tuple[str, int] | None = None  # the chunk's (digest, size), once produced
     columns: Any = None  # the Parquet columns, when the chunk's had to widen
-    timings: dict[str, list[float]] = field(default_factory=dict)
+    timings: dict[Stage, list[float]] = field(default_factory=dict)
     moved: Moved | None = None
+
+
+class _Sections:
+    """The stage a failure was raised in: the innermost stage section it passed through.
+
+    Each step of a pass runs inside ``with sections(stage)``; a failure raised outside every
+    section (the replica writer's commits, verification and quorum) is distribution's.
+    """
+
+    def __init__(self) -> None:
+        self._raised: dict[int, tuple[BaseException, Stage]] = {}
+
+    @contextmanager
+    def __call__(self, stage: Stage) -> Iterator[None]:
+        try:
+            yield
+        except BaseException as exc:
+            self._raised.setdefault(id(exc), (exc, stage))  # the innermost section's
+            raise
+
+    def stage_of(self, exc: BaseException | None) -> Stage:
+        while exc is not None:  # the failure, or what it was raised from
+            if id(exc) in self._raised:
+                return self._raised[id(exc)][1]
+            exc = exc.__cause__
+        return "distribution"
 
 
 class _Stream:
@@ -58,46 +89,57 @@ class _Stream:
 
     def __init__(self, chunk: ChunkPlan, run: BatchRun) -> None:
         self.chunk, self.run = chunk, run
-        self.stage = STAGES[0]
+        self.sections = _Sections()
         self.columns: Any = None  # the Parquet columns, once a pass found they must widen
         self.source: SourceStream | None = None
         self.out: ProcessOutput | None = None
-        self.seconds = {stage: 0.0 for stage in STAGES}
+        self.seconds: dict[Stage, float] = {stage: 0.0 for stage in CHUNK_STAGES}
         self._writing = 0.0  # time of this pass spent handing blocks to the replicas
 
     def __call__(self, fan: FanOut) -> None:
         run, chunk = self.run, self.chunk
         self._writing = 0.0
-        source = SourceStream(chunk, run.config.source_options, run.setup.settings.block_size)
-        self.stage = "ingestion"
+        self.sections = _Sections()  # an earlier pass's failures (a drift) are not kept
+        with self.sections("ingestion"):
+            source = SourceStream(chunk, run.config.source_options,
+                                  run.setup.settings.block_size)
         if chunk.format == "binary":
-            for block in source:
+            for block in self._blocks(source):
                 self._put(fan, block.data)
             self.source, self.out = source, ProcessOutput()
             self._account(source, 0.0)
             return
-        encoder = ChunkEncoder(chunk.format, run.setup.schema, run.setup.transforms,
-                               f"chunk {chunk.index} ({chunk.parts[0].source})",
-                               run.config.source_options, _Output(self, fan), self.columns)
-        for block in source:
-            self.stage = "processing"
-            encoder.add(block.part, block.data, block.header, block.offset)
-            self.stage = "ingestion"
-        self.stage = "processing"
-        out = encoder.close(chunk.parts)
+        with self.sections("processing"):
+            encoder = ChunkEncoder(chunk.format, run.setup.schema, run.setup.transforms,
+                                   f"chunk {chunk.index} ({chunk.parts[0].source})",
+                                   run.config.source_options, _Output(self, fan), self.columns)
+        for block in self._blocks(source):
+            with self.sections("processing"):
+                encoder.add(block.part, block.data, block.header, block.offset)
+        with self.sections("processing"):
+            out = encoder.close(chunk.parts)
         self.source, self.out = source, out
         self._account(source, encoder.seconds)
+
+    def _blocks(self, source: SourceStream) -> Iterator[Any]:
+        """The source's blocks, each read (and hashed) in the ingestion section."""
+        blocks = iter(source)
+        while True:
+            with self.sections("ingestion"):
+                block = next(blocks, None)
+            if block is None:
+                return
+            yield block
 
     def _account(self, source: SourceStream, processing: float) -> None:
         self.seconds["ingestion"] += source.seconds
         self.seconds["processing"] += max(0.0, processing - self._writing)
 
     def _put(self, fan: FanOut, data: Any) -> None:
-        stage, self.stage = self.stage, "distribution"
         began = time.perf_counter()
-        fan.write(data)
+        with self.sections("distribution"):
+            fan.write(data)
         self._writing += time.perf_counter() - began
-        self.stage = stage
 
 
 class _Output:
@@ -183,14 +225,14 @@ def move_chunk(chunk: ChunkPlan, run: BatchRun, attempt: int = 1,
         with run.setup.window:  # a slot, for as long as the chunk's blocks are here
             stored = _store(chunk, run, attempt, progress, stream)
     except Exception as exc:
-        stage = "distribution" if isinstance(exc, QuorumNotMetError) else stream.stage
+        stage = stream.sections.stage_of(exc)
         progress.stage = stage
         if isinstance(exc, QuorumNotMetError):
             progress.done, progress.expect = exc.done, exc.expect
         raise StageError(str(exc), stage=stage, batch_id=run.plan.batch_id,
                          dataset=run.config.dataset, chunk=chunk.index) from exc
     assert stream.source is not None
-    timings = {
+    timings: dict[Stage, list[float]] = {
         "ingestion": [stream.source.bytes_read, stream.seconds["ingestion"]],
         "processing": [stream.source.bytes_read, stream.seconds["processing"]],
         "distribution": [stored.size * len(stored.verified), stream.seconds["distribution"]],

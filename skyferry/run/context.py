@@ -27,8 +27,8 @@ from skyferry.errors import (
 from skyferry.ingest.listing import source_cloud
 from skyferry.memory import tune_allocator
 from skyferry.metrics import StageRecorder
-from skyferry.process.clean import Transform, load_transforms
 from skyferry.process.schema import Schema, load_schema
+from skyferry.process.transform import Transform, load_transforms
 from skyferry.storage import safe_key
 from skyferry.topology import KNOWN_CLOUDS, Topology, load_topology
 

@@ -302,7 +302,7 @@ def test_bad_node_configuration_is_a_typed_error_naming_the_node(
     src.write_bytes(b"payload" * 100)
     result = run_pipeline(PipelineConfig(source=str(src), dataset="bad", topology=str(topo),
                                          replicas=2, quorum=2))
-    assert result.status == "failed" and result.error_stage == "ingestion"
+    assert result.status == "failed" and result.error_stage == "distribution"
     assert "bad (" in (result.error or ""), result.error
     assert expect in (result.error or ""), result.error
     assert "AccountKey" not in (result.error or "") and "sig=" not in (result.error or "")

@@ -13,8 +13,10 @@ import pyarrow as pa
 
 from skyferry.commit.manifest import BatchPlan, Lineage, Manifest
 from skyferry.models import ChunkPart, ChunkPlan, SourceFile
-from skyferry.process.clean import ChunkEncoder, ProcessOutput, SchemaDrift, Transform
+from skyferry.process.clean import ChunkEncoder, ProcessOutput
+from skyferry.process.encode import SchemaDrift
 from skyferry.process.schema import Schema
+from skyferry.process.transform import Transform
 
 
 def write_ml_csv(path: Path, rows: int, *, seed: int, start_id: int = 0,

@@ -6,6 +6,7 @@ stopped by its PID. See shared/EMULATORS.md for the measured facts behind the fl
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,6 +167,21 @@ class CloudEnv:
         fs = fsspec.filesystem(protocol if protocol != "az" else "az",
                                **self.options(protocol), skip_instance_cache=True)
         fs.mkdir(name)
+
+    def topology(self, path: Path, catalog: Path, nodes: Iterable[tuple[str, str, str]], *,
+                 bucket: Callable[[str], str] = lambda name: name,
+                 timeout_s: float = 10) -> Path:
+        """A topology file at ``path``: one node per (name, protocol, cloud), each in a new
+        bucket (``bucket(name)``) on its server, the catalog in the folder ``catalog``."""
+        lines = [f'catalog: "{catalog}"', "nodes:"]
+        for name, protocol, cloud in nodes:
+            self.make_bucket(protocol, bucket(name))
+            options = json.dumps({k: str(v) for k, v in self.options(protocol).items()})
+            lines.append(f'  - {{name: {name}, cloud: {cloud}, region: r, url: "{protocol}://'
+                         f'{bucket(name)}/data", timeout_s: {timeout_s}, '
+                         f'storage_options: {options}}}')
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     def read_only_connection_string(self, container: str) -> str:
         """A connection string with a read/list-only SAS for ``container``: writes are refused."""

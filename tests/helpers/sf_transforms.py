@@ -29,3 +29,7 @@ def sleep_per_block(df: pd.DataFrame) -> pd.DataFrame:
 
     time.sleep(7.0)
     return df
+
+
+def broken(df: pd.DataFrame) -> pd.DataFrame:
+    raise ValueError("the transform broke (injected)")

@@ -5,7 +5,6 @@ bytes, and each bad replica is recorded once."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +30,14 @@ BLOCK = 4096  # small blocks, so that a chunk streams in several
 
 def _topology(tmp_path: Path, home: Path, backend: str,
               clouds: sf_servers.CloudEnv | None) -> Path:
-    lines = [f'catalog: "{home}/catalog"', "nodes:"]
-    for i, cloud in enumerate(("aws", "gcp", "azure")):
-        name = f"n{i}"
-        if backend == "local":
-            lines.append(f'  - {{name: {name}, cloud: {cloud}, region: r, '
-                         f'url: "{home}/nodes/{name}"}}')
-            continue
-        assert clouds is not None
-        bucket = f"access-{name}"  # bucket names take 3 characters or more
-        clouds.make_bucket(backend, bucket)
-        options = json.dumps({k: str(v) for k, v in clouds.options(backend).items()})
-        lines.append(f'  - {{name: {name}, cloud: {cloud}, region: r, url: "{backend}://'
-                     f'{bucket}/data", timeout_s: 10, storage_options: {options}}}')
+    nodes = [(f"n{i}", backend, cloud) for i, cloud in enumerate(("aws", "gcp", "azure"))]
     path = tmp_path / "topology.yaml"
-    path.write_text("\n".join(lines) + "\n")
+    if backend != "local":
+        assert clouds is not None  # bucket names take 3 characters or more
+        return clouds.topology(path, home / "catalog", nodes, bucket=lambda n: f"access-{n}")
+    path.write_text(f'catalog: "{home}/catalog"\nnodes:\n' + "".join(
+        f'  - {{name: {name}, cloud: {cloud}, region: r, url: "{home}/nodes/{name}"}}\n'
+        for name, _, cloud in nodes))
     return path
 
 

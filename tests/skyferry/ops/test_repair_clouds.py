@@ -3,7 +3,6 @@ servers: checked by hashing the objects through fsspec, not through skyferry's r
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,7 @@ NODES = (("s3-a", "s3", "aws"), ("s3-b", "s3", "aws"), ("gs-a", "gs", "gcp"),
 @pytest.fixture
 def on_clouds(clouds: sf_servers.CloudEnv, home: Path, tmp_path: Path
               ) -> tuple[Topology, Manifest]:
-    lines = [f'catalog: "{home}/catalog"', "nodes:"]
-    for name, protocol, cloud in NODES:
-        clouds.make_bucket(protocol, name)
-        options = json.dumps({k: str(v) for k, v in clouds.options(protocol).items()})
-        lines.append(f'  - {{name: {name}, cloud: {cloud}, region: r, url: "{protocol}://'
-                     f'{name}/data", timeout_s: 10, storage_options: {options}}}')
-    path = tmp_path / "clouds.yaml"
-    path.write_text("\n".join(lines) + "\n")
+    path = clouds.topology(tmp_path / "clouds.yaml", home / "catalog", NODES)
     write_ml_csv(tmp_path / "src" / "a.csv", 3_000, seed=8)
     manifest = commit_without_prefect(tmp_path / "src", "rc", chunk_size="24KB",
                                       topology=str(path), source_cloud="aws")

@@ -3,7 +3,6 @@ sees a replica whose bytes changed, through the store's own checksum."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,9 @@ pytestmark = pytest.mark.clouds
 
 def test_the_default_level_sees_changed_bytes_through_the_stores_checksum(
         clouds: sf_servers.CloudEnv, home: Path, tmp_path: Path) -> None:
-    lines = [f'catalog: "{home}/catalog"', "nodes:"]
-    for name, protocol, cloud in (("s3-node", "s3", "aws"), ("az-node", "az", "azure"),
-                                  ("gs-node", "gs", "gcp")):
-        clouds.make_bucket(protocol, name)
-        options = json.dumps({k: str(v) for k, v in clouds.options(protocol).items()})
-        lines.append(f'  - {{name: {name}, cloud: {cloud}, region: r, url: "{protocol}://'
-                     f'{name}/data", timeout_s: 10, storage_options: {options}}}')
-    path = tmp_path / "clouds.yaml"
-    path.write_text("\n".join(lines) + "\n")
+    path = clouds.topology(tmp_path / "clouds.yaml", home / "catalog",
+                           [("s3-node", "s3", "aws"), ("az-node", "az", "azure"),
+                            ("gs-node", "gs", "gcp")])
     write_ml_csv(tmp_path / "src" / "a.csv", 3_000, seed=5)
     manifest = commit_without_prefect(tmp_path / "src", "vc", chunk_size="32KB",
                                       topology=str(path), source_cloud="aws")

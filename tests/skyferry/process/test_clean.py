@@ -7,10 +7,8 @@ import pytest
 
 from skyferry.errors import FormatError, SchemaError, TransformError
 from skyferry.models import ChunkPart
-from skyferry.process.clean import (
-    load_transforms,
-)
 from skyferry.process.schema import Schema
+from skyferry.process.transform import load_transforms
 from tests.helpers.sf_data import process_parts
 
 SCHEMA = Schema.model_validate({"columns": {

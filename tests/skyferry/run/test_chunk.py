@@ -49,7 +49,7 @@ def test_a_chunk_streamed_in_blocks_stores_every_row_once(
         ids: list[int] = []
         for chunk in run.plan.chunks:
             stored, timings, started_at = move_chunk(chunk, run)
-            assert started_at == "ingestion" and set(timings) == set(sequence.STAGES)
+            assert started_at == "ingestion" and set(timings) == set(sequence.CHUNK_STAGES)
             assert timings["ingestion"][0] == chunk.size
             assert timings["distribution"][0] == 3 * stored.size
             source = (tmp_path / "s" / "a.csv").read_bytes()
@@ -145,6 +145,22 @@ def test_a_source_that_changed_after_planning_fails_ingest_for_good(
         assert not is_transient(failed.value)
         assert str(source) in str(failed.value)
         assert not any((home / "nodes").rglob("*.bin")) if (home / "nodes").exists() else True
+    finally:
+        run.close()
+
+
+def test_a_failing_transform_fails_processing_not_the_stage_around_it(
+        home: Path, tmp_path: Path) -> None:
+    """The stage is the one whose step raised, not the step that ran last in the stream."""
+    write_ml_csv(tmp_path / "a.csv", 500, seed=2)
+    run = _batch(tmp_path / "a.csv", "broken", transforms=["tests.helpers.sf_transforms:broken"])
+    try:
+        with pytest.raises(StageError) as failed:
+            move_chunk(run.plan.chunks[0], run)
+        assert failed.value.stage == "processing" and failed.value.chunk == 0
+        assert "the transform broke (injected)" in str(failed.value)
+        assert not any((home / "nodes").rglob("*.parquet")) if (home / "nodes").exists() \
+            else True
     finally:
         run.close()
 
