@@ -450,7 +450,8 @@ def orchestration(big: Path) -> None:
 def memory(data: Path, big: Path) -> None:
     """Whole-tree peak memory of every command: `run` of a CSV of 8 chunks or more at the
     default chunk size, then `export` (to Parquet, and a binary dataset to a folder),
-    `read`, `verify --deep` and `repair`, at the default chunk size and at 2 GiB chunks."""
+    `read`, `verify --deep`, `repair` and `gc`, at the default chunk size and at 2 GiB
+    chunks."""
     size = max(BIG, 8 * 512 * MIB)
     csv_file = write_csv(data / "csv-big", size)
     sync()
@@ -494,6 +495,9 @@ def memory(data: Path, big: Path) -> None:
         cmds[f"peak_repair_mb{suffix}"] = (
             cli("repair", "big", home=home),
             f"`skyferry repair` of one lost replica of every binary chunk, {label}")
+        cmds[f"peak_gc_mb{suffix}"] = (
+            cli("gc", "--grace", "0", home=home),
+            f"`skyferry gc` of both datasets on every node (nothing to delete), {label}")
         for name, (run, what) in cmds.items():
             limit = 768 if name == "peak_run_csv_mb" else 512
             record(Figure(name, round(run.peak_mb), f"{what}: the largest summed PSS of its "

@@ -22,7 +22,7 @@ from skyferry.errors import FormatError
 from skyferry.evolution import BEYOND_DOUBLE, beyond_double
 from skyferry.models import ChunkPart
 from skyferry.process.decode import decode_part
-from skyferry.process.encode import SchemaDrift, conform, open_writer, widen
+from skyferry.process.encode import SchemaDrift, fit, open_writer, widen
 from skyferry.process.schema import Schema
 from skyferry.process.transform import Transform, apply_transforms
 
@@ -113,7 +113,7 @@ class ChunkEncoder:
                 self._empty = table  # no rows yet: its columns fix nothing
                 return
             self.columns = pa.schema([(f.name, f.type) for f in table.schema])
-        fitted = conform(table, self.columns)
+        fitted = fit(table, self.columns)
         if fitted is None:
             raise SchemaDrift(widen(self.columns, table))
         self._beyond.update(f.name for f in fitted.schema

@@ -10,13 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from skyferry.evolution import beyond_double, wider
-from skyferry.process.convert import spelled
+from skyferry.evolution import beyond_double, conform, wider
 
-__all__ = ["SchemaDrift", "conform", "open_writer", "widen"]
+__all__ = ["SchemaDrift", "fit", "open_writer", "widen"]
 
 
 class SchemaDrift(Exception):  # noqa: N818 (a signal to start the chunk over, not a failure)
@@ -43,28 +41,18 @@ def widen(schema: pa.Schema, table: pa.Table) -> pa.Schema:
     return pa.schema(list(types.items()))
 
 
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table | None:
-    """``table`` with exactly ``schema``'s columns and types (a missing column is nulls), or
-    None when one of its columns is not in ``schema`` or does not fit its type exactly."""
-    if any(name not in schema.names for name in table.column_names):
-        return None
-    columns = []
-    for field_ in schema:
-        if field_.name not in table.column_names:
-            columns.append(pa.nulls(table.num_rows, field_.type))
-            continue
-        column = table.column(field_.name)
-        if column.type == field_.type:
-            columns.append(column)
-        elif wider(field_.type, column.type) != field_.type:
+def fit(table: pa.Table, schema: pa.Schema) -> pa.Table | None:
+    """``table`` with exactly ``schema``'s columns and types (a missing column is nulls, see
+    :func:`skyferry.evolution.conform`), or None when one of its columns is not in
+    ``schema`` or does not fit its type exactly."""
+    for name in table.column_names:
+        if name not in schema.names:
             return None
-        elif pa.types.is_string(field_.type) and not pa.types.is_null(column.type):
-            columns.append(spelled(column.combine_chunks()))
-        elif pa.types.is_floating(field_.type) and beyond_double(column):
+        column, kind = table.column(name), schema.field(name).type
+        if column.type != kind and (wider(kind, column.type) != kind or (
+                pa.types.is_floating(kind) and beyond_double(column))):
             return None
-        else:
-            columns.append(pc.cast(column, field_.type))
-    return pa.Table.from_arrays(columns, schema=schema)
+    return conform(table, schema)
 
 
 def open_writer(sink: Any, columns: pa.Schema) -> pq.ParquetWriter:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from skyferry.errors import SchemaEvolutionError
 from skyferry.evolution import conform, resolve, wider
 from skyferry.ops.export import DatasetReader, export_dataset
+from skyferry.process.encode import fit, widen
 from skyferry.read.reader import ReaderConfig, TrainingReader, read_to_file
 from tests.helpers.sf_data import commit_drifted, commit_without_prefect
 
@@ -149,3 +150,23 @@ def test_any_drift_resolves_to_a_schema_every_chunk_fits(
                 assert column[0].is_valid == table.column(name)[0].is_valid  # nothing lost
                 assert wider(table.column(name).type, schema.field(name).type) == \
                     schema.field(name).type
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.lists(st.dictionaries(st.sampled_from(["a", "b", "c"]), st.sampled_from(TYPES),
+                                min_size=1), min_size=1, max_size=4))
+def test_a_chunk_widened_block_by_block_stores_what_the_dataset_reads(
+        blocks: list[dict[str, pa.DataType]]) -> None:
+    """Whether drift meets inside one chunk (its blocks) or across chunks, the columns and
+    the values come out the same: the chunk's writer and the readers share one rule."""
+    tables = [pa.table({name: _column(kind) for name, kind in columns.items()})
+              for columns in blocks]
+    columns = tables[0].schema
+    for table in tables[1:]:
+        columns = widen(columns, table)
+    schema = resolve(t.schema for t in tables)
+    assert [(f.name, f.type) for f in columns] == [(f.name, f.type) for f in schema]
+    for table in tables:
+        stored = fit(table, columns)
+        assert stored is not None
+        assert stored.cast(schema).equals(conform(table, schema))
