@@ -272,14 +272,10 @@ class Fetcher:
     def _decoded(self, chunk: PlannedChunk) -> pa.NativeFile:
         path = self.cache.decoded_path(chunk.digest)
         recorded = self.cache.recorded(chunk.digest)
-        if recorded is not None and path.exists():
-            opened = _opened_if(path, recorded)
+        if recorded is not None:
+            opened = self._cached(chunk, path, recorded, "decoded copy", "making it again")
             if opened is not None:
-                self.cache.used(path)
-                self._count(cache_hits=1)
                 return opened
-            logger.warning("the decoded copy of chunk %d of %s/batch=%s is damaged; making "
-                           "it again", chunk.index, chunk.dataset, chunk.batch_id)
         self.cache.forget_decoded(chunk.digest)
         with self._verified(chunk) as source:
             return _decode(source, path, self.cache)
@@ -287,17 +283,28 @@ class Fetcher:
     def _verified(self, chunk: PlannedChunk) -> pa.NativeFile:
         """The cached Parquet file of ``chunk``, hashed now, or fetched (under its lock)."""
         path = self.cache.path(chunk.digest)
-        if path.exists():
-            opened = _opened_if(path, (chunk.digest, chunk.size))
-            if opened is not None:
-                self.cache.used(path)
-                self._count(cache_hits=1)
-                return opened
-            logger.warning("the cached copy of chunk %d of %s/batch=%s is damaged; "
-                           "fetching it again", chunk.index, chunk.dataset, chunk.batch_id)
-            path.unlink(missing_ok=True)
+        opened = self._cached(chunk, path, (chunk.digest, chunk.size), "cached copy",
+                              "fetching it again")
+        if opened is not None:
+            return opened
+        path.unlink(missing_ok=True)
         self._fetch(chunk, path)  # hashed as it landed
         return pa.OSFile(str(path))
+
+    def _cached(self, chunk: PlannedChunk, path: Path, expected: tuple[str, int], what: str,
+                then: str) -> pa.NativeFile | None:
+        """``path`` open if it is there and hashes to ``expected`` (a cache hit); None if
+        it is not there, or damaged (said in a warning)."""
+        if not path.exists():
+            return None
+        opened = _opened_if(path, expected)
+        if opened is None:
+            logger.warning("the %s of chunk %d of %s/batch=%s is damaged; %s", what,
+                           chunk.index, chunk.dataset, chunk.batch_id, then)
+            return None
+        self.cache.used(path)
+        self._count(cache_hits=1)
+        return opened
 
     def _fetch(self, chunk: PlannedChunk, path: Path) -> None:
         """Read the chunk into the cache from its nearest good replica, hashed as it lands
