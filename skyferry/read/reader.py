@@ -276,11 +276,16 @@ class TrainingReader:
                                  f"{chunk.batch_id} holds {starts[-1]} rows; its manifest "
                                  f"counts {high + 1} or more", dataset=chunk.dataset,
                                  batch_id=chunk.batch_id, chunk=chunk.index)
-        first, last = (int(g) for g in np.searchsorted(starts, [low, high], side="right") - 1)
-        tables = [self._group(chunk, g) for g in range(first, last + 1)]
+        # only the row groups that hold a row of the piece: a shuffled piece's rows are
+        # spread over the chunk, and its other row groups are never read
+        groups = np.searchsorted(starts, piece.rows, side="right") - 1
+        needed = np.unique(groups)
+        tables = [self._group(chunk, int(g)) for g in needed]
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-        taken = pc.take(table, pa.array(piece.rows - starts[first]),
-                        boundscheck=False)  # in bounds: checked above
+        sizes = starts[needed + 1] - starts[needed]
+        at = np.concatenate(([0], np.cumsum(sizes)[:-1]))  # each group's first row in table
+        rows = piece.rows - starts[groups] + at[np.searchsorted(needed, groups)]
+        taken = pc.take(table, pa.array(rows), boundscheck=False)  # in bounds: checked above
         return conform(taken, self.schema)
 
     def _file(self, chunk: PlannedChunk) -> tuple[pa.NativeFile, np.ndarray]:
