@@ -10,9 +10,8 @@ Beside a chunk's Parquet file the cache can keep its decoded copy (Arrow IPC, on
 per row group), made from the verified Parquet file and hashed when it is made; each open
 hashes it again against that hash, and a damaged copy is made again.
 
-A reader gets an open file, not a mapping: it reads a row group at a time (Arrow's ``ReadAt``,
-safe from many threads), and the file's pages stay page cache, not the reader's memory; the
-open file stays readable when the cache drops it.
+A reader gets the file mapped: it reads a row group at a time without copying it, and the
+mapping stays readable when the cache drops the file.
 """
 
 from __future__ import annotations
@@ -180,7 +179,7 @@ ROW_COUNTS = "skyferry.row_counts"  # a decoded copy's footer: each record batch
 
 
 def _digest(opened: pa.NativeFile) -> tuple[str, int]:
-    """The content hash and size of an open file, read a block at a time."""
+    """The content hash and size of a mapped file, a block of the mapping at a time."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     size = opened.size()
     for offset in range(0, size, _HASH_BLOCK):
@@ -189,9 +188,9 @@ def _digest(opened: pa.NativeFile) -> tuple[str, int]:
 
 
 def _opened_if(path: Path, expected: tuple[str, int]) -> pa.NativeFile | None:
-    """``path`` open, if its bytes hash to ``expected`` (hash, size)."""
+    """``path`` mapped, if its bytes hash to ``expected`` (hash, size)."""
     try:
-        opened = pa.OSFile(str(path))
+        opened = pa.memory_map(str(path))
     except FileNotFoundError:  # dropped by another reader's trim
         return None
     if _digest(opened) == expected:
@@ -216,7 +215,7 @@ def _decode(source: pa.NativeFile, path: Path, cache: ChunkCache) -> pa.NativeFi
                 writer.write_batch(pa.RecordBatch.from_arrays(
                     [column.combine_chunks() for column in table.columns],
                     schema=table.schema))
-        opened = pa.OSFile(str(temp))
+        opened = pa.memory_map(str(temp))
         cache.record(path.name.split(".")[0], _digest(opened))
         os.replace(temp, path)
         return opened
@@ -260,10 +259,10 @@ class Fetcher:
         return self.cache.path(chunk.digest)
 
     def open(self, chunk: PlannedChunk, *, decoded: bool = True) -> pa.NativeFile:
-        """A verified copy of ``chunk``, open: its decoded copy (an Arrow IPC file with a
+        """A verified copy of ``chunk``, mapped: its decoded copy (an Arrow IPC file with a
         record batch for each of the chunk's row groups, made from its verified Parquet
-        file the first time), or its Parquet file. The file hashed is the file open, and
-        stays readable when the cache drops it."""
+        file the first time), or its Parquet file. The bytes hashed are the bytes mapped,
+        and stay readable when the cache drops the file."""
         with self.cache.lock(chunk.digest):
             opened = self._decoded(chunk) if decoded else self._verified(chunk)
         self.cache.trim(keep=chunk.digest)
@@ -289,7 +288,7 @@ class Fetcher:
             return opened
         path.unlink(missing_ok=True)
         self._fetch(chunk, path)  # hashed as it landed
-        return pa.OSFile(str(path))
+        return pa.memory_map(str(path))
 
     def _cached(self, chunk: PlannedChunk, path: Path, expected: tuple[str, int], what: str,
                 then: str) -> pa.NativeFile | None:
