@@ -179,7 +179,9 @@ ROW_COUNTS = "skyferry.row_counts"  # a decoded copy's footer: each record batch
 
 def _digest(mapped: pa.NativeFile) -> tuple[str, int]:
     """The content hash and size of a mapped file, hashed on every core."""
-    data = mapped.read_at(mapped.size(), 0)  # the mapping itself, not a copy
+    mapped.seek(0)
+    data = mapped.read_buffer()  # the mapping itself, not a copy
+    mapped.seek(0)
     return str(blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()), data.size
 
 
