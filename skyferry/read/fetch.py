@@ -9,16 +9,12 @@ again each time a reader opens it, so a file damaged on the reader's disk is fet
 Beside a chunk's Parquet file the cache can keep its decoded copy (Arrow IPC, one record batch
 per row group), made from the verified Parquet file and hashed when it is made; each open
 hashes it again against that hash, and a damaged copy is made again.
-
-A reader gets the file mapped: it reads a row group at a time without copying it, and the
-mapping stays readable when the cache drops the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import threading
@@ -40,7 +36,7 @@ from skyferry.errors import TopologyError
 from skyferry.read.plan import PlannedChunk
 from skyferry.topology import LinkCost, Topology
 
-__all__ = ["ROW_COUNTS", "ChunkCache", "Fetcher", "Place", "ReadReport", "reader_place"]
+__all__ = ["ChunkCache", "Fetcher", "Place", "ReadReport", "reader_place"]
 
 logger = logging.getLogger("skyferry.read")
 
@@ -174,49 +170,43 @@ class ChunkCache:
                 total -= size
 
 
-ROW_COUNTS = "skyferry.row_counts"  # a decoded copy's footer: each record batch's rows
-
-
-def _digest(mapped: pa.NativeFile) -> tuple[str, int]:
-    """The content hash and size of a mapped file, hashed on every core."""
+def _digest(mapped: pa.MemoryMappedFile) -> tuple[str, int]:
+    """The content hash and size of a mapped file."""
     mapped.seek(0)
     data = mapped.read_buffer()  # the mapping itself, not a copy
     mapped.seek(0)
     return str(blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()), data.size
 
 
-def _opened_if(path: Path, expected: tuple[str, int]) -> pa.NativeFile | None:
+def _mapped_if(path: Path, expected: tuple[str, int]) -> pa.MemoryMappedFile | None:
     """``path`` mapped, if its bytes hash to ``expected`` (hash, size)."""
     try:
-        opened = pa.memory_map(str(path))
+        mapped = pa.memory_map(str(path))
     except FileNotFoundError:  # dropped by another reader's trim
         return None
-    if _digest(opened) == expected:
-        return opened
-    opened.close()
+    if _digest(mapped) == expected:
+        return mapped
+    mapped.close()
     return None
 
 
-def _decode(source: pa.NativeFile, path: Path, cache: ChunkCache) -> pa.NativeFile:
+def _decode(source: pa.MemoryMappedFile, path: Path, cache: ChunkCache) -> pa.MemoryMappedFile:
     """Write ``source``'s rows to ``path`` as an Arrow IPC file (a record batch for each row
-    group, one row group in memory at a time), record its hash, and open it."""
+    group, one row group in memory at a time), record its hash, and map it."""
     parquet = pq.ParquetFile(source)
     temp = cache.temp(path.name)
     try:
-        counts = [parquet.metadata.row_group(i).num_rows
-                  for i in range(parquet.metadata.num_row_groups)]
         with pa.OSFile(str(temp), "wb") as sink, \
-                pa.ipc.new_file(sink, parquet.schema_arrow,
-                                metadata={ROW_COUNTS: json.dumps(counts)}) as writer:
+                pa.ipc.new_file(sink, parquet.schema_arrow) as writer:
             for group in range(parquet.metadata.num_row_groups):
                 table = parquet.read_row_group(group)
                 writer.write_batch(pa.RecordBatch.from_arrays(
                     [column.combine_chunks() for column in table.columns],
                     schema=table.schema))
-        opened = pa.memory_map(str(temp))
-        cache.record(path.name.split(".")[0], _digest(opened))
+        mapped = pa.memory_map(str(temp))
+        cache.record(path.name.split(".")[0], _digest(mapped))
         os.replace(temp, path)
-        return opened
+        return mapped
     finally:
         temp.unlink(missing_ok=True)
 
@@ -256,52 +246,45 @@ class Fetcher:
         self.cache.trim(keep=chunk.digest)
         return self.cache.path(chunk.digest)
 
-    def open(self, chunk: PlannedChunk, *, decoded: bool = True) -> pa.NativeFile:
+    def open(self, chunk: PlannedChunk, *, decoded: bool = True) -> pa.MemoryMappedFile:
         """A verified copy of ``chunk``, mapped: its decoded copy (an Arrow IPC file with a
         record batch for each of the chunk's row groups, made from its verified Parquet
         file the first time), or its Parquet file. The bytes hashed are the bytes mapped,
         and stay readable when the cache drops the file."""
         with self.cache.lock(chunk.digest):
-            opened = self._decoded(chunk) if decoded else self._verified(chunk)
+            mapped = self._decoded(chunk) if decoded else self._verified(chunk)
         self.cache.trim(keep=chunk.digest)
-        return opened
+        return mapped
 
-    def _decoded(self, chunk: PlannedChunk) -> pa.NativeFile:
+    def _decoded(self, chunk: PlannedChunk) -> pa.MemoryMappedFile:
         path = self.cache.decoded_path(chunk.digest)
         recorded = self.cache.recorded(chunk.digest)
-        if recorded is not None:
-            opened = self._cached(chunk, path, recorded, "decoded copy", "making it again")
-            if opened is not None:
-                return opened
+        if recorded is not None and path.exists():
+            mapped = _mapped_if(path, recorded)
+            if mapped is not None:
+                self.cache.used(path)
+                self._count(cache_hits=1)
+                return mapped
+            logger.warning("the decoded copy of chunk %d of %s/batch=%s is damaged; making "
+                           "it again", chunk.index, chunk.dataset, chunk.batch_id)
         self.cache.forget_decoded(chunk.digest)
         with self._verified(chunk) as source:
             return _decode(source, path, self.cache)
 
-    def _verified(self, chunk: PlannedChunk) -> pa.NativeFile:
+    def _verified(self, chunk: PlannedChunk) -> pa.MemoryMappedFile:
         """The cached Parquet file of ``chunk``, hashed now, or fetched (under its lock)."""
         path = self.cache.path(chunk.digest)
-        opened = self._cached(chunk, path, (chunk.digest, chunk.size), "cached copy",
-                              "fetching it again")
-        if opened is not None:
-            return opened
-        path.unlink(missing_ok=True)
+        if path.exists():
+            mapped = _mapped_if(path, (chunk.digest, chunk.size))
+            if mapped is not None:
+                self.cache.used(path)
+                self._count(cache_hits=1)
+                return mapped
+            logger.warning("the cached copy of chunk %d of %s/batch=%s is damaged; "
+                           "fetching it again", chunk.index, chunk.dataset, chunk.batch_id)
+            path.unlink(missing_ok=True)
         self._fetch(chunk, path)  # hashed as it landed
         return pa.memory_map(str(path))
-
-    def _cached(self, chunk: PlannedChunk, path: Path, expected: tuple[str, int], what: str,
-                then: str) -> pa.NativeFile | None:
-        """``path`` open if it is there and hashes to ``expected`` (a cache hit); None if
-        it is not there, or damaged (said in a warning)."""
-        if not path.exists():
-            return None
-        opened = _opened_if(path, expected)
-        if opened is None:
-            logger.warning("the %s of chunk %d of %s/batch=%s is damaged; %s", what,
-                           chunk.index, chunk.dataset, chunk.batch_id, then)
-            return None
-        self.cache.used(path)
-        self._count(cache_hits=1)
-        return opened
 
     def _fetch(self, chunk: PlannedChunk, path: Path) -> None:
         """Read the chunk into the cache from its nearest good replica, hashed as it lands

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import Counter, OrderedDict, deque
@@ -23,7 +22,7 @@ from skyferry.config import get_settings
 from skyferry.distribute.access import node_store
 from skyferry.errors import IntegrityError, ManifestConflictError, ReadPlanError
 from skyferry.evolution import conform, dataset_schema
-from skyferry.read.fetch import ROW_COUNTS, ChunkCache, Fetcher, ReadReport, reader_place
+from skyferry.read.fetch import ChunkCache, Fetcher, ReadReport, reader_place
 from skyferry.read.plan import (
     BLOCK_ROWS,
     PlannedChunk,
@@ -95,7 +94,7 @@ class TrainingReader:
         self.batches_read = 0  # batches this rank has yielded since then
         self._plan: ReadPlan | None = None
         self._schema: pa.Schema | None = None
-        self._files: OrderedDict[str, Future[tuple[pa.NativeFile, np.ndarray]]] = (
+        self._files: OrderedDict[str, Future[tuple[pa.MemoryMappedFile, np.ndarray]]] = (
             OrderedDict())
         self._groups: OrderedDict[tuple[str, int], Future[pa.Table]] = OrderedDict()
         self._lock = threading.Lock()
@@ -155,7 +154,7 @@ class TrainingReader:
     def tables(self, chunks: Collection[str] | None = None) -> Iterator[pa.Table]:
         """The batches. The reader's threads work ahead of them, a run of batches at a time
         (one batch first, then up to ``_GROUP_ROWS`` rows): each finds the run's rows in
-        the plan, reads the row groups that hold them (each once: read from the decoded
+        the plan, reads the row groups that hold them (each once: mapped from the decoded
         copy, or decoded), gathers them with one ``take`` per chunk, and the batches are
         slices of the run. With ``chunks`` (digests), only the rows of those chunks: a
         batch with none of them is left out."""
@@ -276,34 +275,27 @@ class TrainingReader:
                                  f"{chunk.batch_id} holds {starts[-1]} rows; its manifest "
                                  f"counts {high + 1} or more", dataset=chunk.dataset,
                                  batch_id=chunk.batch_id, chunk=chunk.index)
-        # only the row groups that hold a row of the piece: a shuffled piece's rows are
-        # spread over the chunk, and its other row groups are never read
-        groups = np.searchsorted(starts, piece.rows, side="right") - 1
-        needed = np.unique(groups)
-        tables = [self._group(chunk, int(g)) for g in needed]
+        first, last = (int(g) for g in np.searchsorted(starts, [low, high], side="right") - 1)
+        tables = [self._group(chunk, g) for g in range(first, last + 1)]
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-        sizes = starts[needed + 1] - starts[needed]
-        at = np.concatenate(([0], np.cumsum(sizes)[:-1]))  # each group's first row in table
-        rows = piece.rows - starts[groups] + at[np.searchsorted(needed, groups)]
-        taken = pc.take(table, pa.array(rows), boundscheck=False)  # in bounds: checked above
+        taken = pc.take(table, pa.array(piece.rows - starts[first]),
+                        boundscheck=False)  # in bounds: checked above
         return conform(taken, self.schema)
 
-    def _file(self, chunk: PlannedChunk) -> tuple[pa.NativeFile, np.ndarray]:
-        """The verified copy of ``chunk``, open, and where each of its row groups starts."""
+    def _file(self, chunk: PlannedChunk) -> tuple[pa.MemoryMappedFile, np.ndarray]:
+        """The verified copy of ``chunk``, mapped, and where each of its row groups starts."""
         return self._once(self._files, chunk.digest, _VERIFIED, lambda: self._verify(chunk))
 
-    def _verify(self, chunk: PlannedChunk) -> tuple[pa.NativeFile, np.ndarray]:
+    def _verify(self, chunk: PlannedChunk) -> tuple[pa.MemoryMappedFile, np.ndarray]:
         # verified before any of its rows is read
-        opened = self.fetcher.open(chunk, decoded=self.config.decoded)
+        mapped = self.fetcher.open(chunk, decoded=self.config.decoded)
         if self.config.decoded:
-            ipc = pa.ipc.open_file(opened)
-            recorded = (ipc.metadata or {}).get(ROW_COUNTS.encode())
-            counts = json.loads(recorded) if recorded is not None else [
-                ipc.get_batch(i).num_rows for i in range(ipc.num_record_batches)]
+            opened = pa.ipc.open_file(mapped)
+            counts = [opened.get_batch(i).num_rows for i in range(opened.num_record_batches)]
         else:
-            meta = pq.read_metadata(opened)
+            meta = pq.read_metadata(mapped)
             counts = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-        return opened, np.cumsum([0, *counts], dtype=np.int64)
+        return mapped, np.cumsum([0, *counts], dtype=np.int64)
 
     def _group(self, chunk: PlannedChunk, group: int) -> pa.Table:
         return self._once(self._groups, (chunk.digest, group), _GROUPS,
@@ -312,11 +304,11 @@ class TrainingReader:
     def _decode(self, chunk: PlannedChunk, group: int) -> pa.Table:
         """Row group ``group`` of ``chunk`` (its record batch in the decoded copy), through a
         reader of its own: a Parquet reader is not to be shared between threads, and the
-        open file reads at an offset without moving a position."""
-        opened, _ = self._file(chunk)
+        mapped file reads at an offset without moving a position."""
+        mapped, _ = self._file(chunk)
         if self.config.decoded:
-            return pa.Table.from_batches([pa.ipc.open_file(opened).get_batch(group)])
-        return pq.ParquetFile(opened).read_row_group(group)
+            return pa.Table.from_batches([pa.ipc.open_file(mapped).get_batch(group)])
+        return pq.ParquetFile(mapped).read_row_group(group)
 
     def _once(self, made: OrderedDict[Any, Future[Any]], key: Any, keep: int,
               make: Callable[[], Any]) -> Any:
