@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import mmap
 import os
 import threading
 import time
@@ -36,7 +37,7 @@ from skyferry.errors import TopologyError
 from skyferry.read.plan import PlannedChunk
 from skyferry.topology import LinkCost, Topology
 
-__all__ = ["ChunkCache", "Fetcher", "Place", "ReadReport", "reader_place"]
+__all__ = ["ChunkCache", "Fetcher", "Mapped", "Place", "ReadReport", "reader_place"]
 
 logger = logging.getLogger("skyferry.read")
 
@@ -170,41 +171,108 @@ class ChunkCache:
                 total -= size
 
 
-def _digest(mapped: pa.MemoryMappedFile) -> tuple[str, int]:
-    """The content hash and size of a mapped file."""
-    mapped.seek(0)
-    data = mapped.read_buffer()  # the mapping itself, not a copy
-    mapped.seek(0)
-    return str(blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()), data.size
+_HASH_BLOCK = 64 << 20  # bytes of a mapped file hashed, then let go of, at a time
 
 
-def _mapped_if(path: Path, expected: tuple[str, int]) -> pa.MemoryMappedFile | None:
+class Mapped:
+    """A cached file mapped read-only, whose pages the process lets go of once read.
+
+    ``buffer`` is the whole file, zero-copy. A page let go of (:meth:`release`) is not
+    resident in the process any more; its next read maps it again from the same file (the
+    page cache), so the bytes are the ones hashed, and the process's memory holds the pages
+    in use, not every page it has read. The mapping stays readable when the cache drops the
+    file."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            # an empty file cannot be mapped; it is no verified copy of anything either
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self.size = size
+        self._buffer: pa.Buffer | None = None
+
+    @property
+    def buffer(self) -> pa.Buffer:
+        if self._buffer is None:
+            self._buffer = pa.py_buffer(self._map if self._map is not None else b"")
+        return self._buffer
+
+    def digest(self) -> tuple[str, int]:
+        """The content hash and size of the file, a block at a time, each block let go of
+        once hashed (on every core: BLAKE3's tree hashing)."""
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        if self._map is not None:
+            with memoryview(self._map) as view:
+                for at in range(0, self.size, _HASH_BLOCK):
+                    hasher.update(view[at:at + _HASH_BLOCK])
+                    self.release(at, at + _HASH_BLOCK)
+        return str(hasher.hexdigest()), self.size
+
+    def release(self, start: int = 0, stop: int | None = None) -> None:
+        """Let go of the pages of bytes ``[start, stop)`` (whole pages only: the first and
+        last may stay)."""
+        if self._map is None:
+            return
+        stop = self.size if stop is None else min(stop, self.size)
+        start -= start % mmap.PAGESIZE
+        if stop > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+    def release_arrays(self, table: pa.Table | pa.RecordBatch) -> None:
+        """Let go of the pages that hold ``table``'s columns (a record batch read from this
+        file, zero-copy)."""
+        base = self.buffer.address
+        spans = [(buf.address - base, buf.address - base + buf.size)
+                 for column in table.columns
+                 for array in (column.chunks if isinstance(column, pa.ChunkedArray)
+                               else [column])
+                 for buf in array.buffers() if buf is not None and buf.size]
+        inside = [(a, b) for a, b in spans if 0 <= a and b <= self.size]
+        if inside:
+            self.release(min(a for a, _ in inside), max(b for _, b in inside))
+
+    def __enter__(self) -> Mapped:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unmap now, unless arrays still point into the file (then when they are gone)."""
+        self._buffer = None
+        if self._map is not None:
+            with contextlib.suppress(BufferError):
+                self._map.close()
+
+
+def _mapped_if(path: Path, expected: tuple[str, int]) -> Mapped | None:
     """``path`` mapped, if its bytes hash to ``expected`` (hash, size)."""
     try:
-        mapped = pa.memory_map(str(path))
+        mapped = Mapped(path)
     except FileNotFoundError:  # dropped by another reader's trim
         return None
-    if _digest(mapped) == expected:
+    if mapped.digest() == expected:
         return mapped
     mapped.close()
     return None
 
 
-def _decode(source: pa.MemoryMappedFile, path: Path, cache: ChunkCache) -> pa.MemoryMappedFile:
+def _decode(source: Mapped, path: Path, cache: ChunkCache) -> Mapped:
     """Write ``source``'s rows to ``path`` as an Arrow IPC file (a record batch for each row
     group, one row group in memory at a time), record its hash, and map it."""
-    parquet = pq.ParquetFile(source)
+    parquet = pq.ParquetFile(pa.BufferReader(source.buffer))
     temp = cache.temp(path.name)
     try:
         with pa.OSFile(str(temp), "wb") as sink, \
                 pa.ipc.new_file(sink, parquet.schema_arrow) as writer:
             for group in range(parquet.metadata.num_row_groups):
                 table = parquet.read_row_group(group)
+                source.release()  # the group's pages, read
                 writer.write_batch(pa.RecordBatch.from_arrays(
                     [column.combine_chunks() for column in table.columns],
                     schema=table.schema))
-        mapped = pa.memory_map(str(temp))
-        cache.record(path.name.split(".")[0], _digest(mapped))
+        mapped = Mapped(temp)
+        cache.record(path.name.split(".")[0], mapped.digest())
         os.replace(temp, path)
         return mapped
     finally:
@@ -246,7 +314,7 @@ class Fetcher:
         self.cache.trim(keep=chunk.digest)
         return self.cache.path(chunk.digest)
 
-    def open(self, chunk: PlannedChunk, *, decoded: bool = True) -> pa.MemoryMappedFile:
+    def open(self, chunk: PlannedChunk, *, decoded: bool = True) -> Mapped:
         """A verified copy of ``chunk``, mapped: its decoded copy (an Arrow IPC file with a
         record batch for each of the chunk's row groups, made from its verified Parquet
         file the first time), or its Parquet file. The bytes hashed are the bytes mapped,
@@ -256,7 +324,7 @@ class Fetcher:
         self.cache.trim(keep=chunk.digest)
         return mapped
 
-    def _decoded(self, chunk: PlannedChunk) -> pa.MemoryMappedFile:
+    def _decoded(self, chunk: PlannedChunk) -> Mapped:
         path = self.cache.decoded_path(chunk.digest)
         recorded = self.cache.recorded(chunk.digest)
         if recorded is not None and path.exists():
@@ -271,7 +339,7 @@ class Fetcher:
         with self._verified(chunk) as source:
             return _decode(source, path, self.cache)
 
-    def _verified(self, chunk: PlannedChunk) -> pa.MemoryMappedFile:
+    def _verified(self, chunk: PlannedChunk) -> Mapped:
         """The cached Parquet file of ``chunk``, hashed now, or fetched (under its lock)."""
         path = self.cache.path(chunk.digest)
         if path.exists():
@@ -284,7 +352,7 @@ class Fetcher:
                            "fetching it again", chunk.index, chunk.dataset, chunk.batch_id)
             path.unlink(missing_ok=True)
         self._fetch(chunk, path)  # hashed as it landed
-        return pa.memory_map(str(path))
+        return Mapped(path)
 
     def _fetch(self, chunk: PlannedChunk, path: Path) -> None:
         """Read the chunk into the cache from its nearest good replica, hashed as it lands

@@ -22,7 +22,7 @@ from skyferry.config import get_settings
 from skyferry.distribute.access import node_store
 from skyferry.errors import IntegrityError, ManifestConflictError, ReadPlanError
 from skyferry.evolution import conform, dataset_schema
-from skyferry.read.fetch import ChunkCache, Fetcher, ReadReport, reader_place
+from skyferry.read.fetch import ChunkCache, Fetcher, Mapped, ReadReport, reader_place
 from skyferry.read.plan import (
     BLOCK_ROWS,
     PlannedChunk,
@@ -45,6 +45,9 @@ _GROUPS = 8  # decoded (or decoding) row groups a reader keeps
 _GROUP_ROWS = 1 << 16  # rows gathered together, then cut into batches
 _THREADS = 2  # threads gathering runs of batches
 _AHEAD = 4  # runs of batches gathered (or being gathered) ahead of the consumer
+# rows in each row group of read_to_file's output: a row group per batch would keep
+# thousands of row groups' metadata in memory until the file is closed
+_OUTPUT_GROUP_ROWS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ class TrainingReader:
         self.batches_read = 0  # batches this rank has yielded since then
         self._plan: ReadPlan | None = None
         self._schema: pa.Schema | None = None
-        self._files: OrderedDict[str, Future[tuple[pa.MemoryMappedFile, np.ndarray]]] = (
+        self._files: OrderedDict[str, Future[tuple[Mapped, np.ndarray]]] = (
             OrderedDict())
         self._groups: OrderedDict[tuple[str, int], Future[pa.Table]] = OrderedDict()
         self._lock = threading.Lock()
@@ -266,34 +269,48 @@ class TrainingReader:
 
     # rows -----------------------------------------------------------------------------
     def _take(self, piece: Slice) -> pa.Table:
-        """``piece``'s rows, in order: one ``take`` over the row groups that hold them."""
-        chunk = piece.chunk
-        _, starts = self._file(chunk)
-        low, high = int(piece.rows.min()), int(piece.rows.max())
+        """``piece``'s rows, in order: a ``take`` from each row group that holds some of them
+        (a row group is contiguous, so no column is concatenated), whose mapped pages are then
+        let go of, and with more than one, a ``take`` that puts the rows back in order."""
+        chunk, rows = piece.chunk, piece.rows
+        mapped, starts = self._file(chunk)
+        low, high = int(rows.min()), int(rows.max())
         if low < 0 or high >= starts[-1]:
             raise IntegrityError(f"chunk {chunk.index} of {chunk.dataset}/batch="
                                  f"{chunk.batch_id} holds {starts[-1]} rows; its manifest "
                                  f"counts {high + 1} or more", dataset=chunk.dataset,
                                  batch_id=chunk.batch_id, chunk=chunk.index)
-        first, last = (int(g) for g in np.searchsorted(starts, [low, high], side="right") - 1)
-        tables = [self._group(chunk, g) for g in range(first, last + 1)]
-        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-        taken = pc.take(table, pa.array(piece.rows - starts[first]),
-                        boundscheck=False)  # in bounds: checked above
+        groups = np.searchsorted(starts, rows, side="right") - 1
+        order = np.argsort(groups, kind="stable")
+        held = groups[order]
+        cuts = np.flatnonzero(held[1:] != held[:-1]) + 1
+        parts = []
+        for at, indices in zip([0, *cuts], np.split(order, cuts), strict=True):
+            group = int(held[at])
+            table = self._group(chunk, group)
+            parts.append(pc.take(table, pa.array(rows[indices] - starts[group]),
+                                 boundscheck=False))  # in bounds: checked above
+            mapped.release_arrays(table)  # its rows are copied out: its pages can go
+        if len(parts) == 1:  # the rows of one row group, in piece's order already
+            return conform(parts[0], self.schema)
+        back = np.empty_like(order)
+        back[order] = np.arange(order.size)
+        taken = pc.take(pa.concat_tables(parts).combine_chunks(), pa.array(back),
+                        boundscheck=False)
         return conform(taken, self.schema)
 
-    def _file(self, chunk: PlannedChunk) -> tuple[pa.MemoryMappedFile, np.ndarray]:
+    def _file(self, chunk: PlannedChunk) -> tuple[Mapped, np.ndarray]:
         """The verified copy of ``chunk``, mapped, and where each of its row groups starts."""
         return self._once(self._files, chunk.digest, _VERIFIED, lambda: self._verify(chunk))
 
-    def _verify(self, chunk: PlannedChunk) -> tuple[pa.MemoryMappedFile, np.ndarray]:
+    def _verify(self, chunk: PlannedChunk) -> tuple[Mapped, np.ndarray]:
         # verified before any of its rows is read
         mapped = self.fetcher.open(chunk, decoded=self.config.decoded)
         if self.config.decoded:
-            opened = pa.ipc.open_file(mapped)
+            opened = pa.ipc.open_file(mapped.buffer)
             counts = [opened.get_batch(i).num_rows for i in range(opened.num_record_batches)]
         else:
-            meta = pq.read_metadata(mapped)
+            meta = pq.read_metadata(pa.BufferReader(mapped.buffer))
             counts = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         return mapped, np.cumsum([0, *counts], dtype=np.int64)
 
@@ -307,8 +324,10 @@ class TrainingReader:
         mapped file reads at an offset without moving a position."""
         mapped, _ = self._file(chunk)
         if self.config.decoded:
-            return pa.Table.from_batches([pa.ipc.open_file(mapped).get_batch(group)])
-        return pq.ParquetFile(mapped).read_row_group(group)
+            return pa.Table.from_batches([pa.ipc.open_file(mapped.buffer).get_batch(group)])
+        table = pq.ParquetFile(pa.BufferReader(mapped.buffer)).read_row_group(group)
+        mapped.release()  # the row group is decoded: its pages are not needed
+        return table
 
     def _once(self, made: OrderedDict[Any, Future[Any]], key: Any, keep: int,
               make: Callable[[], Any]) -> Any:
@@ -400,15 +419,22 @@ def read_to_file(config: ReaderConfig, to: Path, *,
     temp = to.with_name(f".{to.name}.part")
     rows = 0
     writer: pq.ParquetWriter | None = None
+    held: list[pa.Table] = []  # batches not yet written: a row group holds many batches
     try:
         for table in reader:
             if writer is None:  # every batch has the dataset's resolved schema
                 writer = pq.ParquetWriter(temp, reader.schema, compression="zstd")
-            writer.write_table(table)
+            held.append(table)
             rows += table.num_rows
+            if sum(t.num_rows for t in held) >= _OUTPUT_GROUP_ROWS:
+                writer.write_table(pa.concat_tables(held))
+                held.clear()
         if writer is None:
             raise ReadPlanError(f"rank {config.rank} of {config.world_size} reads no rows of "
                                 f"{config.dataset}")
+        if held:
+            writer.write_table(pa.concat_tables(held))
+            held.clear()
         writer.close()
         writer = None
         temp.replace(to)

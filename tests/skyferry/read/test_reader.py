@@ -9,10 +9,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from skyferry.cli import app
 from skyferry.commit.manifest import Manifest, open_catalog
+from skyferry.config import get_settings
 from skyferry.errors import IntegrityError, ReadPlanError
 from skyferry.read.reader import ReaderConfig, TrainingReader, chunk_files
 from skyferry.topology import load_topology
@@ -204,6 +207,7 @@ def test_skyferry_read_writes_a_ranks_rows_in_order(committed: Manifest, tmp_pat
     assert not list((tmp_path / "cache").glob("*.arrow"))  # --no-decoded: Parquet files only
     expected = _ids(list(_reader(tmp_path, rank=1, world_size=4, seed=3, batch_size=40)))
     assert pq.read_table(out).column("id").to_pylist() == expected
+    assert pq.ParquetFile(out).metadata.num_row_groups == 1  # not a row group per batch
     assert f"{len(expected)} rows" in result.output
     bad = CliRunner().invoke(app, ["read", "train", "--rank", "4", "--world-size", "4",
                                    "--to", str(out)])
@@ -231,3 +235,34 @@ def test_the_decoded_copies_give_the_parquet_files_rows_and_a_damaged_one_is_mad
     assert again.report.fetched == 0  # made again from the verified Parquet file
     assert "decoded copy of chunk 0 of train" in caplog.text
     assert bytes(data) != copy.read_bytes()
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**16), block_rows=st.sampled_from([7, 64, 500, 4096]),
+       start=st.integers(0, 2_000), size=st.integers(1, 2_500), decoded=st.booleans())
+def test_rows_taken_across_row_groups_are_the_chunks_rows_in_the_plans_order(
+        grouped: Manifest, tmp_path: Path, seed: int, block_rows: int, start: int, size: int,
+        decoded: bool) -> None:
+    reader = _reader(tmp_path, seed=seed, block_rows=block_rows, decoded=decoded)
+    try:
+        got = pa.concat_tables(list(reader.span(start, start + size)))
+        whole = {c.digest: pq.read_table(reader.fetcher.local(c)) for c in reader.plan.chunks}
+        expected = pa.concat_tables([whole[p.chunk.digest].take(p.rows)
+                                     for p in reader.plan.order(start, start + size)])
+    finally:
+        reader.close()
+    assert got.num_rows == size
+    assert got.equals(expected.cast(got.schema))
+
+
+@pytest.fixture
+def grouped(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Manifest:
+    """A dataset whose chunks hold several row groups each (64 kB blocks)."""
+    monkeypatch.setenv("SKYFERRY_BLOCK_SIZE", str(64 << 10))
+    get_settings.cache_clear()
+    write_ml_csv(tmp_path / "src" / "a.csv", 12_000, seed=9)  # about 370 kB
+    manifest = commit_without_prefect(tmp_path / "src", "train", chunk_size="150KB")
+    files, _ = chunk_files("train", cache_dir=tmp_path / "check")
+    assert len(files) >= 2 and all(pq.ParquetFile(f).num_row_groups > 1 for f in files)
+    return manifest
