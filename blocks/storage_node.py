@@ -14,6 +14,7 @@ from typing import Any
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from skyferry.config import Settings, get_settings
 from skyferry.topology import Link, Node, Topology
 
 __all__ = ["StorageNode", "topology_from_blocks"]
@@ -51,7 +52,10 @@ class StorageNode(Block):
 
 
 def topology_from_blocks(names: list[str], *, links: list[Link] | None = None,
-                         source_cloud: str = "aws", catalog: str | None = None) -> Topology:
-    """A topology from saved ``StorageNode`` blocks (names as saved)."""
+                         source_cloud: str = "aws", catalog: str | None = None,
+                         settings: Settings | None = None) -> Topology:
+    """A topology from saved ``StorageNode`` blocks (names as saved), bound to ``settings``
+    (default: the process's)."""
     nodes = [StorageNode.load(name).to_node(name) for name in names]  # type: ignore[union-attr]
-    return Topology(nodes=nodes, links=links or [], source_cloud=source_cloud, catalog=catalog)
+    return Topology(nodes=nodes, links=links or [], source_cloud=source_cloud,
+                    catalog=catalog).bind(settings or get_settings())

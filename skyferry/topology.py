@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from skyferry.config import describe_validation_error, get_settings
+from skyferry.config import Settings, describe_validation_error, get_settings
 from skyferry.errors import NodeUnavailableError, TopologyError
 from skyferry.secrets import register_options, scrub
 from skyferry.storage import Store
@@ -157,6 +157,13 @@ class Node(BaseModel):
         "in flight. Set it for an endpoint that does not go faster with more uploads at once.")
     work_pool: str | None = Field(default=None, description="Work pool that computes near it.")
     enabled: bool = Field(default=True, description="false marks the node down.")
+    # the settings' durable_writes, set by Topology.bind (not part of the node's definition)
+    _durable: bool = PrivateAttr(default=True)
+
+    @property
+    def durable_writes(self) -> bool:
+        """Whether the node's local writes reach the disk before they count."""
+        return self._durable
 
     def open_store(self, *, own_session: bool = False) -> Store:
         """The node's store. A backend that refuses its options (a malformed connection
@@ -175,7 +182,7 @@ class Node(BaseModel):
             options["skip_instance_cache"] = True
         try:
             return Store(self.url, options, name=self.name, timeout_s=self.timeout_s,
-                         durable=get_settings().durable_writes)
+                         durable=self._durable)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise NodeUnavailableError(
@@ -221,6 +228,7 @@ class Topology(BaseModel):
         default=LinkCost(latency_ms=10, egress_usd_per_gb=0),
         description="Nodes whose cost from the source is within this much of a cheaper "
         "node's share its tier: placement spreads bytes evenly across a tier")
+    _settings: Settings | None = PrivateAttr(default=None)  # see bind()
 
     @model_validator(mode="after")
     def _check(self) -> Topology:
@@ -247,6 +255,20 @@ class Topology(BaseModel):
                 raise ValueError(f"{where}: unknown cloud {cloud!r}; the known clouds are "
                                  f"{', '.join(sorted(known))}")
         return self
+
+    def bind(self, settings: Settings) -> Topology:
+        """Use ``settings`` for what the topology's stores need of the process: durable
+        writes, the default catalog and the home (:func:`load_topology` binds them)."""
+        self._settings = settings
+        for node in self.nodes:
+            node._durable = settings.durable_writes
+        return self
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            raise TopologyError("the topology has no settings bound (Topology.bind)")
+        return self._settings
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -283,7 +305,7 @@ class Topology(BaseModel):
         return LinkCost(latency_ms=100, egress_usd_per_gb=0.2)
 
     def catalog_store(self) -> Store:
-        settings = get_settings()
+        settings = self.settings
         return Store(self.catalog or settings.catalog_url, name="catalog",
                      durable=settings.durable_writes)
 
@@ -301,8 +323,11 @@ def _expand(value: Any, home: str) -> Any:
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, where PyYAML has it
 
 
-def load_topology(path: str | Path | None = None) -> Topology:
-    """Load a topology YAML file, or the embedded default when ``path`` is None."""
+def load_topology(path: str | Path | None = None, *,
+                  settings: Settings | None = None) -> Topology:
+    """Load a topology YAML file, or the embedded default when ``path`` is None, bound to
+    ``settings`` (default: the process's, from the environment)."""
+    settings = settings or get_settings()
     where = str(path) if path else "embedded default topology"
     try:
         if path is None:
@@ -317,9 +342,9 @@ def load_topology(path: str | Path | None = None) -> Topology:
         raise TopologyError(f"topology {where} is not valid YAML: {exc}", source=where) from exc
     if not isinstance(raw, dict):
         raise TopologyError(f"topology {where} must be a mapping with 'nodes'", source=where)
-    raw = _expand(raw, str(get_settings().home))
+    raw = _expand(raw, str(settings.home))
     try:
-        return Topology.model_validate(raw)
+        return Topology.model_validate(raw).bind(settings)
     except ValidationError as exc:
         problems = describe_validation_error(exc)
         raise TopologyError(f"invalid topology {where}: {problems}", source=where) from None

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
 
 from skyferry.commit.manifest import Catalog, Manifest
-from skyferry.config import get_settings
 from skyferry.errors import (
     IntegrityError,
     ObjectNotFoundError,
@@ -55,7 +54,7 @@ _STORES_LOCK = threading.Lock()
 
 def node_store(node: Node) -> Store:
     """The node's store, opened once in this process (per node definition)."""
-    key = (node.model_dump_json(), get_settings().durable_writes)
+    key = (node.model_dump_json(), node.durable_writes)
     with _STORES_LOCK:
         store = _STORES.get(key)
     if store is None:

@@ -18,7 +18,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
-from skyferry.config import get_settings
 from skyferry.distribute.access import node_store
 from skyferry.errors import IntegrityError, ManifestConflictError, ReadPlanError
 from skyferry.evolution import conform, dataset_schema
@@ -90,7 +89,7 @@ class TrainingReader:
         self.topology = topology or load_topology()
         self.catalog = open_catalog(self.topology)
         self._manifests = manifests
-        root = config.cache_dir or get_settings().home / "cache" / "chunks"
+        root = config.cache_dir or self.topology.settings.home / "cache" / "chunks"
         self.fetcher = Fetcher(self.topology, self.catalog, ChunkCache(root, config.cache_limit),
                                reader_place(self.topology, config.cloud, config.region))
         self.consumed = 0  # rows of the epoch read by every rank before this reader started

@@ -107,7 +107,7 @@ def open_run(config: PipelineConfig, settings: Settings | None = None) -> RunSet
         if "/" in config.batch_id:
             raise UnsafeKeyError(f"batch id {config.batch_id!r} must not contain '/'",
                                  key=config.batch_id)
-    topology = load_topology(config.topology)
+    topology = load_topology(config.topology, settings=settings)
     names = [n.name for n in topology.nodes]
     if config.replicas > len(names):  # a node that is down still counts: it gets a hint
         raise InsufficientNodesError(
