@@ -327,14 +327,10 @@ class Fetcher:
     def _decoded(self, chunk: PlannedChunk) -> Mapped:
         path = self.cache.decoded_path(chunk.digest)
         recorded = self.cache.recorded(chunk.digest)
-        if recorded is not None and path.exists():
-            mapped = _mapped_if(path, recorded)
+        if recorded is not None:
+            mapped = self._cached(chunk, path, recorded, "decoded copy", "making it again")
             if mapped is not None:
-                self.cache.used(path)
-                self._count(cache_hits=1)
                 return mapped
-            logger.warning("the decoded copy of chunk %d of %s/batch=%s is damaged; making "
-                           "it again", chunk.index, chunk.dataset, chunk.batch_id)
         self.cache.forget_decoded(chunk.digest)
         with self._verified(chunk) as source:
             return _decode(source, path, self.cache)
@@ -342,17 +338,28 @@ class Fetcher:
     def _verified(self, chunk: PlannedChunk) -> Mapped:
         """The cached Parquet file of ``chunk``, hashed now, or fetched (under its lock)."""
         path = self.cache.path(chunk.digest)
-        if path.exists():
-            mapped = _mapped_if(path, (chunk.digest, chunk.size))
-            if mapped is not None:
-                self.cache.used(path)
-                self._count(cache_hits=1)
-                return mapped
-            logger.warning("the cached copy of chunk %d of %s/batch=%s is damaged; "
-                           "fetching it again", chunk.index, chunk.dataset, chunk.batch_id)
-            path.unlink(missing_ok=True)
+        mapped = self._cached(chunk, path, (chunk.digest, chunk.size), "cached copy",
+                              "fetching it again")
+        if mapped is not None:
+            return mapped
+        path.unlink(missing_ok=True)
         self._fetch(chunk, path)  # hashed as it landed
         return Mapped(path)
+
+    def _cached(self, chunk: PlannedChunk, path: Path, expected: tuple[str, int], what: str,
+                then: str) -> Mapped | None:
+        """``path`` mapped if it is in the cache and hashes to ``expected``; a damaged file is
+        logged (``what`` it is, and what is done ``then``)."""
+        if not path.exists():
+            return None
+        mapped = _mapped_if(path, expected)
+        if mapped is None:
+            logger.warning("the %s of chunk %d of %s/batch=%s is damaged; %s", what,
+                           chunk.index, chunk.dataset, chunk.batch_id, then)
+            return None
+        self.cache.used(path)
+        self._count(cache_hits=1)
+        return mapped
 
     def _fetch(self, chunk: PlannedChunk, path: Path) -> None:
         """Read the chunk into the cache from its nearest good replica, hashed as it lands
