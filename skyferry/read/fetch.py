@@ -211,16 +211,15 @@ class Mapped:
     def release(self, start: int = 0, stop: int | None = None) -> None:
         """Let go of the pages of bytes ``[start, stop)`` (whole pages only: the first and
         last may stay)."""
-        if self._map is None:
-            return
-        stop = self.size if stop is None else min(stop, self.size)
-        start -= start % mmap.PAGESIZE
-        if stop > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        self._advise(mmap.MADV_DONTNEED, start, stop)
 
     def release_arrays(self, table: pa.Table | pa.RecordBatch) -> None:
         """Let go of the pages that hold ``table``'s columns (a record batch read from this
         file, zero-copy)."""
+        self._advise(mmap.MADV_DONTNEED, *self._span(table))
+
+    def _span(self, table: pa.Table | pa.RecordBatch) -> tuple[int, int]:
+        """The bytes of this file that ``table``'s columns lie in (none: ``(0, 0)``)."""
         base = self.buffer.address
         spans = [(buf.address - base, buf.address - base + buf.size)
                  for column in table.columns
@@ -228,8 +227,17 @@ class Mapped:
                                else [column])
                  for buf in array.buffers() if buf is not None and buf.size]
         inside = [(a, b) for a, b in spans if 0 <= a and b <= self.size]
-        if inside:
-            self.release(min(a for a, _ in inside), max(b for _, b in inside))
+        if not inside:
+            return 0, 0
+        return min(a for a, _ in inside), max(b for _, b in inside)
+
+    def _advise(self, advice: int, start: int, stop: int | None) -> None:
+        if self._map is None:
+            return
+        stop = self.size if stop is None else min(stop, self.size)
+        start -= start % mmap.PAGESIZE
+        if stop > start:
+            self._map.madvise(advice, start, stop - start)
 
     def __enter__(self) -> Mapped:
         return self

@@ -98,7 +98,8 @@ class TrainingReader:
         self._schema: pa.Schema | None = None
         self._files: OrderedDict[str, Future[tuple[Mapped, np.ndarray]]] = (
             OrderedDict())
-        self._groups: OrderedDict[tuple[str, int], Future[pa.Table]] = OrderedDict()
+        self._groups: OrderedDict[tuple[str, int], Future[tuple[Mapped, pa.Table]]] = (
+            OrderedDict())
         self._lock = threading.Lock()
         self._busy: Counter[Any] = Counter()  # chunks that runs being gathered need
         self._pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="skyferry-read")
@@ -268,9 +269,8 @@ class TrainingReader:
 
     # rows -----------------------------------------------------------------------------
     def _take(self, piece: Slice) -> pa.Table:
-        """``piece``'s rows, in order: a ``take`` from each row group that holds some of them
-        (a row group is contiguous, so no column is concatenated), whose mapped pages are then
-        let go of, and with more than one, a ``take`` that puts the rows back in order."""
+        """``piece``'s rows, in order: one ``take`` over the row groups that hold them (a
+        piece is a run's rows of one chunk: a few row groups)."""
         chunk, rows = piece.chunk, piece.rows
         mapped, starts = self._file(chunk)
         low, high = int(rows.min()), int(rows.max())
@@ -279,23 +279,11 @@ class TrainingReader:
                                  f"{chunk.batch_id} holds {starts[-1]} rows; its manifest "
                                  f"counts {high + 1} or more", dataset=chunk.dataset,
                                  batch_id=chunk.batch_id, chunk=chunk.index)
-        groups = np.searchsorted(starts, rows, side="right") - 1
-        order = np.argsort(groups, kind="stable")
-        held = groups[order]
-        cuts = np.flatnonzero(held[1:] != held[:-1]) + 1
-        parts = []
-        for at, indices in zip([0, *cuts], np.split(order, cuts), strict=True):
-            group = int(held[at])
-            table = self._group(chunk, group)
-            parts.append(pc.take(table, pa.array(rows[indices] - starts[group]),
-                                 boundscheck=False))  # in bounds: checked above
-            mapped.release_arrays(table)  # its rows are copied out: its pages can go
-        if len(parts) == 1:  # the rows of one row group, in piece's order already
-            return conform(parts[0], self.schema)
-        back = np.empty_like(order)
-        back[order] = np.arange(order.size)
-        taken = pc.take(pa.concat_tables(parts).combine_chunks(), pa.array(back),
-                        boundscheck=False)
+        first, last = (int(g) for g in np.searchsorted(starts, [low, high], side="right") - 1)
+        tables = [self._group(chunk, g) for g in range(first, last + 1)]
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+        taken = pc.take(table, pa.array(rows - starts[first]),
+                        boundscheck=False)  # in bounds: checked above
         return conform(taken, self.schema)
 
     def _file(self, chunk: PlannedChunk) -> tuple[Mapped, np.ndarray]:
@@ -314,8 +302,12 @@ class TrainingReader:
         return mapped, np.cumsum([0, *counts], dtype=np.int64)
 
     def _group(self, chunk: PlannedChunk, group: int) -> pa.Table:
-        return self._once(self._groups, (chunk.digest, group), _GROUPS,
-                          lambda: self._decode(chunk, group))
+        """Row group ``group`` of ``chunk``; the last ``_GROUPS`` are kept, and the mapped
+        pages of one that is dropped are let go of (see :class:`Mapped`)."""
+        _, table = self._once(self._groups, (chunk.digest, group), _GROUPS,
+                              lambda: (self._file(chunk)[0], self._decode(chunk, group)),
+                              lambda made: made[0].release_arrays(made[1]))
+        return table
 
     def _decode(self, chunk: PlannedChunk, group: int) -> pa.Table:
         """Row group ``group`` of ``chunk`` (its record batch in the decoded copy), through a
@@ -329,9 +321,11 @@ class TrainingReader:
         return table
 
     def _once(self, made: OrderedDict[Any, Future[Any]], key: Any, keep: int,
-              make: Callable[[], Any]) -> Any:
+              make: Callable[[], Any], dropped: Callable[[Any], None] | None = None) -> Any:
         """``make()``, made once by the first thread that needs it (the others wait for
-        it), of which the last ``keep`` are kept."""
+        it), of which the last ``keep`` are kept; ``dropped`` is called with each one
+        dropped."""
+        gone: list[Future[Any]] = []
         with self._lock:
             found = made.get(key)
             mine = found is None
@@ -340,9 +334,12 @@ class TrainingReader:
                 # the oldest dropped, but not a chunk that a run being gathered needs
                 idle = [k for k in made if k != key and not self._busy[k]]
                 for old in idle[:max(0, len(made) - keep)]:
-                    del made[old]
+                    gone.append(made.pop(old))
             else:
                 made.move_to_end(key)
+        for future in gone:
+            if dropped is not None and future.done() and future.exception() is None:
+                dropped(future.result())
         if mine:
             try:
                 found.set_result(make())
