@@ -15,7 +15,7 @@ from skyferry.config import get_settings
 from skyferry.errors import ObjectNotFoundError, UnsafeKeyError
 from skyferry.hashing import content_hash
 from skyferry.storage import Store, safe_key
-from skyferry.topology import Node
+from skyferry.topology import load_topology
 
 
 @pytest.fixture(params=["file", "memory", "s3", "gs", "az"])
@@ -180,9 +180,10 @@ def test_a_local_write_is_flushed_file_and_folders_before_it_counts(
     flushed.clear()
     monkeypatch.setenv("SKYFERRY_DURABLE_WRITES", "false")
     get_settings.cache_clear()
-    try:
-        scratch = Node(name="n", cloud="aws", region="r", url=str(tmp_path / "scratch")
-                       ).open_store()
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(f'nodes: [{{name: n, cloud: aws, region: r, url: "{tmp_path}/scratch"}}]\n')
+    try:  # the settings reach a node's store through the topology loaded with them
+        scratch = load_topology(str(topology)).node("n").open_store()
         scratch.put("ds/a.bin", b"scratch")
     finally:
         get_settings.cache_clear()
