@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from skyferry.config import PipelineConfig, get_settings, parse_duration, parse_size
 from skyferry.errors import ConfigError, SkyferryError
@@ -93,8 +94,9 @@ def _check_output_file(path: Path) -> None:
 
 def print_summary(result: PipelineResult, rejects: list[dict[str, Any]] | None = None) -> None:
     status_style = {"completed": "green", "failed": "red"}.get(result.status, "yellow")
+    at = f" (snapshot {result.snapshot})" if result.snapshot else ""
     console.print(f"[bold]{result.dataset}[/] batch [bold]{result.batch_id}[/]: "
-                  f"[{status_style}]{result.status}[/] in {result.duration_s:.1f}s")
+                  f"[{status_style}]{result.status}[/] in {result.duration_s:.1f}s{at}")
     if result.error:
         err.print(f"[bold red]error:[/] {result.error_type or 'Error'}: {result.error}")
         return
@@ -212,17 +214,21 @@ def export(
     dataset: Annotated[str, typer.Argument(help="dataset name")],
     to: Annotated[Path, typer.Option("--to", help="output .parquet, .csv or .jsonl")],
     batch: Annotated[Optional[str], typer.Option("--batch", help="one batch only")] = None,
+    snapshot: Annotated[Optional[str], typer.Option(
+        help="the snapshot to export: its number or id (default: the newest)")] = None,
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
 ) -> None:
     """Read a committed dataset back, verifying every chunk, and write it to a file."""
     from skyferry.ops.export import export_dataset
 
     try:
-        report = export_dataset(dataset, to, batch_id=batch, topology=load_topology(topology))
+        report = export_dataset(dataset, to, batch_id=batch, topology=load_topology(topology),
+                                snapshot=snapshot)
     except SkyferryError as exc:
         _fail(exc)
+    at = f" (snapshot {report.snapshot})" if report.snapshot else ""
     console.print(f"exported {report.chunks} chunks ({report.rows} rows, "
-                  f"{report.bytes / 1e6:.1f} MB) of {len(report.batches)} batches to {to}")
+                  f"{report.bytes / 1e6:.1f} MB) of {len(report.batches)} batches{at} to {to}")
     for line in report.failovers:
         console.print(f"[yellow]failover[/] {line}")
     for line in report.unreadable:
@@ -252,6 +258,8 @@ def read(
     decoded: Annotated[bool, typer.Option(
         "--decoded/--no-decoded", help="keep each chunk's decoded copy in the cache (about "
         "twice its size), so later reads skip decoding")] = True,
+    snapshot: Annotated[Optional[str], typer.Option(
+        help="the snapshot to read: its number or id (default: the newest)")] = None,
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
 ) -> None:
     """Write the rows one rank of a training job reads, in its order, to a Parquet file:
@@ -260,7 +268,7 @@ def read(
 
     config = ReaderConfig(dataset, rank=rank, world_size=world_size, batch_size=batch_size,
                           seed=seed, epoch=epoch, cloud=cloud, region=region,
-                          cache_dir=cache_dir, decoded=decoded,
+                          cache_dir=cache_dir, decoded=decoded, snapshot=snapshot,
                           remainder="drop" if drop_remainder else "pad")
     try:
         _check_output_file(to)
@@ -268,14 +276,72 @@ def read(
     except SkyferryError as exc:
         _fail(exc)
     place = report.place
-    console.print(f"rank {rank} of {world_size}: {rows} rows to {to} (reader in {place.cloud}"
-                  f"{'/' + place.region if place.region else ''}, from {place.detected_from})")
+    at = f" of snapshot {report.snapshot}" if report.snapshot else ""
+    console.print(f"rank {rank} of {world_size}: {rows} rows{at} to {to} (reader in "
+                  f"{place.cloud}{'/' + place.region if place.region else ''}, from "
+                  f"{place.detected_from})")
     for node, nbytes in sorted(report.bytes_from.items()):
         console.print(f"  read {nbytes / 1e6:.1f} MB from {node}")
     console.print(f"  {report.cache_hits} chunks from the cache; across clouds "
                   f"{report.cross_cloud_bytes / 1e6:.1f} MB, egress ${report.egress_usd:.4f}")
     for line in report.failovers:
         console.print(f"[yellow]failover[/] {line}")
+
+
+@app.command()
+def datasets(
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Every dataset: its snapshots, and the batches, rows and bytes its newest one holds."""
+    from skyferry.ops.history import summarize_datasets
+
+    try:
+        found = summarize_datasets(load_topology(topology))
+    except SkyferryError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(d) for d in found], indent=1))
+        return
+    table = Table("dataset", "snapshots", Column("newest", no_wrap=True), "batches", "rows",
+                  "MB", Column("changed", no_wrap=True))
+    for d in found:
+        table.add_row(d.dataset, str(d.snapshots), d.snapshot or "-", str(d.batches),
+                      f"{d.rows:,}", f"{d.bytes / 1e6:,.1f}", d.last_change or "-")
+    console.print(table)
+
+
+@app.command()
+def log(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    limit: Annotated[int, typer.Option(min=0, help="snapshots shown (0: all)")] = 20,
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """A dataset's snapshots, newest first: number, id, time, what made it, batches and
+    rows (added and removed)."""
+    from skyferry.ops.history import dataset_log
+
+    try:
+        lines = dataset_log(load_topology(topology), dataset, limit)
+    except SkyferryError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        typer.echo(json.dumps([{**line.snapshot.model_dump(exclude={"added"}),
+                           "added": [b.batch_id for b in line.snapshot.added],
+                           "rows_added": line.rows_added, "rows_removed": line.rows_removed}
+                          for line in lines], indent=1))
+        return
+    if not lines:
+        console.print(f"{dataset} has no snapshots (committed before snapshots, or never)")
+        return
+    table = Table("#", Column("id", no_wrap=True), Column("time", no_wrap=True), "operation",
+                  "batches", "rows", "+rows", "-rows", "note")
+    for line in lines:
+        e = line.snapshot
+        table.add_row(str(e.seq), e.id, e.created_at[:19], e.operation, str(e.batches),
+                      f"{e.rows:,}", f"{line.rows_added:,}", f"{line.rows_removed:,}", e.note)
+    console.print(table)
 
 
 @app.command()
@@ -547,6 +613,9 @@ def repair(
                       f"{report.seconds:.1f}s")
         for line in report.recreated[:20]:
             console.print(f"  {line}")
+        if report.snapshot_added:
+            console.print(f"  a new snapshot holds {len(report.snapshot_added)} committed "
+                          f"batches that no snapshot held: {', '.join(report.snapshot_added)}")
         for node, why in report.braked.items():
             err.print(f"[bold red]stopped:[/] {node}: {why}")
         for line in report.unrecoverable:
