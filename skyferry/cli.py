@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -215,15 +216,18 @@ def export(
     to: Annotated[Path, typer.Option("--to", help="output .parquet, .csv or .jsonl")],
     batch: Annotated[Optional[str], typer.Option("--batch", help="one batch only")] = None,
     snapshot: Annotated[Optional[str], typer.Option(
-        help="the snapshot to export: its number or id (default: the newest)")] = None,
+        help="the snapshot to export: its number, id or tag (default: the newest)")] = None,
+    as_of: Annotated[Optional[str], typer.Option(
+        "--as-of", help="the newest snapshot made at or before this time (ISO 8601)")] = None,
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
 ) -> None:
     """Read a committed dataset back, verifying every chunk, and write it to a file."""
     from skyferry.ops.export import export_dataset
 
     try:
-        report = export_dataset(dataset, to, batch_id=batch, topology=load_topology(topology),
-                                snapshot=snapshot)
+        topo = load_topology(topology)
+        report = export_dataset(dataset, to, batch_id=batch, topology=topo,
+                                snapshot=_snapshot_ref(topo, dataset, snapshot, as_of))
     except SkyferryError as exc:
         _fail(exc)
     at = f" (snapshot {report.snapshot})" if report.snapshot else ""
@@ -259,20 +263,24 @@ def read(
         "--decoded/--no-decoded", help="keep each chunk's decoded copy in the cache (about "
         "twice its size), so later reads skip decoding")] = True,
     snapshot: Annotated[Optional[str], typer.Option(
-        help="the snapshot to read: its number or id (default: the newest)")] = None,
+        help="the snapshot to read: its number, id or tag (default: the newest)")] = None,
+    as_of: Annotated[Optional[str], typer.Option(
+        "--as-of", help="the newest snapshot made at or before this time (ISO 8601)")] = None,
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
 ) -> None:
     """Write the rows one rank of a training job reads, in its order, to a Parquet file:
     each chunk verified, from the nearest replica."""
     from skyferry.read.reader import ReaderConfig, read_to_file
 
-    config = ReaderConfig(dataset, rank=rank, world_size=world_size, batch_size=batch_size,
-                          seed=seed, epoch=epoch, cloud=cloud, region=region,
-                          cache_dir=cache_dir, decoded=decoded, snapshot=snapshot,
-                          remainder="drop" if drop_remainder else "pad")
     try:
         _check_output_file(to)
-        rows, report = read_to_file(config, to, topology=load_topology(topology))
+        topo = load_topology(topology)
+        config = ReaderConfig(dataset, rank=rank, world_size=world_size, batch_size=batch_size,
+                              seed=seed, epoch=epoch, cloud=cloud, region=region,
+                              cache_dir=cache_dir, decoded=decoded,
+                              snapshot=_snapshot_ref(topo, dataset, snapshot, as_of),
+                              remainder="drop" if drop_remainder else "pad")
+        rows, report = read_to_file(config, to, topology=topo)
     except SkyferryError as exc:
         _fail(exc)
     place = report.place
@@ -342,6 +350,140 @@ def log(
         table.add_row(str(e.seq), e.id, e.created_at[:19], e.operation, str(e.batches),
                       f"{e.rows:,}", f"{line.rows_added:,}", f"{line.rows_removed:,}", e.note)
     console.print(table)
+
+
+def _as_of(value: str | None) -> datetime | None:
+    """An ``--as-of`` time: ISO 8601, a date or a date and time (UTC unless it says)."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"--as-of {value!r} is not a time (ISO 8601, such as 2026-12-01 or "
+                          "2026-12-01T14:30:00+00:00)", source="--as-of") from None
+
+
+def _snapshot_ref(topology: Topology, dataset: str, snapshot: str | None,
+                  as_of: str | None) -> str | None:
+    """``--snapshot`` as given, or the id of the snapshot ``--as-of`` names."""
+    if as_of is None:
+        return snapshot
+    if snapshot is not None:
+        raise ConfigError("give --snapshot or --as-of, not both", source="--as-of")
+    from skyferry.commit.manifest import open_catalog
+    from skyferry.commit.snapshots import SnapshotLog
+
+    found = SnapshotLog(open_catalog(topology), dataset).resolve(as_of=_as_of(as_of))
+    return found.id if found else None
+
+
+@app.command()
+def tag(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    name: Annotated[str, typer.Argument(help="the tag: letters, digits, '.', '_', '-'")],
+    snapshot: Annotated[Optional[str], typer.Option(
+        help="the snapshot to tag: its number, id or tag (default: the newest)")] = None,
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+) -> None:
+    """Name a snapshot, for reading it again later (a name is given once)."""
+    from skyferry.commit.manifest import open_catalog
+    from skyferry.commit.snapshots import SnapshotLog
+
+    try:
+        made = SnapshotLog(open_catalog(load_topology(topology)), dataset).tag(name, snapshot)
+    except SkyferryError as exc:
+        _fail(exc)
+    console.print(f"{dataset}: tag {made.name} is snapshot {made.seq} ({made.snapshot})")
+
+
+@app.command()
+def rollback(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    to: Annotated[str, typer.Option("--to", help="the snapshot: its number, id or tag")],
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+) -> None:
+    """Make a new snapshot that holds what an older one held. Nothing is deleted: a later
+    rollback can bring the newer batches back."""
+    from skyferry.commit.manifest import open_catalog
+    from skyferry.commit.snapshots import SnapshotLog
+
+    try:
+        made = SnapshotLog(open_catalog(load_topology(topology)), dataset).rollback(to)
+    except SkyferryError as exc:
+        _fail(exc)
+    console.print(f"{dataset}: snapshot {made.seq} ({made.id}) holds {made.batches} batches, "
+                  f"{made.rows:,} rows ({made.note or 'unchanged'})")
+
+
+@app.command()
+def quarantine(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    batch: Annotated[str, typer.Option("--batch", help="the batch id")],
+    release: Annotated[bool, typer.Option(
+        "--release", help="bring a quarantined batch back")] = False,
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+) -> None:
+    """Hide a bad batch from a new snapshot and every later one (its data stays), or, with
+    --release, bring it back."""
+    from skyferry.commit.manifest import open_catalog
+    from skyferry.commit.snapshots import SnapshotLog
+
+    try:
+        catalog = open_catalog(load_topology(topology))
+        manifest = catalog.manifest(dataset, batch)  # a committed batch, or BatchNotFoundError
+        log = SnapshotLog(catalog, dataset)
+        if release:
+            made = log.append("release", add=[manifest], release=[batch],
+                              note=f"batch {batch} released")
+        else:
+            made = log.append("quarantine", quarantine=[batch],
+                              note=f"batch {batch} quarantined",
+                              base=lambda: catalog.manifests(dataset))
+        made = made or log.head()
+    except SkyferryError as exc:
+        _fail(exc)
+    assert made is not None
+    console.print(f"{dataset}: snapshot {made.seq} ({made.id}) holds {made.batches} batches, "
+                  f"{made.rows:,} rows; quarantined: {', '.join(made.quarantined) or 'none'}")
+
+
+@app.command()
+def diff(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    a: Annotated[str, typer.Argument(help="the older snapshot: number, id or tag")],
+    b: Annotated[str, typer.Argument(help="the newer snapshot: number, id or tag")],
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """What changed between two snapshots: batches, source files, rows and bytes."""
+    from skyferry.ops.history import diff_snapshots
+
+    try:
+        found = diff_snapshots(load_topology(topology), dataset, a, b)
+    except SkyferryError as exc:
+        _fail(exc, as_json)
+    (rows_in, rows_out), (bytes_in, bytes_out) = found.rows, found.bytes
+    if as_json:
+        typer.echo(json.dumps({
+            "a": found.a.id, "b": found.b.id,
+            "batches_added": [r.batch_id for r in found.added],
+            "batches_removed": [r.batch_id for r in found.removed],
+            "sources_added": found.sources_added, "sources_removed": found.sources_removed,
+            "rows_added": rows_in, "rows_removed": rows_out,
+            "bytes_added": bytes_in, "bytes_removed": bytes_out}, indent=1))
+        return
+    console.print(f"{dataset}: snapshot {found.a.seq} ({found.a.id}) -> {found.b.seq} "
+                  f"({found.b.id}): +{len(found.added)} -{len(found.removed)} batches, "
+                  f"+{rows_in:,} -{rows_out:,} rows, +{bytes_in / 1e6:,.1f} "
+                  f"-{bytes_out / 1e6:,.1f} MB")
+    for ref in found.added:
+        console.print(f"  + batch {ref.batch_id} ({ref.rows:,} rows)")
+    for ref in found.removed:
+        console.print(f"  - batch {ref.batch_id} ({ref.rows:,} rows)")
+    for url in found.sources_added:
+        console.print(f"  + {url}")
+    for url in found.sources_removed:
+        console.print(f"  - {url}")
 
 
 @app.command()

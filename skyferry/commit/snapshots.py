@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,13 +41,15 @@ from skyferry.errors import (
 )
 from skyferry.storage import safe_key
 
-__all__ = ["BatchRef", "Committed", "Snapshot", "SnapshotLog", "batch_digest", "committed"]
+__all__ = ["BatchRef", "Committed", "Snapshot", "SnapshotLog", "Tag", "batch_digest",
+           "committed"]
 
 logger = logging.getLogger("skyferry.store")
 
 FULL_EVERY = 100  # a full list of batches every this many snapshots
 _APPEND_TRIES = 20
 _PAGE = 64  # entries read at once while looking for an id
+_TAG_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 Operation = Literal["commit", "rollback", "quarantine", "release", "genesis"]
 
@@ -94,7 +97,21 @@ class Snapshot(BaseModel):
     batches: int = Field(description="batches the snapshot holds")
     rows: int
     bytes: int
+    quarantined: list[str] = Field(default_factory=list, description="batch ids hidden from "
+                                   "this snapshot and every later one until released")
     note: str = ""
+
+
+class Tag(BaseModel):
+    """A name for a snapshot; it keeps the snapshot's batches from gc."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    dataset: str
+    snapshot: str
+    seq: int
+    created_at: str
 
 
 class _Full(BaseModel):
@@ -191,25 +208,80 @@ class SnapshotLog:
                 held[ref.batch_id] = ref
         return list(held.values())
 
-    def resolve(self, ref: str | None) -> Snapshot | None:
-        """The snapshot ``ref`` names: its sequence number, its id (or the first 8 or more
-        characters of it), or None for the newest (None when the log is empty)."""
+    def resolve(self, ref: str | None = None, *, as_of: datetime | None = None
+                ) -> Snapshot | None:
+        """The snapshot ``ref`` names: its sequence number, a tag, its id (or the first 8 or
+        more characters of it); with ``as_of``, the newest snapshot made at or before that
+        time; with neither, the newest (None when the log is empty)."""
         seqs = self.sequence()
+        if as_of is not None:
+            return self._as_of(seqs, as_of)
         if ref is None:
             return self.entry(seqs[-1]) if seqs else None
         if ref.isdigit() and len(ref) < 8:
             if int(ref) in seqs:
                 return self.entry(int(ref))
             raise SnapshotError(f"{self.dataset} has no snapshot {ref}", dataset=self.dataset)
+        tag = self.tags().get(ref)
+        if tag is not None:
+            return self.entry(tag.seq)
         if len(ref) < 8:
-            raise SnapshotError(f"snapshot {ref!r}: give its sequence number, or 8 or more "
-                                "characters of its id", dataset=self.dataset)
+            raise SnapshotError(f"{self.dataset} has no tag {ref!r} (a snapshot is named by "
+                                "its number, a tag, or 8 or more characters of its id)",
+                                dataset=self.dataset)
         newest_first = seqs[::-1]
         for at in range(0, len(newest_first), _PAGE):  # recent snapshots are found first
             for entry in self.entries(newest_first[at:at + _PAGE]):
                 if entry.id.startswith(ref):
                     return entry
         raise SnapshotError(f"{self.dataset} has no snapshot {ref!r}", dataset=self.dataset)
+
+    def _as_of(self, seqs: list[int], when: datetime) -> Snapshot:
+        """The newest snapshot made at or before ``when`` (a binary search of the log)."""
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        low, high, found = 0, len(seqs) - 1, None
+        while low <= high:
+            mid = (low + high) // 2
+            entry = self.entry(seqs[mid])
+            if datetime.fromisoformat(entry.created_at) <= when:
+                found, low = entry, mid + 1
+            else:
+                high = mid - 1
+        if found is None:
+            raise SnapshotError(f"{self.dataset} has no snapshot made at or before "
+                                f"{when.isoformat()}", dataset=self.dataset)
+        return found
+
+    # tags ------------------------------------------------------------------------------
+    def tag_key(self, name: str) -> str:
+        return f"{self._prefix}/tags/{name}.json"
+
+    def tags(self) -> dict[str, Tag]:
+        """Every tag of the dataset, from every place that keeps one."""
+        listed, _ = self.places.each(
+            self.places.names, lambda store: [o.key for o in store.list(f"{self._prefix}/tags")])
+        names = {k.rsplit("/", 1)[-1][:-5] for keys in listed.values() for k in keys
+                 if k.endswith(".json")}
+        return {name: Tag.model_validate_json(self._read(self.tag_key(name)))
+                for name in sorted(names)}
+
+    def tag(self, name: str, ref: str | None = None) -> Tag:
+        """Name snapshot ``ref`` (default: the newest) ``name``; a name is given once."""
+        if not _TAG_NAME.fullmatch(name) or name.isdigit():
+            raise SnapshotError(f"tag name {name!r}: letters, digits, '.', '_' and '-', up to "
+                                "64, not only digits", dataset=self.dataset)
+        snapshot = self.resolve(ref)
+        if snapshot is None:
+            raise SnapshotError(f"{self.dataset} has no snapshot to tag", dataset=self.dataset)
+        tag = Tag(name=name, dataset=self.dataset, snapshot=snapshot.id, seq=snapshot.seq,
+                  created_at=datetime.now(timezone.utc).isoformat())
+        body = tag.model_dump_json(indent=1).encode()
+        if name in self.tags() or not self.catalog.store.create(self.tag_key(name), body):
+            raise SnapshotError(f"{self.dataset} has a tag {name!r} already",
+                                dataset=self.dataset)
+        self._copy_to_nodes(self.tag_key(name), body, f"tag {name}")
+        return tag
 
     # writing ---------------------------------------------------------------------------
     def adopt(self, manifests: Sequence[Manifest]) -> Snapshot | None:
@@ -226,52 +298,80 @@ class SnapshotLog:
         return self.append("commit", add=strays,
                            note="committed before its snapshot was written")
 
-    def append(self, operation: Operation, *, add: Sequence[Manifest] = (),
-               remove: Sequence[str] = (), note: str = "",
+    def append(self, operation: Operation, *, add: Sequence[Manifest | BatchRef] = (),
+               remove: Sequence[str] = (), quarantine: Sequence[str] = (),
+               release: Sequence[str] = (), note: str = "",
                base: Callable[[], Sequence[Manifest]] | None = None) -> Snapshot | None:
-        """A new snapshot: the newest one, with ``add`` (committed manifests) added and
-        the batch ids ``remove`` dropped; none when that changes nothing. An empty log starts
-        from the manifests ``base()`` gives (those committed before the log existed)."""
+        """A new snapshot: the newest one, with ``add`` (committed manifests, or batches as
+        a snapshot holds them) added and the batch ids ``remove`` dropped; none when that
+        changes nothing. Batches in ``quarantine`` are dropped and kept out of every later
+        snapshot until they are in ``release``. An empty log starts from the manifests
+        ``base()`` gives (those committed before the log existed)."""
+        refs = [a if isinstance(a, BatchRef) else BatchRef.of(a) for a in add]
         for _ in range(_APPEND_TRIES):
             seqs = self.sequence()
             if seqs:
                 parent = self.entry(seqs[-1])
                 held = {b.batch_id: b for b in self.batches(parent.seq)}
                 seq, parent_id = parent.seq + 1, parent.id
+                hidden = (set(parent.quarantined) | set(quarantine)) - set(release)
             else:
-                adding = {m.batch_id for m in add}
+                adding = {r.batch_id for r in refs}
                 held = {m.batch_id: BatchRef.of(m) for m in (base() if base else ())
                         if m.batch_id not in adding}
-                seq, parent_id = 0, None
+                seq, parent_id, hidden = 0, None, set(quarantine)
                 if held and operation != "genesis":
                     self._write(self._entry(0, None, "genesis", held, list(held.values()), [],
-                                            "the batches committed before the log"), held)
+                                            set(), "the batches committed before the log"),
+                                held)
                     continue
-            added = [BatchRef.of(m) for m in add
-                     if held.get(m.batch_id, None) != BatchRef.of(m)]
-            removed = [b for b in remove if b in held]
-            if not added and not removed and seqs:
+            added = [r for r in refs
+                     if r.batch_id not in hidden and held.get(r.batch_id) != r]
+            removed = [b for b in {*remove, *hidden} if b in held]
+            if not added and not removed and seqs and hidden == set(parent.quarantined):
                 return None
             for batch_id in removed:
                 held.pop(batch_id)
             for ref in added:
                 held[ref.batch_id] = ref
-            snapshot = self._entry(seq, parent_id, operation, held, added, removed, note)
+            snapshot = self._entry(seq, parent_id, operation, held, added, sorted(removed),
+                                   hidden, note)
             if self._write(snapshot, held):
                 return snapshot
         raise SnapshotError(f"{self.dataset}: {_APPEND_TRIES} snapshots were appended by "
                             "others while this one tried; try again", dataset=self.dataset)
 
+    def rollback(self, ref: str) -> Snapshot:
+        """A new snapshot that holds what snapshot ``ref`` held (nothing is deleted; a
+        quarantined batch stays hidden)."""
+        target = self.resolve(ref)
+        head = self.head()
+        if target is None or head is None:
+            raise SnapshotError(f"{self.dataset} has no snapshot {ref!r}", dataset=self.dataset)
+        wanted = {b.batch_id: b for b in self.batches(target.seq)}
+        held = {b.batch_id for b in self.batches(head.seq)}
+        made = self.append("rollback", add=list(wanted.values()),
+                           remove=sorted(held - set(wanted)),
+                           note=f"to snapshot {target.seq} ({target.id})")
+        return made or head
+
     def _entry(self, seq: int, parent: str | None, operation: Operation,
                held: dict[str, BatchRef], added: list[BatchRef], removed: list[str],
-               note: str) -> Snapshot:
+               quarantined: set[str], note: str) -> Snapshot:
         return Snapshot(
             dataset=self.dataset, seq=seq, id=_snapshot_id(self.dataset, seq, parent,
                                                            held.values()),
             parent=parent, created_at=datetime.now(timezone.utc).isoformat(),
             operation=operation, added=added, removed=removed, batches=len(held),
             rows=sum(b.rows for b in held.values()),
-            bytes=sum(b.bytes for b in held.values()), note=note)
+            bytes=sum(b.bytes for b in held.values()), quarantined=sorted(quarantined),
+            note=note)
+
+    def _copy_to_nodes(self, key: str, body: bytes, what: str) -> None:
+        nodes = [p for p in self.places.names if p != CATALOG]
+        _, failed = self.places.write(key, body, nodes)
+        for node, why in sorted(failed.items()):
+            logger.warning("%s of %s: no copy on %s: %s", what, self.dataset, node, why)
 
     def _write(self, snapshot: Snapshot, held: dict[str, BatchRef]) -> bool:
         """Claim the snapshot's number at the catalog, then copy it to the nodes; False when
@@ -284,13 +384,10 @@ class SnapshotLog:
             self.places.write(self.full_key(snapshot.seq), full, [CATALOG])
         if not self.catalog.store.create(self.key(snapshot.seq), body):
             return False
-        nodes = [p for p in self.places.names if p != CATALOG]
-        written, failed = self.places.write(self.key(snapshot.seq), body, nodes)
+        self._copy_to_nodes(self.key(snapshot.seq), body, f"snapshot {snapshot.seq}")
         if full is not None:
-            self.places.write(self.full_key(snapshot.seq), full, nodes)
-        for node, why in sorted(failed.items()):
-            logger.warning("snapshot %d of %s: no copy on %s (repair restores it): %s",
-                           snapshot.seq, self.dataset, node, why)
+            self._copy_to_nodes(self.full_key(snapshot.seq), full,
+                                f"snapshot {snapshot.seq}'s full list")
         logger.info("snapshot %d of %s (%s): %d batches, %s", snapshot.seq, self.dataset,
                     snapshot.id, snapshot.batches, snapshot.operation)
         return True

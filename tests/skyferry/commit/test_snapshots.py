@@ -175,3 +175,72 @@ def test_repair_puts_a_batch_committed_without_its_snapshot_in_a_new_one(
     head = _log().resolve(None)
     assert head is not None and (head.seq, head.rows) == (1, 700)
     assert repair_dataset(load_topology(), "ss").snapshot_added == []  # nothing more to add
+
+
+def test_tags_rollback_quarantine_diff_and_as_of(home: Path, tmp_path: Path) -> None:
+    import json
+    from datetime import datetime
+
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from skyferry.cli import app
+
+    runner = CliRunner()
+
+    def cli(*args: str) -> str:
+        done = runner.invoke(app, list(args))
+        assert done.exit_code == 0, done.output
+        return done.output
+
+    def exported(*args: str) -> list[int]:
+        out = tmp_path / "out.parquet"
+        cli("export", "ss", "--to", str(out), *args)
+        return sorted(pq.read_table(out).column("id").to_pylist())
+
+    first = _commit(tmp_path, "a", 300, 0)
+    cli("tag", "ss", "v1")
+    at_tag = exported("--snapshot", "v1")
+    between = datetime.now().astimezone().isoformat()
+    second = _commit(tmp_path, "b", 200, 1_000)
+    _commit(tmp_path, "c", 100, 2_000)
+    _commit(tmp_path, "d", 50, 3_000)
+    assert exported("--snapshot", "v1") == at_tag == list(range(300))  # 3 commits later
+    assert exported("--as-of", between) == at_tag
+    assert len(exported()) == 650
+    again = runner.invoke(app, ["tag", "ss", "v1"])
+    assert again.exit_code == 2 and "has a tag 'v1' already" in again.output
+
+    changes = json.loads(cli("diff", "ss", "v1", "3", "--json"))
+    assert changes["batches_added"][0] == second.batch_id and changes["rows_added"] == 350
+    assert changes["rows_removed"] == 0 and len(changes["sources_added"]) == 3
+
+    # a state saved before the quarantine resumes after it on its own snapshot
+    options = {"dataset": "ss", "batch_size": 50, "cache_dir": tmp_path / "cache"}
+    whole = _ids(list(TrainingReader(ReaderConfig(**options))))  # type: ignore[arg-type]
+    reader = TrainingReader(ReaderConfig(**options))  # type: ignore[arg-type]
+    tables = iter(reader)
+    head = _ids([next(tables) for _ in range(4)])
+    state = reader.state_dict()
+    cli("quarantine", "ss", "--batch", second.batch_id)
+    assert len(exported()) == 450 and not set(exported()) & set(range(1_000, 1_200))
+    resumed = TrainingReader(ReaderConfig(**options))  # type: ignore[arg-type]
+    resumed.load_state_dict(state)
+    assert head + _ids(list(resumed)) == whole
+    _commit(tmp_path, "e", 10, 4_000)  # a commit after a quarantine keeps it hidden
+    assert len(exported()) == 460
+    cli("quarantine", "ss", "--batch", second.batch_id, "--release")
+    assert len(exported()) == 660
+
+    rolled = cli("rollback", "ss", "--to", "v1")
+    assert "holds 1 batches, 300 rows" in rolled
+    assert exported() == at_tag
+    log = _log()
+    newest = log.resolve(None)
+    assert newest is not None and newest.operation == "rollback"
+    assert [b.batch_id for b in log.batches(newest.seq)] == [first.batch_id]
+    cli("rollback", "ss", "--to", str(newest.seq - 1))  # nothing was deleted: all back
+    assert len(exported()) == 660
+    bad = runner.invoke(app, ["export", "ss", "--to", str(tmp_path / "x.parquet"),
+                              "--as-of", "yesterday"])
+    assert bad.exit_code == 2 and "is not a time" in bad.output
