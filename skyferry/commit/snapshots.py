@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -131,8 +131,9 @@ def _snapshot_id(dataset: str, seq: int, parent: str | None, batches: Iterable[B
 class SnapshotLog:
     """A dataset's snapshots, kept at the catalog and on the catalog's nodes."""
 
-    def __init__(self, catalog: Catalog, dataset: str) -> None:
+    def __init__(self, catalog: Catalog, dataset: str, *, down: Collection[str] = ()) -> None:
         self.catalog, self.dataset = catalog, dataset
+        self.down = set(down)  # nodes known to be down: no copy is waited for there
         self.places: Places = catalog.places
         self._prefix = safe_key("snapshots", dataset)
 
@@ -147,7 +148,8 @@ class SnapshotLog:
         """Every snapshot's sequence number, oldest first, from every place's listing (a
         snapshot whose catalog copy is lost is still in the log)."""
         listed, failed = self.places.each(
-            self.places.names, lambda store: [o.key for o in store.list(self._prefix)])
+            [p for p in self.places.names if p not in self.down],
+            lambda store: [o.key for o in store.list(self._prefix)])
         if not listed:
             raise SnapshotError(f"no place that keeps {self.dataset}'s snapshots could be "
                                 f"listed: " + "; ".join(f"{p}: {w}" for p, w in failed.items()),
@@ -368,8 +370,9 @@ class SnapshotLog:
             note=note)
 
     def _copy_to_nodes(self, key: str, body: bytes, what: str) -> None:
-        nodes = [p for p in self.places.names if p != CATALOG]
+        nodes = [p for p in self.places.names if p != CATALOG and p not in self.down]
         _, failed = self.places.write(key, body, nodes)
+        failed.update({n: "down" for n in self.down if n in self.places.openers})
         for node, why in sorted(failed.items()):
             logger.warning("%s of %s: no copy on %s: %s", what, self.dataset, node, why)
 

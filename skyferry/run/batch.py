@@ -157,7 +157,7 @@ def commit_batch(run: BatchRun, chunks: list[StoredChunk]
     # lacks a committed batch (a version whose batch did not commit is not live)
     SourceIndex(run.catalog, run.plan.dataset).record(manifest)
     key = run.catalog.commit(manifest, down=down)
-    log = SnapshotLog(run.catalog, manifest.dataset)
+    log = SnapshotLog(run.catalog, manifest.dataset, down=down)
     snapshot = log.append("commit", add=[manifest],
                           base=lambda: run.catalog.manifests(manifest.dataset)) or log.head()
     run.catalog.drop_pending(run.plan.dataset, run.plan.batch_id)
