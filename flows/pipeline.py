@@ -128,8 +128,10 @@ def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
                 new = _collect(run, todo, reports)
                 live.update("storage", force=True)
     with failing_as("storage", dataset=config.dataset, batch_id=plan.batch_id):
-        manifest, key = with_retries(commit_manifest)(ref(run), ref(list(done.values()) + new))
-    result = summarize(run, manifest, key, new, len(done), started, skipped_files, odd_files)
+        manifest, key, snapshot = with_retries(commit_manifest)(
+            ref(run), ref(list(done.values()) + new))
+    result = summarize(run, manifest, key, new, len(done), started, skipped_files, odd_files,
+                       snapshot)
     result.flow_run_id = str(flow_run.id) if flow_run.id else None
     publish_artifacts(result)
     logger.info("committed %s: %d chunks, %d rows stored, %d rejected", key,

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from skyferry.config import PipelineConfig, get_settings, parse_duration, parse_size
 from skyferry.errors import ConfigError, SkyferryError
@@ -93,8 +95,9 @@ def _check_output_file(path: Path) -> None:
 
 def print_summary(result: PipelineResult, rejects: list[dict[str, Any]] | None = None) -> None:
     status_style = {"completed": "green", "failed": "red"}.get(result.status, "yellow")
+    at = f" (snapshot {result.snapshot})" if result.snapshot else ""
     console.print(f"[bold]{result.dataset}[/] batch [bold]{result.batch_id}[/]: "
-                  f"[{status_style}]{result.status}[/] in {result.duration_s:.1f}s")
+                  f"[{status_style}]{result.status}[/] in {result.duration_s:.1f}s{at}")
     if result.error:
         err.print(f"[bold red]error:[/] {result.error_type or 'Error'}: {result.error}")
         return
@@ -212,17 +215,24 @@ def export(
     dataset: Annotated[str, typer.Argument(help="dataset name")],
     to: Annotated[Path, typer.Option("--to", help="output .parquet, .csv or .jsonl")],
     batch: Annotated[Optional[str], typer.Option("--batch", help="one batch only")] = None,
+    snapshot: Annotated[Optional[str], typer.Option(
+        help="the snapshot to export: its number, id or tag (default: the newest)")] = None,
+    as_of: Annotated[Optional[str], typer.Option(
+        "--as-of", help="the newest snapshot made at or before this time (ISO 8601)")] = None,
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
 ) -> None:
     """Read a committed dataset back, verifying every chunk, and write it to a file."""
     from skyferry.ops.export import export_dataset
 
     try:
-        report = export_dataset(dataset, to, batch_id=batch, topology=load_topology(topology))
+        topo = load_topology(topology)
+        report = export_dataset(dataset, to, batch_id=batch, topology=topo,
+                                snapshot=_snapshot_ref(topo, dataset, snapshot, as_of))
     except SkyferryError as exc:
         _fail(exc)
+    at = f" (snapshot {report.snapshot})" if report.snapshot else ""
     console.print(f"exported {report.chunks} chunks ({report.rows} rows, "
-                  f"{report.bytes / 1e6:.1f} MB) of {len(report.batches)} batches to {to}")
+                  f"{report.bytes / 1e6:.1f} MB) of {len(report.batches)} batches{at} to {to}")
     for line in report.failovers:
         console.print(f"[yellow]failover[/] {line}")
     for line in report.unreadable:
@@ -252,30 +262,228 @@ def read(
     decoded: Annotated[bool, typer.Option(
         "--decoded/--no-decoded", help="keep each chunk's decoded copy in the cache (about "
         "twice its size), so later reads skip decoding")] = True,
+    snapshot: Annotated[Optional[str], typer.Option(
+        help="the snapshot to read: its number, id or tag (default: the newest)")] = None,
+    as_of: Annotated[Optional[str], typer.Option(
+        "--as-of", help="the newest snapshot made at or before this time (ISO 8601)")] = None,
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
 ) -> None:
     """Write the rows one rank of a training job reads, in its order, to a Parquet file:
     each chunk verified, from the nearest replica."""
     from skyferry.read.reader import ReaderConfig, read_to_file
 
-    config = ReaderConfig(dataset, rank=rank, world_size=world_size, batch_size=batch_size,
-                          seed=seed, epoch=epoch, cloud=cloud, region=region,
-                          cache_dir=cache_dir, decoded=decoded,
-                          remainder="drop" if drop_remainder else "pad")
     try:
         _check_output_file(to)
-        rows, report = read_to_file(config, to, topology=load_topology(topology))
+        topo = load_topology(topology)
+        config = ReaderConfig(dataset, rank=rank, world_size=world_size, batch_size=batch_size,
+                              seed=seed, epoch=epoch, cloud=cloud, region=region,
+                              cache_dir=cache_dir, decoded=decoded,
+                              snapshot=_snapshot_ref(topo, dataset, snapshot, as_of),
+                              remainder="drop" if drop_remainder else "pad")
+        rows, report = read_to_file(config, to, topology=topo)
     except SkyferryError as exc:
         _fail(exc)
     place = report.place
-    console.print(f"rank {rank} of {world_size}: {rows} rows to {to} (reader in {place.cloud}"
-                  f"{'/' + place.region if place.region else ''}, from {place.detected_from})")
+    at = f" of snapshot {report.snapshot}" if report.snapshot else ""
+    console.print(f"rank {rank} of {world_size}: {rows} rows{at} to {to} (reader in "
+                  f"{place.cloud}{'/' + place.region if place.region else ''}, from "
+                  f"{place.detected_from})")
     for node, nbytes in sorted(report.bytes_from.items()):
         console.print(f"  read {nbytes / 1e6:.1f} MB from {node}")
     console.print(f"  {report.cache_hits} chunks from the cache; across clouds "
                   f"{report.cross_cloud_bytes / 1e6:.1f} MB, egress ${report.egress_usd:.4f}")
     for line in report.failovers:
         console.print(f"[yellow]failover[/] {line}")
+
+
+@app.command()
+def datasets(
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Every dataset: its snapshots, and the batches, rows and bytes its newest one holds."""
+    from skyferry.ops.history import summarize_datasets
+
+    try:
+        found = summarize_datasets(load_topology(topology))
+    except SkyferryError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(d) for d in found], indent=1))
+        return
+    table = Table("dataset", "snapshots", Column("newest", no_wrap=True), "batches", "rows",
+                  "MB", Column("changed", no_wrap=True))
+    for d in found:
+        table.add_row(d.dataset, str(d.snapshots), d.snapshot or "-", str(d.batches),
+                      f"{d.rows:,}", f"{d.bytes / 1e6:,.1f}", d.last_change or "-")
+    console.print(table)
+
+
+@app.command()
+def log(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    limit: Annotated[int, typer.Option(min=0, help="snapshots shown (0: all)")] = 20,
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """A dataset's snapshots, newest first: number, id, time, what made it, batches and
+    rows (added and removed)."""
+    from skyferry.ops.history import dataset_log
+
+    try:
+        lines = dataset_log(load_topology(topology), dataset, limit)
+    except SkyferryError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        typer.echo(json.dumps([{**line.snapshot.model_dump(exclude={"added"}),
+                           "added": [b.batch_id for b in line.snapshot.added],
+                           "rows_added": line.rows_added, "rows_removed": line.rows_removed}
+                          for line in lines], indent=1))
+        return
+    if not lines:
+        console.print(f"{dataset} has no snapshots (committed before snapshots, or never)")
+        return
+    table = Table("#", Column("id", no_wrap=True), Column("time", no_wrap=True), "operation",
+                  "batches", "rows", "+rows", "-rows", "note")
+    for line in lines:
+        e = line.snapshot
+        table.add_row(str(e.seq), e.id, e.created_at[:19], e.operation, str(e.batches),
+                      f"{e.rows:,}", f"{line.rows_added:,}", f"{line.rows_removed:,}", e.note)
+    console.print(table)
+
+
+def _as_of(value: str | None) -> datetime | None:
+    """An ``--as-of`` time: ISO 8601, a date or a date and time (UTC unless it says)."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"--as-of {value!r} is not a time (ISO 8601, such as 2026-12-01 or "
+                          "2026-12-01T14:30:00+00:00)", source="--as-of") from None
+
+
+def _snapshot_ref(topology: Topology, dataset: str, snapshot: str | None,
+                  as_of: str | None) -> str | None:
+    """``--snapshot`` as given, or the id of the snapshot ``--as-of`` names."""
+    if as_of is None:
+        return snapshot
+    if snapshot is not None:
+        raise ConfigError("give --snapshot or --as-of, not both", source="--as-of")
+    from skyferry.commit.manifest import open_catalog
+    from skyferry.commit.snapshots import SnapshotLog
+
+    found = SnapshotLog(open_catalog(topology), dataset).resolve(as_of=_as_of(as_of))
+    return found.id if found else None
+
+
+@app.command()
+def tag(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    name: Annotated[str, typer.Argument(help="the tag: letters, digits, '.', '_', '-'")],
+    snapshot: Annotated[Optional[str], typer.Option(
+        help="the snapshot to tag: its number, id or tag (default: the newest)")] = None,
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+) -> None:
+    """Name a snapshot, for reading it again later (a name is given once)."""
+    from skyferry.commit.manifest import open_catalog
+    from skyferry.commit.snapshots import SnapshotLog
+
+    try:
+        made = SnapshotLog(open_catalog(load_topology(topology)), dataset).tag(name, snapshot)
+    except SkyferryError as exc:
+        _fail(exc)
+    console.print(f"{dataset}: tag {made.name} is snapshot {made.seq} ({made.snapshot})")
+
+
+@app.command()
+def rollback(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    to: Annotated[str, typer.Option("--to", help="the snapshot: its number, id or tag")],
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+) -> None:
+    """Make a new snapshot that holds what an older one held. Nothing is deleted: a later
+    rollback can bring the newer batches back."""
+    from skyferry.commit.manifest import open_catalog
+    from skyferry.commit.snapshots import SnapshotLog
+
+    try:
+        made = SnapshotLog(open_catalog(load_topology(topology)), dataset).rollback(to)
+    except SkyferryError as exc:
+        _fail(exc)
+    console.print(f"{dataset}: snapshot {made.seq} ({made.id}) holds {made.batches} batches, "
+                  f"{made.rows:,} rows ({made.note or 'unchanged'})")
+
+
+@app.command()
+def quarantine(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    batch: Annotated[str, typer.Option("--batch", help="the batch id")],
+    release: Annotated[bool, typer.Option(
+        "--release", help="bring a quarantined batch back")] = False,
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+) -> None:
+    """Hide a bad batch from a new snapshot and every later one (its data stays), or, with
+    --release, bring it back."""
+    from skyferry.commit.manifest import open_catalog
+    from skyferry.commit.snapshots import SnapshotLog
+
+    try:
+        catalog = open_catalog(load_topology(topology))
+        manifest = catalog.manifest(dataset, batch)  # a committed batch, or BatchNotFoundError
+        log = SnapshotLog(catalog, dataset)
+        if release:
+            made = log.append("release", add=[manifest], release=[batch],
+                              note=f"batch {batch} released")
+        else:
+            made = log.append("quarantine", quarantine=[batch],
+                              note=f"batch {batch} quarantined",
+                              base=lambda: catalog.manifests(dataset))
+        made = made or log.head()
+    except SkyferryError as exc:
+        _fail(exc)
+    assert made is not None
+    console.print(f"{dataset}: snapshot {made.seq} ({made.id}) holds {made.batches} batches, "
+                  f"{made.rows:,} rows; quarantined: {', '.join(made.quarantined) or 'none'}")
+
+
+@app.command()
+def diff(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    a: Annotated[str, typer.Argument(help="the older snapshot: number, id or tag")],
+    b: Annotated[str, typer.Argument(help="the newer snapshot: number, id or tag")],
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """What changed between two snapshots: batches, source files, rows and bytes."""
+    from skyferry.ops.history import diff_snapshots
+
+    try:
+        found = diff_snapshots(load_topology(topology), dataset, a, b)
+    except SkyferryError as exc:
+        _fail(exc, as_json)
+    (rows_in, rows_out), (bytes_in, bytes_out) = found.rows, found.bytes
+    if as_json:
+        typer.echo(json.dumps({
+            "a": found.a.id, "b": found.b.id,
+            "batches_added": [r.batch_id for r in found.added],
+            "batches_removed": [r.batch_id for r in found.removed],
+            "sources_added": found.sources_added, "sources_removed": found.sources_removed,
+            "rows_added": rows_in, "rows_removed": rows_out,
+            "bytes_added": bytes_in, "bytes_removed": bytes_out}, indent=1))
+        return
+    console.print(f"{dataset}: snapshot {found.a.seq} ({found.a.id}) -> {found.b.seq} "
+                  f"({found.b.id}): +{len(found.added)} -{len(found.removed)} batches, "
+                  f"+{rows_in:,} -{rows_out:,} rows, +{bytes_in / 1e6:,.1f} "
+                  f"-{bytes_out / 1e6:,.1f} MB")
+    for ref in found.added:
+        console.print(f"  + batch {ref.batch_id} ({ref.rows:,} rows)")
+    for ref in found.removed:
+        console.print(f"  - batch {ref.batch_id} ({ref.rows:,} rows)")
+    for url in found.sources_added:
+        console.print(f"  + {url}")
+    for url in found.sources_removed:
+        console.print(f"  - {url}")
 
 
 @app.command()
@@ -547,6 +755,9 @@ def repair(
                       f"{report.seconds:.1f}s")
         for line in report.recreated[:20]:
             console.print(f"  {line}")
+        if report.snapshot_added:
+            console.print(f"  a new snapshot holds {len(report.snapshot_added)} committed "
+                          f"batches that no snapshot held: {', '.join(report.snapshot_added)}")
         for node, why in report.braked.items():
             err.print(f"[bold red]stopped:[/] {node}: {why}")
         for line in report.unrecoverable:

@@ -30,6 +30,7 @@ keyword-only attributes so callers (and retry conditions) never parse messages.
     ├── IntegrityError               (no healthy replica of a chunk is left) TerminalException
     ├── ReplicasAtRiskError          (a verify or repair left replicas damaged) TerminalException
     ├── BatchNotFoundError           (no committed manifest for a dataset/batch)
+    ├── SnapshotError                (a snapshot that does not exist or cannot be read) Terminal
     ├── ManifestError                (a committed manifest that cannot be read) TerminalException
     │   └── ManifestConflictError    (copies of one manifest disagree on its chunks)
     ├── ManifestQuorumError          (too few copies of a manifest were written) Transient
@@ -66,6 +67,7 @@ __all__ = [
     "SchemaError",
     "SchemaEvolutionError",
     "SkyferryError",
+    "SnapshotError",
     "SourceChangedError",
     "SourceError",
     "SourceNotFoundError",
@@ -244,6 +246,12 @@ class BatchNotFoundError(SkyferryError, LookupError, TerminalException):
         super().__init__(message)
         self.dataset = dataset
         self.batch_id = batch_id
+
+
+class SnapshotError(SkyferryError, LookupError, TerminalException):
+    def __init__(self, message: str, *, dataset: str) -> None:
+        super().__init__(message)
+        self.dataset = dataset
 
 
 class ManifestError(SkyferryError, TerminalException):

@@ -49,6 +49,8 @@ class PipelineResult(BaseModel):
     dataset: str
     batch_id: str | None = None
     manifest_key: str | None = None
+    snapshot: str | None = Field(default=None, description="the id of the dataset's snapshot "
+                                 "that the commit made")
     flow_run_id: str | None = None
     duration_s: float = 0.0
     chunks_processed: int = 0

@@ -1,4 +1,4 @@
-"""Commit task: write the batch's manifest atomically."""
+"""Commit task: write the batch's manifest atomically, and its snapshot."""
 
 from __future__ import annotations
 
@@ -14,5 +14,6 @@ COMMIT_TASK = "commit-manifest"  # a committed run's last task
 
 
 @io_task(COMMIT_TASK)
-def commit_manifest(run: BatchRun, chunks: list[StoredChunk]) -> tuple[Manifest, str]:
+def commit_manifest(run: BatchRun, chunks: list[StoredChunk]
+                    ) -> tuple[Manifest, str, str | None]:
     return batch.commit_batch(run, chunks)

@@ -7,6 +7,7 @@ The catalog layout (all keys relative to the catalog store)::
     pending/<dataset>/batch=<id>/chunk-<n>.json             # a chunk whose replicas verified
     rejects/<dataset>/batch=<id>/chunk-<n>.jsonl            # rejected rows with reasons
     suspects/<dataset>/batch=<id>/chunk-<n>-<node>.json     # a replica a reader found bad
+    snapshots/<dataset>/<seq>.json                          # the log (skyferry.commit.snapshots)
 
 Data objects on nodes live at ``<dataset>/date=<date>/batch=<id>/chunk-<n>.<ext>``, and
 each node that holds a batch's data keeps a copy of its manifest at the catalog's key

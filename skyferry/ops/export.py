@@ -23,11 +23,11 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
+from skyferry.commit.snapshots import Snapshot, committed
 from skyferry.distribute.access import ChunkOutput, FileOutput, ReplicaRef, Replicas
 from skyferry.errors import (
     ConfigError,
     IntegrityError,
-    ManifestConflictError,
     UnsafeKeyError,
 )
 from skyferry.evolution import chunk_schemas, conform, dataset_schema
@@ -54,6 +54,7 @@ class ExportReport:
     failovers: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     superseded_chunks: int = 0
+    snapshot: str | None = None  # the id of the snapshot read (None: no snapshot log)
 
 
 class DatasetReader:
@@ -64,8 +65,11 @@ class DatasetReader:
     whole chunk matched its hash; it is then read one row group at a time."""
 
     def __init__(self, dataset: str, *, topology: Topology | None = None,
-                 batch_id: str | None = None, spool: Path | None = None) -> None:
+                 batch_id: str | None = None, spool: Path | None = None,
+                 snapshot: str | None = None) -> None:
         self.dataset = dataset
+        self.snapshot_ref = snapshot  # None: the newest snapshot when the reader opens
+        self.snapshot: Snapshot | None = None
         self.topology = topology or load_topology()
         self.catalog = open_catalog(self.topology)
         self.batch_id = batch_id
@@ -86,16 +90,12 @@ class DatasetReader:
     def _read_manifests(self) -> list[Manifest]:
         if self.batch_id is not None:
             return [self.catalog.manifest(self.dataset, self.batch_id)]
-        manifests, unreadable = self.catalog.scan(self.dataset)
-        self.report.unreadable = [str(e) for e in unreadable]
-        for error in unreadable:  # copies that disagree: no copy is chosen for the reader
-            if isinstance(error, ManifestConflictError):
-                raise error
-        if not manifests:
-            if unreadable:
-                raise unreadable[0]
-            self.catalog.manifest(self.dataset)  # raises BatchNotFoundError
-        return manifests
+        read = committed(self.catalog, self.dataset, self.snapshot_ref)
+        self.snapshot = read.snapshot
+        self.report.snapshot = read.snapshot.id if read.snapshot else None
+        if read.snapshot is None:  # the whole dataset: a batch that cannot be read is missed
+            self.report.unreadable = [str(e) for e in read.unreadable]
+        return read.manifests
 
     def live(self) -> dict[str, LiveSource]:
         """Each source file's newest committed version (see :mod:`skyferry.ingest.versions`)."""
@@ -275,11 +275,14 @@ def _export_binary(reader: DatasetReader, target: Path) -> None:
 
 
 def export_dataset(dataset: str, to: str | Path, *, batch_id: str | None = None,
-                   topology: Topology | None = None) -> ExportReport:
-    """Write the dataset to ``to``: Parquet, or CSV/JSONL by extension (a folder for binary)."""
+                   topology: Topology | None = None, snapshot: str | None = None
+                   ) -> ExportReport:
+    """Write the dataset (as ``snapshot`` holds it; None: the newest) to ``to``: Parquet, or
+    CSV/JSONL by extension (a folder for binary)."""
     target = Path(to)
     # a table chunk is read into a file beside the target before it is decoded
-    reader = DatasetReader(dataset, topology=topology, batch_id=batch_id, spool=target.parent)
+    reader = DatasetReader(dataset, topology=topology, batch_id=batch_id, spool=target.parent,
+                           snapshot=snapshot)
     manifests = reader.manifests()
     if manifests and manifests[0].chunks and manifests[0].chunks[0].format == "binary":
         _export_binary(reader, target)

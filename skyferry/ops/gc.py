@@ -97,7 +97,7 @@ def collect_garbage(topology: Topology, *, grace_s: float, now: float | None = N
 
 def drop_dataset(topology: Topology, dataset: str) -> int:
     """Delete a dataset: every copy of its manifests first (it stops being visible), then
-    its objects.
+    its objects and its snapshot log.
 
     Returns how many objects were deleted. A manifest copy on a node that is down stops the
     drop before any data goes (:class:`~skyferry.errors.ManifestQuorumError`): the copy
@@ -114,13 +114,13 @@ def drop_dataset(topology: Topology, dataset: str) -> int:
             continue
         try:
             store = node.open_store()
-            for prefix in (dataset, f"manifests/{dataset}"):
+            for prefix in (dataset, f"manifests/{dataset}", f"snapshots/{dataset}"):
                 for obj in list(store.list(prefix)):
                     store.delete(obj.key)
                     deleted += 1
         except StorageError as exc:
             logger.warning("drop %s: node %s: %s", dataset, node.name, exc)
-    for prefix in (f"rejects/{dataset}", f"index/{dataset}"):
+    for prefix in (f"rejects/{dataset}", f"index/{dataset}", f"snapshots/{dataset}"):
         for obj in list(catalog.store.list(prefix)):
             catalog.store.delete(obj.key)
             deleted += 1

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 
 from skyferry.commit.copies import Survey
 from skyferry.commit.manifest import Catalog, Manifest, open_catalog
+from skyferry.commit.snapshots import SnapshotLog
 from skyferry.distribute.access import ReplicaRef, Replicas, SourceReplicaError, mark_nodes
 from skyferry.distribute.placement import NodeHealth, Placer
 from skyferry.distribute.probe import probe_nodes
@@ -72,6 +73,7 @@ class RepairReport:
     manifests_updated: list[str] = field(default_factory=list)
     copies_restored: list[str] = field(default_factory=list)  # "place:key", manifest copies
     copies_failed: list[str] = field(default_factory=list)  # "place:key: why"
+    snapshot_added: list[str] = field(default_factory=list)  # batches no snapshot held
     bytes_copied: int = 0
     seconds: float = 0.0
 
@@ -321,6 +323,9 @@ def repair_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
             _repair_manifests(repairer, catalog, manifests, survey, bad_copies, report)
         finally:
             repairer.close()
+        if batch_id is None and node is None:
+            adopted = SnapshotLog(catalog, dataset).adopt(manifests)
+            report.snapshot_added = [b.batch_id for b in adopted.added] if adopted else []
     report.seconds = round(time.perf_counter() - started, 3)
     logger.info("repair %s: %d replicas re-created, %d hints replayed, %d bad copies removed, "
                 "%d chunks unrecoverable, %d manifest copies restored", dataset,

@@ -53,8 +53,10 @@ def stage_breakdown(result: PipelineResult) -> list[dict[str, Any]]:
 def placement_markdown(result: PipelineResult) -> str:
     storage = result.stages.get("storage")
     dist = result.stages.get("distribution")
-    lines = [f"# Placement of {result.dataset} batch `{result.batch_id}`", "",
-             "| node | replicas |", "| --- | ---: |"]
+    lines = [f"# Placement of {result.dataset} batch `{result.batch_id}`", ""]
+    if result.snapshot:
+        lines += [f"Committed in snapshot `{result.snapshot}` of {result.dataset}.", ""]
+    lines += ["| node | replicas |", "| --- | ---: |"]
     for node, count in ((storage.by_node if storage else None) or {}).items():
         lines.append(f"| {node} | {count} |")
     lines += ["", "| cloud | replicas |", "| --- | ---: |"]

@@ -87,13 +87,15 @@ class ReadReport:
     cache_hits: int = 0
     fetched: int = 0
     failovers: list[str] = field(default_factory=list)
+    snapshot: str | None = None  # the id of the snapshot read (None: no snapshot log)
 
     def as_dict(self) -> dict[str, object]:
         return {"reader": {"cloud": self.place.cloud, "region": self.place.region,
                            "from": self.place.detected_from},
                 "bytes_from": dict(self.bytes_from), "egress_usd": round(self.egress_usd, 6),
                 "cross_cloud_bytes": self.cross_cloud_bytes, "cache_hits": self.cache_hits,
-                "fetched": self.fetched, "failovers": list(self.failovers)}
+                "fetched": self.fetched, "failovers": list(self.failovers),
+                "snapshot": self.snapshot}
 
 
 class ChunkCache:

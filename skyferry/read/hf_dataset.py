@@ -16,13 +16,14 @@ from typing import Any
 
 import datasets
 
-from skyferry.read.reader import ReaderConfig, TrainingReader
+from skyferry.read.reader import ReaderConfig, TrainingReader, pin_snapshot
 from skyferry.topology import load_topology
 
 __all__ = ["hf_dataset"]
 
 
 def hf_dataset(config: ReaderConfig, *, topology: str | None = None) -> datasets.IterableDataset:
+    config = pin_snapshot(config, load_topology(topology))  # every shard: one snapshot
     reader = TrainingReader(config, topology=load_topology(topology))
     shards = [chunk.digest for chunk in reader.plan.chunks]  # the epoch's order
     reader.close()

@@ -19,7 +19,7 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from skyferry.read.reader import ReaderConfig, TrainingReader
+from skyferry.read.reader import ReaderConfig, TrainingReader, pin_snapshot
 from skyferry.topology import load_topology
 
 __all__ = ["SkyferryDatasource"]
@@ -28,9 +28,11 @@ __all__ = ["SkyferryDatasource"]
 class SkyferryDatasource(Datasource):  # type: ignore[misc]
     def __init__(self, dataset: str, *, seed: int = 0, epoch: int = 0,
                  cloud: str | None = None, region: str | None = None,
-                 topology: str | None = None, cache_dir: Path | None = None) -> None:
-        self.config = ReaderConfig(dataset, seed=seed, epoch=epoch, cloud=cloud,
-                                   region=region, cache_dir=cache_dir)
+                 topology: str | None = None, cache_dir: Path | None = None,
+                 snapshot: str | None = None) -> None:
+        self.config = pin_snapshot(  # every read task reads the snapshot newest now
+            ReaderConfig(dataset, seed=seed, epoch=epoch, cloud=cloud, region=region,
+                         cache_dir=cache_dir, snapshot=snapshot), load_topology(topology))
         self.topology = topology
         reader = TrainingReader(self.config, topology=load_topology(topology))
         plan = reader.plan

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import Counter, OrderedDict, deque
@@ -18,8 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
+from skyferry.commit.snapshots import Snapshot, SnapshotLog, committed
 from skyferry.distribute.access import node_store
-from skyferry.errors import IntegrityError, ManifestConflictError, ReadPlanError
+from skyferry.errors import IntegrityError, ReadPlanError
 from skyferry.evolution import conform, dataset_schema
 from skyferry.read.fetch import ChunkCache, Fetcher, Mapped, ReadReport, reader_place
 from skyferry.read.plan import (
@@ -33,11 +35,11 @@ from skyferry.read.plan import (
 )
 from skyferry.topology import Topology, load_topology
 
-__all__ = ["ReaderConfig", "TrainingReader", "chunk_files", "read_to_file"]
+__all__ = ["ReaderConfig", "TrainingReader", "chunk_files", "pin_snapshot", "read_to_file"]
 
 logger = logging.getLogger("skyferry.read")
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 CACHE_LIMIT = 64 << 30  # default size limit of the chunk cache, bytes
 _VERIFIED = 4  # chunks a reader keeps verified, beside those that runs being gathered need
 _GROUPS = 8  # decoded (or decoding) row groups a reader keeps
@@ -68,6 +70,7 @@ class ReaderConfig:
     cache_dir: Path | None = None
     cache_limit: int = CACHE_LIMIT
     decoded: bool = True  # keep decoded copies (Arrow IPC) in the cache: later reads skip decoding
+    snapshot: str | None = None  # an id or sequence number; None: the newest when it opens
 
 
 class TrainingReader:
@@ -89,6 +92,7 @@ class TrainingReader:
         self.topology = topology or load_topology()
         self.catalog = open_catalog(self.topology)
         self._manifests = manifests
+        self._snapshot: Snapshot | None = None
         root = config.cache_dir or self.topology.settings.home / "cache" / "chunks"
         self.fetcher = Fetcher(self.topology, self.catalog, ChunkCache(root, config.cache_limit),
                                reader_place(self.topology, config.cloud, config.region))
@@ -108,20 +112,24 @@ class TrainingReader:
     def report(self) -> ReadReport:
         return self.fetcher.report
 
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The snapshot this reader reads (None: a dataset committed before snapshots, read
+        whole): ``config.snapshot``, else the newest when it first looks."""
+        if self._snapshot is None and self._manifests is None:
+            self.manifests()
+        return self._snapshot
+
     def manifests(self) -> list[Manifest]:
+        """The manifests of the reader's snapshot (see :func:`committed`)."""
         if self._manifests is None:
-            manifests, unreadable = self.catalog.scan(self.config.dataset)
-            for problem in unreadable:  # copies that disagree: no copy is chosen
-                if isinstance(problem, ManifestConflictError):
-                    raise problem
-            for problem in unreadable:
+            read = committed(self.catalog, self.config.dataset,
+                             self._snapshot or self.config.snapshot)
+            for problem in read.unreadable:
                 logger.warning("a manifest of %s cannot be read: %s", self.config.dataset,
                                problem)
-            if not manifests:
-                if unreadable:
-                    raise unreadable[0]
-                self.catalog.manifest(self.config.dataset)  # raises BatchNotFoundError
-            self._manifests = manifests
+            self._snapshot, self._manifests = read.snapshot, read.manifests
+            self.report.snapshot = read.snapshot.id if read.snapshot else None
         return self._manifests
 
     @property
@@ -238,9 +246,11 @@ class TrainingReader:
         started and ``batches`` the batches it has read since (with workers: the batch after
         this worker's last one)."""
         c = self.config
+        snapshot = self.snapshot
         return {"v": STATE_VERSION, "seed": c.seed, "epoch": c.epoch, "rows": self.plan.rows,
                 "world_size": c.world_size, "batch_size": c.batch_size,
-                "consumed": self.consumed, "batches": self.batches_read}
+                "consumed": self.consumed, "batches": self.batches_read,
+                "snapshot": snapshot.id if snapshot is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Go on from ``state``. On the same world size and batch size each rank (and worker)
@@ -248,9 +258,10 @@ class TrainingReader:
         read ``batches`` batches (as data-parallel training does), and the rows after those
         are shared out anew."""
         c = self.config
-        if state.get("v") != STATE_VERSION:
+        if state.get("v") not in (2, STATE_VERSION):
             raise ReadPlanError(f"a reader state of version {state.get('v')!r} cannot be "
                                 f"loaded (this reader's is {STATE_VERSION})")
+        self._read_snapshot_of(state.get("snapshot"))
         if (state["seed"], state["epoch"]) != (c.seed, c.epoch):
             raise ReadPlanError(f"the state is of seed {state['seed']}, epoch "
                                 f"{state['epoch']}; this reader reads seed {c.seed}, epoch "
@@ -266,6 +277,21 @@ class TrainingReader:
         saved = self.plan.rank(0, int(state["world_size"]), batch_size=int(state["batch_size"]),
                                consumed=consumed, remainder=c.remainder)
         self.consumed, self.batches_read = saved.consumed_after(batches), 0
+
+    def _read_snapshot_of(self, saved: str | None) -> None:
+        """Read the snapshot a state was saved on (so a commit since changes nothing): a
+        reader opened on no snapshot in particular takes it; one opened on another refuses."""
+        if saved is None:
+            return
+        current = self.snapshot
+        if current is not None and current.id == saved:
+            return
+        if self.config.snapshot is not None:
+            raise ReadPlanError(f"the state was saved on snapshot {saved} of "
+                                f"{self.config.dataset}; this reader reads snapshot "
+                                f"{current.id if current else self.config.snapshot}")
+        self._snapshot = SnapshotLog(self.catalog, self.config.dataset).resolve(saved)
+        self._manifests = self._plan = self._schema = None
 
     # rows -----------------------------------------------------------------------------
     def _take(self, piece: Slice) -> pa.Table:
@@ -374,6 +400,16 @@ def _append(slices: list[Slice], piece: Slice) -> None:
         slices[-1] = Slice(piece.chunk, np.concatenate([slices[-1].rows, piece.rows]))
     else:
         slices.append(piece)
+
+
+def pin_snapshot(config: ReaderConfig, topology: Topology | None = None) -> ReaderConfig:
+    """``config`` naming its snapshot: the newest now when it names none. A front end whose
+    workers each open a reader pins it first, so that a commit between two workers' opens
+    cannot give them different snapshots."""
+    if config.snapshot is not None:
+        return config
+    head = SnapshotLog(open_catalog(topology or load_topology()), config.dataset).resolve(None)
+    return config if head is None else dataclasses.replace(config, snapshot=head.id)
 
 
 def chunk_files(dataset: str, *, verify: bool = True, topology: Topology | None = None,

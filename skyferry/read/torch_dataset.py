@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from skyferry.read.reader import ReaderConfig, TrainingReader
+from skyferry.read.reader import ReaderConfig, TrainingReader, pin_snapshot
 from skyferry.topology import load_topology
 
 __all__ = ["SkyferryIterableDataset", "to_tensors"]
@@ -46,7 +46,9 @@ class SkyferryIterableDataset(IterableDataset):  # type: ignore[type-arg,misc]
 
     def __init__(self, config: ReaderConfig, *, topology: str | None = None,
                  tensors: bool = True) -> None:
-        self.config, self.topology, self.tensors = config, topology, tensors
+        # every worker reads the snapshot that is the newest now
+        self.config = pin_snapshot(config, load_topology(topology))
+        self.topology, self.tensors = topology, tensors
         self._state: dict[str, Any] | None = None
         self._reader: TrainingReader | None = None
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from skyferry import __version__
 from skyferry.commit.manifest import BatchPlan, Lineage, Manifest
+from skyferry.commit.snapshots import SnapshotLog
 from skyferry.errors import BatchIdReusedError, SourceError, failing_as
 from skyferry.ingest.listing import Listing, list_source_files
 from skyferry.ingest.read import plan_chunks
@@ -144,8 +145,11 @@ def journal_chunk(run: BatchRun, stored: StoredChunk) -> None:
                               seconds=time.perf_counter() - started)
 
 
-def commit_batch(run: BatchRun, chunks: list[StoredChunk]) -> tuple[Manifest, str]:
-    """Write the batch's manifest atomically (the commit), then drop its journal."""
+def commit_batch(run: BatchRun, chunks: list[StoredChunk]
+                 ) -> tuple[Manifest, str, str | None]:
+    """Write the batch's manifest atomically (the commit), append the dataset's snapshot
+    that holds it, then drop its journal. Returns the manifest, its key and the snapshot's
+    id."""
     started = time.perf_counter()
     manifest = Manifest.from_plan(run.plan, chunks)
     down = [n for n, state in run.setup.health.states.items() if state == "down"]
@@ -153,15 +157,19 @@ def commit_batch(run: BatchRun, chunks: list[StoredChunk]) -> tuple[Manifest, st
     # lacks a committed batch (a version whose batch did not commit is not live)
     SourceIndex(run.catalog, run.plan.dataset).record(manifest)
     key = run.catalog.commit(manifest, down=down)
+    log = SnapshotLog(run.catalog, manifest.dataset, down=down)
+    snapshot = log.append("commit", add=[manifest],
+                          base=lambda: run.catalog.manifests(manifest.dataset)) or log.head()
     run.catalog.drop_pending(run.plan.dataset, run.plan.batch_id)
     run.setup.recorder.record("storage", nbytes=len(manifest.to_json()),
                               seconds=time.perf_counter() - started)
-    return manifest, key
+    return manifest, key, snapshot.id if snapshot else None
 
 
 def summarize(run: BatchRun, manifest: Manifest, key: str, new: list[StoredChunk],
               skipped: int, started: float, skipped_files: list[str],
-              odd_files: dict[str, str] | None = None) -> PipelineResult:
+              odd_files: dict[str, str] | None = None,
+              snapshot: str | None = None) -> PipelineResult:
     """The run's result: the manifest's counts, the stages' metrics, where replicas went."""
     setup = run.setup
     stages = setup.recorder.metrics()
@@ -185,7 +193,7 @@ def summarize(run: BatchRun, manifest: Manifest, key: str, new: list[StoredChunk
     stages["storage"].by_node = dict(sorted(by_node.items()))
     return PipelineResult(
         status="completed", dataset=manifest.dataset, batch_id=manifest.batch_id,
-        manifest_key=key, duration_s=round(time.perf_counter() - started, 3),
+        manifest_key=key, snapshot=snapshot, duration_s=round(time.perf_counter() - started, 3),
         chunks_processed=len(new), chunks_skipped=skipped, rows_in=manifest.rows_in,
         rows_stored=manifest.rows_stored, rows_rejected=manifest.rows_rejected,
         rows_added=manifest.rows_added, rows_dropped=manifest.rows_dropped,

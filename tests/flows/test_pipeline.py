@@ -15,11 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.pipeline import run_pipeline
-from skyferry.commit.manifest import Manifest
+from skyferry.commit.manifest import Manifest, open_catalog
+from skyferry.commit.snapshots import SnapshotLog
 from skyferry.config import PipelineConfig
 from skyferry.errors import IntegrityError
 from skyferry.ops.export import DatasetReader, export_dataset
 from skyferry.ops.gc import collect_garbage
+from skyferry.topology import load_topology
 from tests.helpers.sf_data import replica_digest, write_ml_csv
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
@@ -184,6 +186,9 @@ def test_reruns_are_idempotent_and_incremental(home: Path, tmp_path: Path,
     second = run_pipeline(config)
     assert second.status == "completed" and second.batch_id != first.batch_id
     assert second.rows_stored == 200
+    # a commit per snapshot; the runs that committed nothing made none
+    log = SnapshotLog(open_catalog(load_topology()), "inc")
+    assert [e.id for e in log.entries(log.sequence())] == [first.snapshot, second.snapshot]
     assert [s.url.rsplit("/", 1)[-1] for m in committed("inc")[1:] for s in m.lineage.sources] \
         == ["b.csv"]
 
@@ -319,3 +324,6 @@ def test_every_run_publishes_progress_breakdown_and_placement(home: Path,
     assert by_type["table"]["key"] == "art-set-stage-breakdown"
     assert f"| aws-node-1 | {result.stages['storage'].by_node['aws-node-1']} |" \
         in by_type["markdown"]["data"]
+    head = SnapshotLog(open_catalog(load_topology()), "Art Set").resolve(None)
+    assert head is not None and result.snapshot == head.id
+    assert f"snapshot `{head.id}`" in by_type["markdown"]["data"]
