@@ -103,7 +103,7 @@ class Snapshot(BaseModel):
 
 
 class Tag(BaseModel):
-    """A name for a snapshot; it keeps the snapshot's batches from gc."""
+    """A name for a snapshot, given once."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -399,8 +399,8 @@ class SnapshotLog:
 @dataclass(frozen=True)
 class Committed:
     """What a reader reads: a snapshot (None: a dataset committed before the log, read
-    whole) and its batches' manifests, oldest first; ``unreadable``: manifests of other
-    batches that could not be read (a reader of the whole dataset reports them)."""
+    whole), its batches' manifests, oldest first, and ``unreadable``: the manifests of its
+    batches that no place could give (the reader reads the rest, and reports them)."""
 
     snapshot: Snapshot | None
     manifests: list[Manifest]
@@ -409,11 +409,12 @@ class Committed:
 
 def committed(catalog: Catalog, dataset: str, snapshot: str | Snapshot | None = None
               ) -> Committed:
-    """The manifests of ``snapshot`` (a :class:`Snapshot`, its id or number; None: the
-    newest), each checked to hold what it held when the snapshot was taken.
+    """The manifests of ``snapshot`` (a :class:`Snapshot`, or its number, tag or id; None:
+    the newest), each checked to hold what it held when the snapshot was taken.
 
-    A batch of the snapshot whose manifest cannot be read, or whose copies disagree, raises
-    (no snapshot is read in part); a batch the snapshot does not hold is not read at all."""
+    A batch of the snapshot whose copies disagree, whose manifest is gone, or whose manifest
+    holds other chunks raises; one whose manifest no place can read is left out and named in
+    ``unreadable``, as a read of the whole dataset names it."""
     log = SnapshotLog(catalog, dataset)
     chosen = snapshot if isinstance(snapshot, Snapshot) else log.resolve(snapshot)
     manifests, unreadable = catalog.scan(dataset)
@@ -428,17 +429,18 @@ def committed(catalog: Catalog, dataset: str, snapshot: str | Snapshot | None = 
         return Committed(None, manifests, unreadable)
     wanted = {b.batch_id: b for b in log.batches(chosen.seq)}
     found = {m.batch_id: m for m in manifests if m.batch_id in wanted}
+    mine = [p for p in unreadable if any(f"/batch={b}.json" in p.key for b in wanted)]
+    for problem in mine:
+        if isinstance(problem, ManifestConflictError):
+            raise problem
     for batch_id, ref in wanted.items():
         manifest = found.get(batch_id)
         if manifest is None:
-            for problem in unreadable:
-                if f"/batch={batch_id}.json" in problem.key:
-                    raise problem
+            if any(f"/batch={batch_id}.json" in p.key for p in mine):
+                continue
             raise SnapshotError(f"batch {batch_id} of snapshot {chosen.id} of {dataset} has no "
                                 "committed manifest (was the dataset dropped?)", dataset=dataset)
         if batch_digest(manifest) != ref.digest:
             raise SnapshotError(f"batch {batch_id} of {dataset} holds other chunks than when "
                                 f"snapshot {chosen.id} was taken", dataset=dataset)
-    others = [p for p in unreadable
-              if not any(f"/batch={b}.json" in p.key for b in wanted)]
-    return Committed(chosen, [found[b] for b in wanted], others)
+    return Committed(chosen, [found[b] for b in wanted if b in found], mine)

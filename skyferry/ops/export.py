@@ -93,8 +93,7 @@ class DatasetReader:
         read = committed(self.catalog, self.dataset, self.snapshot_ref)
         self.snapshot = read.snapshot
         self.report.snapshot = read.snapshot.id if read.snapshot else None
-        if read.snapshot is None:  # the whole dataset: a batch that cannot be read is missed
-            self.report.unreadable = [str(e) for e in read.unreadable]
+        self.report.unreadable = [str(e) for e in read.unreadable]  # batches left out
         return read.manifests
 
     def live(self) -> dict[str, LiveSource]:

@@ -211,8 +211,8 @@ class Mapped:
         return str(hasher.hexdigest()), self.size
 
     def release(self, start: int = 0, stop: int | None = None) -> None:
-        """Let go of the pages of bytes ``[start, stop)`` (whole pages only: the first and
-        last may stay)."""
+        """Let go of the pages that hold bytes ``[start, stop)``, whole (a page let go of is
+        read again from the file when next used, so any page of it can go)."""
         self._advise(mmap.MADV_DONTNEED, start, stop)
 
     def release_arrays(self, table: pa.Table | pa.RecordBatch) -> None:

@@ -298,7 +298,7 @@ class TrainingReader:
         """``piece``'s rows, in order: one ``take`` over the row groups that hold them (a
         piece is a run's rows of one chunk: a few row groups)."""
         chunk, rows = piece.chunk, piece.rows
-        mapped, starts = self._file(chunk)
+        _, starts = self._file(chunk)
         low, high = int(rows.min()), int(rows.max())
         if low < 0 or high >= starts[-1]:
             raise IntegrityError(f"chunk {chunk.index} of {chunk.dataset}/batch="

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from skyferry.commit.manifest import Catalog
+from skyferry.commit.snapshots import SnapshotLog
 from skyferry.config import PipelineConfig
 from skyferry.run.chunk import ChunkProgress
 from skyferry.run.context import open_run
@@ -31,13 +32,15 @@ def test_the_tasks_walk_a_batch_and_commit_it(home: Path, tmp_path: Path) -> Non
         stored = [m[0] for m in moved]
         for chunk, (_, timings, started_at) in zip(run.plan.chunks, moved, strict=True):
             assert started_at == "ingestion" and timings["ingestion"][0] == chunk.size
-        manifest, key = commit_manifest.fn(run, stored)
+        manifest, key, snapshot = commit_manifest.fn(run, stored)
     finally:
         run.close()
     committed = Catalog(setup.topology.catalog_store()).manifest("fn")
     assert committed.batch_id == manifest.batch_id
     assert key == run.catalog.manifest_key("fn", manifest.partition_date, manifest.batch_id)
     assert committed.rows_stored == 1_200
+    head = SnapshotLog(run.catalog, "fn").resolve(None)
+    assert head is not None and (snapshot, head.rows) == (head.id, 1_200)
     for chunk in committed.chunks:
         for replica in chunk.verified:
             assert replica_digest(home, replica.node, chunk.key) == chunk.digest
