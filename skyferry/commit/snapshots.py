@@ -158,6 +158,21 @@ class SnapshotLog:
             logger.warning("%s's snapshots cannot be listed at %s: %s", self.dataset, place, why)
         return sorted({n for keys in listed.values() for n in self._numbers(keys)})
 
+    def _numbers_to_append_to(self) -> list[int]:
+        """The log's numbers as an append needs them: the catalog's listing, which gives
+        the numbers out, when the nodes hold nothing after its newest; else every place's
+        (the catalog lost entries, or cannot be listed)."""
+        try:
+            seqs = sorted(self._numbers(o.key for o in self.catalog.store.list(self._prefix)))
+        except StorageError:
+            return self.sequence()
+        if not seqs:
+            return self.sequence()
+        after = self.key(seqs[-1] + 1)
+        nodes = [p for p in self.places.names if p != CATALOG and p not in self.down]
+        found, _ = self.places.each(nodes, lambda store: store.exists(after))
+        return self.sequence() if any(found.values()) else seqs
+
     def _numbers(self, keys: Iterable[str]) -> set[int]:
         found = set()
         for key in keys:
@@ -311,7 +326,7 @@ class SnapshotLog:
         ``base()`` gives (those committed before the log existed)."""
         refs = [a if isinstance(a, BatchRef) else BatchRef.of(a) for a in add]
         for _ in range(_APPEND_TRIES):
-            seqs = self.sequence()
+            seqs = self._numbers_to_append_to()
             if seqs:
                 parent = self.entry(seqs[-1])
                 held = {b.batch_id: b for b in self.batches(parent.seq)}

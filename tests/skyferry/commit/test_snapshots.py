@@ -244,3 +244,17 @@ def test_tags_rollback_quarantine_diff_and_as_of(home: Path, tmp_path: Path) -> 
     bad = runner.invoke(app, ["export", "ss", "--to", str(tmp_path / "x.parquet"),
                               "--as-of", "yesterday"])
     assert bad.exit_code == 2 and "is not a time" in bad.output
+
+
+def test_an_append_after_the_catalog_lost_its_newest_entry_takes_the_next_number(
+        home: Path, tmp_path: Path) -> None:
+    _commit(tmp_path, "a", 100, 0)
+    _commit(tmp_path, "b", 100, 1_000)
+    log = _log()
+    kept = log.entry(1)
+    (home / "catalog" / "snapshots" / "ss" / "000000000001.json").unlink()
+    _commit(tmp_path, "c", 100, 2_000)  # the nodes hold 1: the append lists every place
+    log = _log()
+    assert log.sequence() == [0, 1, 2]
+    assert log.entry(1) == kept and log.entry(2).parent == kept.id
+    assert log.entry(2).rows == 300
