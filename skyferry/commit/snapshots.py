@@ -145,8 +145,25 @@ class SnapshotLog:
 
     # reading ---------------------------------------------------------------------------
     def sequence(self) -> list[int]:
-        """Every snapshot's sequence number, oldest first, from every place's listing (a
-        snapshot whose catalog copy is lost is still in the log)."""
+        """Every snapshot's number, oldest first: the catalog's listing (the catalog gives
+        the numbers out), unless it cannot be listed, lacks a number, or is behind the nodes
+        (a node holds the number after its newest); then every place's."""
+        try:
+            seqs = sorted(self._numbers(o.key for o in self.catalog.store.list(self._prefix)))
+        except StorageError as exc:
+            logger.warning("the catalog cannot list %s's snapshots; asking the nodes: %s",
+                           self.dataset, exc)
+            return self._everywhere()
+        if not seqs or len(seqs) != seqs[-1] + 1:  # numbers are given out from 0, in turn
+            return self._everywhere()
+        after = self.key(seqs[-1] + 1)
+        nodes = [p for p in self.places.names if p != CATALOG and p not in self.down]
+        found, _ = self.places.each(nodes, lambda store: store.exists(after))
+        return self._everywhere() if any(found.values()) else seqs
+
+    def _everywhere(self) -> list[int]:
+        """Every snapshot's number that any place lists (a snapshot whose catalog copy is
+        lost is still in the log)."""
         listed, failed = self.places.each(
             [p for p in self.places.names if p not in self.down],
             lambda store: [o.key for o in store.list(self._prefix)])
@@ -157,21 +174,6 @@ class SnapshotLog:
         for place, why in sorted(failed.items()):
             logger.warning("%s's snapshots cannot be listed at %s: %s", self.dataset, place, why)
         return sorted({n for keys in listed.values() for n in self._numbers(keys)})
-
-    def _numbers_to_append_to(self) -> list[int]:
-        """The log's numbers as an append needs them: the catalog's listing, which gives
-        the numbers out, when the nodes hold nothing after its newest; else every place's
-        (the catalog lost entries, or cannot be listed)."""
-        try:
-            seqs = sorted(self._numbers(o.key for o in self.catalog.store.list(self._prefix)))
-        except StorageError:
-            return self.sequence()
-        if not seqs:
-            return self.sequence()
-        after = self.key(seqs[-1] + 1)
-        nodes = [p for p in self.places.names if p != CATALOG and p not in self.down]
-        found, _ = self.places.each(nodes, lambda store: store.exists(after))
-        return self.sequence() if any(found.values()) else seqs
 
     def _numbers(self, keys: Iterable[str]) -> set[int]:
         found = set()
@@ -326,7 +328,7 @@ class SnapshotLog:
         ``base()`` gives (those committed before the log existed)."""
         refs = [a if isinstance(a, BatchRef) else BatchRef.of(a) for a in add]
         for _ in range(_APPEND_TRIES):
-            seqs = self._numbers_to_append_to()
+            seqs = self.sequence()
             if seqs:
                 parent = self.entry(seqs[-1])
                 held = {b.batch_id: b for b in self.batches(parent.seq)}
