@@ -309,10 +309,19 @@ class FailureDetector:
             worker.join(cfg.probe_timeout_s)
             # a probe queued behind the run's own calls to the node, while the node answers
             # them, is waited for: the node is busy, not silent
-            while (worker.is_alive() and not self._stop.is_set()
-                   and self.health.answered.get(node.name, started) > started):
-                started = self.clock()
-                worker.join(cfg.probe_timeout_s)
+            while worker.is_alive() and not self._stop.is_set():
+                if self.health.answered.get(node.name, started) > started:
+                    started = self.clock()
+                    worker.join(cfg.probe_timeout_s)
+                    continue
+                # a wait that spans a pause of skyferry's own (a long GIL hold) is not the
+                # node's silence: the evaluator's next ticks record such a pause
+                self._stop.wait(2 * cfg.tick_s)
+                now = self.clock()
+                spent = self._node_time(now - started, now)
+                if spent >= cfg.probe_timeout_s:
+                    break
+                worker.join(cfg.probe_timeout_s - spent)
             if self._stop.is_set():
                 return
             if worker.is_alive():  # hung: abandon it; phi has been rising meanwhile
