@@ -403,7 +403,7 @@ def rollback(
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
 ) -> None:
     """Make a new snapshot that holds what an older one held. Nothing is deleted: a later
-    rollback can bring the newer batches back."""
+    rollback can bring the newer batches back while the retention policy keeps them."""
     from skyferry.commit.manifest import open_catalog
     from skyferry.commit.snapshots import SnapshotLog
 
@@ -484,6 +484,43 @@ def diff(
         console.print(f"  + {url}")
     for url in found.sources_removed:
         console.print(f"  - {url}")
+
+
+@app.command()
+def retention(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    keep_last: Annotated[Optional[int], typer.Option(
+        "--keep-last", min=1, help="keep the last N snapshots")] = None,
+    keep_for: Annotated[Optional[str], typer.Option(
+        "--keep-for", help="keep the snapshots newer than this: seconds, or 12h/30d")] = None,
+    keep_all: Annotated[bool, typer.Option("--keep-all", help="keep every snapshot")] = False,
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+) -> None:
+    """Show or set which snapshots gc keeps (tagged and pinned ones always stay), and the
+    readers' pins."""
+    from skyferry.commit.manifest import open_catalog
+    from skyferry.commit.retention import Retention, RetentionPolicy
+    from skyferry.commit.snapshots import SnapshotLog
+
+    try:
+        keeps = Retention(SnapshotLog(open_catalog(load_topology(topology)), dataset))
+        if keep_all or keep_last is not None or keep_for is not None:
+            if keep_all and (keep_last is not None or keep_for is not None):
+                raise ConfigError("--keep-all keeps every snapshot: give it alone",
+                                  source="--keep-all")
+            policy = keeps.set_policy(RetentionPolicy(
+                keep_last=keep_last,
+                keep_for_s=parse_duration(keep_for) if keep_for is not None else None))
+        else:
+            policy = keeps.policy()
+        now = time.time()
+        pins = [p for p in keeps.pins() if p.live(now)]
+    except (ValueError, SkyferryError) as exc:
+        _fail(exc)
+    console.print(f"{dataset}: {policy.describe()}")
+    for pin in pins:
+        console.print(f"  pinned: snapshot {pin.seq} ({pin.snapshot}) by {pin.holder}, until "
+                      f"{pin.expires_at}")
 
 
 @app.command()
@@ -662,6 +699,10 @@ def profile(
 def verify(
     dataset: Annotated[str, typer.Argument(help="dataset name")],
     batch: Annotated[Optional[str], typer.Option("--batch", help="one batch only")] = None,
+    snapshot: Annotated[Optional[str], typer.Option(
+        help="only the batches of this snapshot: its number, id or tag")] = None,
+    as_of: Annotated[Optional[str], typer.Option(
+        "--as-of", help="only the batches of the newest snapshot made by then")] = None,
     deep: Annotated[bool, typer.Option("--deep", help="read every byte and check its hash")
                     ] = False,
     concurrency: Annotated[int, typer.Option(help="replicas checked at once")] = 4,
@@ -679,9 +720,11 @@ def verify(
     from skyferry.ops.verify import EXIT_CODES, verify_dataset
 
     try:
-        report = verify_dataset(load_topology(topology), dataset, batch_id=batch, deep=deep,
+        topo = load_topology(topology)
+        report = verify_dataset(topo, dataset, batch_id=batch, deep=deep,
                                 concurrency=concurrency, max_mb_s=max_mb_s,
-                                lost=lost or ())
+                                lost=lost or (),
+                                snapshot=_snapshot_ref(topo, dataset, snapshot, as_of))
     except SkyferryError as exc:
         _fail(exc, as_json)
     if as_json:
@@ -719,6 +762,10 @@ def verify(
 def repair(
     dataset: Annotated[str, typer.Argument(help="dataset name")],
     batch: Annotated[Optional[str], typer.Option("--batch", help="one batch only")] = None,
+    snapshot: Annotated[Optional[str], typer.Option(
+        help="only the batches of this snapshot: its number, id or tag")] = None,
+    as_of: Annotated[Optional[str], typer.Option(
+        "--as-of", help="only the batches of the newest snapshot made by then")] = None,
     deep: Annotated[bool, typer.Option("--deep", help="find damage by reading every byte")
                     ] = False,
     max_node_share: Annotated[float, typer.Option(
@@ -737,9 +784,11 @@ def repair(
     from skyferry.ops.verify import EXIT_CODES
 
     try:
-        report = repair_dataset(load_topology(topology), dataset, batch_id=batch, deep=deep,
+        topo = load_topology(topology)
+        report = repair_dataset(topo, dataset, batch_id=batch, deep=deep,
                                 max_node_share=max_node_share, lost=lost or (),
-                                probe_timeout_s=get_settings().probe_timeout_s)
+                                probe_timeout_s=get_settings().probe_timeout_s,
+                                snapshot=_snapshot_ref(topo, dataset, snapshot, as_of))
     except SkyferryError as exc:
         _fail(exc, as_json)
     if as_json:
@@ -778,7 +827,8 @@ def gc(
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
 ) -> None:
-    """Delete objects no manifest claims that are older than the grace period."""
+    """Free the batches and chunks that no kept snapshot reads (see `skyferry retention`),
+    then delete objects no manifest claims that are older than the grace period."""
     from skyferry.ops.gc import collect_garbage
 
     try:
@@ -787,8 +837,14 @@ def gc(
     except (ValueError, SkyferryError) as exc:
         _fail(exc)
     report = collect_garbage(topo, grace_s=grace_s, dry_run=dry_run)
+    verb = "would free" if dry_run else "freed"
+    console.print(f"{report.snapshots_expired} snapshots expired ({report.pins} pinned kept); "
+                  f"{verb} {len(report.batches_freed)} batches and {len(report.chunks_freed)} "
+                  "chunks of older source versions")
     console.print(f"scanned {report.scanned}, {'would delete' if dry_run else 'deleted'} "
-                  f"{len(report.deleted)}, kept {report.kept_young} inside the grace period")
+                  f"{len(report.deleted)} objects, {report.bytes / 1e9:,.3f} GB "
+                  f"(${report.usd_per_month:,.2f} a month), kept {report.kept_young} inside "
+                  "the grace period")
     for line in report.deleted[:20]:
         console.print(f"  {line}")
     for line in report.errors:

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from skyferry.models import BatchLineage
 from skyferry.stages import STAGES, Stage
 
 __all__ = ["MEASURABLE_S", "PipelineResult", "StageMetrics", "StageRecorder", "STAGES",
@@ -51,6 +52,8 @@ class PipelineResult(BaseModel):
     manifest_key: str | None = None
     snapshot: str | None = Field(default=None, description="the id of the dataset's snapshot "
                                  "that the commit made")
+    lineage: BatchLineage | None = Field(default=None, description="where the committed "
+                                         "batch came from (its snapshot records it too)")
     flow_run_id: str | None = None
     duration_s: float = 0.0
     chunks_processed: int = 0

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "BatchLineage",
     "ChunkPart",
     "ChunkPlan",
     "ReplicaRecord",
@@ -106,3 +107,18 @@ class StoredChunk(_Record):
     @property
     def verified(self) -> list[ReplicaRecord]:
         return [r for r in self.replicas if r.state == "verified"]
+
+
+class BatchLineage(_Record):
+    """Where a committed batch came from: what a snapshot and a run's result record of it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True,
+                              serialize_by_alias=True)
+
+    batch_id: str
+    sources: list[SourceFile] = Field(description="the source files and their versions")
+    chunk_digests: list[str] = Field(description="each chunk's BLAKE3, in chunk order")
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    transforms: list[str] = Field(default_factory=list, description="by name, in order")
+    format: str
+    code_version: str = Field(description="skyferry's version that wrote the batch")

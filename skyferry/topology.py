@@ -156,6 +156,9 @@ class Node(BaseModel):
         description="Replica writes to this node at once; unset, as many as there are chunks "
         "in flight. Set it for an endpoint that does not go faster with more uploads at once.")
     work_pool: str | None = Field(default=None, description="Work pool that computes near it.")
+    storage_usd_per_gb_month: float = Field(
+        default=0.0, ge=0, description="What a GB kept here costs a month (gc --dry-run "
+        "prices what it would free with it); 0: not priced.")
     enabled: bool = Field(default=True, description="false marks the node down.")
     # the settings' durable_writes, set by Topology.bind (not part of the node's definition)
     _durable: bool = PrivateAttr(default=True)

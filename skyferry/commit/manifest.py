@@ -103,6 +103,9 @@ class Manifest(BaseModel):
     rows_added: int = 0
     rows_dropped: int = 0
     bytes_stored: int
+    freed: list[StoredChunk] = Field(
+        default_factory=list, description="Chunks gc freed: every snapshot kept holds a newer "
+        "version of their sources. A snapshot that reads one has expired")
     chunks_at_risk: list[int] = Field(
         default_factory=list, description="Chunks whose verified replicas are all in one "
         "cloud although the topology has more (a run with min_clouds 1): losing that cloud "
@@ -140,12 +143,14 @@ class Manifest(BaseModel):
 
 def _parse_copy(body: bytes) -> tuple[int, object] | None:
     """A manifest copy's revision, and what every copy of it must agree on: the batch and
-    its chunks with their keys, digests and sizes. None when it is not a valid manifest."""
+    its chunks (those gc freed too) with their keys, digests and sizes. None when it is not
+    a valid manifest."""
     try:
         manifest = Manifest.model_validate_json(body)
     except ValidationError:
         return None
-    chunks = tuple((c.index, c.key, c.digest, c.size, c.rows_out) for c in manifest.chunks)
+    held = sorted([*manifest.chunks, *manifest.freed], key=lambda c: c.index)
+    chunks = tuple((c.index, c.key, c.digest, c.size, c.rows_out) for c in held)
     return manifest.revision, (manifest.dataset, manifest.batch_id, chunks)
 
 

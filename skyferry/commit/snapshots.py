@@ -39,10 +39,11 @@ from skyferry.errors import (
     StorageError,
     TopologyError,
 )
+from skyferry.models import BatchLineage
 from skyferry.storage import safe_key
 
 __all__ = ["BatchRef", "Committed", "Snapshot", "SnapshotLog", "Tag", "batch_digest",
-           "committed"]
+           "committed", "lineage_of"]
 
 logger = logging.getLogger("skyferry.store")
 
@@ -57,9 +58,22 @@ Operation = Literal["commit", "rollback", "quarantine", "release", "genesis"]
 def batch_digest(manifest: Manifest) -> str:
     """The digest of a batch's content: its chunks' keys, digests, sizes and rows (what every
     copy of its manifest agrees on; a repair's rewrite keeps it)."""
+    chunks = manifest.chunks
+    if manifest.freed:  # a chunk gc freed is still part of what the batch committed
+        chunks = sorted([*chunks, *manifest.freed], key=lambda c: c.index)
     content = [manifest.dataset, manifest.batch_id,
-               [[c.index, c.key, c.digest, c.size, c.rows_out] for c in manifest.chunks]]
+               [[c.index, c.key, c.digest, c.size, c.rows_out] for c in chunks]]
     return blake3.blake3(json.dumps(content, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def lineage_of(manifest: Manifest) -> BatchLineage:
+    """The batch's lineage: its sources' versions, chunk digests, schema, transforms by name
+    and skyferry's version."""
+    held = sorted([*manifest.chunks, *manifest.freed], key=lambda c: c.index)
+    return BatchLineage(batch_id=manifest.batch_id, sources=manifest.lineage.sources,
+                        chunk_digests=[c.digest for c in held], schema=manifest.lineage.schema_,
+                        transforms=manifest.lineage.transforms, format=manifest.lineage.format,
+                        code_version=manifest.lineage.code_version)
 
 
 class BatchRef(BaseModel):
@@ -100,6 +114,8 @@ class Snapshot(BaseModel):
     quarantined: list[str] = Field(default_factory=list, description="batch ids hidden from "
                                    "this snapshot and every later one until released")
     note: str = ""
+    lineage: list[BatchLineage] = Field(default_factory=list, description="where the batches "
+                                        "this snapshot commits came from")
 
 
 class Tag(BaseModel):
@@ -304,14 +320,18 @@ class SnapshotLog:
 
     # writing ---------------------------------------------------------------------------
     def adopt(self, manifests: Sequence[Manifest]) -> Snapshot | None:
-        """Append the committed ``manifests`` that the newest snapshot lacks (a commit
+        """Append the committed ``manifests`` that no snapshot ever held (a commit
         interrupted between its manifest and its snapshot); none on an empty log, which the
-        next commit starts."""
+        next commit starts. A batch that a rollback or a quarantine took out stays out."""
         head = self.head()
         if head is None:
             return None
         held = {b.batch_id for b in self.batches(head.seq)}
         strays = [m for m in manifests if m.batch_id not in held]
+        if strays:  # which of them the log ever held: the whole log is read, rarely
+            ever = {ref.batch_id for entry in self.entries(self.sequence())
+                    for ref in entry.added} | set(head.quarantined)
+            strays = [m for m in strays if m.batch_id not in ever]
         if not strays:
             return None
         return self.append("commit", add=strays,
@@ -327,6 +347,7 @@ class SnapshotLog:
         snapshot until they are in ``release``. An empty log starts from the manifests
         ``base()`` gives (those committed before the log existed)."""
         refs = [a if isinstance(a, BatchRef) else BatchRef.of(a) for a in add]
+        origins = {a.batch_id: a for a in add if isinstance(a, Manifest)}
         for _ in range(_APPEND_TRIES):
             seqs = self.sequence()
             if seqs:
@@ -336,13 +357,14 @@ class SnapshotLog:
                 hidden = (set(parent.quarantined) | set(quarantine)) - set(release)
             else:
                 adding = {r.batch_id for r in refs}
-                held = {m.batch_id: BatchRef.of(m) for m in (base() if base else ())
-                        if m.batch_id not in adding}
+                before = [m for m in (base() if base else ()) if m.batch_id not in adding]
+                held = {m.batch_id: BatchRef.of(m) for m in before}
                 seq, parent_id, hidden = 0, None, set(quarantine)
                 if held and operation != "genesis":
-                    self._write(self._entry(0, None, "genesis", held, list(held.values()), [],
-                                            set(), "the batches committed before the log"),
-                                held)
+                    genesis = self._entry(0, None, "genesis", held, list(held.values()), [],
+                                          set(), "the batches committed before the log")
+                    self._write(genesis.model_copy(
+                        update={"lineage": [lineage_of(m) for m in before]}), held)
                     continue
             added = [r for r in refs
                      if r.batch_id not in hidden and held.get(r.batch_id) != r]
@@ -355,6 +377,8 @@ class SnapshotLog:
                 held[ref.batch_id] = ref
             snapshot = self._entry(seq, parent_id, operation, held, added, sorted(removed),
                                    hidden, note)
+            snapshot = snapshot.model_copy(update={"lineage": [
+                lineage_of(origins[r.batch_id]) for r in added if r.batch_id in origins]})
             if self._write(snapshot, held):
                 return snapshot
         raise SnapshotError(f"{self.dataset}: {_APPEND_TRIES} snapshots were appended by "
@@ -456,7 +480,8 @@ def committed(catalog: Catalog, dataset: str, snapshot: str | Snapshot | None = 
             if any(f"/batch={batch_id}.json" in p.key for p in mine):
                 continue
             raise SnapshotError(f"batch {batch_id} of snapshot {chosen.id} of {dataset} has no "
-                                "committed manifest (was the dataset dropped?)", dataset=dataset)
+                                "committed manifest: the dataset was dropped, or the snapshot "
+                                "expired and gc freed the batch", dataset=dataset)
         if batch_digest(manifest) != ref.digest:
             raise SnapshotError(f"batch {batch_id} of {dataset} holds other chunks than when "
                                 f"snapshot {chosen.id} was taken", dataset=dataset)

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from skyferry.commit.copies import CATALOG
 from skyferry.commit.manifest import Catalog, Manifest
-from skyferry.errors import ObjectNotFoundError, SkyferryError
+from skyferry.errors import ObjectNotFoundError, SkyferryError, SnapshotError
 from skyferry.hashing import content_hash, new_hasher
 from skyferry.ingest.listing import detect_format
 from skyferry.ingest.read import read_range
@@ -37,7 +37,7 @@ from skyferry.models import ChunkPart, SourceFile, StoredChunk
 from skyferry.storage import safe_key
 
 __all__ = ["LiveSource", "SourceIndex", "grown_from", "live_parts", "live_sources",
-           "source_index"]
+           "readable_sources", "source_index"]
 
 logger = logging.getLogger("skyferry.ingest.read")
 
@@ -74,6 +74,22 @@ def live_parts(manifest: Manifest, chunk: StoredChunk,
         source = live.get(part.source)
         out.append(source is None or manifest.batch_id in source.batches)
     return out
+
+
+def readable_sources(manifests: Sequence[Manifest]) -> dict[str, LiveSource]:
+    """:func:`live_sources` for a reader of ``manifests`` (a snapshot's), which raises
+    :class:`SnapshotError` when it would read a chunk that gc freed: the snapshot has
+    expired."""
+    live = live_sources(manifests)
+    gone = [f"batch {m.batch_id} chunk {c.index}" for m in manifests for c in m.freed
+            if any(live_parts(m, c, live))]
+    if gone:
+        dataset = manifests[0].dataset
+        raise SnapshotError(f"this snapshot of {dataset} has expired: gc freed what it reads "
+                            f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}) under "
+                            "the dataset's retention policy; read a newer snapshot",
+                            dataset=dataset)
+    return live
 
 
 def _part_digests(chunk: StoredChunk) -> Sequence[str | None]:

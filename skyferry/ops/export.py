@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,7 +24,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
-from skyferry.commit.snapshots import Snapshot, committed
+from skyferry.commit.retention import PIN_TTL_S, Retention, SnapshotPin
+from skyferry.commit.snapshots import Snapshot, SnapshotLog, committed
 from skyferry.distribute.access import ChunkOutput, FileOutput, ReplicaRef, Replicas
 from skyferry.errors import (
     ConfigError,
@@ -31,7 +33,7 @@ from skyferry.errors import (
     UnsafeKeyError,
 )
 from skyferry.evolution import chunk_schemas, conform, dataset_schema
-from skyferry.ingest.versions import LiveSource, live_parts, live_sources
+from skyferry.ingest.versions import LiveSource, live_parts, readable_sources
 from skyferry.models import SourceFile, StoredChunk
 from skyferry.ops.formats import csv_schema, csv_table, write_jsonl
 from skyferry.storage import Store
@@ -66,8 +68,10 @@ class DatasetReader:
 
     def __init__(self, dataset: str, *, topology: Topology | None = None,
                  batch_id: str | None = None, spool: Path | None = None,
-                 snapshot: str | None = None) -> None:
+                 snapshot: str | None = None, pin_ttl_s: float | None = PIN_TTL_S) -> None:
         self.dataset = dataset
+        self.pin_ttl_s = pin_ttl_s  # the snapshot is pinned while the reader reads (None: not)
+        self._pin: SnapshotPin | None = None
         self.snapshot_ref = snapshot  # None: the newest snapshot when the reader opens
         self.snapshot: Snapshot | None = None
         self.topology = topology or load_topology()
@@ -81,6 +85,18 @@ class DatasetReader:
         self._live: dict[str, LiveSource] | None = None
         self._schema: pa.Schema | None = None
 
+    def __enter__(self) -> DatasetReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Let go of the snapshot's pin."""
+        if self._pin is not None:
+            self._pin.release()
+            self._pin = None
+
     def manifests(self) -> list[Manifest]:
         """The committed manifests read (read once per reader), oldest first."""
         if self._manifests is None:
@@ -90,7 +106,13 @@ class DatasetReader:
     def _read_manifests(self) -> list[Manifest]:
         if self.batch_id is not None:
             return [self.catalog.manifest(self.dataset, self.batch_id)]
-        read = committed(self.catalog, self.dataset, self.snapshot_ref)
+        chosen = SnapshotLog(self.catalog, self.dataset).resolve(self.snapshot_ref)
+        if chosen is not None and self.pin_ttl_s:  # pinned before its manifests are read
+            self._pin = SnapshotPin(Retention(SnapshotLog(self.catalog, self.dataset)), chosen,
+                                    ttl_s=self.pin_ttl_s)
+            weakref.finalize(self, self._pin.release)
+            self._pin.start()
+        read = committed(self.catalog, self.dataset, chosen)
         self.snapshot = read.snapshot
         self.report.snapshot = read.snapshot.id if read.snapshot else None
         self.report.unreadable = [str(e) for e in read.unreadable]  # batches left out
@@ -99,7 +121,7 @@ class DatasetReader:
     def live(self) -> dict[str, LiveSource]:
         """Each source file's newest committed version (see :mod:`skyferry.ingest.versions`)."""
         if self._live is None:
-            self._live = live_sources(self.manifests())
+            self._live = readable_sources(self.manifests())
         return self._live
 
     def _store(self, node: str) -> Store:
@@ -107,10 +129,11 @@ class DatasetReader:
 
     def iter_chunks(self) -> Iterator[tuple[Manifest, StoredChunk]]:
         """Every chunk that holds a live source version (see :mod:`skyferry.ingest.versions`)."""
+        live = self.live()  # raises first when the snapshot has expired
         for manifest in self.manifests():
             self.report.batches.append(manifest.batch_id)
             for chunk in manifest.chunks:
-                if not any(live_parts(manifest, chunk, self.live())):
+                if not any(live_parts(manifest, chunk, live)):
                     self.report.superseded_chunks += 1
                     continue
                 yield manifest, chunk
@@ -280,10 +303,14 @@ def export_dataset(dataset: str, to: str | Path, *, batch_id: str | None = None,
     CSV/JSONL by extension (a folder for binary)."""
     target = Path(to)
     # a table chunk is read into a file beside the target before it is decoded
-    reader = DatasetReader(dataset, topology=topology, batch_id=batch_id, spool=target.parent,
-                           snapshot=snapshot)
+    with DatasetReader(dataset, topology=topology, batch_id=batch_id, spool=target.parent,
+                       snapshot=snapshot) as reader:
+        return _export(reader, dataset, target)
+
+
+def _export(reader: DatasetReader, dataset: str, target: Path) -> ExportReport:
     manifests = reader.manifests()
-    if manifests and manifests[0].chunks and manifests[0].chunks[0].format == "binary":
+    if next((c.format for m in manifests for c in m.chunks), None) == "binary":
         _export_binary(reader, target)
         return reader.report
     suffix = target.suffix.lower()

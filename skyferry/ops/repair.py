@@ -51,7 +51,7 @@ from skyferry.errors import (
     TopologyError,
 )
 from skyferry.models import ReplicaRecord, StoredChunk
-from skyferry.ops.verify import Verdict, VerifyReport, verify_dataset
+from skyferry.ops.verify import Verdict, VerifyReport, snapshot_batches, verify_dataset
 from skyferry.storage import Store
 from skyferry.topology import Node, Topology
 
@@ -282,21 +282,26 @@ def _repair_manifests(repairer: _Repairer, catalog: Catalog, manifests: list[Man
 def repair_dataset(topology: Topology, dataset: str, *, batch_id: str | None = None,
                    node: str | None = None, lost: Collection[str] = (),
                    deep: bool = False, max_node_share: float = 0.5,
-                   probe_timeout_s: float = 5.0) -> RepairReport:
-    """Bring every chunk of ``dataset`` (one batch with ``batch_id``) back to R verified
-    replicas; see the module's docstring. ``node``: only the batches with a replica or a
-    hint on that node (a node that came back: its hints are replayed). ``lost``: nodes known
-    to have lost their data (see :func:`~skyferry.ops.verify.verify_dataset`)."""
+                   probe_timeout_s: float = 5.0, snapshot: str | None = None
+                   ) -> RepairReport:
+    """Bring every chunk of ``dataset`` (one batch with ``batch_id``; the batches of one
+    snapshot with ``snapshot``) back to R verified replicas; see the module's docstring.
+    ``node``: only the batches with a replica or a hint on that node (a node that came back:
+    its hints are replayed). ``lost``: nodes known to have lost their data (see
+    :func:`~skyferry.ops.verify.verify_dataset`)."""
     started = time.perf_counter()
     if not 0.0 <= max_node_share <= 1.0:  # NaN too: it would turn the brake off
         raise ConfigError(f"max_node_share must be a share from 0 to 1, not {max_node_share}",
                           source="max_node_share")
-    found = verify_dataset(topology, dataset, batch_id=batch_id, deep=deep, lost=lost)
+    found = verify_dataset(topology, dataset, batch_id=batch_id, deep=deep, lost=lost,
+                           snapshot=snapshot)
+    held = snapshot_batches(open_catalog(topology), dataset, snapshot) if snapshot else None
     report = RepairReport(dataset=dataset, found=found)
     catalog = open_catalog(topology)
     survey = catalog.survey(dataset)
     wanted = {k: e for k, e in survey.entries.items()
-              if batch_id is None or k.endswith(f"/batch={batch_id}.json")}
+              if (batch_id is None or k.endswith(f"/batch={batch_id}.json"))
+              and (held is None or k[:-len(".json")].rsplit("/batch=", 1)[-1] in held)}
     for key, entry in sorted(wanted.items()):  # which copy is right is not repair's guess
         if entry.conflicts:
             report.copies_failed.append(
@@ -323,7 +328,7 @@ def repair_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
             _repair_manifests(repairer, catalog, manifests, survey, bad_copies, report)
         finally:
             repairer.close()
-        if batch_id is None and node is None:
+        if batch_id is None and node is None and snapshot is None:
             adopted = SnapshotLog(catalog, dataset).adopt(manifests)
             report.snapshot_added = [b.batch_id for b in adopted.added] if adopted else []
     report.seconds = round(time.perf_counter() - started, 3)

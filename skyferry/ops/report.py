@@ -72,4 +72,10 @@ def placement_markdown(result: PipelineResult) -> str:
         f"dropped by transforms, {result.rows_stored} stored, "
         f"**{result.rows_rejected} rejected**",
     ]
+    if result.lineage is not None:
+        lineage = result.lineage
+        lines.append(f"- lineage: {len(lineage.sources)} source files, "
+                     f"{len(lineage.chunk_digests)} chunks, transforms: "
+                     f"{', '.join(lineage.transforms) or 'none'}, skyferry "
+                     f"{lineage.code_version}")
     return "\n".join(lines) + "\n"

@@ -34,6 +34,7 @@ from typing import Literal
 
 from skyferry.commit.copies import CATALOG, Survey
 from skyferry.commit.manifest import Catalog, Manifest, open_catalog
+from skyferry.commit.snapshots import committed
 from skyferry.distribute.access import node_identity, node_store
 from skyferry.errors import ObjectNotFoundError, StorageError, TopologyError
 from skyferry.models import StoredChunk
@@ -86,6 +87,7 @@ class VerifyReport:
     emptied: list[str] = field(default_factory=list)  # empty, with their own marker: all missing
     not_checked: int = 0  # replicas on unreachable nodes
     hints: int = 0  # replicas placement wanted on a node that did not get them
+    snapshot: str | None = None  # only the batches of this snapshot were checked
     bytes_read: int = 0
     seconds: float = 0.0
 
@@ -293,12 +295,20 @@ def _check_copies(catalog: Catalog, survey: Survey, manifest: Manifest, deep: bo
     return checks
 
 
+def snapshot_batches(catalog: Catalog, dataset: str, snapshot: str) -> set[str]:
+    """The batch ids snapshot ``snapshot`` holds, once every one of them is checked to hold
+    what it held when the snapshot was taken (see :func:`committed`)."""
+    return {m.batch_id for m in committed(catalog, dataset, snapshot).manifests}
+
+
 def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = None,
                    deep: bool = False, concurrency: int = 4,
                    max_mb_s: float | None = None,
-                   lost: Collection[str] = ()) -> VerifyReport:
+                   lost: Collection[str] = (), snapshot: str | None = None) -> VerifyReport:
     """Check every replica the committed manifests of ``dataset`` list (one batch with
-    ``batch_id``); see the module's docstring for the two levels. ``lost``: nodes the
+    ``batch_id``; the batches of one snapshot with ``snapshot``, its number, tag or id,
+    each checked to hold what it held then); see the module's docstring for the two
+    levels. ``lost``: nodes the
     operator knows lost their data (a disk replaced, a server that keeps nothing across a
     restart): an empty listing of theirs is the truth, and their replicas are missing."""
     started = time.perf_counter()
@@ -312,9 +322,13 @@ def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
     every = sorted((Manifest.model_validate_json(e.body) for e in survey.entries.values()),
                    key=lambda m: (m.created_at, m.batch_id))
     manifests = [m for m in every if m.batch_id == batch_id] if batch_id else every
-    if not manifests:
+    if snapshot is not None:
+        held = snapshot_batches(catalog, dataset, snapshot)
+        manifests = [m for m in manifests if m.batch_id in held]
+    if not manifests and snapshot is None:
         catalog.manifest(dataset, batch_id)  # raises BatchNotFoundError or ManifestError
-    report = VerifyReport(dataset=dataset, level="deep" if deep else "default")
+    report = VerifyReport(dataset=dataset, level="deep" if deep else "default",
+                          snapshot=snapshot)
     report.unreachable.update(survey.unreachable)
     suspects = catalog.suspects(dataset)  # a reader found these bad: read them at any level
     wanted: Counter[str] = Counter(r.node for m in manifests for c in m.chunks

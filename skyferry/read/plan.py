@@ -28,7 +28,7 @@ import numpy as np
 from skyferry.commit.manifest import Manifest
 from skyferry.distribute.access import ReplicaRef
 from skyferry.errors import ReadPlanError
-from skyferry.ingest.versions import live_parts, live_sources
+from skyferry.ingest.versions import live_parts, readable_sources
 
 __all__ = ["BLOCK_ROWS", "PlannedChunk", "RankPlan", "ReadPlan", "Slice", "plan_epoch",
            "shuffle_chunks"]
@@ -251,7 +251,7 @@ def plan_epoch(manifests: Sequence[Manifest], *, seed: int, epoch: int,
     """The epoch's plan from the committed manifests (oldest first), reading nothing."""
     if block_rows < 1:
         raise ReadPlanError(f"block_rows must be at least 1, not {block_rows}")
-    live = live_sources(manifests)
+    live = readable_sources(manifests)
     chunks = []
     for manifest in manifests:
         for chunk in manifest.chunks:

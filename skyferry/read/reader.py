@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import weakref
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
+from skyferry.commit.retention import PIN_TTL_S, Retention, SnapshotPin
 from skyferry.commit.snapshots import Snapshot, SnapshotLog, committed
 from skyferry.distribute.access import node_store
 from skyferry.errors import IntegrityError, ReadPlanError
@@ -71,6 +73,9 @@ class ReaderConfig:
     cache_limit: int = CACHE_LIMIT
     decoded: bool = True  # keep decoded copies (Arrow IPC) in the cache: later reads skip decoding
     snapshot: str | None = None  # an id or sequence number; None: the newest when it opens
+    # the reader pins its snapshot while it reads (gc keeps it), renewing the pin every third
+    # of this; None: no pin
+    pin_ttl_s: float | None = PIN_TTL_S
 
 
 class TrainingReader:
@@ -93,6 +98,7 @@ class TrainingReader:
         self.catalog = open_catalog(self.topology)
         self._manifests = manifests
         self._snapshot: Snapshot | None = None
+        self._pin: SnapshotPin | None = None
         root = config.cache_dir or self.topology.settings.home / "cache" / "chunks"
         self.fetcher = Fetcher(self.topology, self.catalog, ChunkCache(root, config.cache_limit),
                                reader_place(self.topology, config.cloud, config.region))
@@ -123,14 +129,27 @@ class TrainingReader:
     def manifests(self) -> list[Manifest]:
         """The manifests of the reader's snapshot (see :func:`committed`)."""
         if self._manifests is None:
-            read = committed(self.catalog, self.config.dataset,
-                             self._snapshot or self.config.snapshot)
+            chosen = self._snapshot or SnapshotLog(self.catalog, self.config.dataset).resolve(
+                self.config.snapshot)
+            self._hold(chosen)
+            read = committed(self.catalog, self.config.dataset, chosen)
             for problem in read.unreadable:
                 logger.warning("a manifest of %s cannot be read: %s", self.config.dataset,
                                problem)
             self._snapshot, self._manifests = read.snapshot, read.manifests
             self.report.snapshot = read.snapshot.id if read.snapshot else None
         return self._manifests
+
+    def _hold(self, snapshot: Snapshot | None) -> None:
+        """Pin ``snapshot`` (before its manifests are read) while this reader reads it."""
+        if self._pin is not None and (snapshot is None or self._pin.snapshot.id != snapshot.id):
+            self._pin.release()
+            self._pin = None
+        if snapshot is not None and self._pin is None and self.config.pin_ttl_s:
+            log = SnapshotLog(self.catalog, self.config.dataset)
+            self._pin = SnapshotPin(Retention(log), snapshot, ttl_s=self.config.pin_ttl_s)
+            weakref.finalize(self, self._pin.release)  # a reader dropped unclosed lets go
+            self._pin.start()
 
     @property
     def schema(self) -> pa.Schema:
@@ -377,6 +396,9 @@ class TrainingReader:
         return found.result()
 
     def close(self) -> None:
+        if self._pin is not None:
+            self._pin.release()
+            self._pin = None
         self._pool.shutdown(cancel_futures=True)  # waits for the runs being gathered
         self._files.clear()
         self._groups.clear()

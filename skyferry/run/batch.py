@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 from skyferry import __version__
 from skyferry.commit.manifest import BatchPlan, Lineage, Manifest
-from skyferry.commit.snapshots import SnapshotLog
+from skyferry.commit.snapshots import SnapshotLog, lineage_of
 from skyferry.errors import BatchIdReusedError, SourceError, failing_as
 from skyferry.ingest.listing import Listing, list_source_files
 from skyferry.ingest.read import plan_chunks
@@ -193,7 +193,8 @@ def summarize(run: BatchRun, manifest: Manifest, key: str, new: list[StoredChunk
     stages["storage"].by_node = dict(sorted(by_node.items()))
     return PipelineResult(
         status="completed", dataset=manifest.dataset, batch_id=manifest.batch_id,
-        manifest_key=key, snapshot=snapshot, duration_s=round(time.perf_counter() - started, 3),
+        manifest_key=key, snapshot=snapshot, lineage=lineage_of(manifest),
+        duration_s=round(time.perf_counter() - started, 3),
         chunks_processed=len(new), chunks_skipped=skipped, rows_in=manifest.rows_in,
         rows_stored=manifest.rows_stored, rows_rejected=manifest.rows_rejected,
         rows_added=manifest.rows_added, rows_dropped=manifest.rows_dropped,

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+import skyferry
 from flows.pipeline import run_pipeline
 from skyferry.commit.manifest import Manifest, open_catalog
 from skyferry.commit.snapshots import SnapshotLog
@@ -327,3 +328,10 @@ def test_every_run_publishes_progress_breakdown_and_placement(home: Path,
     head = SnapshotLog(open_catalog(load_topology()), "Art Set").resolve(None)
     assert head is not None and result.snapshot == head.id
     assert f"snapshot `{head.id}`" in by_type["markdown"]["data"]
+    manifest = open_catalog(load_topology()).manifest("Art Set")
+    assert result.lineage is not None and head.lineage == [result.lineage]
+    assert [s.url for s in result.lineage.sources] == [(src / "a.csv").as_uri()]
+    assert result.lineage.chunk_digests == [c.digest for c in manifest.chunks]
+    assert result.lineage.code_version == skyferry.__version__
+    assert result.lineage.schema_ == manifest.lineage.schema_
+    assert f"1 source files, {len(manifest.chunks)} chunks" in by_type["markdown"]["data"]

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from skyferry.commit.manifest import Manifest, open_catalog
-from skyferry.commit.snapshots import SnapshotLog, batch_digest
+from skyferry.commit.snapshots import SnapshotLog, batch_digest, lineage_of
 from skyferry.errors import SnapshotError
 from skyferry.read.reader import ReaderConfig, TrainingReader, pin_snapshot
 from skyferry.topology import load_topology
@@ -41,6 +41,8 @@ def test_each_commit_appends_a_snapshot_that_survives_the_catalogs_loss(
     assert [e.parent for e in entries] == [None, entries[0].id, entries[1].id]
     assert [[b.batch_id for b in e.added] for e in entries] == [[m.batch_id] for m in batches]
     assert [b.digest for b in log.batches(2)] == [batch_digest(m) for m in batches]
+    assert [e.lineage for e in entries] == [[lineage_of(m)] for m in batches]
+    assert entries[2].lineage[0].chunk_digests == [c.digest for c in batches[2].chunks]
     assert len({e.id for e in entries}) == 3
     assert log.resolve(entries[1].id[:8]) == entries[1]
     assert log.resolve("1") == entries[1]
