@@ -11,7 +11,7 @@ export PREFECT_LOGGING_LEVEL ?= WARNING
 $(STAMP): pyproject.toml constraints.txt tools/package.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[cloud,dask,test]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[cloud,dask,tables,test]"
 	cd tools && npm install --no-audit --no-fund --loglevel=error
 	touch $(STAMP)
 

@@ -15,17 +15,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Side", "TreeSampler", "abba", "cpu_seconds", "evict", "floor_copy", "tree_pss_kb"]
+__all__ = ["Side", "TreeSampler", "abba", "cpu_seconds", "evict", "floor_copy", "skyferry_home",
+           "tree_pss_kb"]
 
 MIB = 1 << 20
 
@@ -270,3 +272,24 @@ class TreeSampler:
     @property
     def share_mb(self) -> float:
         return self.share_kb / 1024
+
+
+@contextlib.contextmanager
+def skyferry_home(home: Path) -> Iterator[Path]:
+    """skyferry's settings pointed at ``home`` (writes not flushed: the page cache is the
+    disk here) for the block, and back to the caller's after it."""
+    from skyferry.config import get_settings
+
+    saved = {k: os.environ.get(k) for k in ("SKYFERRY_HOME", "SKYFERRY_DURABLE_WRITES")}
+    os.environ["SKYFERRY_HOME"] = str(home)
+    os.environ["SKYFERRY_DURABLE_WRITES"] = "false"
+    get_settings.cache_clear()
+    try:
+        yield home
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()

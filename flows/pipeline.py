@@ -34,7 +34,7 @@ from flows.live import LiveStatus, create_live_status
 from flows.shares import ShareReport
 from skyferry.commit.lease import DatasetLease
 from skyferry.config import PipelineConfig, Settings, get_settings
-from skyferry.errors import StageError, failing_as
+from skyferry.errors import SkyferryError, StageError, failing_as
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
 from skyferry.models import ChunkPlan, StoredChunk
@@ -43,7 +43,7 @@ from skyferry.run.batch import check_batch_reuse, summarize
 from skyferry.run.context import BatchRun, RunSetup, open_run
 from skyferry.secrets import install_scrubber
 from tasks._common import with_retries
-from tasks.commit import commit_manifest
+from tasks.commit import commit_manifest, publish_snapshot_tables
 from tasks.distribute import probe_nodes
 from tasks.ingest import list_new_files, plan_batch
 
@@ -133,6 +133,13 @@ def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
     result = summarize(run, manifest, key, new, len(done), started, skipped_files, odd_files,
                        snapshot)
     result.flow_run_id = str(flow_run.id) if flow_run.id else None
+    if config.tables and snapshot:
+        try:
+            tables = publish_snapshot_tables(ref(run), snapshot)
+            result.tables, result.tables_skipped = tables.published, tables.skipped
+        except SkyferryError as exc:  # the batch is committed: the tables wait for the next
+            logger.warning("snapshot %s was not published as tables: %s", snapshot, exc)
+            result.tables_skipped = [str(exc)]
     publish_artifacts(result)
     logger.info("committed %s: %d chunks, %d rows stored, %d rejected", key,
                 len(manifest.chunks), result.rows_stored, result.rows_rejected,

@@ -524,6 +524,32 @@ def retention(
 
 
 @app.command()
+def tables(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    snapshot: Annotated[Optional[str], typer.Option(
+        help="the snapshot: its number, id or tag (default: the newest)")] = None,
+    table_format: Annotated[Optional[list[str]], typer.Option(
+        "--format", help="iceberg or delta (repeat for both; default: both)")] = None,
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+) -> None:
+    """Publish a snapshot as Iceberg and Delta tables over its replicas, one per cloud that
+    holds every chunk, for DuckDB, Polars, Spark and pyiceberg to read."""
+    from skyferry.ops.tables import FORMATS, publish_tables
+
+    try:
+        report = publish_tables(load_topology(topology), dataset, snapshot=snapshot,
+                                formats=table_format or FORMATS)
+    except SkyferryError as exc:
+        _fail(exc)
+    for line in report.published:
+        console.print(f"{dataset} snapshot {report.snapshot}: {line}")
+    for line in report.skipped:
+        err.print(f"[yellow]no table:[/] {line}")
+    if not report.published:
+        raise typer.Exit(code=1)
+
+
+@app.command()
 def nodes(
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
     watch: Annotated[bool, typer.Option(

@@ -197,6 +197,9 @@ class PipelineConfig(BaseModel):
         default_factory=list, description="DataFrame -> DataFrame functions, module:function."
     )
     schema_path: str | None = Field(default=None, description="Schema YAML file.")
+    tables: list[Literal["iceberg", "delta"]] = Field(
+        default_factory=list, description="After the commit, publish the new snapshot as these "
+        "tables for other engines (skyferry/ops/tables.py; the [tables] extra).")
     source_cloud: str | None = Field(
         default=None, description="Cloud of a local source; inferred from the URL otherwise."
     )

@@ -73,6 +73,7 @@ __all__ = [
     "SourceNotFoundError",
     "StageError",
     "StorageError",
+    "TableError",
     "TerminalException",
     "TopologyError",
     "TransformError",
@@ -249,6 +250,14 @@ class BatchNotFoundError(SkyferryError, LookupError, TerminalException):
 
 
 class SnapshotError(SkyferryError, LookupError, TerminalException):
+    def __init__(self, message: str, *, dataset: str) -> None:
+        super().__init__(message)
+        self.dataset = dataset
+
+
+class TableError(SkyferryError, TerminalException):
+    """A snapshot that cannot be published as a table (see skyferry/ops/tables.py)."""
+
     def __init__(self, message: str, *, dataset: str) -> None:
         super().__init__(message)
         self.dataset = dataset

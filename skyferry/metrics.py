@@ -54,6 +54,9 @@ class PipelineResult(BaseModel):
                                  "that the commit made")
     lineage: BatchLineage | None = Field(default=None, description="where the committed "
                                          "batch came from (its snapshot records it too)")
+    tables: list[str] = Field(default_factory=list, description="tables the snapshot was "
+                              "published as (PipelineConfig.tables)")
+    tables_skipped: list[str] = Field(default_factory=list, description="why a table was not")
     flow_run_id: str | None = None
     duration_s: float = 0.0
     chunks_processed: int = 0

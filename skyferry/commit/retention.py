@@ -8,11 +8,12 @@ snapshot a live pin names are always kept.
 
 A pin is a reader's claim on the snapshot it reads, with an expiry that the reader renews
 (every third of its time to live) while it reads and deletes when it closes. A reader that
-dies stops renewing, and its pin expires. Policy and pins are kept, as the log is, at the
-catalog and on every enabled node::
+dies stops renewing, and its pin expires. The policy is kept, as the log is, at the catalog
+and on every enabled node; a pin, which lives for an hour, at the catalog only (a reader
+writes nothing to the nodes)::
 
     snapshots/<dataset>/retention.json
-    snapshots/<dataset>/pins/<pin id>.json
+    snapshots/<dataset>/pins/<pin id>.json     # the catalog's
 """
 
 from __future__ import annotations
@@ -148,20 +149,15 @@ class Retention:
 
     # pins --------------------------------------------------------------------------------
     def pins(self) -> list[Pin]:
-        """Every pin any place keeps (the one renewed last of each), live or expired."""
-        prefix = safe_key("snapshots", self.dataset, "pins")
-        listed, _ = self.places.each(self._reachable(),
-                                     lambda store: [o.key for o in store.list(prefix)])
-        found: dict[str, Pin] = {}
-        for place, keys in listed.items():
-            for key in keys:
-                try:
-                    pin = Pin.model_validate_json(self.places.store(place).get(key))
-                except (StorageError, TopologyError, ValidationError):
-                    continue  # deleted since it was listed, or torn: another copy speaks
-                if pin.id not in found or _at(pin.expires_at) > _at(found[pin.id].expires_at):
-                    found[pin.id] = pin
-        return sorted(found.values(), key=lambda p: p.created_at)
+        """Every pin the catalog keeps, live or expired."""
+        store = self.places.store(CATALOG)
+        found = []
+        for obj in store.list(safe_key("snapshots", self.dataset, "pins")):
+            try:
+                found.append(Pin.model_validate_json(store.get(obj.key)))
+            except (ObjectNotFoundError, ValidationError):
+                continue  # released since it was listed, or torn
+        return sorted(found, key=lambda p: p.created_at)
 
     def pin(self, snapshot: Snapshot, *, ttl_s: float = PIN_TTL_S, holder: str = "",
             now: float | None = None) -> Pin:
@@ -170,29 +166,27 @@ class Retention:
         pin = Pin(id=uuid.uuid4().hex[:16], dataset=self.dataset, snapshot=snapshot.id,
                   seq=snapshot.seq, holder=holder or f"{socket.gethostname()}:{os.getpid()}",
                   created_at=_iso(now), expires_at=_iso(now + ttl_s))
-        self._write(self.pin_key(pin.id), pin.model_dump_json().encode(), "a pin")
+        self.places.store(CATALOG).put(self.pin_key(pin.id), pin.model_dump_json().encode())
         return pin
 
     def renew(self, pin: Pin, *, ttl_s: float = PIN_TTL_S, now: float | None = None) -> Pin:
         now = datetime.now(timezone.utc).timestamp() if now is None else now
         renewed = pin.model_copy(update={"expires_at": _iso(now + ttl_s)})
-        self._write(self.pin_key(pin.id), renewed.model_dump_json().encode(), "a pin")
+        self.places.store(CATALOG).put(self.pin_key(pin.id), renewed.model_dump_json().encode())
         return renewed
 
     def unpin(self, pin: Pin) -> None:
-        """Delete the pin's copies, one place after another (a reader may let go of its pin
-        while the interpreter exits, when no thread can be started)."""
-        for place in self._reachable():
-            try:
-                self.places.store(place).delete(self.pin_key(pin.id))
-            except (StorageError, TopologyError, RuntimeError) as exc:
-                logger.warning("pin %s of %s stays at %s until it expires: %s", pin.id,
-                               self.dataset, place, exc)
+        """Delete the pin (also while the interpreter exits, when no thread can start)."""
+        try:
+            self.places.store(CATALOG).delete(self.pin_key(pin.id))
+        except (StorageError, RuntimeError) as exc:
+            logger.warning("pin %s of %s stays until it expires: %s", pin.id, self.dataset,
+                           exc)
 
     def forget(self, pins: Sequence[Pin]) -> None:
-        """Delete the copies of expired ``pins``."""
+        """Delete expired ``pins``."""
         for pin in pins:
-            self.places.remove(self.pin_key(pin.id), self._reachable())
+            self.unpin(pin)
 
 
 class SnapshotPin:

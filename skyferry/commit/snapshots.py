@@ -448,6 +448,26 @@ class Committed:
     unreadable: list[ManifestError]
 
 
+def _from_catalog(catalog: Catalog, dataset: str, wanted: Sequence[BatchRef]
+                  ) -> list[Manifest] | None:
+    """The manifests of ``wanted`` read from the catalog by key, each one's chunks checked
+    against the snapshot's digest; None when any one is missing, unreadable or other than
+    the snapshot holds (then every place is surveyed, which names what is wrong)."""
+    def one(ref: BatchRef) -> Manifest | None:
+        key = catalog.manifest_key(dataset, ref.created_at[:10], ref.batch_id)
+        try:
+            manifest = Manifest.model_validate_json(catalog.store.get(key))
+        except (StorageError, ValidationError):
+            return None
+        return manifest if batch_digest(manifest) == ref.digest else None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(wanted)))) as pool:
+        found = list(pool.map(one, wanted))
+    if any(m is None for m in found):
+        return None
+    return found  # type: ignore[return-value]
+
+
 def committed(catalog: Catalog, dataset: str, snapshot: str | Snapshot | None = None
               ) -> Committed:
     """The manifests of ``snapshot`` (a :class:`Snapshot`, or its number, tag or id; None:
@@ -458,6 +478,11 @@ def committed(catalog: Catalog, dataset: str, snapshot: str | Snapshot | None = 
     ``unreadable``, as a read of the whole dataset names it."""
     log = SnapshotLog(catalog, dataset)
     chosen = snapshot if isinstance(snapshot, Snapshot) else log.resolve(snapshot)
+    if chosen is not None:
+        wanted = log.batches(chosen.seq)
+        quick = _from_catalog(catalog, dataset, wanted)
+        if quick is not None:
+            return Committed(chosen, quick, [])
     manifests, unreadable = catalog.scan(dataset)
     if chosen is None:  # no log yet: every committed batch
         for problem in unreadable:
@@ -468,13 +493,13 @@ def committed(catalog: Catalog, dataset: str, snapshot: str | Snapshot | None = 
                 raise unreadable[0]
             catalog.manifest(dataset)  # raises BatchNotFoundError
         return Committed(None, manifests, unreadable)
-    wanted = {b.batch_id: b for b in log.batches(chosen.seq)}
-    found = {m.batch_id: m for m in manifests if m.batch_id in wanted}
-    mine = [p for p in unreadable if any(f"/batch={b}.json" in p.key for b in wanted)]
+    wanted_by_id = {b.batch_id: b for b in wanted}
+    found = {m.batch_id: m for m in manifests if m.batch_id in wanted_by_id}
+    mine = [p for p in unreadable if any(f"/batch={b}.json" in p.key for b in wanted_by_id)]
     for problem in mine:
         if isinstance(problem, ManifestConflictError):
             raise problem
-    for batch_id, ref in wanted.items():
+    for batch_id, ref in wanted_by_id.items():
         manifest = found.get(batch_id)
         if manifest is None:
             if any(f"/batch={batch_id}.json" in p.key for p in mine):
@@ -485,4 +510,4 @@ def committed(catalog: Catalog, dataset: str, snapshot: str | Snapshot | None = 
         if batch_digest(manifest) != ref.digest:
             raise SnapshotError(f"batch {batch_id} of {dataset} holds other chunks than when "
                                 f"snapshot {chosen.id} was taken", dataset=dataset)
-    return Committed(chosen, [found[b] for b in wanted if b in found], mine)
+    return Committed(chosen, [found[b] for b in wanted_by_id if b in found], mine)

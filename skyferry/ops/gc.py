@@ -25,6 +25,7 @@ from skyferry.commit.retention import Retention
 from skyferry.commit.snapshots import SnapshotLog
 from skyferry.errors import SkyferryError, StorageError
 from skyferry.ops.expire import unneeded
+from skyferry.ops.tables import delta_log_prefix
 from skyferry.storage import ObjectInfo, Store, temp_target
 from skyferry.topology import Topology
 
@@ -86,6 +87,7 @@ def collect_garbage(topology: Topology, *, grace_s: float, now: float | None = N
         claimed.update(catalog.rejects_key(plan.dataset, plan.batch_id, c.index)
                        for c in plan.chunks)
     for dataset in datasets:
+        kept_prefixes.append(delta_log_prefix(dataset))  # a Delta table's log: not ours
         manifests, unreadable = catalog.scan(dataset)
         manifests = _expire(catalog, dataset, manifests, now, dry_run, report)
         for manifest in manifests:

@@ -72,6 +72,8 @@ def placement_markdown(result: PipelineResult) -> str:
         f"dropped by transforms, {result.rows_stored} stored, "
         f"**{result.rows_rejected} rejected**",
     ]
+    for table in result.tables:
+        lines.append(f"- published as {table}")
     if result.lineage is not None:
         lineage = result.lineage
         lines.append(f"- lineage: {len(lineage.sources)} source files, "

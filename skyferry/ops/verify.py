@@ -38,6 +38,7 @@ from skyferry.commit.snapshots import committed
 from skyferry.distribute.access import node_identity, node_store
 from skyferry.errors import ObjectNotFoundError, StorageError, TopologyError
 from skyferry.models import StoredChunk
+from skyferry.ops.tables import delta_log_prefix
 from skyferry.storage import ObjectInfo, Store, temp_target
 from skyferry.topology import Node, Topology
 
@@ -376,7 +377,8 @@ def verify_dataset(topology: Topology, dataset: str, *, batch_id: str | None = N
     # a batch whose manifest copies disagree, or cannot be read: what any copy might claim
     # is no orphan
     kept = tuple(_batch_prefix(key) for key, entry in survey.entries.items()
-                 if entry.conflicts) + tuple(_batch_prefix(key) for key in survey.unreadable)
+                 if entry.conflicts) + tuple(_batch_prefix(key) for key in survey.unreadable) + (
+        delta_log_prefix(dataset),)  # a Delta table's log (skyferry/ops/tables.py)
     for name, (_, listing) in sorted(nodes.items()):
         for key in sorted(listing):
             if (temp_target(key) or key) not in claimed and not key.startswith(kept):

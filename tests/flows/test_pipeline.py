@@ -310,7 +310,8 @@ def test_every_run_publishes_progress_breakdown_and_placement(home: Path,
 
     src = tmp_path / "src"
     write_ml_csv(src / "a.csv", 2000, seed=12)
-    result = run_pipeline(PipelineConfig(source=str(src), dataset="Art Set", chunk_size="20KB"))
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="Art Set", chunk_size="20KB",
+                                         tables=["iceberg", "delta"]))
     assert result.status == "completed" and result.flow_run_id
     response = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", timeout=30, json={
         "flow_runs": {"id": {"any_": [result.flow_run_id]}}, "limit": 50})
@@ -335,3 +336,5 @@ def test_every_run_publishes_progress_breakdown_and_placement(home: Path,
     assert result.lineage.code_version == skyferry.__version__
     assert result.lineage.schema_ == manifest.lineage.schema_
     assert f"1 source files, {len(manifest.chunks)} chunks" in by_type["markdown"]["data"]
+    assert "iceberg skyferry.Art_Set__aws" in result.tables, result.tables_skipped
+    assert "- published as iceberg skyferry.Art_Set__aws" in by_type["markdown"]["data"]
