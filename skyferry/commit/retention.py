@@ -23,6 +23,7 @@ import os
 import socket
 import threading
 import uuid
+import weakref
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 
@@ -102,7 +103,8 @@ class Pin(BaseModel):
 
 
 class Retention:
-    """A dataset's retention policy and pins, at the places that keep its snapshot log."""
+    """A dataset's retention policy (at the places that keep its snapshot log) and its
+    readers' pins (at the catalog)."""
 
     def __init__(self, log: SnapshotLog) -> None:
         self.log, self.dataset = log, log.dataset
@@ -200,6 +202,15 @@ class SnapshotPin:
         self.pin: Pin | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def held_by(cls, owner: object, log: SnapshotLog, snapshot: Snapshot, *,
+                ttl_s: float = PIN_TTL_S) -> SnapshotPin:
+        """A started pin of ``snapshot`` that is released when ``owner`` (a reader) is
+        garbage-collected or the interpreter exits, if the owner did not release it."""
+        pin = cls(Retention(log), snapshot, ttl_s=ttl_s)
+        weakref.finalize(owner, pin.release)
+        return pin.start()
 
     def start(self) -> SnapshotPin:
         self.pin = self.retention.pin(self.snapshot, ttl_s=self.ttl_s)

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import tempfile
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,7 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
-from skyferry.commit.retention import PIN_TTL_S, Retention, SnapshotPin
+from skyferry.commit.retention import PIN_TTL_S, SnapshotPin
 from skyferry.commit.snapshots import Snapshot, SnapshotLog, committed
 from skyferry.distribute.access import ChunkOutput, FileOutput, ReplicaRef, Replicas
 from skyferry.errors import (
@@ -108,10 +107,8 @@ class DatasetReader:
             return [self.catalog.manifest(self.dataset, self.batch_id)]
         chosen = SnapshotLog(self.catalog, self.dataset).resolve(self.snapshot_ref)
         if chosen is not None and self.pin_ttl_s:  # pinned before its manifests are read
-            self._pin = SnapshotPin(Retention(SnapshotLog(self.catalog, self.dataset)), chosen,
-                                    ttl_s=self.pin_ttl_s)
-            weakref.finalize(self, self._pin.release)
-            self._pin.start()
+            self._pin = SnapshotPin.held_by(self, SnapshotLog(self.catalog, self.dataset),
+                                            chosen, ttl_s=self.pin_ttl_s)
         read = committed(self.catalog, self.dataset, chosen)
         self.snapshot = read.snapshot
         self.report.snapshot = read.snapshot.id if read.snapshot else None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import weakref
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
-from skyferry.commit.retention import PIN_TTL_S, Retention, SnapshotPin
+from skyferry.commit.retention import PIN_TTL_S, SnapshotPin
 from skyferry.commit.snapshots import Snapshot, SnapshotLog, committed
 from skyferry.distribute.access import node_store
 from skyferry.errors import IntegrityError, ReadPlanError
@@ -146,10 +145,8 @@ class TrainingReader:
             self._pin.release()
             self._pin = None
         if snapshot is not None and self._pin is None and self.config.pin_ttl_s:
-            log = SnapshotLog(self.catalog, self.config.dataset)
-            self._pin = SnapshotPin(Retention(log), snapshot, ttl_s=self.config.pin_ttl_s)
-            weakref.finalize(self, self._pin.release)  # a reader dropped unclosed lets go
-            self._pin.start()
+            self._pin = SnapshotPin.held_by(self, SnapshotLog(self.catalog, self.config.dataset),
+                                            snapshot, ttl_s=self.config.pin_ttl_s)
 
     @property
     def schema(self) -> pa.Schema:
