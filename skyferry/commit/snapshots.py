@@ -50,6 +50,7 @@ logger = logging.getLogger("skyferry.store")
 FULL_EVERY = 100  # a full list of batches every this many snapshots
 _APPEND_TRIES = 20
 _PAGE = 64  # entries read at once while looking for an id
+_READERS = 8  # slices of a snapshot's manifests read at once
 _TAG_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 Operation = Literal["commit", "rollback", "quarantine", "release", "genesis"]
@@ -165,7 +166,7 @@ class SnapshotLog:
         the numbers out), unless it cannot be listed, lacks a number, or is behind the nodes
         (a node holds the number after its newest); then every place's."""
         try:
-            seqs = sorted(self._numbers(o.key for o in self.catalog.store.list(self._prefix)))
+            seqs = sorted(self._numbers(self.catalog.store.names(self._prefix)))
         except StorageError as exc:
             logger.warning("the catalog cannot list %s's snapshots; asking the nodes: %s",
                            self.dataset, exc)
@@ -182,7 +183,7 @@ class SnapshotLog:
         lost is still in the log)."""
         listed, failed = self.places.each(
             [p for p in self.places.names if p not in self.down],
-            lambda store: [o.key for o in store.list(self._prefix)])
+            lambda store: store.names(self._prefix))
         if not listed:
             raise SnapshotError(f"no place that keeps {self.dataset}'s snapshots could be "
                                 f"listed: " + "; ".join(f"{p}: {w}" for p, w in failed.items()),
@@ -191,13 +192,11 @@ class SnapshotLog:
             logger.warning("%s's snapshots cannot be listed at %s: %s", self.dataset, place, why)
         return sorted({n for keys in listed.values() for n in self._numbers(keys)})
 
-    def _numbers(self, keys: Iterable[str]) -> set[int]:
-        found = set()
-        for key in keys:
-            name = key[len(self._prefix) + 1:]
-            if "/" not in name and name.endswith(".json") and name[:-5].isdigit():
-                found.add(int(name[:-5]))
-        return found
+    @staticmethod
+    def _numbers(names: Iterable[str]) -> set[int]:
+        """The sequence numbers among the names of the log's folder."""
+        return {int(name[:-5]) for name in names
+                if name.endswith(".json") and name[:-5].isdigit()}
 
     def entry(self, seq: int) -> Snapshot:
         return Snapshot.model_validate_json(self._read(self.key(seq)))
@@ -295,9 +294,8 @@ class SnapshotLog:
     def tags(self) -> dict[str, Tag]:
         """Every tag of the dataset, from every place that keeps one."""
         listed, _ = self.places.each(
-            self.places.names, lambda store: [o.key for o in store.list(f"{self._prefix}/tags")])
-        names = {k.rsplit("/", 1)[-1][:-5] for keys in listed.values() for k in keys
-                 if k.endswith(".json")}
+            self.places.names, lambda store: store.names(f"{self._prefix}/tags"))
+        names = {n[:-5] for found in listed.values() for n in found if n.endswith(".json")}
         return {name: Tag.model_validate_json(self._read(self.tag_key(name)))
                 for name in sorted(names)}
 
@@ -453,19 +451,28 @@ def _from_catalog(catalog: Catalog, dataset: str, wanted: Sequence[BatchRef]
     """The manifests of ``wanted`` read from the catalog by key, each one's chunks checked
     against the snapshot's digest; None when any one is missing, unreadable or other than
     the snapshot holds (then every place is surveyed, which names what is wrong)."""
-    def one(ref: BatchRef) -> Manifest | None:
-        key = catalog.manifest_key(dataset, ref.created_at[:10], ref.batch_id)
-        try:
-            manifest = Manifest.model_validate_json(catalog.store.get(key))
-        except (StorageError, ValidationError):
-            return None
-        return manifest if batch_digest(manifest) == ref.digest else None
+    def some(refs: Sequence[BatchRef]) -> list[Manifest] | None:
+        found = []
+        for ref in refs:
+            key = catalog.manifest_key(dataset, ref.created_at[:10], ref.batch_id)
+            try:
+                manifest = Manifest.model_validate_json(catalog.store.get(key))
+            except (StorageError, ValidationError):
+                return None
+            if batch_digest(manifest) != ref.digest:
+                return None
+            found.append(manifest)
+        return found
 
-    with ThreadPoolExecutor(max_workers=max(1, min(8, len(wanted)))) as pool:
-        found = list(pool.map(one, wanted))
-    if any(m is None for m in found):
+    if catalog.store.is_local:  # parsing holds the interpreter: threads only slow it down
+        return some(wanted)
+    # a few slices at once, so that a remote catalog's reads overlap
+    step = max(1, -(-len(wanted) // _READERS))
+    with ThreadPoolExecutor(max_workers=_READERS) as pool:
+        slices = list(pool.map(some, [wanted[i:i + step] for i in range(0, len(wanted), step)]))
+    if any(found is None for found in slices):
         return None
-    return found  # type: ignore[return-value]
+    return [m for found in slices for m in found or ()]
 
 
 def committed(catalog: Catalog, dataset: str, snapshot: str | Snapshot | None = None

@@ -58,6 +58,14 @@ class TestStoreContract:
         listed = {o.key: o.size for o in store.list("ds")}
         assert listed == {"ds/a/1": 1, "ds/b/2": 2}
 
+    def test_names_are_one_level_without_sizes(self, store: Store) -> None:
+        for key in ("log/000000000001.json", "log/000000000002.json", "log/tags/v1.json",
+                    "logs/000000000009.json"):
+            store.put(key, b"{}")
+        assert sorted(store.names("log")) == ["000000000001.json", "000000000002.json", "tags"]
+        assert sorted(store.names("log/tags")) == ["v1.json"]
+        assert store.names("nothing/here") == []
+
     def test_missing_object_is_a_typed_error_naming_node_and_key(self, store: Store) -> None:
         with pytest.raises(ObjectNotFoundError) as info:
             store.get("nope/missing")

@@ -260,3 +260,40 @@ def test_an_append_after_the_catalog_lost_its_newest_entry_takes_the_next_number
     assert log.sequence() == [0, 1, 2]
     assert log.entry(1) == kept and log.entry(2).parent == kept.id
     assert log.entry(2).rows == 300
+
+
+def test_a_state_resumes_after_a_commit_and_a_quarantine_on_any_world_size(
+        home: Path, tmp_path: Path) -> None:
+    _commit(tmp_path, "a", 1_500, 0)
+    second = _commit(tmp_path, "b", 1_000, 10_000)
+    options = {"dataset": "ss", "batch_size": 64, "seed": 5, "cache_dir": tmp_path / "cache"}
+
+    def reader(rank: int, world: int) -> TrainingReader:
+        return TrainingReader(ReaderConfig(**options, rank=rank,  # type: ignore[arg-type]
+                                           world_size=world))
+
+    whole = {r: _ids(list(reader(r, 2))) for r in (0, 1)}  # uninterrupted, world size 2
+    alone = _ids(list(reader(0, 1)))  # uninterrupted, world size 1
+    assert sorted(alone) == sorted(whole[0] + whole[1])
+    heads, states = {}, {}
+    for rank in (0, 1):
+        started = reader(rank, 2)
+        batches = iter(started)
+        heads[rank] = _ids([next(batches) for _ in range(5)])
+        states[rank] = started.state_dict()
+        started.close()
+    _commit(tmp_path, "c", 500, 20_000)  # the scheduled ingest commits
+    log = _log()
+    log.append("quarantine", quarantine=[second.batch_id], note="bad batch")
+    newest = log.resolve(None)
+    assert newest is not None and newest.rows == 2_000  # the quarantine is in the newest
+
+    for rank in (0, 1):  # the same world size: each rank goes on where it stopped
+        resumed = reader(rank, 2)
+        resumed.load_state_dict(states[rank])
+        assert heads[rank] + _ids(list(resumed)) == whole[rank]
+    resumed = reader(0, 1)  # another world size: the rows after both ranks' 5 batches
+    resumed.load_state_dict(states[0])
+    rest = _ids(list(resumed))
+    assert rest == alone[len(alone) - len(rest):]
+    assert sorted(heads[0] + heads[1] + rest) == sorted(alone)
