@@ -49,11 +49,13 @@ def test_each_commit_appends_a_snapshot_that_survives_the_catalogs_loss(
     with pytest.raises(SnapshotError, match="has no snapshot 'ffffffffff'"):
         log.resolve("ffffffffff")
 
+    tag = log.tag("first-two", "1")
     shutil.rmtree(home / "catalog" / "snapshots")  # the catalog's copies are gone
     again = _log()
     assert again.sequence() == [0, 1, 2]
     assert again.entries([0, 1, 2]) == entries
     assert again.batches(1) == log.batches(1)
+    assert again.tags() == {"first-two": tag} and again.resolve("first-two") == entries[1]
 
 
 def test_a_reader_keeps_its_snapshot_and_a_saved_state_resumes_after_a_commit(
