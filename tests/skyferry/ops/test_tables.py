@@ -72,7 +72,8 @@ def _digests(home: Path, manifests: list[Manifest]) -> dict[str, str | None]:
 
 
 def test_every_engine_reads_the_snapshot_and_no_table_operation_deletes_a_replica(
-        home: Path, tmp_path: Path) -> None:
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POLARS_ICEBERG_PLANNER", "pyiceberg")  # its plugin is not installed
     first = _commit(tmp_path, "a", 400, 0)
     second = _commit(tmp_path, "b", 300, 1_000)
     topology = load_topology()
