@@ -15,7 +15,8 @@ counterbalanced pairs (bench/measure.py):
   from a remote folder, in its own environment (``.venv-mosaic``, which ``make bench`` makes);
 - ``resume_first_batch_ms``: from making a reader and loading a state to its first batch;
 - ``reader_pin_throughput_ratio``: a decoded epoch with the reader's snapshot pinned (the pin
-  written at open and renewed every 0.1 s) over the same epoch without a pin.
+  written at open and renewed every 0.1 s) over the same epoch without a pin, over
+  BENCH_PIN_PAIRS (41) pairs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from bench.measure import Side, abba, skyferry_home  # noqa: E402
 
 BATCH = 1024
 PAIRS = int(os.environ.get("BENCH_PAIRS", "5"))
+# an epoch is ~0.07 s, and runs of the same epoch differ by up to 8%: the pin's figure
+# takes more pairs, so that its median is the pin's cost and not one outlier's
+PIN_PAIRS = int(os.environ.get("BENCH_PIN_PAIRS", "41"))
 
 
 def say(text: str) -> None:
@@ -128,7 +132,7 @@ def _figures(root: Path) -> dict[str, Any]:
 
     # a pin renewed every 0.1 s (a third of its 0.3 s life) against none
     bare, pinned = abba(("no pin", read_all(pin_ttl_s=None)),
-                        ("pin", read_all(pin_ttl_s=0.3)), PAIRS)
+                        ("pin", read_all(pin_ttl_s=0.3)), PIN_PAIRS)
     figures["reader_pin_throughput_ratio"] = round(bare.median / pinned.median, 3)
     figures["sides"]["reader_pin_throughput_ratio"] = {"pin": pinned.summary(),
                                                        "no pin": bare.summary()}

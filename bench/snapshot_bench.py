@@ -6,8 +6,10 @@ holds as many snapshots. Then, each from BENCH_PAIRS (5) runs:
 - ``log_ms``: ``skyferry log`` in process (the newest 20 snapshots: the listing, their
   entries and their parents');
 - ``reader_open_ms``: making a ``TrainingReader`` on a tagged snapshot near the end and
-  planning its epoch: the snapshot resolved and pinned, its batches' manifests read and
-  checked against it, the plan made, the pin released;
+  planning its epoch: the snapshot resolved and pinned, its batches' manifests read from
+  their packs and checked against it, the plan made, the pin released;
+- ``reader_open_cold_ms``: the same just after every manifest pack went stale (a repair's
+  rewrite does that): the manifests read one by one, and the packs made again;
 - ``gc_dry_run_s``: ``skyferry gc --dry-run``: the whole log weighed against a policy that
   keeps the last 100 snapshots.
 The CLI's own start (Python, its imports) is timed apart, as ``log_cli_ms``.
@@ -103,9 +105,17 @@ def _figures(root: Path) -> dict[str, Any]:
         subprocess.run([sys.executable, "-m", "skyferry.cli", "--help"], check=True,
                        stdout=subprocess.DEVNULL)
 
-    sides = {name: Side(name) for name in ("log", "open", "gc", "cli log", "cli start")}
+    def stale_packs() -> None:
+        catalog = open_catalog(topology)
+        with catalog.rewriting("snap"):  # as a rewrite of a manifest does
+            pass
+
+    names = ("log", "open", "open cold", "gc", "cli log", "cli start")
+    sides = {name: Side(name) for name in names}
     for _ in range(PAIRS):
         sides["log"].run(lambda: dataset_log(topology, "snap"))
+        stale_packs()
+        sides["open cold"].run(open_reader)
         sides["open"].run(open_reader)
         sides["gc"].run(lambda: collect_garbage(topology, grace_s=86_400, dry_run=True))
         sides["cli log"].run(cli_log)
@@ -114,6 +124,7 @@ def _figures(root: Path) -> dict[str, Any]:
         "snapshots": count,
         "log_ms": round(sides["log"].median * 1000, 1),
         "reader_open_ms": round(sides["open"].median * 1000, 1),
+        "reader_open_cold_ms": round(sides["open cold"].median * 1000, 1),
         "gc_dry_run_s": round(sides["gc"].median, 2),
         "log_cli_ms": round(sides["cli log"].median * 1000),
         "cli_start_ms": round(sides["cli start"].median * 1000),

@@ -17,12 +17,15 @@ reused, not multiplied. The arena limit only binds threads that have not allocat
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import logging
 import platform
 import threading
+from collections.abc import Iterator
 
-__all__ = ["tune_allocator"]
+__all__ = ["many_objects", "tune_allocator"]
 
 logger = logging.getLogger("skyferry.memory")
 
@@ -55,3 +58,21 @@ def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = 2 << 30,
             return False
         _done = ok
         return ok
+
+
+@contextlib.contextmanager
+def many_objects() -> Iterator[None]:
+    """Pause Python's cycle collector while many lasting objects are made at once (a long
+    snapshot's manifests and its read plan).
+
+    Each collection of the oldest generation walks every live object, and making 10,000
+    manifests sets off many of them: they were more than half of opening such a snapshot.
+    Reference counting still frees what is dropped meanwhile; the collector resumes after.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

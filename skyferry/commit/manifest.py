@@ -8,6 +8,8 @@ The catalog layout (all keys relative to the catalog store)::
     rejects/<dataset>/batch=<id>/chunk-<n>.jsonl            # rejected rows with reasons
     suspects/<dataset>/batch=<id>/chunk-<n>-<node>.json     # a replica a reader found bad
     snapshots/<dataset>/<seq>.json                          # the log (skyferry.commit.snapshots)
+    packs/<dataset>/generation                              # manifest packs (skyferry.commit.packs)
+    packs/<dataset>/<generation>-<group>.json
 
 Data objects on nodes live at ``<dataset>/date=<date>/batch=<id>/chunk-<n>.<ext>``, and
 each node that holds a batch's data keeps a copy of its manifest at the catalog's key
@@ -16,9 +18,11 @@ each node that holds a batch's data keeps a copy of its manifest at the catalog'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Collection, Sequence
+import uuid
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,6 +34,7 @@ from skyferry.errors import (
     ManifestError,
     ManifestQuorumError,
     ObjectNotFoundError,
+    StorageError,
 )
 from skyferry.hashing import HASH_ALGORITHM
 from skyferry.models import ChunkPlan, SourceFile, StoredChunk
@@ -190,6 +195,13 @@ class Catalog:
         on nodes that no longer hold the batch are removed. ``down``: nodes the run knows
         are down; their copies count as failed without a write that would wait for them.
         """
+        if previous is not None:
+            with self.rewriting(manifest.dataset):
+                return self._commit(manifest, previous, down)
+        return self._commit(manifest, None, down)
+
+    def _commit(self, manifest: Manifest, previous: Manifest | None,
+                down: Collection[str]) -> str:
         key = self.key_of(manifest)
         body = manifest.to_json()
         holders = {n: c for n, c in manifest.holders().items() if n in self.places.openers}
@@ -221,7 +233,8 @@ class Catalog:
 
     def restore(self, key: str, body: bytes, places: list[str]) -> dict[str, str]:
         """Write a manifest's copy where it is missing or differs; why each place failed."""
-        return self.places.write(key, body, places)[1]
+        with self.rewriting(key.split("/")[1]):
+            return self.places.write(key, body, places)[1]
 
     def survey(self, dataset: str) -> Survey:
         """Every place's listing of the dataset's manifests (see :mod:`skyferry.commit.copies`)."""
@@ -285,12 +298,43 @@ class Catalog:
         """Delete every copy of a manifest, the catalog's last: the batch stops being
         visible. A node copy that cannot be deleted keeps the catalog's, and raises."""
         key = self.key_of(manifest)
-        stayed = self.places.remove(key, self.copy_places(manifest)[1:])
-        if stayed:
-            raise ManifestQuorumError(
-                f"manifest {key} stays: its copies on {', '.join(sorted(stayed))} could not "
-                "be deleted", key=key, written=sorted(stayed), failed=stayed)
-        self.store.delete(key)
+        with self.rewriting(manifest.dataset):
+            stayed = self.places.remove(key, self.copy_places(manifest)[1:])
+            if stayed:
+                raise ManifestQuorumError(
+                    f"manifest {key} stays: its copies on {', '.join(sorted(stayed))} could "
+                    "not be deleted", key=key, written=sorted(stayed), failed=stayed)
+            self.store.delete(key)
+
+    # manifest packs (skyferry.commit.packs) -----------------------------------------------
+    def pack_generation(self, dataset: str) -> str | None:
+        """The dataset's pack generation: packs made under another one are stale. None
+        when there is none yet (or it cannot be read)."""
+        try:
+            token = self.store.get(safe_key("packs", dataset, "generation")).decode()
+        except (StorageError, UnicodeDecodeError):
+            return None
+        return token if len(token) == 32 and token.isalnum() else None
+
+    def new_pack_generation(self, dataset: str) -> str:
+        """Start a new pack generation: every pack made before it is stale. Returns it."""
+        token = uuid.uuid4().hex
+        self.store.put(safe_key("packs", dataset, "generation"), token.encode())
+        return token
+
+    @contextlib.contextmanager
+    def rewriting(self, dataset: str) -> Iterator[None]:
+        """Around a change to a committed manifest (a rewrite, a restore, a retraction): a
+        new pack generation before and after it, so that no pack made while it ran is
+        read afterwards; then the stale packs are deleted."""
+        self.new_pack_generation(dataset)
+        yield
+        kept = self.new_pack_generation(dataset)
+        prefix = safe_key("packs", dataset)
+        with contextlib.suppress(StorageError):
+            for name in self.store.names(prefix):
+                if name.endswith(".json") and not name.startswith((kept, ".tmp-")):
+                    self.store.delete(f"{prefix}/{name}")
 
     # the pending journal ------------------------------------------------------------------
     def _pending(self, dataset: str, batch_id: str, name: str) -> str:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from skyferry.commit.copies import CATALOG, Places
 from skyferry.commit.manifest import Catalog, Manifest
+from skyferry.commit.packs import read_packed
 from skyferry.errors import (
     ManifestConflictError,
     ManifestError,
@@ -39,6 +40,7 @@ from skyferry.errors import (
     StorageError,
     TopologyError,
 )
+from skyferry.memory import many_objects
 from skyferry.models import BatchLineage
 from skyferry.storage import safe_key
 
@@ -448,9 +450,10 @@ class Committed:
 
 def _from_catalog(catalog: Catalog, dataset: str, wanted: Sequence[BatchRef]
                   ) -> list[Manifest] | None:
-    """The manifests of ``wanted`` read from the catalog by key, each one's chunks checked
-    against the snapshot's digest; None when any one is missing, unreadable or other than
-    the snapshot holds (then every place is surveyed, which names what is wrong)."""
+    """The manifests of ``wanted`` read from the catalog: from its manifest packs, and by key
+    where a pack is missing (:mod:`skyferry.commit.packs`), each one's chunks checked against
+    the snapshot's digest; None when any one is missing, unreadable or other than the
+    snapshot holds (then every place is surveyed, which names what is wrong)."""
     def some(refs: Sequence[BatchRef]) -> list[Manifest] | None:
         found = []
         for ref in refs:
@@ -464,15 +467,18 @@ def _from_catalog(catalog: Catalog, dataset: str, wanted: Sequence[BatchRef]
             found.append(manifest)
         return found
 
-    if catalog.store.is_local:  # parsing holds the interpreter: threads only slow it down
-        return some(wanted)
-    # a few slices at once, so that a remote catalog's reads overlap
-    step = max(1, -(-len(wanted) // _READERS))
-    with ThreadPoolExecutor(max_workers=_READERS) as pool:
-        slices = list(pool.map(some, [wanted[i:i + step] for i in range(0, len(wanted), step)]))
-    if any(found is None for found in slices):
-        return None
-    return [m for found in slices for m in found or ()]
+    def one_by_one(refs: Sequence[BatchRef]) -> list[Manifest] | None:
+        if catalog.store.is_local:  # parsing holds the interpreter: threads only slow it
+            return some(refs)
+        # a few slices at once, so that a remote catalog's reads overlap
+        step = max(1, -(-len(refs) // _READERS))
+        with ThreadPoolExecutor(max_workers=_READERS) as pool:
+            slices = list(pool.map(some, [refs[i:i + step] for i in range(0, len(refs), step)]))
+        if any(found is None for found in slices):
+            return None
+        return [m for found in slices for m in found or ()]
+
+    return read_packed(catalog, dataset, wanted, one_by_one)
 
 
 def committed(catalog: Catalog, dataset: str, snapshot: str | Snapshot | None = None
@@ -487,7 +493,8 @@ def committed(catalog: Catalog, dataset: str, snapshot: str | Snapshot | None = 
     chosen = snapshot if isinstance(snapshot, Snapshot) else log.resolve(snapshot)
     if chosen is not None:
         wanted = log.batches(chosen.seq)
-        quick = _from_catalog(catalog, dataset, wanted)
+        with many_objects():
+            quick = _from_catalog(catalog, dataset, wanted)
         if quick is not None:
             return Committed(chosen, quick, [])
     manifests, unreadable = catalog.scan(dataset)

@@ -24,6 +24,7 @@ from skyferry.commit.snapshots import Snapshot, SnapshotLog, committed
 from skyferry.distribute.access import node_store
 from skyferry.errors import IntegrityError, ReadPlanError
 from skyferry.evolution import conform, dataset_schema
+from skyferry.memory import many_objects
 from skyferry.read.fetch import ChunkCache, Fetcher, Mapped, ReadReport, reader_place
 from skyferry.read.plan import (
     BLOCK_ROWS,
@@ -161,8 +162,9 @@ class TrainingReader:
     def plan(self) -> ReadPlan:
         if self._plan is None:
             c = self.config
-            self._plan = plan_epoch(self.manifests(), seed=c.seed, epoch=c.epoch,
-                                    block_rows=c.block_rows)
+            with many_objects():
+                self._plan = plan_epoch(self.manifests(), seed=c.seed, epoch=c.epoch,
+                                        block_rows=c.block_rows)
         return self._plan
 
     def rank_plan(self) -> RankPlan:
