@@ -9,12 +9,9 @@ out, and its chunks go to the other clouds by the same rule.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 from pydantic import BaseModel, Field
 
-from skyferry.models import ChunkPlan
-from skyferry.topology import Topology
+from skyferry.distribute.claims import assign_shares
 
 __all__ = ["ShareReport", "assign_shares", "share_deployment"]
 
@@ -24,27 +21,6 @@ CHILD_FLOW = "cloud-share"
 def share_deployment(cloud: str) -> str:
     """The child deployment that runs ``cloud``'s share: ``cloud-share/<cloud>-share``."""
     return f"{CHILD_FLOW}/{cloud}-share"
-
-
-def assign_shares(chunks: Sequence[ChunkPlan], topology: Topology,
-                  clouds: Iterable[str]) -> dict[str, list[int]]:
-    """Split ``chunks`` over ``clouds`` (the ones that can take work), balanced by bytes.
-
-    Deterministic: the same chunks and clouds give the same shares.
-    """
-    allowed = sorted(set(clouds))
-    if not allowed:
-        raise ValueError("no cloud can take work")
-    cloud_of = {n.name: n.cloud for n in topology.nodes}
-    load = dict.fromkeys(allowed, 0)
-    shares: dict[str, list[int]] = {c: [] for c in allowed}
-    for chunk in chunks:
-        near = {cloud_of.get(n) for n in chunk.nodes}
-        # a cloud that holds a replica is ahead by one chunk: locality, within balance
-        cloud = min(allowed, key=lambda c: (load[c] - (chunk.size if c in near else 0), c))
-        shares[cloud].append(chunk.index)
-        load[cloud] += chunk.size
-    return {c: idx for c, idx in shares.items() if idx}
 
 
 class ShareReport(BaseModel):

@@ -5,9 +5,8 @@ side by side. The run that finds another's live lease waits for it to end, then 
 what that run committed. A lease whose holder stopped heartbeating for ``ttl_s``, or whose
 process is gone from this host, is taken over: that run crashed, and its journal is resumed.
 
-The lease is created with an exclusive create on a local catalog. On an object store it is
-written only when absent, then read back; two runs starting within the same moment can both
-see themselves as holders there, which the batch journal then tolerates (see docs).
+The lease is an exclusive create (:meth:`Store.create`): ``O_EXCL`` on a local catalog, the
+store's precondition on S3, GCS and Azure.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from skyferry.errors import ObjectNotFoundError
+from skyferry.heartbeat import Heartbeat
 from skyferry.storage import Store, safe_key
 
 __all__ = ["DatasetLease"]
@@ -58,7 +58,7 @@ class DatasetLease:
         self.owner = uuid.uuid4().hex
         self.waited_s = 0.0
         self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
+        self._beat = Heartbeat(self._heartbeat, ttl_s / 3, f"the lease of dataset {dataset}")
 
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "host": socket.gethostname(),
@@ -104,21 +104,14 @@ class DatasetLease:
                         self.on_wait(holder)
             self._stop.wait(self.poll_s)
         self.waited_s = time.monotonic() - started
-        self._beat = threading.Thread(target=self._heartbeat, name="skyferry-lease",
-                                      daemon=True)
         self._beat.start()
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
-            try:
-                self.store.put(self.key, self._body())
-            except OSError as exc:  # the next beat may pass; a lease older than ttl is lost
-                logger.warning("dataset %s: lease heartbeat failed: %s", self.dataset, exc)
+        self.store.put(self.key, self._body())
 
     def release(self) -> None:
         self._stop.set()
-        if self._beat is not None:
-            self._beat.join()
+        self._beat.stop()
         holder = self._holder()
         if holder is not None and holder.get("owner") == self.owner:
             self.store.delete(self.key)

@@ -328,8 +328,10 @@ class Catalog:
         new pack generation before and after it, so that no pack made while it ran is
         read afterwards; then the stale packs are deleted."""
         self.new_pack_generation(dataset)
-        yield
-        kept = self.new_pack_generation(dataset)
+        try:
+            yield
+        finally:  # a failed change may have changed some copies
+            kept = self.new_pack_generation(dataset)
         prefix = safe_key("packs", dataset)
         with contextlib.suppress(StorageError):
             for name in self.store.names(prefix):

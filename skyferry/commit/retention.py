@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import uuid
 import weakref
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from skyferry.commit.copies import CATALOG
 from skyferry.commit.snapshots import Snapshot, SnapshotLog
 from skyferry.errors import ObjectNotFoundError, SnapshotError, StorageError, TopologyError
+from skyferry.heartbeat import Heartbeat
 from skyferry.storage import safe_key
 
 __all__ = ["PIN_TTL_S", "Pin", "Retention", "RetentionPolicy", "SnapshotPin"]
@@ -200,8 +200,7 @@ class SnapshotPin:
                  ttl_s: float = PIN_TTL_S) -> None:
         self.retention, self.snapshot, self.ttl_s = retention, snapshot, ttl_s
         self.pin: Pin | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._beat: Heartbeat | None = None
 
     @classmethod
     def held_by(cls, owner: object, log: SnapshotLog, snapshot: Snapshot, *,
@@ -214,24 +213,18 @@ class SnapshotPin:
 
     def start(self) -> SnapshotPin:
         self.pin = self.retention.pin(self.snapshot, ttl_s=self.ttl_s)
-        self._thread = threading.Thread(target=self._renew, daemon=True,
-                                        name=f"skyferry-pin-{self.pin.id}")
-        self._thread.start()
+        self._beat = Heartbeat(self._renew, self.ttl_s / 3,
+                               f"pin {self.pin.id} of {self.retention.dataset}",
+                               errors=(SnapshotError, StorageError)).start()
         return self
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
-            assert self.pin is not None
-            try:
-                self.pin = self.retention.renew(self.pin, ttl_s=self.ttl_s)
-            except (SnapshotError, StorageError) as exc:
-                logger.warning("pin %s of %s was not renewed: %s", self.pin.id,
-                               self.retention.dataset, exc)
+        assert self.pin is not None
+        self.pin = self.retention.renew(self.pin, ttl_s=self.ttl_s)
 
     def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        if self._beat is not None:
+            self._beat.stop()
         if self.pin is not None:
             pin, self.pin = self.pin, None
             self.retention.unpin(pin)

@@ -177,8 +177,9 @@ class Store:
     def create(self, key: str, data: bytes) -> bool:
         """Write ``data`` under ``key`` only if nothing is there; whether it was written.
 
-        Exclusive on a local disk (``O_EXCL``). On an object store it checks, then writes:
-        two writers at the same moment can both succeed, and the later one's bytes stay.
+        Exclusive everywhere: of writers at the same moment, one succeeds. On a local disk
+        ``O_EXCL``; on S3, GCS and Azure the store's own precondition (``If-None-Match: *``,
+        ``ifGenerationMatch=0``), through fsspec's ``mode="create"``.
         """
         path = self.path(key)
         with self._errors(key, "create"):
@@ -196,9 +197,14 @@ class Store:
                 if self.durable:
                     local.fsync_dir(posixpath.dirname(path))
                 return True
-            if self.call("exists", path):
+            try:
+                self.call("pipe_file", path, data, mode="create", nbytes=len(data))
+            except FileExistsError:
                 return False
-            self.call("pipe_file", path, data, nbytes=len(data))
+            except OSError as exc:  # S3's refusal: 412 Precondition Failed
+                if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                    return False
+                raise
             return True
 
     def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:

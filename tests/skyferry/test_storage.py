@@ -46,6 +46,28 @@ class TestStoreContract:
         assert store.get("ds/date=2026-01-01/chunk-00000.bin", start=100, end=356) == data[100:356]
         assert store.size("ds/date=2026-01-01/chunk-00000.bin") == len(data)
 
+    def test_create_writes_once_of_many_at_the_same_moment(
+            self, store: Store, request: pytest.FixtureRequest) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+        from threading import Barrier
+
+        if store.name == "gs-node":  # real GCS refuses with 412; the emulator writes
+            request.applymarker(pytest.mark.xfail(
+                strict=True, reason="gcp-storage-emulator ignores ifGenerationMatch=0"))
+        assert store.create("claims/unit-0.json", b"first")
+        assert not store.create("claims/unit-0.json", b"second")
+        assert store.get("claims/unit-0.json") == b"first"
+        start = Barrier(8)
+
+        def race(i: int) -> bool:
+            start.wait()
+            return store.create("claims/unit-1.json", f"writer {i}".encode())
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            won = list(pool.map(race, range(8)))
+        assert won.count(True) == 1
+        assert store.get("claims/unit-1.json") == f"writer {won.index(True)}".encode()
+
     def test_overwrite_replaces_bytes(self, store: Store) -> None:
         store.put("k/a", b"first version")
         store.put("k/a", b"second")
