@@ -5,7 +5,7 @@ side by side. The run that finds another's live lease waits for it to end, then 
 what that run committed. A lease whose holder stopped heartbeating for ``ttl_s``, or whose
 process is gone from this host, is taken over: that run crashed, and its journal is resumed.
 
-The lease is an exclusive create (:meth:`Store.create`): ``O_EXCL`` on a local catalog, the
+The lease is an exclusive create (:meth:`Store.create`): a hard link on a local catalog, the
 store's precondition on S3, GCS and Azure.
 """
 

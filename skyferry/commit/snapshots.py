@@ -42,7 +42,7 @@ from skyferry.errors import (
 )
 from skyferry.memory import many_objects
 from skyferry.models import BatchLineage
-from skyferry.storage import safe_key
+from skyferry.storage import safe_key, temp_target
 
 __all__ = ["BatchRef", "Committed", "Snapshot", "SnapshotLog", "Tag", "batch_digest",
            "committed", "lineage_of"]
@@ -297,7 +297,8 @@ class SnapshotLog:
         """Every tag of the dataset, from every place that keeps one."""
         listed, _ = self.places.each(
             self.places.names, lambda store: store.names(f"{self._prefix}/tags"))
-        names = {n[:-5] for found in listed.values() for n in found if n.endswith(".json")}
+        names = {n[:-5] for found in listed.values() for n in found
+                 if n.endswith(".json") and temp_target(n) is None}  # not a write under way
         return {name: Tag.model_validate_json(self._read(self.tag_key(name)))
                 for name in sorted(names)}
 

@@ -177,25 +177,34 @@ class Store:
     def create(self, key: str, data: bytes) -> bool:
         """Write ``data`` under ``key`` only if nothing is there; whether it was written.
 
-        Exclusive everywhere: of writers at the same moment, one succeeds. On a local disk
-        ``O_EXCL``; on S3, GCS and Azure the store's own precondition (``If-None-Match: *``,
+        Exclusive everywhere: of writers at the same moment, one succeeds, and a reader
+        sees the object whole or not at all. On a local disk a temp file hard-linked to the
+        key; on S3, GCS and Azure the store's own precondition (``If-None-Match: *``,
         ``ifGenerationMatch=0``), through fsspec's ``mode="create"``.
         """
         path = self.path(key)
         with self._errors(key, "create"):
             if self.is_local:
-                local.make_dirs_durable(posixpath.dirname(path), self.durable)
+                # whole or not at all: a temp file, then a hard link to the key, which fails
+                # when the key exists (an O_EXCL create would show an empty file meanwhile)
+                parent = posixpath.dirname(path)
+                local.make_dirs_durable(parent, self.durable)
+                tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
                 try:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
-                    return False
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    if self.durable:
-                        fh.flush()
-                        os.fsync(fh.fileno())
+                    with open(tmp, "xb") as fh:
+                        fh.write(data)
+                        if self.durable:
+                            fh.flush()
+                            os.fsync(fh.fileno())
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        return False
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
                 if self.durable:
-                    local.fsync_dir(posixpath.dirname(path))
+                    local.fsync_dir(parent)
                 return True
             try:
                 self.call("pipe_file", path, data, mode="create", nbytes=len(data))

@@ -205,7 +205,10 @@ def test_a_local_write_is_flushed_file_and_folders_before_it_counts(
         str(tmp_path / "node" / "ds" / "date=1"), str(folder)]
     flushed.clear()
     assert store.create("lease.json", b"{}")
-    assert flushed == [str(tmp_path / "node" / "lease.json"), str(tmp_path / "node")]
+    # the bytes in a temp file, hard-linked to the key, then the folder; no temp file is left
+    assert [Path(p).name[:5] for p in flushed] == [".tmp-", "node"]
+    assert Path(flushed[0]).name.endswith("-lease.json") and flushed[1] == str(tmp_path / "node")
+    assert sorted(p.name for p in (tmp_path / "node").iterdir()) == ["ds", "lease.json"]
     # with durable writes switched off (SKYFERRY_DURABLE_WRITES=false): atomic, not flushed
     flushed.clear()
     monkeypatch.setenv("SKYFERRY_DURABLE_WRITES", "false")
