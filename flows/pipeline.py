@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -38,6 +39,7 @@ from skyferry.errors import SkyferryError, StageError, failing_as
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
 from skyferry.models import ChunkPlan, StoredChunk
+from skyferry.ops.costs import CostPlan, RunRecord, actual_costs, check_budget, plan_for, record_run
 from skyferry.ops.report import placement_markdown, stage_breakdown
 from skyferry.run.batch import check_batch_reuse, summarize
 from skyferry.run.context import BatchRun, RunSetup, open_run
@@ -98,17 +100,25 @@ def _run_batch(setup: RunSetup, started: float) -> PipelineResult:
                               skipped_files=list(listing.skipped),
                               odd_files=dict(listing.odd),
                               duration_s=round(time.perf_counter() - started, 3))
+    with failing_as("setup", dataset=config.dataset, batch_id=batch):  # before any write
+        costs = plan_for(setup, deployed=_dispatched(config), files=listing.files,
+                         probe=False)
+        logger.info("plan: %d chunks, %d bytes to write, egress $%.4f, ETA %s",
+                    costs.chunks, sum(r.bytes for r in costs.routes if r.hop == "write"),
+                    costs.egress_usd, "unknown" if costs.eta_s is None
+                    else f"{costs.eta_s:.1f} s")
+        check_budget(costs, config.max_egress_usd)
     # planning the chunks; placing them raises as distribution's
     with failing_as("ingestion", dataset=config.dataset, batch_id=batch):
         run = with_retries(plan_batch)(ref(setup), ref(listing.files))
     try:
-        return _move_and_commit(run, listing.skipped, started, listing.odd)
+        return _move_and_commit(run, listing.skipped, started, listing.odd, costs)
     finally:
         run.close()
 
 
 def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
-                     odd_files: dict[str, str]) -> PipelineResult:
+                     odd_files: dict[str, str], costs: CostPlan) -> PipelineResult:
     logger = get_run_logger()
     config, plan = run.config, run.plan
     done = run.catalog.done_chunks(plan.dataset, plan.batch_id) if run.resumed else {}
@@ -120,7 +130,7 @@ def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
         progress = create_live_status(plan, len(done))
         with LiveStatus(progress, run.catalog, plan, started_at=time.time(),
                         done_at_start=len(done), health=run.setup.health) as live:
-            if config.dispatch == "deployments" or (config.dispatch == "auto" and _deployed()):
+            if _dispatched(config):
                 reports = dispatch_to_pools(run, todo, live)
             else:
                 reports = run_in_process(run, todo, live)
@@ -133,6 +143,7 @@ def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
     result = summarize(run, manifest, key, new, len(done), started, skipped_files, odd_files,
                        snapshot)
     result.flow_run_id = str(flow_run.id) if flow_run.id else None
+    _planned_against_actual(run, result, costs, new, reports)
     if config.tables and snapshot:
         try:
             tables = publish_snapshot_tables(ref(run), snapshot)
@@ -145,6 +156,37 @@ def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
                 len(manifest.chunks), result.rows_stored, result.rows_rejected,
                 extra=event(config, "storage", plan.batch_id))
     return result
+
+
+def _planned_against_actual(run: BatchRun, result: PipelineResult, costs: CostPlan,
+                            new: list[StoredChunk], reports: list[ShareReport]) -> None:
+    """Put the plan beside what the run did, and keep the run's rate for the next plans."""
+    setup = run.setup
+    clouds = set(setup.topology.clouds)
+    worker_of = {i: r.cloud for r in reports if r.cloud in clouds for i in r.stored}
+    routes, egress = actual_costs(setup.topology, setup.source_cloud, new, worker_of,
+                                  setup.settings.block_size)
+    result.bytes_written = sum(r.bytes for r in routes if r.hop == "write")
+    result.egress_usd = egress
+    result.planned_bytes_written = sum(r.bytes for r in costs.routes if r.hop == "write")
+    result.planned_egress_usd = costs.egress_usd
+    result.planned_eta_s = costs.eta_s
+    if run.resumed or not new:  # a part of a batch says nothing of a whole one's rate
+        return
+    try:
+        record_run(run.catalog, RunRecord(
+            dataset=run.plan.dataset, batch_id=run.plan.batch_id,
+            at=datetime.now(UTC).isoformat(timespec="seconds"),
+            bytes_in=sum(p.size for c in new for p in c.parts),
+            bytes_stored=sum(c.size for c in new), wall_s=result.duration_s,
+            workers=max(1, len(reports))))
+    except SkyferryError as exc:  # the batch is committed: only a later ETA is poorer
+        get_run_logger().warning("the run's rate was not recorded: %s", exc)
+
+
+def _dispatched(config: PipelineConfig) -> bool:
+    """Whether the chunks go to child runs on the clouds' work pools."""
+    return config.dispatch == "deployments" or (config.dispatch == "auto" and _deployed())
 
 
 def _deployed() -> bool:

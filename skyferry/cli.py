@@ -178,6 +178,9 @@ def run(
     strict: Annotated[bool, typer.Option(
         "--strict", help="fail on a source file that cannot be taken (empty, a dangling or "
         "directory symlink, a name that is not UTF-8) instead of passing it over")] = False,
+    max_egress_usd: Annotated[Optional[float], typer.Option(
+        "--max-egress-usd", min=0, help="refuse the run, before anything is written, when "
+        "its plan's egress costs more (see skyferry plan)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="show Prefect's tracebacks of a failure")] = False,
@@ -192,7 +195,7 @@ def run(
             format=format,  # type: ignore[arg-type]  # pydantic validates the literal
             chunk_size=parse_size(chunk_size), replicas=replicas, quorum=quorum,
             min_clouds=min_clouds, transforms=transform or [], schema_path=schema,
-            source_cloud=source_cloud, strict=strict,
+            source_cloud=source_cloud, strict=strict, max_egress_usd=max_egress_usd,
         )
         open_run(config)  # the dataset name, topology, schema and transforms, before Prefect
     except (ValueError, SkyferryError) as exc:
@@ -208,6 +211,61 @@ def run(
     _settle(result)
     if result.status == "failed":
         raise typer.Exit(code=1)
+
+
+@app.command()
+def plan(
+    source: Annotated[str, typer.Argument(help="fsspec URL or local path, optional glob")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="dataset name")],
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    format: Annotated[str, typer.Option(help="auto|csv|jsonl|parquet|binary")] = "auto",
+    chunk_size: Annotated[str, typer.Option("--chunk-size", help="e.g. 64MB, 65536")] = "512MiB",
+    replicas: Annotated[int, typer.Option(help="replication factor")] = 3,
+    quorum: Annotated[int, typer.Option(help="write quorum")] = 2,
+    min_clouds: Annotated[int, typer.Option(
+        "--min-clouds", help="clouds each chunk's replicas must span")] = 2,
+    source_cloud: Annotated[Optional[str], typer.Option(help="cloud of a local source")] = None,
+    deployed: Annotated[bool, typer.Option(
+        "--deployed", help="plan for child runs on every cloud's pool (a deployment run), "
+        "not for one process in the source's cloud")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """What a run of SOURCE would move and cost, writing nothing: files, bytes, chunks;
+    bytes, requests and egress per route; storage a month; an ETA from the last runs."""
+    from skyferry.ops.costs import plan_for
+    from skyferry.run.context import open_run
+
+    try:
+        config = PipelineConfig(
+            source=source, dataset=dataset, topology=topology,
+            format=format,  # type: ignore[arg-type]  # pydantic validates the literal
+            chunk_size=parse_size(chunk_size), replicas=replicas, quorum=quorum,
+            min_clouds=min_clouds, source_cloud=source_cloud)
+        found = plan_for(open_run(config), deployed=deployed)
+    except (ValueError, SkyferryError) as exc:
+        _fail(exc, as_json)
+    if as_json:
+        typer.echo(found.model_dump_json(indent=1))
+        return
+    console.print(f"{found.files} files, {found.bytes:,} bytes, {found.chunks} chunks, "
+                  f"{found.replicas} replicas; prices {found.prices_version} "
+                  f"(effective {found.prices_effective or 'unknown'})")
+    table = Table("hop", "route", Column("MB", justify="right"),
+                  Column("requests", justify="right"), Column("egress $", justify="right"),
+                  Column("requests $", justify="right"))
+    for r in found.routes:
+        table.add_row(r.hop, r.name, f"{r.bytes / 1e6:,.3f}", f"{r.requests:,}",
+                      f"{r.egress_usd:.4f}", f"{r.requests_usd:.4f}")
+    console.print(table)
+    eta = "unknown" if found.eta_s is None else f"{found.eta_s:,.1f} s"
+    console.print(f"egress ${found.egress_usd:.4f}, requests ${found.requests_usd:.4f}, "
+                  f"storage ${found.storage_usd_per_month:.4f}/month; ETA {eta} "
+                  f"({found.eta_basis}); replicas span {found.min_clouds} clouds: "
+                  f"{'yes' if found.spans_min_clouds else 'NO'}")
+    for node, why in found.down_nodes.items():
+        console.print(f"[yellow]node {node} is down: {why}[/yellow]")
+    for warning in found.warnings:
+        console.print(f"[yellow]warning: {warning}[/yellow]")
 
 
 @app.command()

@@ -211,6 +211,11 @@ class PipelineConfig(BaseModel):
         description="How cloud shares run: child deployments on the clouds' work pools, or "
                     "in-process subflows. auto: deployments when this run is itself deployed.",
     )
+    max_egress_usd: float | None = Field(
+        default=None, ge=0,
+        description="Refuse the run, before anything is written, when its plan's egress "
+                    "(skyferry plan) costs more than this many USD.",
+    )
     child_start_timeout_s: float = Field(
         default=120.0, gt=0,
         description="A child run no worker picked up within this time is cancelled, and its "

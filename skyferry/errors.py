@@ -49,6 +49,7 @@ __all__ = [
     "BatchIdReusedError",
     "BatchNotFoundError",
     "ConfigError",
+    "EgressBudgetError",
     "EmptySourceError",
     "FormatError",
     "InsufficientCloudsError",
@@ -105,6 +106,15 @@ class ConfigError(SkyferryError, TerminalException):
 
 class TopologyError(ConfigError):
     pass
+
+
+class EgressBudgetError(ConfigError):
+    """A run's planned egress is over the limit it was given (``--max-egress-usd``)."""
+
+    def __init__(self, message: str, *, planned_usd: float, limit_usd: float) -> None:
+        super().__init__(message)
+        self.planned_usd = planned_usd
+        self.limit_usd = limit_usd
 
 
 class SchemaError(ConfigError):

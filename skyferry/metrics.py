@@ -80,6 +80,15 @@ class PipelineResult(BaseModel):
     chunks_at_risk: list[int] = Field(
         default_factory=list, description="chunks whose replicas are all in one cloud (a run "
         "with min_clouds 1): losing that cloud loses them")
+    bytes_written: int = Field(default=0, description="bytes written to the nodes: each "
+                               "verified replica's")
+    egress_usd: float = Field(default=0.0, description="what the bytes the run moved cost "
+                              "in egress, at the topology's price table")
+    planned_bytes_written: int | None = Field(default=None, description="what the run's "
+                                              "plan said it would write (skyferry plan)")
+    planned_egress_usd: float | None = None
+    planned_eta_s: float | None = Field(default=None, description="the plan's ETA, from the "
+                                        "last runs' rates; none before any run")
     error: str | None = None
     error_stage: Stage | None = None
     error_type: str | None = Field(default=None, description="the type of the error's cause")

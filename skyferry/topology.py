@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable
+from datetime import date
 from functools import cache
 from importlib import resources
 from importlib.metadata import entry_points
@@ -37,7 +38,9 @@ __all__ = [
     "CredentialResolver",
     "Link",
     "LinkCost",
+    "NegotiatedEgress",
     "Node",
+    "Prices",
     "Topology",
     "credential_resolver",
     "load_topology",
@@ -217,6 +220,33 @@ class Link(LinkCost):
     dst: str = Field(..., alias="to")
 
 
+class NegotiatedEgress(BaseModel):
+    """An egress rate that replaces a link's list price (a negotiated or committed rate)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    src: str = Field(..., alias="from")
+    dst: str = Field(..., alias="to")
+    egress_usd_per_gb: float = Field(..., ge=0)
+
+
+class Prices(BaseModel):
+    """The price table's version and date; the links' ``egress_usd_per_gb`` and the nodes'
+    ``storage_usd_per_gb_month`` are its list prices. Request prices per cloud, and
+    negotiated egress rates that replace the links' for costing (``skyferry plan``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(default="unversioned", description="Names the table.")
+    effective: date | None = Field(default=None, description="When its prices took effect; "
+                                   "a plan warns when it is more than 90 days old.")
+    put_usd_per_1000: dict[str, float] = Field(
+        default_factory=dict, description="Per cloud: writes (PUT, a part of an upload).")
+    get_usd_per_1000: dict[str, float] = Field(
+        default_factory=dict, description="Per cloud: reads (GET, a ranged read).")
+    negotiated: list[NegotiatedEgress] = Field(default_factory=list)
+
+
 class Topology(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -231,6 +261,7 @@ class Topology(BaseModel):
         default=LinkCost(latency_ms=10, egress_usd_per_gb=0),
         description="Nodes whose cost from the source is within this much of a cheaper "
         "node's share its tier: placement spreads bytes evenly across a tier")
+    prices: Prices = Field(default_factory=Prices)
     _settings: Settings | None = PrivateAttr(default=None)  # see bind()
 
     @model_validator(mode="after")
@@ -253,6 +284,9 @@ class Topology(BaseModel):
         named = [("source_cloud", self.source_cloud)]
         named += [(f"links.{i}.from", link.src) for i, link in enumerate(self.links)]
         named += [(f"links.{i}.to", link.dst) for i, link in enumerate(self.links)]
+        for i, rate in enumerate(self.prices.negotiated):
+            named += [(f"prices.negotiated.{i}.from", rate.src),
+                      (f"prices.negotiated.{i}.to", rate.dst)]
         for where, cloud in named:
             if cloud not in known:
                 raise ValueError(f"{where}: unknown cloud {cloud!r}; the known clouds are "
@@ -306,6 +340,15 @@ class Topology(BaseModel):
             if link.src == src_cloud and link.dst == dst_cloud:
                 return link
         return LinkCost(latency_ms=100, egress_usd_per_gb=0.2)
+
+    def egress_usd_per_gb(self, src_cloud: str, src_region: str | None, dst_cloud: str,
+                          dst_region: str | None) -> float:
+        """What a GB from one place to the other costs: a negotiated rate, else the link's."""
+        if src_cloud != dst_cloud:
+            for rate in self.prices.negotiated:
+                if (rate.src, rate.dst) == (src_cloud, dst_cloud):
+                    return rate.egress_usd_per_gb
+        return self.link(src_cloud, src_region, dst_cloud, dst_region).egress_usd_per_gb
 
     def catalog_store(self) -> Store:
         settings = self.settings

@@ -72,6 +72,13 @@ def placement_markdown(result: PipelineResult) -> str:
         f"dropped by transforms, {result.rows_stored} stored, "
         f"**{result.rows_rejected} rejected**",
     ]
+    if result.planned_bytes_written is not None:
+        eta = ("no ETA (no earlier run)" if result.planned_eta_s is None
+               else f"{result.planned_eta_s:.1f} s")
+        lines.append(
+            f"- planned against actual: {result.planned_bytes_written:,} against "
+            f"{result.bytes_written:,} bytes written; egress ${result.planned_egress_usd:.4f} "
+            f"against ${result.egress_usd:.4f}; time {eta} against {result.duration_s:.1f} s")
     for table in result.tables:
         lines.append(f"- published as {table}")
     if result.lineage is not None:
