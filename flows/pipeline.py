@@ -35,7 +35,7 @@ from flows.live import LiveStatus, create_live_status
 from flows.shares import ShareReport
 from skyferry.commit.lease import DatasetLease
 from skyferry.config import PipelineConfig, Settings, get_settings
-from skyferry.errors import SkyferryError, StageError, failing_as
+from skyferry.errors import PlacementError, SkyferryError, StageError, failing_as
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
 from skyferry.models import ChunkPlan, StoredChunk
@@ -100,14 +100,20 @@ def _run_batch(setup: RunSetup, started: float) -> PipelineResult:
                               skipped_files=list(listing.skipped),
                               odd_files=dict(listing.odd),
                               duration_s=round(time.perf_counter() - started, 3))
-    with failing_as("setup", dataset=config.dataset, batch_id=batch):  # before any write
-        costs = plan_for(setup, deployed=_dispatched(config), files=listing.files,
-                         probe=False)
+    costs: CostPlan | None = None
+    with failing_as("ingestion", dataset=config.dataset, batch_id=batch):  # before any write
+        try:
+            costs = plan_for(setup, deployed=_dispatched(config), files=listing.files,
+                             probe=False)
+        except PlacementError:  # planning the batch raises it again, as distribution's
+            logger.warning("the run's cost cannot be planned: its chunks cannot be placed")
+    if costs is not None:
         logger.info("plan: %d chunks, %d bytes to write, egress $%.4f, ETA %s",
                     costs.chunks, sum(r.bytes for r in costs.routes if r.hop == "write"),
                     costs.egress_usd, "unknown" if costs.eta_s is None
                     else f"{costs.eta_s:.1f} s")
-        check_budget(costs, config.max_egress_usd)
+        with failing_as("setup", dataset=config.dataset, batch_id=batch):
+            check_budget(costs, config.max_egress_usd)
     # planning the chunks; placing them raises as distribution's
     with failing_as("ingestion", dataset=config.dataset, batch_id=batch):
         run = with_retries(plan_batch)(ref(setup), ref(listing.files))
@@ -118,7 +124,7 @@ def _run_batch(setup: RunSetup, started: float) -> PipelineResult:
 
 
 def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
-                     odd_files: dict[str, str], costs: CostPlan) -> PipelineResult:
+                     odd_files: dict[str, str], costs: CostPlan | None) -> PipelineResult:
     logger = get_run_logger()
     config, plan = run.config, run.plan
     done = run.catalog.done_chunks(plan.dataset, plan.batch_id) if run.resumed else {}
@@ -158,7 +164,7 @@ def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
     return result
 
 
-def _planned_against_actual(run: BatchRun, result: PipelineResult, costs: CostPlan,
+def _planned_against_actual(run: BatchRun, result: PipelineResult, costs: CostPlan | None,
                             new: list[StoredChunk], reports: list[ShareReport]) -> None:
     """Put the plan beside what the run did, and keep the run's rate for the next plans."""
     setup = run.setup
@@ -168,9 +174,10 @@ def _planned_against_actual(run: BatchRun, result: PipelineResult, costs: CostPl
                                   setup.settings.block_size)
     result.bytes_written = sum(r.bytes for r in routes if r.hop == "write")
     result.egress_usd = egress
-    result.planned_bytes_written = sum(r.bytes for r in costs.routes if r.hop == "write")
-    result.planned_egress_usd = costs.egress_usd
-    result.planned_eta_s = costs.eta_s
+    if costs is not None:
+        result.planned_bytes_written = sum(r.bytes for r in costs.routes if r.hop == "write")
+        result.planned_egress_usd = costs.egress_usd
+        result.planned_eta_s = costs.eta_s
     if run.resumed or not new:  # a part of a batch says nothing of a whole one's rate
         return
     try:
