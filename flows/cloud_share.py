@@ -1,14 +1,17 @@
-"""The ``cloud-share`` child flow: one cloud's share of a planned batch.
+"""The ``cloud-share`` child flow: chunks of a planned batch, moved on one cloud's pool.
 
-The parent (``multicloud-pipeline``) plans a batch and journals the plan; each child takes the
-chunk indices it was handed, moves them (:mod:`flows.chunks`), and journals every stored
-chunk. When deployed, a child runs on its cloud's work pool (``run_deployment``); otherwise
-it runs in-process as a subflow. Either way the journal is the only thing it shares with
-the parent, so it can run on another machine.
+The parent (``multicloud-pipeline``) plans a batch and journals the plan. Deployed, it posts
+the batch's units on the claim board (:mod:`skyferry.distribute.claims`) and starts a child
+per live worker of each cloud's pool (``run_deployment``); each child claims a unit, moves
+its chunks (:mod:`flows.chunks`), journals each one, and claims the next, until no unit is
+left. In-process (a Dask runner), one child is handed the chunks themselves. Either way the
+journal is the only thing a child shares with the parent, so it can run on another machine.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from uuid import UUID
 
@@ -21,6 +24,7 @@ from flows.live import LiveStatus
 from flows.runners import SettingsTaskRunner, uses_processes
 from flows.shares import CHILD_FLOW, ShareReport
 from skyferry.config import PipelineConfig
+from skyferry.distribute.claims import ClaimBoard
 from skyferry.distribute.probe import probe_nodes
 from skyferry.errors import failing_as
 from skyferry.run.context import BatchRun, load_batch, open_run
@@ -31,11 +35,13 @@ __all__ = ["cloud_share"]
 
 @flow(name=CHILD_FLOW, log_prints=False, validate_parameters=True,
       task_runner=SettingsTaskRunner())  # type: ignore[arg-type]
-def cloud_share(config: PipelineConfig, batch_id: str, cloud: str, chunks: list[int],
-                pool: str | None = None, progress_artifact: str | None = None,
+def cloud_share(config: PipelineConfig, batch_id: str, cloud: str,
+                chunks: list[int] | None = None, pool: str | None = None,
+                progress_artifact: str | None = None,
                 started_at: float | None = None, done_at_start: int = 0,
                 known_down: dict[str, str] | None = None) -> ShareReport:
-    """Ingest, process and distribute the chunks ``chunks`` of a planned batch.
+    """Ingest, process and distribute chunks of a planned batch: ``chunks``, or (None) the
+    units this child claims on the batch's claim board, its own cloud's first.
 
     ``known_down`` are nodes an earlier in-process share found down, with why; they are
     avoided without being probed again. A child on another pool probes every node itself.
@@ -54,7 +60,7 @@ def cloud_share(config: PipelineConfig, batch_id: str, cloud: str, chunks: list[
         run.close()
 
 
-def _move_share(run: BatchRun, cloud: str, chunks: list[int], pool: str | None,
+def _move_share(run: BatchRun, cloud: str, chunks: list[int] | None, pool: str | None,
                 progress_artifact: str | None, started_at: float | None,
                 done_at_start: int) -> ShareReport:
     logger = get_run_logger()
@@ -64,24 +70,76 @@ def _move_share(run: BatchRun, cloud: str, chunks: list[int], pool: str | None,
             probe_nodes(setup.topology, setup.health, setup.settings.probe_timeout_s)
         else:
             distribute.probe_nodes(ref(setup))
-        done = run.catalog.done_indices(plan.dataset, plan.batch_id)
-    by_index = {c.index: c for c in plan.chunks}
-    todo = [by_index[i] for i in chunks if i not in done]
     where = pool or "in-process"
-    logger.info("%s share of batch %s: %d chunks, %d to do, on %s", cloud, plan.batch_id,
-                len(chunks), len(todo), where,
-                extra=event(run.config, "ingestion", plan.batch_id))
+    run_id = str(flow_run.id) if flow_run.id else None
+    report = ShareReport(cloud=cloud, ran_on=where, flow_run_id=run_id)
     with LiveStatus(UUID(progress_artifact) if progress_artifact else None, run.catalog,
                     plan, started_at=started_at or time.time(), done_at_start=done_at_start,
                     health=setup.health) as live:
-        stored = move_chunks(todo, run, live)
+        if chunks is None:
+            _claim_and_move(run, cloud, live, report)
+        else:
+            done = run.catalog.done_indices(plan.dataset, plan.batch_id)
+            by_index = {c.index: c for c in plan.chunks}
+            todo = [by_index[i] for i in chunks if i not in done]
+            logger.info("%s share of batch %s: %d chunks, %d to do, on %s", cloud,
+                        plan.batch_id, len(chunks), len(todo), where,
+                        extra=event(run.config, "ingestion", plan.batch_id))
+            began = time.monotonic()
+            report.chunks = list(chunks)
+            report.stored = [c.index for c in move_chunks(todo, run, live)]
+            report.busy_s = round(time.monotonic() - began, 3)
         live.update("distribution", force=True)
-    run_id = str(flow_run.id) if flow_run.id else None
-    report = ShareReport(
-        cloud=cloud, ran_on=where, flow_run_id=run_id, chunks=list(chunks),
-        stored=[c.index for c in stored], stages=setup.recorder.snapshot(),
-        down_reasons=setup.down_reasons(),
-    )
+    report.stages = setup.recorder.snapshot()
+    report.down_reasons = setup.down_reasons()
     run.catalog.save_note(plan.dataset, plan.batch_id, f"share-{cloud}-{run_id or 'local'}",
                           report.model_dump_json().encode())
     return report
+
+
+def _claim_and_move(run: BatchRun, cloud: str, live: LiveStatus, report: ShareReport) -> None:
+    """Claim units and move their chunks until every unit is done.
+
+    While other children hold the last units this child waits, and takes any whose claim
+    expires (its holder stopped renewing it): a dead worker's units are moved again.
+    """
+    logger = get_run_logger()
+    plan = run.plan
+    board = ClaimBoard(run.catalog.store, plan.dataset, plan.batch_id)
+    live.claims = board
+    by_index = {c.index: c for c in plan.chunks}
+    owner = report.flow_run_id or f"{socket.gethostname()}:{os.getpid()}"
+    ttl = run.config.claim_ttl_s
+    where = event(run.config, "distribution", plan.batch_id)
+    while True:
+        with failing_as("distribution", dataset=plan.dataset, batch_id=plan.batch_id):
+            journaled = run.catalog.done_indices(plan.dataset, plan.batch_id)
+            claim, state = board.claim(owner, cloud, ttl, journaled)
+        if claim is None:
+            if not state.held:
+                return  # every unit is done
+            # others hold the rest: look again when the first claim could expire, or sooner
+            time.sleep(min(max(0.2, (state.next_expiry or 0) - time.time()), ttl / 6, 2.0))
+            continue
+        unit = claim.unit
+        logger.info("%s child claimed unit %d (%d chunks%s%s) of batch %s", cloud, unit.index,
+                    len(unit.chunks), f", from {unit.cloud}'s queue" if claim.stolen else "",
+                    f", attempt {claim.attempt + 1}" if claim.retaken else "",
+                    plan.batch_id, extra=where)
+        todo = [by_index[i] for i in unit.chunks if i not in journaled]
+        began = time.monotonic()
+        try:
+            stored = move_chunks(todo, run, live)
+        except BaseException:
+            claim.release()  # the next child takes it at once
+            raise
+        report.busy_s = round(report.busy_s + time.monotonic() - began, 3)
+        report.chunks.extend(unit.chunks)
+        report.stored.extend(c.index for c in stored)
+        if claim.lost:  # another child has it now; its chunks are journaled either way
+            continue
+        with failing_as("distribution", dataset=plan.dataset, batch_id=plan.batch_id):
+            claim.finish()
+        report.units.append(unit.index)
+        report.units_stolen += claim.stolen
+        report.units_retaken += claim.retaken

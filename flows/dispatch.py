@@ -1,26 +1,34 @@
-"""Hand each cloud's share of a batch to a ``cloud-share`` child run, and see them through.
+"""Start ``cloud-share`` child runs on the clouds' work pools, and see them through.
 
 Not deployed, the parent runs the chunks itself (see :func:`run_in_process`). Deployed, the
-children are child runs of the clouds' deployments (``cloud-share/<cloud>-share``), created
-together with ``run_deployment(timeout=0)`` and then watched through the API:
+parent posts the batch's units on its claim board (:mod:`skyferry.distribute.claims`) and
+starts one child run of each cloud's deployment (``cloud-share/<cloud>-share``) per online
+worker of its pool, at most the pool's concurrency limit, with ``run_deployment(timeout=0)``.
+The children claim units as they go, so a slow pool takes fewer and a free one takes more;
+the parent only watches them through the API:
 
-- a cloud whose pool has no online worker, or has no share deployment, gets no share;
-- a child still waiting for a worker after ``child_start_timeout_s`` is cancelled;
-- a child that ends failed, crashed or cancelled marks its pool as failing.
+- a cloud whose pool has no online worker, or has no share deployment, gets no child;
+- a child still waiting for a worker after ``child_start_timeout_s`` is cancelled, and its
+  pool gets no more children;
+- a child that ends failed, crashed or cancelled gives its units back (or lets their claims
+  expire); the others take them;
+- when units are free for a claim's life with no child running to take them (every child
+  ended, or their workers died), new children are started on the pools left;
+- once every unit is done, a child still running after ``claim_ttl_s`` (its worker died with
+  it) is cancelled.
 
 Each child is created with an idempotency key (this parent run, its attempt, the cloud and
 the launch's number). On a busy API server a create can time out after the server made the
-run; the client's retry then gets that same run back instead of a second child with the
-same share.
+run; the client's retry then gets that same run back instead of a second child.
 
-The unfinished chunks of such a share (per the journal) go to the clouds that are left. When
-no pool is left, the parent runs them in-process itself: a run never waits on a dead pool.
+When no pool is left, the parent moves the chunks still unjournaled in-process itself: a run
+never waits on a dead pool.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -38,16 +46,42 @@ from flows.cloud_share import cloud_share
 from flows.common import event
 from flows.live import LiveStatus
 from flows.runners import make_task_runner, uses_processes
-from flows.shares import ShareReport, assign_shares, share_deployment
+from flows.shares import ShareReport, share_deployment
+from skyferry.distribute.claims import UNIT_BYTES, ClaimBoard, cut_units
 from skyferry.models import ChunkPlan
 from skyferry.run.context import BatchRun
 
-__all__ = ["dispatch_to_pools", "run_in_process", "POLL_S"]
+__all__ = ["Dispatched", "dispatch_to_pools", "run_in_process", "POLL_S"]
 
-POLL_S = 1.0  # how often the parent reads its children's states
+POLL_S = 1.0  # how often the parent reads its children's states and the claim board
+UNITS_PER_CHILD = 4  # units are cut so that each child can take at least this many
+MAX_LAUNCH_ROUNDS = 3  # children started again after a stall, at most this many times
 
 
-def _child_parameters(run: BatchRun, cloud: str, chunks: list[int], pool: str | None,
+@dataclass
+class Dispatched:
+    """What moving a batch's chunks took: the children's reports, the workers each pool had,
+    and the wall time from the first child's start to the last unit's end."""
+
+    reports: list[ShareReport]
+    children: int = 0
+    workers: dict[str, int] = field(default_factory=dict)  # pool -> workers counted
+    wall_s: float = 0.0
+
+    def utilization(self) -> dict[str, float]:
+        """Busy worker-seconds ÷ (workers × wall), per pool and under ``all``."""
+        if not self.children or self.wall_s <= 0:
+            return {}
+        busy: dict[str, float] = {}
+        for report in self.reports:
+            busy[report.ran_on] = busy.get(report.ran_on, 0.0) + report.busy_s
+        out = {pool: round(busy.get(pool, 0.0) / (n * self.wall_s), 3)
+               for pool, n in self.workers.items() if n}
+        out["all"] = round(sum(busy.values()) / (sum(self.workers.values()) * self.wall_s), 3)
+        return out
+
+
+def _child_parameters(run: BatchRun, cloud: str, chunks: list[int] | None, pool: str | None,
                       live: LiveStatus) -> dict[str, Any]:
     return {
         "config": run.config.model_dump(mode="json"),
@@ -87,15 +121,23 @@ def run_in_process(run: BatchRun, todo: list[ChunkPlan], live: LiveStatus) -> li
     return [report]
 
 
-def _pool_is_live(client: SyncPrefectClient, pool: str) -> tuple[bool, str]:
+def _pool_slots(client: SyncPrefectClient, pool: str) -> tuple[int, str]:
+    """How many children ``pool`` can run at once: its online workers, at most its
+    concurrency limit; 0 with why when it can take none."""
     try:
+        work_pool = client.read_work_pool(pool)
         workers = client.read_workers_for_work_pool(pool)
     except ObjectNotFound:
-        return False, f"work pool {pool} does not exist"
-    online = [w for w in workers if w.status == WorkerStatus.ONLINE]
+        return 0, f"work pool {pool} does not exist"
+    online = sum(1 for w in workers if w.status == WorkerStatus.ONLINE)
     if not online:
-        return False, f"work pool {pool} has no online worker"
-    return True, f"{len(online)} online worker(s)"
+        return 0, f"work pool {pool} has no online worker"
+    limit = work_pool.concurrency_limit
+    if work_pool.is_paused or limit == 0:
+        return 0, f"work pool {pool} is paused or has a concurrency limit of 0"
+    slots = online if limit is None else min(online, limit)
+    return slots, f"{online} online worker(s)" + (f", concurrency limit {limit}"
+                                                 if limit is not None else "")
 
 
 def _deployment_exists(client: SyncPrefectClient, name: str) -> bool:
@@ -115,92 +157,131 @@ def _child_key(batch_id: str, cloud: str, launch: int) -> str:
 class _Child:
     cloud: str
     pool: str
-    chunks: list[int]
     created: float
+    running: bool = False
 
 
-def dispatch_to_pools(run: BatchRun, todo: list[ChunkPlan],
-                      live: LiveStatus) -> list[ShareReport]:
-    """Run the shares on the clouds' work pools, concurrently, reassigning dead pools' work."""
+_ENDED = (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED)
+
+
+def dispatch_to_pools(run: BatchRun, todo: list[ChunkPlan], live: LiveStatus) -> Dispatched:
+    """Post the batch's units and run children on the clouds' pools until every unit is done."""
     logger = get_run_logger()
     plan = run.plan
-    assert plan is not None
-    by_index = {c.index: c for c in plan.chunks}
-    timeout = run.config.child_start_timeout_s
-    reports: list[ShareReport] = []
+    topology = run.setup.topology
+    timeout, ttl = run.config.child_start_timeout_s, run.config.claim_ttl_s
+    where = event(run.config, "distribution", plan.batch_id)
     children: dict[UUID, _Child] = {}
     launched: set[UUID] = set()
-    where = event(run.config, "distribution", plan.batch_id)
     with get_client(sync_client=True) as client:
-        usable: set[str] = set()
-        for cloud in run.setup.topology.clouds:
-            pool = run.setup.topology.pool_for(cloud)
-            ok, why = _pool_is_live(client, pool)
-            if ok and not _deployment_exists(client, share_deployment(cloud)):
-                ok, why = False, f"deployment {share_deployment(cloud)} does not exist"
-            logger.info("%s: pool %s %s", cloud, pool, "is live" if ok else f"is out: {why}",
-                        extra=where)
-            if ok:
-                usable.add(cloud)
-
+        slots: dict[str, int] = {}
+        for cloud in topology.clouds:
+            pool = topology.pool_for(cloud)
+            n, why = _pool_slots(client, pool)
+            if n and not _deployment_exists(client, share_deployment(cloud)):
+                n, why = 0, f"deployment {share_deployment(cloud)} does not exist"
+            logger.info("%s: pool %s %s", cloud, pool, f"takes {n} children ({why})" if n
+                        else f"is out: {why}", extra=where)
+            if n:
+                slots[cloud] = n
+        if not todo or not slots:
+            if todo:
+                logger.warning("no work pool can take %d chunks; running them in-process",
+                               len(todo), extra=where)
+            return Dispatched(run_in_process(run, todo, live))
+        workers = {topology.pool_for(c): n for c, n in slots.items()}
+        total = sum(c.size for c in todo)
+        unit_bytes = max(1, min(UNIT_BYTES, total // (UNITS_PER_CHILD * sum(slots.values()))))
+        board = ClaimBoard(run.catalog.store, plan.dataset, plan.batch_id)
+        units = board.post(cut_units(todo, topology, slots, unit_bytes))
+        live.claims = board
+        logger.info("batch %s: %d units of up to %d bytes on the claim board", plan.batch_id,
+                    len(units), unit_bytes, extra=where)
+        started = time.monotonic()
         launches = 0
 
-        def launch(chunks: list[ChunkPlan]) -> None:
+        def launch_round() -> None:
             nonlocal launches
-            if not chunks:
-                return
-            if not usable:
-                logger.warning("no work pool can take %d chunks; running them in-process",
-                               len(chunks), extra=where)
-                reports.extend(run_in_process(run, chunks, live))
-                return
-            for cloud, indices in assign_shares(chunks, run.setup.topology, usable).items():
-                pool = run.setup.topology.pool_for(cloud)
-                launches += 1
-                child_run: Any = run_deployment(
-                    share_deployment(cloud), timeout=0, as_subflow=True,
-                    idempotency_key=_child_key(plan.batch_id, cloud, launches),
-                    parameters=_child_parameters(run, cloud, indices, pool, live),
-                    flow_run_name=f"{plan.dataset}-{plan.batch_id[:8]}-{cloud}",
-                    tags=["skyferry", f"cloud:{cloud}"],
-                )
-                children[child_run.id] = _Child(cloud, pool, indices, time.monotonic())
-                launched.add(child_run.id)
-                logger.info("%s share: %d chunks → %s (child run %s)", cloud, len(indices),
-                            pool, child_run.id, extra=where)
+            for cloud, n in sorted(slots.items()):
+                pool = topology.pool_for(cloud)
+                for _ in range(n):
+                    launches += 1
+                    child_run: Any = run_deployment(
+                        share_deployment(cloud), timeout=0, as_subflow=True,
+                        idempotency_key=_child_key(plan.batch_id, cloud, launches),
+                        parameters=_child_parameters(run, cloud, None, pool, live),
+                        flow_run_name=f"{plan.dataset}-{plan.batch_id[:8]}-{cloud}-{launches}",
+                        tags=["skyferry", f"cloud:{cloud}"],
+                    )
+                    children[child_run.id] = _Child(cloud, pool, time.monotonic())
+                    launched.add(child_run.id)
+                    logger.info("%s child %d → %s (child run %s)", cloud, launches, pool,
+                                child_run.id, extra=where)
 
-        def reassign(run_id: UUID, why: str) -> None:
-            child = children.pop(run_id)
-            usable.discard(child.cloud)
-            done = run.catalog.done_indices(plan.dataset, plan.batch_id)
-            left = [by_index[i] for i in child.chunks if i not in done]
-            logger.warning("%s share (child run %s) %s; reassigning %d unfinished chunks",
-                           child.cloud, run_id, why, len(left),
-                           extra=where)
-            launch(left)
-
-        launch(todo)
+        launch_round()
+        rounds = 1
+        free_since: float | None = None
+        done_at: float | None = None
         while children:
             time.sleep(POLL_S)
             for run_id in list(children):
                 child = children[run_id]
                 state = client.read_flow_run(run_id).state
                 kind = state.type if state else StateType.SCHEDULED
-                if kind == StateType.COMPLETED:
+                child.running = kind == StateType.RUNNING
+                if kind in _ENDED:
                     children.pop(run_id)
-                    logger.info("%s share completed on %s", child.cloud, child.pool,
-                                extra=where)
-                elif kind in (StateType.FAILED, StateType.CRASHED, StateType.CANCELLED):
-                    reassign(run_id, f"ended {kind.value.lower()} on {child.pool}")
-                elif (kind == StateType.SCHEDULED
+                    log = logger.info if kind == StateType.COMPLETED else logger.warning
+                    log("%s child run %s ended %s on %s", child.cloud, run_id,
+                        kind.value.lower(), child.pool, extra=where)
+                elif (kind in (StateType.SCHEDULED, StateType.PENDING)
                       and time.monotonic() - child.created > timeout):
                     client.set_flow_run_state(run_id, Cancelled(
                         message=f"no worker of {child.pool} picked it up in {timeout:.0f}s"),
                         force=True)
-                    reassign(run_id, f"was not picked up by {child.pool} in {timeout:.0f}s")
+                    children.pop(run_id)
+                    slots.pop(child.cloud, None)
+                    logger.warning("%s child run %s was not picked up by %s in %.0fs; the "
+                                   "pool gets no more children", child.cloud, run_id,
+                                   child.pool, timeout, extra=where)
             live.update("distribution")
+            journaled = run.catalog.done_indices(plan.dataset, plan.batch_id)
+            board_now, _ = board.state(journaled)
+            now = time.monotonic()
+            if not board_now.free and not board_now.held:  # every unit is done
+                done_at = done_at or now
+                for run_id, child in list(children.items()):
+                    if child.running and now - done_at > ttl:
+                        client.set_flow_run_state(run_id, Cancelled(
+                            message="every unit of the batch is done; this child did not "
+                                    f"end within the claim's life ({ttl:.0f}s)"), force=True)
+                        children.pop(run_id)
+                        logger.warning("%s child run %s on %s is stuck (its worker is gone?); "
+                                       "cancelled", child.cloud, run_id, child.pool,
+                                       extra=where)
+                continue
+            waiting = any(not c.running for c in children.values())
+            free_since = (free_since or now) if board_now.free and not waiting else None
+            stalled = free_since is not None and (not children or now - free_since > ttl)
+            if stalled and slots and rounds < MAX_LAUNCH_ROUNDS:
+                logger.warning("%d units are free and no child takes them; starting children "
+                               "again", len(board_now.free), extra=where)
+                launch_round()
+                rounds += 1
+                free_since = None
+            elif stalled:
+                by_index = {c.index: c for c in todo}
+                left = [by_index[i] for u in units if u.index in board_now.free
+                        for i in u.chunks if i not in journaled]
+                logger.warning("no work pool takes the %d chunks left; running them "
+                               "in-process", len(left), extra=where)
+                run_in_process(run, left, live)
+                free_since = None
+        wall = (done_at or time.monotonic()) - started
+    reports = []
     for raw in run.catalog.notes(plan.dataset, plan.batch_id):  # each child's ShareReport
         report = ShareReport.model_validate_json(raw)
         if report.flow_run_id and UUID(report.flow_run_id) in launched:
             reports.append(report)
-    return reports
+    return Dispatched(reports, children=len(launched), workers=workers,
+                      wall_s=round(wall, 3))

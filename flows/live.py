@@ -20,7 +20,9 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 
 from skyferry.commit.manifest import BatchPlan, Catalog
+from skyferry.distribute.claims import ClaimBoard
 from skyferry.distribute.placement import NodeHealth
+from skyferry.errors import StorageError
 from skyferry.stages import Stage
 
 __all__ = ["LiveStatus", "create_live_status", "PROGRESS_DESCRIPTION"]
@@ -60,6 +62,7 @@ class LiveStatus:
         self.health = health
         self.interval_s = interval_s
         self._sizes = {c.index: c.size for c in plan.chunks}
+        self.claims: ClaimBoard | None = None  # the batch's claim board, once posted
         self._stage: Stage = "ingestion"
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -84,6 +87,7 @@ class LiveStatus:
         down = self.health.down_nodes()
         healthy = sorted(n for n in self.health.states if n not in down)
         return {
+            **self._claim_fields(done),
             "stage": stage,
             "chunks_done": str(len(done)),
             "chunks_total": str(total),
@@ -96,6 +100,19 @@ class LiveStatus:
             "dataset": self.plan.dataset,
             "started_at": f"{self.started_at:.3f}",
         }
+
+    def _claim_fields(self, journaled: set[int]) -> dict[str, str]:
+        """Units done, held, free, stolen and taken again, when children claim them."""
+        if self.claims is None:
+            return {}
+        try:
+            state, _ = self.claims.state(journaled)
+        except StorageError as exc:  # progress is for people: the rest is still shown
+            logger.warning("could not read the claim board: %s", exc)
+            return {}
+        return {"units_done": str(len(state.done)), "units_held": str(len(state.held)),
+                "units_free": str(len(state.free)), "units_stolen": str(len(state.stolen)),
+                "units_retaken": str(len(state.retaken))}
 
     def update(self, stage: Stage, *, force: bool = False) -> None:
         """Note ``stage`` for the next publish; ``force`` publishes now, and for the last time."""
@@ -144,10 +161,13 @@ class LiveStatus:
         try:
             fields = self.fields(stage)
             done, total = int(fields["chunks_done"]), int(fields["chunks_total"])
+            units = ("" if "units_done" not in fields else
+                     f" · units {fields['units_done']} done, {fields['units_held']} claimed, "
+                     f"{fields['units_stolen']} stolen, {fields['units_retaken']} taken again")
             update = ArtifactUpdate(
                 data=round(100.0 * done / max(total, 1), 2),
                 description=f"{PROGRESS_DESCRIPTION}: {done} of {total} · {stage} · "
-                            f"{fields['mb_s']} MB/s",
+                            f"{fields['mb_s']} MB/s{units}",
                 metadata_=fields,
             )
             assert self.artifact_id is not None

@@ -1,18 +1,16 @@
-"""The ``multicloud-pipeline`` flow: plan a batch, hand each cloud its share, commit.
+"""The ``multicloud-pipeline`` flow: plan a batch, move its chunks, commit.
 
 The parent probes the nodes, lists the source and plans the batch (chunks and replica
-placement), journaling the plan. It splits the chunks into one share per cloud
-(:func:`flows.shares.assign_shares`) and runs each share as a ``cloud-share``
-child flow:
+placement), journaling the plan. Then:
 
-- deployed (``dispatch=auto`` in a deployment run, or ``dispatch=deployments``): through
-  ``run_deployment`` on that cloud's work pool, all children at once;
+- deployed (``dispatch=auto`` in a deployment run, or ``dispatch=deployments``): it posts
+  the chunks as units on a claim board and starts ``cloud-share`` children on every cloud's
+  work pool, one per online worker, through ``run_deployment``; the children claim units as
+  they go (:mod:`flows.dispatch`);
 - otherwise in-process: the parent runs the chunks' tasks itself in one window of chunks in
   flight (with a Dask runner, in one ``cloud-share`` subflow that carries it).
 
-A pool with no live worker, a child no worker picks up in ``child_start_timeout_s``, or a
-child that fails, gets its unfinished chunks reassigned to the other pools. When every chunk
-is journaled the parent commits the manifest.
+When every chunk is journaled the parent commits the manifest.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import emit_node_events, event, ref
-from flows.dispatch import dispatch_to_pools, run_in_process
+from flows.dispatch import Dispatched, dispatch_to_pools, run_in_process
 from flows.ephemeral import guard_ephemeral_api, run_settings
 from flows.live import LiveStatus, create_live_status
 from flows.shares import ShareReport
@@ -137,9 +135,10 @@ def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
         with LiveStatus(progress, run.catalog, plan, started_at=time.time(),
                         done_at_start=len(done), health=run.setup.health) as live:
             if _dispatched(config):
-                reports = dispatch_to_pools(run, todo, live)
+                moved = dispatch_to_pools(run, todo, live)
             else:
-                reports = run_in_process(run, todo, live)
+                moved = Dispatched(run_in_process(run, todo, live))
+            reports = moved.reports
             with failing_as("storage", dataset=config.dataset, batch_id=plan.batch_id):
                 new = _collect(run, todo, reports)
                 live.update("storage", force=True)
@@ -149,6 +148,9 @@ def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
     result = summarize(run, manifest, key, new, len(done), started, skipped_files, odd_files,
                        snapshot)
     result.flow_run_id = str(flow_run.id) if flow_run.id else None
+    result.children, result.utilization = moved.children, moved.utilization()
+    result.units_stolen = sum(r.units_stolen for r in reports)
+    result.units_retaken = sum(r.units_retaken for r in reports)
     _planned_against_actual(run, result, costs, new, reports)
     if config.tables and snapshot:
         try:

@@ -3,8 +3,8 @@
 The parent flow plans a batch, then splits its chunks into one share per cloud. The shares
 are balanced by bytes, so every pool works; within one chunk's worth of balance a chunk goes
 to a cloud that holds one of its planned replicas (one of its writes then stays inside that
-cloud). A cloud whose pool cannot take work (no live worker, or its child run failed) is left
-out, and its chunks go to the other clouds by the same rule.
+cloud). Deployed, the shares are cut into units that the children claim as they go
+(:mod:`skyferry.distribute.claims`); a cloud whose pool cannot take work is left out.
 """
 
 from __future__ import annotations
@@ -31,5 +31,9 @@ class ShareReport(BaseModel):
     flow_run_id: str | None = None
     chunks: list[int] = Field(default_factory=list)
     stored: list[int] = Field(default_factory=list)
+    units: list[int] = Field(default_factory=list, description="Units this child finished.")
+    units_stolen: int = Field(default=0, description="Units whose home was another cloud.")
+    units_retaken: int = Field(default=0, description="Units taken after a claim expired.")
+    busy_s: float = Field(default=0.0, description="Seconds spent moving claimed units.")
     stages: dict[str, list[float]] = Field(default_factory=dict)
     down_reasons: dict[str, str] = Field(default_factory=dict)

@@ -216,6 +216,11 @@ class PipelineConfig(BaseModel):
         description="Refuse the run, before anything is written, when its plan's egress "
                     "(skyferry plan) costs more than this many USD.",
     )
+    claim_ttl_s: float = Field(
+        default=60.0, gt=0,
+        description="A child's claim on a unit of work expires this long after its last "
+                    "renewal (it renews every third of it); another child then takes the unit.",
+    )
     child_start_timeout_s: float = Field(
         default=120.0, gt=0,
         description="A child run no worker picked up within this time is cancelled, and its "

@@ -89,6 +89,15 @@ class PipelineResult(BaseModel):
     planned_egress_usd: float | None = None
     planned_eta_s: float | None = Field(default=None, description="the plan's ETA, from the "
                                         "last runs' rates; none before any run")
+    children: int = Field(default=0, description="cloud-share child runs started on the "
+                          "clouds' work pools (0: the chunks were moved in-process)")
+    utilization: dict[str, float] = Field(
+        default_factory=dict, description="busy worker-seconds ÷ (workers × distribution "
+        "wall time), per work pool and under 'all'")
+    units_stolen: int = Field(default=0, description="units a child took from another "
+                              "cloud's queue")
+    units_retaken: int = Field(default=0, description="units taken again after their "
+                               "holder's claim expired")
     error: str | None = None
     error_stage: Stage | None = None
     error_type: str | None = Field(default=None, description="the type of the error's cause")

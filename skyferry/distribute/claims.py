@@ -10,6 +10,7 @@ bytes unclaimed (a steal)::
     pending/<dataset>/batch=<id>/units.json                       # the units, posted once
     pending/<dataset>/batch=<id>/claims/unit-<n>.<attempt>.json   # a claim: holder, expiry
     pending/<dataset>/batch=<id>/claims/unit-<n>.done              # the unit is finished
+    pending/<dataset>/batch=<id>/claims/unit-<n>.stolen            # ... by another cloud
 
 A claim is an exclusive create (:meth:`Store.create`): of two children that reach for a
 unit at once, one gets it. The holder renews it every third of its life; a claim that was
@@ -143,6 +144,8 @@ class Claim:
         """The unit's chunks are all journaled: mark it done."""
         if self._beat is not None:
             self._beat.stop()
+        if self.stolen:  # before the unit shows done: a finished unit's count is whole
+            self.board.store.put(self.board.stolen_key(self.unit.index), self.owner.encode())
         self.board.store.create(self.board.done_key(self.unit.index), self.owner.encode())
 
     def release(self) -> None:
@@ -161,6 +164,8 @@ class BoardState:
     done: list[int]
     held: dict[int, float]  # unit -> when its claim expires
     free: list[int]  # never claimed, or the claim expired
+    stolen: list[int] = field(default_factory=list)  # done by another cloud's child
+    retaken: list[int] = field(default_factory=list)  # claimed again after a claim expired
 
     @property
     def next_expiry(self) -> float | None:
@@ -181,6 +186,9 @@ class ClaimBoard:
 
     def done_key(self, unit: int) -> str:
         return f"{self.prefix}/claims/unit-{unit:05d}.done"
+
+    def stolen_key(self, unit: int) -> str:
+        return f"{self.prefix}/claims/unit-{unit:05d}.stolen"
 
     @staticmethod
     def body(owner: str, ttl_s: float, stolen: bool) -> bytes:
@@ -215,13 +223,16 @@ class ClaimBoard:
         all ``journaled`` counts as done."""
         latest: dict[int, int] = {}
         done: set[int] = set()
+        stolen: set[int] = set()
         for name in self.store.names(f"{self.prefix}/claims"):
             stem, _, ext = name.partition(".")
-            if not stem.startswith("unit-"):
+            if not stem.startswith("unit-") or not stem[5:].isdigit():
                 continue
             number = int(stem[5:])
             if ext == "done":
                 done.add(number)
+            elif ext == "stolen":
+                stolen.add(number)
             elif ext.endswith(".json") and ext[:-5].isdigit():
                 latest[number] = max(latest.get(number, -1), int(ext[:-5]))
         now = time.time()
@@ -235,7 +246,8 @@ class ClaimBoard:
                 held[unit.index] = at
             else:
                 free.append(unit.index)
-        return BoardState(sorted(done), held, free), latest
+        retaken = sorted(i for i, attempt in latest.items() if attempt > 0)
+        return BoardState(sorted(done), held, free, sorted(stolen & done), retaken), latest
 
     def claim(self, owner: str, cloud: str, ttl_s: float,
               journaled: Collection[int] = ()) -> tuple[Claim | None, BoardState]:

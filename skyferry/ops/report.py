@@ -79,6 +79,13 @@ def placement_markdown(result: PipelineResult) -> str:
             f"- planned against actual: {result.planned_bytes_written:,} against "
             f"{result.bytes_written:,} bytes written; egress ${result.planned_egress_usd:.4f} "
             f"against ${result.egress_usd:.4f}; time {eta} against {result.duration_s:.1f} s")
+    if result.children:
+        pools = ", ".join(f"{pool} {value:.2f}" for pool, value in
+                          sorted(result.utilization.items()) if pool != "all")
+        lines.append(
+            f"- {result.children} child runs; utilization "
+            f"{result.utilization.get('all', 0.0):.2f} ({pools}); units stolen "
+            f"{result.units_stolen}, taken again after an expired claim {result.units_retaken}")
     for table in result.tables:
         lines.append(f"- published as {table}")
     if result.lineage is not None:

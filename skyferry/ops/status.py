@@ -40,7 +40,7 @@ class ChildStatus:
     cloud: str
     pool: str
     state: str
-    chunks: int
+    chunks: int | None  # None: the child claims units as it goes
 
 
 @dataclass
@@ -134,7 +134,7 @@ def fetch_status(http: Any, run_id: str | None = None) -> RunStatus:
         status.children.append(ChildStatus(
             name=kid["name"], cloud=str(params.get("cloud", "?")),
             pool=kid.get("work_pool_name") or "in-process", state=kid["state_type"] or "",
-            chunks=len(params.get("chunks") or [])))
+            chunks=None if params.get("chunks") is None else len(params["chunks"])))
     run_ids = [run["id"], *(k["id"] for k in kids)]
     status.retried_tasks = 0
     states: Counter[str] = Counter()
@@ -188,6 +188,10 @@ def render_status(s: RunStatus) -> RenderableType:
         Text(f"{s.progress:.0f}%  ·  {live.get('chunks_done', '0')} of "
              f"{live.get('chunks_total', '?')} chunks")))
     head.add_row("throughput", f"{live.get('mb_s', '0.00')} MB/s")
+    if "units_done" in live:
+        head.add_row("units", f"{live['units_done']} done · {live['units_held']} claimed · "
+                              f"{live['units_free']} free · {live['units_stolen']} stolen · "
+                              f"{live['units_retaken']} taken again")
     head.add_row("elapsed / ETA", f"{s.elapsed_s:.0f} s / {_eta(live)}")
     healthy = [n for n in live.get("nodes_healthy", "").split(",") if n]
     down = [n for n in live.get("nodes_down", "").split(",") if n]
@@ -208,7 +212,7 @@ def render_status(s: RunStatus) -> RenderableType:
         for column in ("cloud", "pool", "chunks", "state"):
             table.add_column(column)
         for kid in sorted(s.children, key=lambda k: (k.cloud, k.name)):
-            table.add_row(kid.cloud, kid.pool, str(kid.chunks),
+            table.add_row(kid.cloud, kid.pool, "claims" if kid.chunks is None else str(kid.chunks),
                           Text(kid.state, style=_STYLE.get(kid.state, "white")))
         parts.append(table)
     return Panel(Group(*parts), title="skyferry status", border_style=style)

@@ -33,3 +33,12 @@ def sleep_per_block(df: pd.DataFrame) -> pd.DataFrame:
 
 def broken(df: pd.DataFrame) -> pd.DataFrame:
     raise ValueError("the transform broke (injected)")
+
+
+def two_seconds_per_block(df: pd.DataFrame) -> pd.DataFrame:
+    """Two seconds a block: a CPU-light stand-in for a heavy transform, so that a batch
+    lasts long enough for several children to be working at once."""
+    import time
+
+    time.sleep(2.0)
+    return df

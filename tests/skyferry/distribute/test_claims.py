@@ -91,6 +91,8 @@ def test_a_child_whose_cloud_is_done_steals_from_the_longest_queue(tmp_path: Pat
     assert taken == [(0, False), (1, False), (4, True)]
     claim, _ = board.claim("g", "gcp", ttl_s=60)
     assert claim is not None and (claim.unit.index, claim.stolen) == (2, False)
+    state, _ = board.state()
+    assert state.stolen == [4] and state.done == [0, 1, 4] and list(state.held) == [2]
 
 
 def test_a_claim_not_renewed_is_taken_again_and_its_holder_stops(tmp_path: Path) -> None:
@@ -109,6 +111,8 @@ def test_a_claim_not_renewed_is_taken_again_and_its_holder_stops(tmp_path: Path)
     assert board.state(journaled=[0, 1])[0].done == [0]  # every chunk journaled: done
     again.finish()
     assert board.claim("third", "aws", ttl_s=60)[0] is None
+    state, _ = board.state()
+    assert state.retaken == [0] and state.stolen == [0]  # gcp's child took aws's unit
 
 
 def test_a_released_claim_is_free_at_once_and_a_posted_board_is_kept(tmp_path: Path) -> None:
