@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: setup demo test test-slow test-frameworks coverage bench chaos lint clean
+.PHONY: setup demo test test-slow test-frameworks test-ray coverage bench chaos lint clean
 
 $(STAMP): pyproject.toml constraints.txt tools/package.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-slow: setup
 test-frameworks: setup
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[torch,hf,ray]"
 	$(BIN)/python -m pytest -q -m frameworks
+
+# Chunk tasks on a Ray cluster started as processes (`ray start --head`, `ray start`).
+test-ray: setup
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[ray-runner]"
+	$(BIN)/python -m pytest -q -m ray
 
 # Line and branch coverage of skyferry/, flows/, tasks/ and blocks/ from the default suite
 # (the code that runs in the test process; not the subprocesses it starts).

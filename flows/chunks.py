@@ -1,8 +1,10 @@
 """Move a share's chunks as tasks, in a bounded window, and journal each one stored.
 
-Each chunk is one ``move-chunk`` task over the one sequence of :mod:`skyferry.run.chunk`,
-which streams it in blocks. A chunk enters only when a slot of the run's window is free,
-so memory is bounded by the window times a few blocks, whatever the dataset's size.
+On threads, each chunk is one ``move-chunk`` task over the one sequence of
+:mod:`skyferry.run.chunk`, which streams it in blocks. On a Dask cluster, one
+``move-chunks-on-worker`` task moves ``chunks_per_task`` chunks in turn and journals each.
+Work enters only when a slot of the run's window is free, so memory is bounded by the window
+times a few blocks, whatever the dataset's size.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from skyferry.run.chunk import ChunkProgress, Moved
 from skyferry.run.context import BatchRun
 from skyferry.stages import Stage
 from tasks._common import with_retries
-from tasks.move import move_chunk, move_chunk_on_worker
+from tasks.move import move_chunk, move_chunks_on_worker
 
 __all__ = ["move_chunks"]
 
@@ -59,8 +61,9 @@ class _Failure:
 
 
 def _stored(run: BatchRun, chunk: StoredChunk, stored: list[StoredChunk], total: int,
-            live: LiveStatus | None, stage: Stage) -> None:
-    journal_chunk(run, chunk)
+            live: LiveStatus | None, stage: Stage, journaled: bool) -> None:
+    if not journaled:
+        journal_chunk(run, chunk)
     stored.append(chunk)
     get_run_logger().info("chunk %s stored on %s (%d/%d of this share)", chunk.index,
                           ",".join(r.node for r in chunk.verified), len(stored), total,
@@ -81,19 +84,21 @@ def move_chunks(chunks: list[ChunkPlan], run: BatchRun,
     config_json, batch = run.config.model_dump_json(), run.plan.batch_id
     down = run.setup.down_reasons()
     queue = deque(chunks)
-    active: dict[PrefectFuture[Any], tuple[int, ChunkProgress]] = {}
+    per_task = run.setup.settings.chunks_per_task if remote else 1
+    active: dict[PrefectFuture[Any], tuple[list[int], ChunkProgress]] = {}
     finished: SimpleQueue[PrefectFuture[Any]] = SimpleQueue()
     stored: list[StoredChunk] = []
     failure = _Failure(run)
 
     def admit() -> None:
-        chunk = queue.popleft()
+        group = [queue.popleft() for _ in range(min(per_task, len(queue)))]
         progress = ChunkProgress()
         if remote:
-            future = with_retries(move_chunk_on_worker).submit(chunk, config_json, batch, down)
+            future = with_retries(move_chunks_on_worker).submit(group, config_json, batch,
+                                                                 down)
         else:
-            future = with_retries(move_chunk).submit(ref(chunk), ref(run), ref(progress))
-        active[future] = (chunk.index, progress)
+            future = with_retries(move_chunk).submit(ref(group[0]), ref(run), ref(progress))
+        active[future] = ([c.index for c in group], progress)
         future.add_done_callback(finished.put)
 
     # In-process, each task takes a slot of the run's window while it holds a chunk's bytes,
@@ -104,38 +109,40 @@ def move_chunks(chunks: list[ChunkPlan], run: BatchRun,
         admit()
     while active:
         future = finished.get()
-        index, progress = active.pop(future)
+        indices, progress = active.pop(future)
         try:
-            with failure.failing_as("distribution", index):
-                chunk, timings, last = _outcome(future, progress)
+            with failure.failing_as("distribution", indices[0]):
+                outcomes = _outcomes(future, progress)
         except StageError as exc:
-            failure.add(exc, index)
+            failure.add(exc, exc.chunk if exc.chunk is not None else indices[0])
             queue.clear()
             continue
-        for stage, (nbytes, seconds) in timings.items():
-            # a retry resumes at the stage that failed: its retries are counted there
-            run.setup.recorder.record(stage, nbytes=int(nbytes), seconds=seconds,
-                                      attempts=chunk.attempts if stage == last else 1)
-        try:
-            with failure.failing_as("storage", index):
-                _stored(run, chunk, stored, len(chunks), live, "distribution")
-        except StageError as exc:
-            failure.add(exc, index)
-            queue.clear()
-            continue
+        for chunk, timings, last in outcomes:
+            for stage, (nbytes, seconds) in timings.items():
+                # a retry resumes at the stage that failed: its retries are counted there
+                run.setup.recorder.record(stage, nbytes=int(nbytes), seconds=seconds,
+                                          attempts=chunk.attempts if stage == last else 1)
+            try:
+                with failure.failing_as("storage", chunk.index):
+                    _stored(run, chunk, stored, len(chunks), live, "distribution", remote)
+            except StageError as exc:
+                failure.add(exc, chunk.index)
+                queue.clear()
+                break
         if queue and not failure:
             admit()
     failure.raise_first()
     return stored
 
 
-def _outcome(future: PrefectFuture[Any], progress: ChunkProgress) -> Moved:
-    """A finished ``move-chunk`` task's result: from ``progress`` when it left it there.
+def _outcomes(future: PrefectFuture[Any], progress: ChunkProgress) -> list[Moved]:
+    """A finished task's chunks: a ``move-chunk``'s from ``progress`` when it left it there.
 
-    Otherwise (a Dask worker, or a failed task) from the future, which raises the task's error.
+    Otherwise (a Dask worker's list, or a failed task) from the future, which raises the
+    task's error.
     """
     future.wait()
     if progress.moved is not None and future.state.is_completed():
-        return progress.moved
-    result: Moved = future.result()
-    return result
+        return [progress.moved]
+    result: Moved | list[Moved] = future.result()
+    return result if isinstance(result, list) else [result]

@@ -114,10 +114,11 @@ def _claim_and_move(run: BatchRun, cloud: str, live: LiveStatus, report: ShareRe
     while True:
         with failing_as("distribution", dataset=plan.dataset, batch_id=plan.batch_id):
             journaled = run.catalog.done_indices(plan.dataset, plan.batch_id)
-            claim, state = board.claim(owner, cloud, ttl, journaled)
+            claim, state = board.claim(owner, cloud, ttl, journaled,
+                                       steal=run.config.work_units == "flow")
         if claim is None:
-            if not state.held:
-                return  # every unit is done
+            if not state.held and (not state.free or run.config.work_units == "fixed"):
+                return  # every unit is done, or (fixed) every unit this child may take
             # others hold the rest: look again when the first claim could expire, or sooner
             time.sleep(min(max(0.2, (state.next_expiry or 0) - time.time()), ttl / 6, 2.0))
             continue

@@ -47,7 +47,7 @@ from flows.common import event
 from flows.live import LiveStatus
 from flows.runners import make_task_runner, uses_processes
 from flows.shares import ShareReport, share_deployment
-from skyferry.distribute.claims import UNIT_BYTES, ClaimBoard, cut_units
+from skyferry.distribute.claims import UNIT_BYTES, ClaimBoard, assign_shares, cut_units
 from skyferry.models import ChunkPlan
 from skyferry.run.context import BatchRun
 
@@ -161,6 +161,19 @@ class _Child:
     running: bool = False
 
 
+def _unit_bytes(run: BatchRun, todo: list[ChunkPlan], slots: dict[str, int]) -> int | dict[
+        str, int]:
+    """Units small enough that each child can take several (``flow``); or (``fixed``) one
+    share per child of its cloud's bytes."""
+    if run.config.work_units == "fixed":
+        shares = assign_shares(todo, run.setup.topology, slots)
+        sizes = {c.index: c.size for c in todo}
+        return {cloud: max(1, -(-sum(sizes[i] for i in indices) // slots[cloud]))
+                for cloud, indices in shares.items()}
+    total = sum(c.size for c in todo)
+    return max(1, min(UNIT_BYTES, total // (UNITS_PER_CHILD * sum(slots.values()))))
+
+
 _ENDED = (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED)
 
 
@@ -190,13 +203,13 @@ def dispatch_to_pools(run: BatchRun, todo: list[ChunkPlan], live: LiveStatus) ->
                                len(todo), extra=where)
             return Dispatched(run_in_process(run, todo, live))
         workers = {topology.pool_for(c): n for c, n in slots.items()}
-        total = sum(c.size for c in todo)
-        unit_bytes = max(1, min(UNIT_BYTES, total // (UNITS_PER_CHILD * sum(slots.values()))))
         board = ClaimBoard(run.catalog.store, plan.dataset, plan.batch_id)
-        units = board.post(cut_units(todo, topology, slots, unit_bytes))
+        units = board.post(cut_units(todo, topology, slots,
+                                     _unit_bytes(run, todo, slots)))
         live.claims = board
-        logger.info("batch %s: %d units of up to %d bytes on the claim board", plan.batch_id,
-                    len(units), unit_bytes, extra=where)
+        logger.info("batch %s: %d units (%s) of up to %d bytes on the claim board",
+                    plan.batch_id, len(units), run.config.work_units,
+                    max(u.bytes for u in units), extra=where)
         started = time.monotonic()
         launches = 0
 

@@ -149,6 +149,10 @@ def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
                        snapshot)
     result.flow_run_id = str(flow_run.id) if flow_run.id else None
     result.children, result.utilization = moved.children, moved.utilization()
+    result.distribution_wall_s = moved.wall_s
+    sizes = {c.index: c.size for c in run.plan.chunks}
+    result.child_mb_s = [round(sum(sizes[i] for i in r.stored) / r.busy_s / 1e6, 3)
+                         for r in reports if r.busy_s > 0 and moved.children]
     result.units_stolen = sum(r.units_stolen for r in reports)
     result.units_retaken = sum(r.units_retaken for r in reports)
     _planned_against_actual(run, result, costs, new, reports)

@@ -1,4 +1,5 @@
-"""The task runner of the chunk tasks: threads by default, or Dask (``SKYFERRY_TASK_RUNNER``)."""
+"""The task runner of the chunk tasks: threads by default, or Dask or Ray
+(``SKYFERRY_TASK_RUNNER``)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ __all__ = ["SettingsTaskRunner", "make_task_runner", "uses_processes"]
 def make_task_runner(settings: Settings, api_env: dict[str, str] | None = None) -> Any:
     """A fresh task runner for the chunk tasks of one run, as ``settings`` asks.
 
-    ``threads``: the tasks share the run's in-memory batch. ``dask``: the ``move-chunk``
-    tasks run on Dask worker processes (a local cluster of one process per core, or the
-    scheduler at ``SKYFERRY_DASK_ADDRESS``).
+    ``threads``: the tasks share the run's in-memory batch. ``dask``: the
+    ``move-chunks-on-worker`` tasks run on Dask worker processes (a local cluster of one
+    process per core, or the scheduler at ``SKYFERRY_DASK_ADDRESS``). ``ray``: on Ray workers
+    (the cluster at ``SKYFERRY_RAY_ADDRESS``, or a local Ray).
 
     ``api_env`` points the local cluster's workers at the Prefect API the run reports to
     (``PREFECT_API_URL``, and ``PREFECT_API_AUTH_STRING`` where it asks for one). Without
@@ -25,6 +27,14 @@ def make_task_runner(settings: Settings, api_env: dict[str, str] | None = None) 
     """
     if settings.task_runner == "threads":
         return ThreadPoolTaskRunner(max_workers=settings.max_workers)
+    if settings.task_runner == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as exc:
+            raise ConfigError("SKYFERRY_TASK_RUNNER=ray needs the ray-runner extra: "
+                              "pip install 'skyferry[ray-runner]'") from exc
+        init: dict[str, Any] = {"runtime_env": {"env_vars": dict(api_env)}} if api_env else {}
+        return RayTaskRunner(address=settings.ray_address, init_kwargs=init)
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as exc:

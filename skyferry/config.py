@@ -111,7 +111,12 @@ class Settings(BaseSettings):
         default=[1.0, 4.0, 16.0], description="Backoff between retries of I/O tasks."
     )
     probe_timeout_s: float = Field(default=5.0, gt=0, description="Node probe timeout.")
-    task_runner: Literal["threads", "dask"] = Field(
+    chunks_per_task: int = Field(
+        default=4, ge=1,
+        description="On a Dask or Ray cluster, chunks one task run moves in turn (journaling "
+                    "each): "
+                    "Prefect's cost per task run is paid once for them.")
+    task_runner: Literal["threads", "dask", "ray"] = Field(
         default="threads", description="Task runner of the chunk stages; see docs/operations.md."
     )
     block_size: int = Field(
@@ -136,6 +141,9 @@ class Settings(BaseSettings):
     dask_address: str | None = Field(
         default=None, description="Dask scheduler to use; a local cluster when unset."
     )
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to join (the head's host:port); a local Ray "
+        "when unset.")
     prefect_api: Literal["local", "ephemeral"] = Field(
         default="local",
         description="Without PREFECT_API_URL: 'local' starts one Prefect API server per "
@@ -215,6 +223,13 @@ class PipelineConfig(BaseModel):
         default=None, ge=0,
         description="Refuse the run, before anything is written, when its plan's egress "
                     "(skyferry plan) costs more than this many USD.",
+    )
+    work_units: Literal["flow", "fixed"] = Field(
+        default="flow",
+        description="Deployed: 'flow' cuts the batch into small units that children claim "
+                    "as they go, taking other clouds' units when their own run out; 'fixed' "
+                    "gives each child one share of its cloud's bytes at the start and no "
+                    "stealing (a baseline to compare with).",
     )
     claim_ttl_s: float = Field(
         default=60.0, gt=0,

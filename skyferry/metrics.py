@@ -94,6 +94,10 @@ class PipelineResult(BaseModel):
     utilization: dict[str, float] = Field(
         default_factory=dict, description="busy worker-seconds ÷ (workers × distribution "
         "wall time), per work pool and under 'all'")
+    distribution_wall_s: float = Field(default=0.0, description="from the first child's "
+                                       "start to the last unit's end (children only)")
+    child_mb_s: list[float] = Field(default_factory=list, description="each child's rate "
+                                    "while busy: its chunks' source MB ÷ its busy seconds")
     units_stolen: int = Field(default=0, description="units a child took from another "
                               "cloud's queue")
     units_retaken: int = Field(default=0, description="units taken again after their "

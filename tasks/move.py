@@ -2,19 +2,22 @@
 
 - ``move_chunk`` for thread runners: it shares the run's in-memory batch, and its retries
   resume at the stage that failed (the chunk's progress is an argument, kept across them);
-- ``move_chunk_on_worker`` for process-based runners (Dask): it takes only serializable
-  arguments, rebuilds the batch once per worker process, and starts a retry over.
+- ``move_chunks_on_worker`` for process-based runners (Dask): several chunks in turn, each
+  journaled as it is stored. It takes only serializable arguments and rebuilds the batch
+  once per worker process; a retry, or a rerun on another worker after one died, skips the
+  chunks already journaled and starts the others over.
 """
 
 from __future__ import annotations
 
 from skyferry.models import ChunkPlan
 from skyferry.run import chunk as sequence
+from skyferry.run.batch import journal_chunk
 from skyferry.run.chunk import ChunkProgress, Moved
 from skyferry.run.context import BatchRun, worker_run
 from tasks._common import attempt, io_task
 
-__all__ = ["move_chunk", "move_chunk_on_worker"]
+__all__ = ["move_chunk", "move_chunks_on_worker"]
 
 
 @io_task("move-chunk")
@@ -27,9 +30,17 @@ def move_chunk(chunk: ChunkPlan, run: BatchRun, progress: ChunkProgress) -> Move
     return sequence.move_chunk(chunk, run, attempt(), progress)
 
 
-@io_task("move-chunk-on-worker")
-def move_chunk_on_worker(chunk: ChunkPlan, config_json: str, batch_id: str,
-                         known_down: dict[str, str]) -> Moved:
+@io_task("move-chunks-on-worker")
+def move_chunks_on_worker(chunks: list[ChunkPlan], config_json: str, batch_id: str,
+                          known_down: dict[str, str]) -> list[Moved]:
     run = worker_run(config_json, batch_id, known_down)
-    # a retry may land on another worker process: start it over, hold nothing back here
-    return sequence.move_chunk(chunk, run, attempt())
+    moved: list[Moved] = []
+    for chunk in chunks:
+        done = run.catalog.journaled(run.plan.dataset, batch_id, chunk.index)
+        if done is not None:  # an earlier attempt of this task stored it
+            moved.append((done, {}, "distribution"))
+            continue
+        outcome = sequence.move_chunk(chunk, run, attempt())
+        journal_chunk(run, outcome[0])
+        moved.append(outcome)
+    return moved

@@ -369,6 +369,14 @@ class Catalog:
                 done[chunk.index] = chunk
         return done
 
+    def journaled(self, dataset: str, batch_id: str, index: int) -> StoredChunk | None:
+        """Chunk ``index``'s journal entry, if it was stored."""
+        try:
+            raw = self.store.get(self._pending(dataset, batch_id, f"chunk-{index:05d}.json"))
+        except ObjectNotFoundError:
+            return None
+        return StoredChunk.model_validate_json(raw)
+
     def done_indices(self, dataset: str, batch_id: str) -> set[int]:
         """Indices of journaled chunks, from the listing alone (cheap enough to poll)."""
         prefix = safe_key("pending", dataset, f"batch={batch_id}")

@@ -27,7 +27,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict
@@ -77,16 +77,17 @@ class Unit(BaseModel):
 
 
 def cut_units(chunks: Sequence[ChunkPlan], topology: Topology, clouds: Collection[str],
-              unit_bytes: int = UNIT_BYTES) -> list[Unit]:
+              unit_bytes: int | Mapping[str, int] = UNIT_BYTES) -> list[Unit]:
     """Each cloud's share of ``chunks`` cut, in order, into units of at most ``unit_bytes``
-    (a bigger chunk is a unit alone)."""
+    (one size, or one per cloud; a bigger chunk is a unit alone)."""
     by_index = {c.index: c for c in chunks}
     units: list[Unit] = []
     for cloud, indices in sorted(assign_shares(chunks, topology, clouds).items()):
+        cap = unit_bytes if isinstance(unit_bytes, int) else unit_bytes[cloud]
         run: list[int] = []
         size = 0
         for i in indices:
-            if run and size + by_index[i].size > unit_bytes:
+            if run and size + by_index[i].size > cap:
                 units.append(Unit(index=len(units), cloud=cloud, chunks=tuple(run), bytes=size))
                 run, size = [], 0
             run.append(i)
@@ -249,22 +250,23 @@ class ClaimBoard:
         retaken = sorted(i for i, attempt in latest.items() if attempt > 0)
         return BoardState(sorted(done), held, free, sorted(stolen & done), retaken), latest
 
-    def claim(self, owner: str, cloud: str, ttl_s: float,
-              journaled: Collection[int] = ()) -> tuple[Claim | None, BoardState]:
+    def claim(self, owner: str, cloud: str, ttl_s: float, journaled: Collection[int] = (),
+              steal: bool = True) -> tuple[Claim | None, BoardState]:
         """Claim the unit ``cloud``'s child should take next; None when none is free (the
-        state says whether others still hold some, and when the first of them expires)."""
+        state says whether others still hold some, and when the first of them expires).
+        Without ``steal``, units of other clouds are taken only after a claim expired."""
         state, latest = self.state(journaled)
         units = {u.index: u for u in self.units()}
         free = [units[i] for i in state.free]
         retake = [u for u in free if u.index in latest]
         own = [u for u in free if u.index not in latest and u.cloud == cloud]
-        others = [u for u in free if u.index not in latest and u.cloud != cloud]
+        others = [u for u in free if u.index not in latest and u.cloud != cloud and steal]
         left: dict[str, int] = {}
         for u in others:
             left[u.cloud] = left.get(u.cloud, 0) + u.bytes
         # a thief takes from the tail of the queue with the most bytes left
-        steal = sorted(others, key=lambda u: (-left[u.cloud], u.cloud, -u.index))
-        for unit in [*retake, *own, *steal]:
+        thefts = sorted(others, key=lambda u: (-left[u.cloud], u.cloud, -u.index))
+        for unit in [*retake, *own, *thefts]:
             attempt = latest.get(unit.index, -1) + 1
             stolen = unit.cloud != cloud
             try:

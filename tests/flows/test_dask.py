@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,7 @@ from skyferry.commit.manifest import Catalog
 from skyferry.config import PipelineConfig, get_settings
 from skyferry.storage import Store
 from tests.helpers.sf_data import replica_digest, write_ml_csv
+from tests.helpers.sf_servers import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -40,7 +42,8 @@ def test_a_run_on_a_local_dask_cluster_stores_what_threads_store(
         assert len(chunk.verified) == 3
         for replica in chunk.verified:
             assert replica_digest(home, replica.node, chunk.key) == chunk.digest
-    # the chunk tasks were the move-chunk task, one per chunk, in the run's Dask subflow
+    # the chunk tasks: on Dask, one move-chunks-on-worker per 4 chunks (SKYFERRY_CHUNKS_PER_TASK)
+    # in the run's Dask subflow; on threads, one move-chunk per chunk in the run
     def moved(flow_run_ids: list[str]) -> list[dict[str, object]]:
         response = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", timeout=30, json={
             "flow_runs": {"id": {"any_": flow_run_ids}},
@@ -53,5 +56,58 @@ def test_a_run_on_a_local_dask_cluster_stores_what_threads_store(
     response.raise_for_status()
     children = [r["id"] for r in response.json()]
     assert len(children) == 1
-    assert len(moved(children)) == dask.chunks_processed
+    assert len(moved(children)) == -(-dask.chunks_processed // 4)
     assert len(moved([threads.flow_run_id])) == threads.chunks_processed  # threads: in the run
+
+
+def test_a_batch_commits_once_on_a_dask_cluster_whose_worker_is_killed(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dask scheduler` and two `dask worker` processes, as an operator starts them; one
+    worker dies in the middle of a chunk, and the scheduler gives its task to the other."""
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.helpers.sf_prefect import BIN, Process, wait_for
+    from tests.helpers.sf_servers import free_port
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+           "SKYFERRY_HOME": str(home), "SF_KILL_MARKER": str(tmp_path / "killed"),
+           "PYTHONPATH": str(ROOT)}
+    procs = [Process("dask-scheduler", [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1",
+                                        "--port", str(port), "--no-dashboard"], env,
+                     tmp_path / "scheduler.log").start()]
+    try:
+        for n in (1, 2):
+            procs.append(Process(f"dask-worker-{n}", [
+                str(BIN / "dask"), "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+                "--no-dashboard", "--no-nanny", "--name", f"w{n}"], env,
+                tmp_path / f"worker-{n}.log").start())
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            wait_for("two dask workers", lambda: len(client.scheduler_info()["workers"]) >= 2,
+                     60)
+        source = tmp_path / "train.csv"
+        rows = write_ml_csv(source, 8_000, seed=13)
+        monkeypatch.setenv("SKYFERRY_TASK_RUNNER", "dask")
+        monkeypatch.setenv("SKYFERRY_DASK_ADDRESS", address)
+        get_settings.cache_clear()
+        result = run_pipeline(PipelineConfig(
+            source=str(source), dataset="dask-killed", chunk_size="64KB",
+            transforms=["tests.helpers.sf_faults:kill_own_process_once"]))
+        assert result.status == "completed", result.error
+        killed = int((tmp_path / "killed").read_text())
+        assert killed in {p.proc.pid for p in procs[1:] if p.proc is not None}
+        assert sum(1 for p in procs[1:] if not p.alive) == 1  # that worker is gone
+        catalog = Catalog(Store(f"{home}/catalog", name="catalog"))
+        (manifest,) = [m for m in catalog.manifests("dask-killed")]
+        assert sorted(c.index for c in manifest.chunks) == list(range(len(manifest.chunks)))
+        assert manifest.rows_stored + manifest.rows_rejected == rows
+        for chunk in manifest.chunks:
+            assert len(chunk.verified) == 3
+            for replica in chunk.verified:
+                assert replica_digest(home, replica.node, chunk.key) == chunk.digest
+    finally:
+        for proc in reversed(procs):
+            proc.stop()

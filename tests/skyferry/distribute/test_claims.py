@@ -127,3 +127,20 @@ def test_a_released_claim_is_free_at_once_and_a_posted_board_is_kept(tmp_path: P
     other = [Unit(index=0, cloud="gcp", chunks=(0, 1), bytes=2)]
     again = ClaimBoard(board.store, "ds", "b1")
     assert again.post(other) == units  # a retried parent gets the units posted first
+
+
+def test_without_stealing_a_child_takes_only_its_clouds_units_or_an_expired_one(
+        tmp_path: Path) -> None:
+    units = [Unit(index=0, cloud="aws", chunks=(0,), bytes=1),
+             Unit(index=1, cloud="gcp", chunks=(1,), bytes=1)]
+    board = _board(tmp_path, units)
+    mine, _ = board.claim("a", "aws", ttl_s=60, steal=False)
+    assert mine is not None and mine.unit.index == 0
+    mine.finish()
+    none, state = board.claim("a", "aws", ttl_s=60, steal=False)
+    assert none is None and state.free == [1]  # gcp's unit waits for gcp's child
+    theirs, _ = board.claim("g", "gcp", ttl_s=60, steal=False)
+    assert theirs is not None
+    board.store.put(board.claim_key(1, 0), board.body("g", -1.0, False))  # its holder died
+    again, _ = board.claim("a", "aws", ttl_s=60, steal=False)
+    assert again is not None and again.unit.index == 1 and again.retaken and again.stolen
