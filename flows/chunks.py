@@ -10,6 +10,7 @@ times a few blocks, whatever the dataset's size.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from queue import SimpleQueue
 from typing import Any
@@ -72,13 +73,16 @@ def _stored(run: BatchRun, chunk: StoredChunk, stored: list[StoredChunk], total:
         live.update(stage)
 
 
-def move_chunks(chunks: list[ChunkPlan], run: BatchRun,
-                live: LiveStatus | None = None) -> list[StoredChunk]:
+def move_chunks(chunks: list[ChunkPlan], run: BatchRun, live: LiveStatus | None = None,
+                refill: Callable[[], list[ChunkPlan]] | None = None,
+                on_stored: Callable[[StoredChunk], None] | None = None) -> list[StoredChunk]:
     """One ``move-chunk`` task per chunk.
 
     On a thread runner the task shares ``run``, and a retry resumes at the stage that failed;
     on a process-based runner it gets only serializable arguments and rebuilds the batch on
-    its worker.
+    its worker. When the chunks given run out and the window has room, ``refill`` is asked
+    for more (a child's next claimed unit; none: the window drains and this returns).
+    ``on_stored`` hears of each chunk once it is journaled.
     """
     remote = uses_processes(run.setup.settings)
     config_json, batch = run.config.model_dump_json(), run.plan.batch_id
@@ -105,8 +109,21 @@ def move_chunks(chunks: list[ChunkPlan], run: BatchRun,
     # so tasks can be queued ahead: a slot never waits on this loop. A Dask worker is another
     # process: there the loop itself keeps the window.
     ahead = run.setup.settings.max_in_flight * (1 if remote else 2)
-    while queue and len(active) < ahead:
-        admit()
+
+    given = len(chunks)
+
+    def top_up() -> None:
+        nonlocal given
+        while len(active) < ahead and not failure:
+            if not queue and refill is not None:
+                more = refill()
+                queue.extend(more)
+                given += len(more)
+            if not queue:
+                return
+            admit()
+
+    top_up()
     while active:
         future = finished.get()
         indices, progress = active.pop(future)
@@ -124,13 +141,14 @@ def move_chunks(chunks: list[ChunkPlan], run: BatchRun,
                                           attempts=chunk.attempts if stage == last else 1)
             try:
                 with failure.failing_as("storage", chunk.index):
-                    _stored(run, chunk, stored, len(chunks), live, "distribution", remote)
+                    _stored(run, chunk, stored, given, live, "distribution", remote)
             except StageError as exc:
                 failure.add(exc, chunk.index)
                 queue.clear()
                 break
-        if queue and not failure:
-            admit()
+            if on_stored is not None:
+                on_stored(chunk)
+        top_up()
     failure.raise_first()
     return stored
 

@@ -24,9 +24,10 @@ from flows.live import LiveStatus
 from flows.runners import SettingsTaskRunner, uses_processes
 from flows.shares import CHILD_FLOW, ShareReport
 from skyferry.config import PipelineConfig
-from skyferry.distribute.claims import ClaimBoard
+from skyferry.distribute.claims import BoardState, Claim, ClaimBoard
 from skyferry.distribute.probe import probe_nodes
 from skyferry.errors import failing_as
+from skyferry.models import ChunkPlan, StoredChunk
 from skyferry.run.context import BatchRun, load_batch, open_run
 from tasks import distribute
 
@@ -100,8 +101,10 @@ def _move_share(run: BatchRun, cloud: str, chunks: list[int] | None, pool: str |
 def _claim_and_move(run: BatchRun, cloud: str, live: LiveStatus, report: ShareReport) -> None:
     """Claim units and move their chunks until every unit is done.
 
-    While other children hold the last units this child waits, and takes any whose claim
-    expires (its holder stopped renewing it): a dead worker's units are moved again.
+    A unit is claimed whenever the chunk window has room, so the window stays full across
+    units; a unit is finished once each of its chunks is journaled. While other children
+    hold the last units this child waits, and takes any whose claim expires (its holder
+    stopped renewing it): a dead worker's units are moved again.
     """
     logger = get_run_logger()
     plan = run.plan
@@ -110,37 +113,63 @@ def _claim_and_move(run: BatchRun, cloud: str, live: LiveStatus, report: ShareRe
     by_index = {c.index: c for c in plan.chunks}
     owner = report.flow_run_id or f"{socket.gethostname()}:{os.getpid()}"
     ttl = run.config.claim_ttl_s
+    fixed = run.config.work_units == "fixed"
     where = event(run.config, "distribution", plan.batch_id)
-    while True:
-        with failing_as("distribution", dataset=plan.dataset, batch_id=plan.batch_id):
-            journaled = run.catalog.done_indices(plan.dataset, plan.batch_id)
-            claim, state = board.claim(owner, cloud, ttl, journaled,
-                                       steal=run.config.work_units == "flow")
-        if claim is None:
-            if not state.held and (not state.free or run.config.work_units == "fixed"):
-                return  # every unit is done, or (fixed) every unit this child may take
-            # others hold the rest: look again when the first claim could expire, or sooner
-            time.sleep(min(max(0.2, (state.next_expiry or 0) - time.time()), ttl / 6, 2.0))
-            continue
-        unit = claim.unit
-        logger.info("%s child claimed unit %d (%d chunks%s%s) of batch %s", cloud, unit.index,
-                    len(unit.chunks), f", from {unit.cloud}'s queue" if claim.stolen else "",
-                    f", attempt {claim.attempt + 1}" if claim.retaken else "",
-                    plan.batch_id, extra=where)
-        todo = [by_index[i] for i in unit.chunks if i not in journaled]
-        began = time.monotonic()
-        try:
-            stored = move_chunks(todo, run, live)
-        except BaseException:
-            claim.release()  # the next child takes it at once
-            raise
-        report.busy_s = round(report.busy_s + time.monotonic() - began, 3)
-        report.chunks.extend(unit.chunks)
-        report.stored.extend(c.index for c in stored)
+    holding: dict[int, tuple[Claim, set[int]]] = {}  # unit -> its claim, chunks not stored
+    unit_of: dict[int, int] = {}
+    last: list[BoardState] = []
+
+    def finish(claim: Claim) -> None:
+        holding.pop(claim.unit.index, None)
         if claim.lost:  # another child has it now; its chunks are journaled either way
-            continue
+            return
         with failing_as("distribution", dataset=plan.dataset, batch_id=plan.batch_id):
             claim.finish()
-        report.units.append(unit.index)
+        report.units.append(claim.unit.index)
         report.units_stolen += claim.stolen
         report.units_retaken += claim.retaken
+
+    def refill() -> list[ChunkPlan]:
+        while True:  # until a unit with chunks to move, or none is free
+            with failing_as("distribution", dataset=plan.dataset, batch_id=plan.batch_id):
+                journaled = run.catalog.done_indices(plan.dataset, plan.batch_id)
+                claim, state = board.claim(owner, cloud, ttl, journaled, steal=not fixed)
+            last[:] = [state]
+            if claim is None:
+                return []
+            unit = claim.unit
+            logger.info("%s child claimed unit %d (%d chunks%s%s) of batch %s", cloud,
+                        unit.index, len(unit.chunks),
+                        f", from {unit.cloud}'s queue" if claim.stolen else "",
+                        f", attempt {claim.attempt + 1}" if claim.retaken else "",
+                        plan.batch_id, extra=where)
+            todo = [by_index[i] for i in unit.chunks if i not in journaled]
+            report.chunks.extend(unit.chunks)
+            holding[unit.index] = (claim, {c.index for c in todo})
+            unit_of.update((c.index, unit.index) for c in todo)
+            if todo:
+                return todo
+            finish(claim)  # its chunks were journaled by the child that held it before
+
+    def on_stored(chunk: StoredChunk) -> None:
+        report.stored.append(chunk.index)
+        held = holding.get(unit_of.get(chunk.index, -1))
+        if held is not None:
+            held[1].discard(chunk.index)
+            if not held[1]:
+                finish(held[0])
+
+    while True:
+        began = time.monotonic()
+        try:
+            move_chunks([], run, live, refill=refill, on_stored=on_stored)
+        except BaseException:
+            for claim, _ in list(holding.values()):
+                claim.release()  # the next child takes them at once
+            raise
+        report.busy_s = round(report.busy_s + time.monotonic() - began, 3)
+        state = last[0]
+        if not state.held and (not state.free or fixed):
+            return  # every unit is done, or (fixed) every unit this child may take
+        # others hold the rest: look again when the first claim could expire, or sooner
+        time.sleep(min(max(0.2, (state.next_expiry or 0) - time.time()), ttl / 6, 2.0))

@@ -92,6 +92,9 @@ class FaultProxy:
         except OSError:
             client.close()
             return
+        # the 5 s was for connecting: a reply that takes longer (a request trickling in under
+        # a bandwidth cap) must not end the connection
+        upstream.settimeout(None)
         with self._lock:
             self._conns.update((client, upstream))
         for src, dst, back in ((client, upstream, False), (upstream, client, True)):
