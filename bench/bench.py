@@ -9,7 +9,7 @@ line, are printed at the end; docs/benchmarks.md says what each figure is.
 Environment: BENCH_DIR (default: a temp dir), BENCH_GIB (default 1), BENCH_BIG_GIB (default
 4), BENCH_PAIRS (default 5), BENCH_HISTORY (committed batches behind the planning figures;
 default 2000), BENCH_PARTS (comma-separated sections to run; default all: startup, binary,
-rclone, csv, small, cold, orchestration, memory, history, reader, snapshot, cloud).
+rclone, csv, small, cold, orchestration, memory, history, reader, snapshot, cloud, scale).
 Prefect's database is a new one under BENCH_DIR (``PREFECT_HOME``), not the user's.
 """
 
@@ -766,7 +766,7 @@ def main() -> None:
             section()
     body: dict[str, Any] = {}
     sides: dict[str, Any] = {}
-    for name in ("reader", "snapshot", "cloud"):  # their own modules, each a dict of figures
+    for name in ("reader", "snapshot", "cloud", "scale"):  # their own modules, each a dict
         if part(name):
             module = __import__(f"{name}_bench")
             found = module.main()
