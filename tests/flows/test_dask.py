@@ -12,6 +12,7 @@ from flows.pipeline import run_pipeline
 from skyferry.commit.manifest import Catalog
 from skyferry.config import PipelineConfig, get_settings
 from skyferry.storage import Store
+from tests.helpers.sf_clusters import run_with_a_worker_killed
 from tests.helpers.sf_data import replica_digest, write_ml_csv
 from tests.helpers.sf_servers import ROOT
 
@@ -88,26 +89,11 @@ def test_a_batch_commits_once_on_a_dask_cluster_whose_worker_is_killed(
         with Client(address, timeout=60) as client:
             wait_for("two dask workers", lambda: len(client.scheduler_info()["workers"]) >= 2,
                      60)
-        source = tmp_path / "train.csv"
-        rows = write_ml_csv(source, 8_000, seed=13)
-        monkeypatch.setenv("SKYFERRY_TASK_RUNNER", "dask")
-        monkeypatch.setenv("SKYFERRY_DASK_ADDRESS", address)
-        get_settings.cache_clear()
-        result = run_pipeline(PipelineConfig(
-            source=str(source), dataset="dask-killed", chunk_size="64KB",
-            transforms=["tests.helpers.sf_faults:kill_own_process_once"]))
-        assert result.status == "completed", result.error
+        run_with_a_worker_killed(home, tmp_path, monkeypatch, "dask", address, "dask-killed",
+                                 seed=13)
         killed = int((tmp_path / "killed").read_text())
         assert killed in {p.proc.pid for p in procs[1:] if p.proc is not None}
         assert sum(1 for p in procs[1:] if not p.alive) == 1  # that worker is gone
-        catalog = Catalog(Store(f"{home}/catalog", name="catalog"))
-        (manifest,) = [m for m in catalog.manifests("dask-killed")]
-        assert sorted(c.index for c in manifest.chunks) == list(range(len(manifest.chunks)))
-        assert manifest.rows_stored + manifest.rows_rejected == rows
-        for chunk in manifest.chunks:
-            assert len(chunk.verified) == 3
-            for replica in chunk.verified:
-                assert replica_digest(home, replica.node, chunk.key) == chunk.digest
     finally:
         for proc in reversed(procs):
             proc.stop()

@@ -10,11 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import run_pipeline
-from skyferry.commit.manifest import Catalog
-from skyferry.config import PipelineConfig, get_settings
-from skyferry.storage import Store
-from tests.helpers.sf_data import replica_digest, write_ml_csv
+from tests.helpers.sf_clusters import run_with_a_worker_killed
 from tests.helpers.sf_prefect import BIN, Process, wait_for
 from tests.helpers.sf_servers import ROOT, free_port
 
@@ -65,24 +61,8 @@ def test_a_batch_commits_once_on_a_ray_cluster_whose_worker_is_killed(
             wait_for("a second Ray node", lambda: alive_nodes() >= 2, 120, every=1)
         finally:
             ray.shutdown()
-        source = tmp_path / "train.csv"
-        rows = write_ml_csv(source, 8_000, seed=14)
-        monkeypatch.setenv("SKYFERRY_TASK_RUNNER", "ray")
-        monkeypatch.setenv("SKYFERRY_RAY_ADDRESS", address)
-        get_settings.cache_clear()
-        result = run_pipeline(PipelineConfig(
-            source=str(source), dataset="ray-killed", chunk_size="64KB",
-            transforms=["tests.helpers.sf_faults:kill_own_process_once"]))
-        assert result.status == "completed", result.error
-        assert (tmp_path / "killed").exists()  # a Ray worker died in the middle of a chunk
-        catalog = Catalog(Store(f"{home}/catalog", name="catalog"))
-        (manifest,) = catalog.manifests("ray-killed")
-        assert sorted(c.index for c in manifest.chunks) == list(range(len(manifest.chunks)))
-        assert manifest.rows_stored + manifest.rows_rejected == rows
-        for chunk in manifest.chunks:
-            assert len(chunk.verified) == 3
-            for replica in chunk.verified:
-                assert replica_digest(home, replica.node, chunk.key) == chunk.digest
+        run_with_a_worker_killed(home, tmp_path, monkeypatch, "ray", address, "ray-killed",
+                                 seed=14)
     finally:
         for proc in reversed(procs):
             proc.stop()
