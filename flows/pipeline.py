@@ -23,6 +23,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext, SettingsContext, get_settings_context
+from prefect.exceptions import MissingResult
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -72,7 +73,16 @@ def multicloud_pipeline(config: PipelineConfig) -> PipelineResult:
                                  holder.get("host")))
     # the lease's taking and release are setup's; the batch's stages raise their own
     with failing_as("setup", dataset=config.dataset, batch_id=batch), lease:
-        return _run_batch(setup, started)
+        result = _run_batch(setup, started)
+    if flow_run.id:
+        _RETURNED[str(flow_run.id)] = result
+    return result
+
+
+# What each run of this process returned. The reply to a run's Completed can be lost on a
+# busy API (a timeout after the server set it); the client's retry then gets back the
+# server's Completed, which carries no result, and run_pipeline reads the result here.
+_RETURNED: dict[str, PipelineResult] = {}
 
 
 def _run_batch(setup: RunSetup, started: float) -> PipelineResult:
@@ -256,8 +266,14 @@ def run_pipeline(config: PipelineConfig, settings: Settings | None = None) -> Pi
     with SettingsContext(profile=get_settings_context().profile, settings=prefect_settings):
         state = multicloud_pipeline.with_options(task_runner=runner)(config=config,
                                                                      return_state=True)
+    returned = _RETURNED.pop(str(state.state_details.flow_run_id), None)
     try:
-        result: PipelineResult = state.result()
+        try:
+            result: PipelineResult = state.result()
+        except MissingResult:
+            if returned is None:
+                raise
+            result = returned
         return result
     except StageError as exc:
         logging.getLogger("skyferry.run").error("%s", exc)

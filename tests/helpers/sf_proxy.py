@@ -43,14 +43,17 @@ def _splice(a: socket.socket, b: socket.socket) -> None:
 
 
 class RefusingProxy:
-    """Forwards to ``upstream``; the first ``times`` requests that ``match`` meet ``fault``."""
+    """Forwards to ``upstream``; the first ``times`` requests that ``match`` (and whose body
+    matches ``match_body``, where given) meet ``fault``."""
 
     def __init__(self, upstream: str, match: Callable[[str, str], bool], times: int = 1,
-                 fault: Literal["refuse", "lose-reply"] = "refuse") -> None:
+                 fault: Literal["refuse", "lose-reply"] = "refuse",
+                 match_body: Callable[[bytes], bool] | None = None) -> None:
         target = urlsplit(upstream)
         self.upstream_host = target.hostname or "127.0.0.1"
         self.upstream_port = target.port or 80
         self.match = match
+        self.match_body = match_body
         self.left = times
         self.fault = fault
         self.refused: list[str] = []
@@ -92,7 +95,7 @@ class RefusingProxy:
                     self._upgrade()
                     return
                 body = self._body()
-                faulted = proxy._refuse(self.command, self.path)
+                faulted = proxy._refuse(self.command, self.path, body)
                 if faulted and proxy.fault == "refuse":
                     self.send_response(403)
                     self.send_header("Content-Type", "application/xml")
@@ -128,10 +131,11 @@ class RefusingProxy:
         self.server.daemon_threads = True
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def _refuse(self, method: str, path: str) -> bool:
+    def _refuse(self, method: str, path: str, body: bytes) -> bool:
         path = unquote(path)
         with self._lock:
-            if self.left > 0 and self.match(method, path):
+            if (self.left > 0 and self.match(method, path)
+                    and (self.match_body is None or self.match_body(body))):
                 self.left -= 1
                 self.refused.append(f"{method} {path}")
                 return True
