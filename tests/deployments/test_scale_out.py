@@ -40,6 +40,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
         "SKYFERRY_CHECKOUT": str(sf_servers.ROOT),
         "SKYFERRY_SOURCE": str(work / "unused-source"),
         "SKYFERRY_DATASET": "unused",
+        # one chunk in flight a child: the batch lasts long enough for every child to start
+        "SKYFERRY_MAX_IN_FLIGHT": "1",
     })
     try:
         server.start()
