@@ -12,8 +12,9 @@ the parent only watches them through the API:
   pool gets no more children;
 - a child that ends failed, crashed or cancelled gives its units back (or lets their claims
   expire); the others take them;
-- when units are free for a claim's life with no child running to take them (every child
-  ended, or their workers died), new children are started on the pools left;
+- when units are free and no chunk was stored for a claim's life with no child waiting to
+  start (every child ended, or their workers died), new children are started on the pools
+  left;
 - once every unit is done, a child still running after ``claim_ttl_s`` (its worker died with
   it) is cancelled.
 
@@ -233,7 +234,7 @@ def dispatch_to_pools(run: BatchRun, todo: list[ChunkPlan], live: LiveStatus) ->
 
         launch_round()
         rounds = 1
-        free_since: float | None = None
+        progress = [0, time.monotonic()]  # chunks journaled, and when that last changed
         done_at: float | None = None
         while children:
             time.sleep(POLL_S)
@@ -273,15 +274,18 @@ def dispatch_to_pools(run: BatchRun, todo: list[ChunkPlan], live: LiveStatus) ->
                                        "cancelled", child.cloud, run_id, child.pool,
                                        extra=where)
                 continue
+            if len(journaled) != progress[0]:  # a chunk was stored since the last look
+                progress[:] = [len(journaled), now]
             waiting = any(not c.running for c in children.values())
-            free_since = (free_since or now) if board_now.free and not waiting else None
-            stalled = free_since is not None and (not children or now - free_since > ttl)
+            # free units are only a stall when nothing moves: busy children leave units free
+            stalled = bool(board_now.free) and not waiting and (
+                not children or now - progress[1] > ttl)
             if stalled and slots and rounds < MAX_LAUNCH_ROUNDS:
                 logger.warning("%d units are free and no child takes them; starting children "
                                "again", len(board_now.free), extra=where)
                 launch_round()
                 rounds += 1
-                free_since = None
+                progress[1] = now
             elif stalled:
                 by_index = {c.index: c for c in todo}
                 left = [by_index[i] for u in units if u.index in board_now.free
@@ -289,7 +293,7 @@ def dispatch_to_pools(run: BatchRun, todo: list[ChunkPlan], live: LiveStatus) ->
                 logger.warning("no work pool takes the %d chunks left; running them "
                                "in-process", len(left), extra=where)
                 run_in_process(run, left, live)
-                free_since = None
+                progress[1] = time.monotonic()
         wall = (done_at or time.monotonic()) - started
     reports = []
     for raw in run.catalog.notes(plan.dataset, plan.batch_id):  # each child's ShareReport
