@@ -55,6 +55,9 @@ bench: setup
 	test -x .venv-mosaic/bin/python || ($(PYTHON) -m venv .venv-mosaic \
 		&& .venv-mosaic/bin/pip install --quiet mosaicml-streaming==0.13.0 pyarrow) \
 		|| echo "MosaicML Streaming could not be installed: reader_throughput_ratio_to_mosaic is not reported"
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq postgresql) \
+		|| echo "PostgreSQL could not be installed: the scale figures run Prefect's server on SQLite"
 	$(BIN)/python bench/bench.py
 
 chaos: setup

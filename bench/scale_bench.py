@@ -7,6 +7,8 @@ process workers; a worker finds its pool's proxy in ``AWS_ENDPOINT_URL`` (the to
 no endpoint), as a worker in a farther cloud meets a slower path. The parent runs outside the
 pools (``dispatch: deployments``), so the pools' concurrency limits set how many children
 run. The source is random bytes (binary chunks): the CPU work per byte is a hash and copies.
+The server keeps its state in PostgreSQL when it is installed, as Prefect's docs advise for
+many workers; on SQLite its write lock stalls every client for up to a minute at a time.
 
 - ``utilization_skewed``: gcp's proxy at a third of aws's bandwidth, two workers a pool, the
   units flowing: busy worker-seconds ÷ (4 workers × the distribution's wall time), and
@@ -41,7 +43,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests.helpers
 
 from bench.measure import Side, abba  # noqa: E402
-from tests.helpers import sf_servers  # noqa: E402
+from tests.helpers import sf_postgres, sf_servers  # noqa: E402
 from tests.helpers.sf_chaos import FaultProxy  # noqa: E402
 from tests.helpers.sf_prefect import BIN, ROOT, PrefectServer, Process, wait_for  # noqa: E402
 
@@ -73,6 +75,7 @@ class Cluster:
         self.moto = sf_servers.moto(root / "logs")
         self.proxies: dict[str, FaultProxy] = {}
         self.server: PrefectServer | None = None
+        self.postgres: sf_postgres.PostgresServer | None = None
         self.runs = 0
 
     def start(self) -> None:
@@ -96,9 +99,15 @@ class Cluster:
         creds = {"AWS_ACCESS_KEY_ID": sf_servers.S3_KEY,
                  "AWS_SECRET_ACCESS_KEY": sf_servers.S3_SECRET,
                  "AWS_DEFAULT_REGION": "us-east-1", "PREFECT_LOGGING_LEVEL": "WARNING"}
+        if sf_postgres.available():  # Prefect's database for many workers
+            self.postgres = sf_postgres.PostgresServer(self.root / "postgres").start()
+        else:
+            say("PostgreSQL is not installed: Prefect's server runs on SQLite, whose write "
+                "lock stalls runs with this many workers")
         self.server = PrefectServer(self.root / "prefect", {
             **creds, "SKYFERRY_HOME": str(home), "SKYFERRY_CHECKOUT": str(ROOT),
-            "SKYFERRY_SOURCE": str(self.root / "unused"), "SKYFERRY_DATASET": "unused"})
+            "SKYFERRY_SOURCE": str(self.root / "unused"), "SKYFERRY_DATASET": "unused"},
+            database=self.postgres.url if self.postgres else None)
         (self.root / "prefect").mkdir(parents=True, exist_ok=True)
         self.server.start()
         self.server.cli("python", "deployments/setup_local.py")
@@ -143,7 +152,27 @@ class Cluster:
             f"{result['distribution_wall_s']:.1f} s, {result['children']} children, "
             f"utilization {result['utilization']}, child MB/s {result['child_mb_s']}, "
             f"stolen {result['units_stolen']}")
+        self.timeline(config["dataset"])
         return result
+
+    def timeline(self, dataset: str) -> None:
+        """Each flow run of the batch: when it was created, started and ended (s from the first)."""
+        assert self.server is not None
+        runs = self.server.post("/flow_runs/filter", {"flow_runs": {"name": {"like_": dataset}},
+                                                      "sort": "EXPECTED_START_TIME_ASC"})
+        if not runs:
+            return
+        from datetime import datetime
+
+        def at(stamp: str | None) -> float | None:
+            return datetime.fromisoformat(stamp).timestamp() if stamp else None
+
+        zero = min(at(r["created"]) or 0.0 for r in runs)
+        for r in sorted(runs, key=lambda r: r["created"]):
+            marks = [at(r["created"]), at(r["start_time"]), at(r["end_time"])]
+            shown = ["-" if m is None else f"{m - zero:6.1f}" for m in marks]
+            say(f"    {r['name']:<40} created {shown[0]} started {shown[1]} ended {shown[2]} "
+                f"{r['state_type']}")
 
     def stop(self) -> None:
         if self.server is not None:
@@ -151,6 +180,8 @@ class Cluster:
         for proxy in self.proxies.values():
             proxy.close()
         self.moto.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
 
 
 def main() -> dict[str, Any]:

@@ -90,11 +90,13 @@ def _move_share(run: BatchRun, cloud: str, chunks: list[int] | None, pool: str |
             report.chunks = list(chunks)
             report.stored = [c.index for c in move_chunks(todo, run, live)]
             report.busy_s = round(time.monotonic() - began, 3)
+        # the report first: the parent reads it once every unit is done, and a last publish
+        # to a busy API can take as long as a claim's life
+        report.stages = setup.recorder.snapshot()
+        report.down_reasons = setup.down_reasons()
+        run.catalog.save_note(plan.dataset, plan.batch_id, f"share-{cloud}-{run_id or 'local'}",
+                              report.model_dump_json().encode())
         live.update("distribution", force=True)
-    report.stages = setup.recorder.snapshot()
-    report.down_reasons = setup.down_reasons()
-    run.catalog.save_note(plan.dataset, plan.batch_id, f"share-{cloud}-{run_id or 'local'}",
-                          report.model_dump_json().encode())
     return report
 
 

@@ -55,7 +55,7 @@ from skyferry.run.context import BatchRun
 __all__ = ["Dispatched", "dispatch_to_pools", "run_in_process", "POLL_S"]
 
 POLL_S = 1.0  # how often the parent reads its children's states and the claim board
-UNITS_PER_CHILD = 8  # units are cut so that each child can take at least this many
+UNITS_PER_CHILD = 32  # units are cut so that each child can take at least this many
 MAX_LAUNCH_ROUNDS = 3  # children started again after a stall, at most this many times
 
 

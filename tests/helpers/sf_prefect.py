@@ -80,7 +80,10 @@ class Process:
 class PrefectServer:
     """``prefect server start`` on a free loopback port, with its own PREFECT_HOME."""
 
-    def __init__(self, work: Path, extra_env: dict[str, str]) -> None:
+    def __init__(self, work: Path, extra_env: dict[str, str], database: str | None = None
+                 ) -> None:
+        """``database``: a SQLAlchemy URL (PostgreSQL's, see sf_postgres); SQLite in the
+        server's home by default."""
         self.port = free_port()
         self.work = work
         self.api = f"http://127.0.0.1:{self.port}/api"
@@ -98,6 +101,8 @@ class PrefectServer:
             "PREFECT_LOGGING_LEVEL": "INFO",
         }
         self.env.pop("PREFECT_API_KEY", None)
+        if database is not None:
+            self.env["PREFECT_API_DATABASE_CONNECTION_URL"] = database
         self.processes: list[Process] = []
         self.workers: dict[str, Process] = {}
         self.client = httpx.Client(base_url=self.api, timeout=30)
