@@ -9,7 +9,7 @@ line, are printed at the end; docs/benchmarks.md says what each figure is.
 Environment: BENCH_DIR (default: a temp dir), BENCH_GIB (default 1), BENCH_BIG_GIB (default
 4), BENCH_PAIRS (default 5), BENCH_HISTORY (committed batches behind the planning figures;
 default 2000), BENCH_PARTS (comma-separated sections to run; default all: startup, binary,
-rclone, csv, small, cold, orchestration, memory, history, reader, snapshot, cloud, scale).
+encryption, rclone, csv, small, cold, orchestration, memory, history, reader, snapshot, cloud, scale).
 Prefect's database is a new one under BENCH_DIR (``PREFECT_HOME``), not the user's.
 """
 
@@ -282,6 +282,49 @@ def binary(blob: Path) -> None:
              "chunk path's over the floor"))
     if value < 1:
         BEATEN.append(figure.name)
+
+
+def encryption(blob: Path) -> None:
+    """The same binary run with encryption at rest on and off: the time, and the whole
+    tree's peak memory of `skyferry run` (the local API's counted beside)."""
+    from skyferry.crypto import new_master_key
+
+    keys = ROOT / "master.keys"
+    keys.write_text(new_master_key("bench") + "\n")
+    spec = f"file:{keys}"
+
+    def plain() -> None:
+        fresh_home("enc-plain")
+        run_skyferry(blob, "blob")
+
+    def sealed() -> None:
+        fresh_home("enc-on")
+        run_skyferry(blob, "blob", encrypt=True, master_keys=spec)
+
+    def clean() -> None:
+        for name in ("enc-plain", "enc-on"):
+            shutil.rmtree(ROOT / "homes" / name, ignore_errors=True)
+        sync()
+
+    fresh_home("enc-on")
+    run_skyferry(blob, "warm", encrypt=True, master_keys=spec)  # start-up, untimed
+    clean()
+    off, on = abba(("encryption off", plain), ("encryption on", sealed), PAIRS, between=clean)
+    value = ratio(on.median, off.median)
+    record(Figure("encrypt_time_ratio", value,
+                  f"{SIZE / GIB:.0f} GiB binary file to 3 local nodes: the median run with "
+                  "encryption at rest (AES-256-GCM, 64 KiB segments) over the median without",
+                  "the same run, encryption off", [on, off], "<= 1.10", value <= 1.10))
+    peaks: dict[str, float] = {}
+    for label, extra in (("off", []), ("on", ["--encrypt", "--keys", spec])):
+        home = fresh_home(f"enc-mem-{label}")
+        peaks[label] = cli("run", str(blob.parent), "--dataset", "blob", *extra,
+                           home=home).peak_mb
+        shutil.rmtree(home, ignore_errors=True)
+    record(Figure("peak_run_encrypted_mb", round(peaks["on"], 1),
+                  f"whole-tree peak memory of `skyferry run --encrypt` of the {SIZE / GIB:.0f} "
+                  "GiB binary file", target=f"<= {peaks['off'] * 1.1:.0f} (unencrypted "
+                  f"{peaks['off']:.0f} MB + 10%)", met=peaks["on"] <= peaks["off"] * 1.1))
 
 
 def rclone(blob: Path) -> None:
@@ -752,6 +795,7 @@ def main() -> None:
     sections: list[tuple[str, Callable[[], None]]] = [
         ("startup", lambda: startup(data)),
         ("binary", lambda: binary(blob)),
+        ("encryption", lambda: encryption(blob)),
         ("rclone", lambda: rclone(blob)),
         ("csv", lambda: csv(csv_file)),
         ("small", lambda: small_files(data, blob)),

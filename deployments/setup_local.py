@@ -7,6 +7,10 @@
   pools made from ``deployments/job-templates/`` instead (a production server).
 - The block types skyferry uses (``StorageNode`` and the integrations' credentials blocks), and
   one ``StorageNode`` block per node of the topology, named after the node.
+- With ``--alert-url URL`` (or ``SKYFERRY_ALERT_URL``): a webhook notification block
+  ``skyferry-alerts`` that posts ``{"text": subject and body}`` to URL (a Slack incoming
+  webhook takes it as it is), and the automations of ``deployments/alerts.yaml`` that send
+  through it (those of the same names are replaced).
 
 It is idempotent: existing pools are left as they are, and blocks are overwritten.
 Point it at a server with ``PREFECT_API_URL``.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -62,11 +67,45 @@ def register_block_types() -> list[str]:
     return [k.get_block_type_slug() for k in kinds]
 
 
+ALERTS = ROOT / "deployments" / "alerts.yaml"
+ALERT_BLOCK = "skyferry-alerts"
+
+
+def create_alerts(url: str) -> list[str]:
+    """The webhook block and the alert automations; returns the automations' names."""
+    import yaml
+    from prefect.automations import Automation, EventTrigger, SendNotification
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    block = CustomWebhookNotificationBlock(  # the URL (Slack's holds a token) kept secret
+        name=ALERT_BLOCK, url="{{webhook_url}}", secrets={"webhook_url": url},
+        json_data={"text": "{{subject}}\n{{body}}"})
+    block_id = block.save(ALERT_BLOCK, overwrite=True)
+    specs = yaml.safe_load(ALERTS.read_text())["automations"]
+    names = []
+    with get_client(sync_client=True) as client:
+        existing = {a.name: a.id for a in client.read_automations()}
+    for spec in specs:
+        if spec["name"] in existing:
+            Automation.read(id=existing[spec["name"]]).delete()
+        Automation(
+            name=spec["name"], description=spec["description"],
+            trigger=EventTrigger(posture="Reactive", threshold=1, **spec["trigger"]),
+            actions=[SendNotification(block_document_id=block_id, subject=spec["subject"],
+                                      body=spec["body"])],
+        ).create()
+        names.append(spec["name"])
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--topology", help="topology YAML (default: the embedded one)")
     parser.add_argument("--cloud-pools", action="store_true",
                         help="ECS / Cloud Run / ACI pools instead of local process pools")
+    parser.add_argument("--alert-url", default=os.environ.get("SKYFERRY_ALERT_URL"),
+                        help="a webhook (Slack's incoming webhook, or any HTTP receiver) for "
+                             "the alert automations of deployments/alerts.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     topology = load_topology(args.topology)
@@ -87,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                     timeout_s=node.timeout_s).save(node.name, overwrite=True)
         logger.info("block skyferry-storage-node/%s: saved (%s, %s)", node.name, node.cloud,
                     node.url)
+    if args.alert_url:
+        for name in create_alerts(args.alert_url):
+            logger.info("automation %s: sends to block %s", name, ALERT_BLOCK)
+    else:
+        logger.info("no --alert-url: no alert automations (see docs/operations.md)")
     return 0
 
 

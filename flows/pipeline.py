@@ -27,6 +27,7 @@ from prefect.exceptions import MissingResult
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.alerts import emit_budget_refused, emit_run_alerts
 from flows.common import emit_node_events, event, ref
 from flows.dispatch import Dispatched, dispatch_to_pools, run_in_process
 from flows.ephemeral import guard_ephemeral_api, run_settings
@@ -34,7 +35,13 @@ from flows.live import LiveStatus, create_live_status
 from flows.shares import ShareReport
 from skyferry.commit.lease import DatasetLease
 from skyferry.config import PipelineConfig, Settings, get_settings
-from skyferry.errors import PlacementError, SkyferryError, StageError, failing_as
+from skyferry.errors import (
+    EgressBudgetError,
+    PlacementError,
+    SkyferryError,
+    StageError,
+    failing_as,
+)
 from skyferry.memory import tune_allocator
 from skyferry.metrics import PipelineResult
 from skyferry.models import ChunkPlan, StoredChunk
@@ -121,7 +128,11 @@ def _run_batch(setup: RunSetup, started: float) -> PipelineResult:
                     costs.egress_usd, "unknown" if costs.eta_s is None
                     else f"{costs.eta_s:.1f} s")
         with failing_as("setup", dataset=config.dataset, batch_id=batch):
-            check_budget(costs, config.max_egress_usd)
+            try:
+                check_budget(costs, config.max_egress_usd)
+            except EgressBudgetError as exc:
+                emit_budget_refused(config, exc.planned_usd, exc.limit_usd)
+                raise
     # planning the chunks; placing them raises as distribution's
     with failing_as("ingestion", dataset=config.dataset, batch_id=batch):
         run = with_retries(plan_batch)(ref(setup), ref(listing.files))
@@ -174,6 +185,7 @@ def _move_and_commit(run: BatchRun, skipped_files: list[str], started: float,
             logger.warning("snapshot %s was not published as tables: %s", snapshot, exc)
             result.tables_skipped = [str(exc)]
     publish_artifacts(result)
+    emit_run_alerts(result)
     logger.info("committed %s: %d chunks, %d rows stored, %d rejected", key,
                 len(manifest.chunks), result.rows_stored, result.rows_rejected,
                 extra=event(config, "storage", plan.batch_id))

@@ -181,6 +181,12 @@ def run(
     max_egress_usd: Annotated[Optional[float], typer.Option(
         "--max-egress-usd", min=0, help="refuse the run, before anything is written, when "
         "its plan's egress costs more (see skyferry plan)")] = None,
+    encrypt: Annotated[Optional[bool], typer.Option(
+        "--encrypt/--no-encrypt", help="encrypt every stored chunk (default: as the "
+        "topology's encryption section says)")] = None,
+    keys: Annotated[Optional[str], typer.Option(
+        "--keys", help="where the master keys are: file:PATH, env:VARIABLE or block:NAME")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v",
                                           help="show Prefect's tracebacks of a failure")] = False,
@@ -196,6 +202,7 @@ def run(
             chunk_size=parse_size(chunk_size), replicas=replicas, quorum=quorum,
             min_clouds=min_clouds, transforms=transform or [], schema_path=schema,
             source_cloud=source_cloud, strict=strict, max_egress_usd=max_egress_usd,
+            encrypt=encrypt, master_keys=keys,
         )
         open_run(config)  # the dataset name, topology, schema and transforms, before Prefect
     except (ValueError, SkyferryError) as exc:
@@ -278,6 +285,9 @@ def export(
     as_of: Annotated[Optional[str], typer.Option(
         "--as-of", help="the newest snapshot made at or before this time (ISO 8601)")] = None,
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    keys: Annotated[Optional[str], typer.Option(
+        "--keys", help="an encrypted dataset's master keys: file:PATH, env:VARIABLE or "
+        "block:NAME (default: SKYFERRY_KEYS, then the topology's)")] = None,
 ) -> None:
     """Read a committed dataset back, verifying every chunk, and write it to a file."""
     from skyferry.ops.export import export_dataset
@@ -285,7 +295,8 @@ def export(
     try:
         topo = load_topology(topology)
         report = export_dataset(dataset, to, batch_id=batch, topology=topo,
-                                snapshot=_snapshot_ref(topo, dataset, snapshot, as_of))
+                                snapshot=_snapshot_ref(topo, dataset, snapshot, as_of),
+                                keys=keys)
     except SkyferryError as exc:
         _fail(exc)
     at = f" (snapshot {report.snapshot})" if report.snapshot else ""
@@ -860,6 +871,9 @@ def repair(
     lost: Annotated[Optional[list[str]], typer.Option(
         "--lost", help="a node known to have lost its data: its replicas are re-created "
         "elsewhere although its listing is empty (repeat for more)")] = None,
+    node: Annotated[Optional[str], typer.Option(
+        "--node", help="only the batches with a replica or a hint on this node (one that came "
+        "back)")] = None,
 ) -> None:
     """Re-create missing and damaged replicas from good ones, and replay hints. Exit 0: every
     chunk has R verified replicas; 1: a chunk is unrecoverable or short, or the repair
@@ -870,7 +884,7 @@ def repair(
     try:
         topo = load_topology(topology)
         report = repair_dataset(topo, dataset, batch_id=batch, deep=deep,
-                                max_node_share=max_node_share, lost=lost or (),
+                                max_node_share=max_node_share, lost=lost or (), node=node,
                                 probe_timeout_s=get_settings().probe_timeout_s,
                                 snapshot=_snapshot_ref(topo, dataset, snapshot, as_of))
     except SkyferryError as exc:
@@ -979,6 +993,46 @@ def demo(
     console.print(f"read back {report.chunks} verified chunks, {report.rows} rows -> {target}")
     console.print(json.dumps({"status": result.status, "rows_stored": result.rows_stored,
                               "rows_rejected": result.rows_rejected}))
+
+
+@app.command()
+def rekey(
+    dataset: Annotated[str, typer.Argument(help="dataset name")],
+    to: Annotated[str, typer.Option("--to", help="the master key id to wrap every data key by")],
+    keys: Annotated[Optional[str], typer.Option(
+        "--keys", help="master keys holding the old and the new key: file:PATH, env:VARIABLE "
+        "or block:NAME (default: SKYFERRY_KEYS, then the topology's)")] = None,
+    topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+) -> None:
+    """Wrap every data key of an encrypted dataset by master key TO alone; no data object
+    is rewritten. Then the old master key can be retired."""
+    from skyferry.ops.rekey import rekey_dataset
+
+    try:
+        report = rekey_dataset(load_topology(topology), dataset, to=to, keys=keys)
+    except SkyferryError as exc:
+        _fail(exc)
+    console.print(f"{dataset}: {report.chunks} data keys wrapped by {to} in "
+                  f"{len(report.manifests)} manifests; {report.unchanged} unchanged; no data "
+                  "object rewritten")
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="Master keys for encryption at rest.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    key_id: Annotated[str, typer.Argument(help="the new key's id, e.g. team-2026")],
+) -> None:
+    """Print a new random 256-bit master key as one id:base64 line, for a key file or an
+    environment variable (keep it secret: whoever holds it reads the data)."""
+    from skyferry.crypto import new_master_key
+
+    try:
+        typer.echo(new_master_key(key_id))
+    except SkyferryError as exc:
+        _fail(exc)
 
 
 api_app = typer.Typer(no_args_is_help=True,

@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     retry_delays: list[float] = Field(
         default=[1.0, 4.0, 16.0], description="Backoff between retries of I/O tasks."
     )
+    retry_jitter: float = Field(
+        default=0.5, ge=0,
+        description="Prefect's retry_jitter_factor for those retries: a delay d becomes a "
+                    "random delay of at most d × (1 + this) averaging d, so tasks that failed "
+                    "together do not retry together.")
     probe_timeout_s: float = Field(default=5.0, gt=0, description="Node probe timeout.")
     chunks_per_task: int = Field(
         default=4, ge=1,
@@ -236,6 +241,14 @@ class PipelineConfig(BaseModel):
         description="A child's claim on a unit of work expires this long after its last "
                     "renewal (it renews every third of it); another child then takes the unit.",
     )
+    encrypt: bool | None = Field(
+        default=None,
+        description="Encrypt what the run stores (AES-256-GCM, a data key per chunk wrapped by "
+                    "the master keys); None: as the topology's encryption says.")
+    master_keys: str | None = Field(
+        default=None,
+        description="Where the master keys are (file:PATH, env:VARIABLE or block:NAME); "
+                    "replaces the topology's encryption.master_keys.")
     child_start_timeout_s: float = Field(
         default=120.0, gt=0,
         description="A child run no worker picked up within this time is cancelled, and its "

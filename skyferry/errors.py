@@ -49,12 +49,14 @@ __all__ = [
     "BatchIdReusedError",
     "BatchNotFoundError",
     "ConfigError",
+    "DecryptionError",
     "EgressBudgetError",
     "EmptySourceError",
     "FormatError",
     "InsufficientCloudsError",
     "InsufficientNodesError",
     "IntegrityError",
+    "KeyUnavailableError",
     "ManifestConflictError",
     "ManifestError",
     "ManifestQuorumError",
@@ -242,6 +244,19 @@ class IntegrityError(SkyferryError, TerminalException):
         self.dataset = dataset
         self.batch_id = batch_id
         self.chunk = chunk
+
+
+class KeyUnavailableError(SkyferryError, TerminalException):
+    """A master key is missing, unreadable, or not the one a data key was wrapped by."""
+
+    def __init__(self, message: str, *, key_id: str | None) -> None:
+        super().__init__(message)
+        self.key_id = key_id
+
+
+class DecryptionError(SkyferryError, TerminalException):
+    """An encrypted object fails its checks: a changed, cut or reordered segment, or a key
+    that does not open it. Nothing of the object is yielded."""
 
 
 class ReplicasAtRiskError(SkyferryError, TerminalException):

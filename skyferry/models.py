@@ -12,6 +12,7 @@ __all__ = [
     "ChunkPlan",
     "ReplicaRecord",
     "ReplicaState",
+    "SealedChunk",
     "SourceFile",
     "StoredChunk",
 ]
@@ -74,6 +75,17 @@ class ReplicaRecord(_Record):
     state: ReplicaState
 
 
+class SealedChunk(_Record):
+    """How an encrypted chunk is opened. Its replicas hold ciphertext: the chunk's ``digest``,
+    ``size`` and ``md5`` are the ciphertext's, so verify and repair need no key."""
+
+    key_id: str = Field(description="the data key's id, as the object's header holds it (hex)")
+    wrapped: dict[str, str] = Field(description="master key id -> the data key wrapped by it "
+                                 "(AES-256-GCM, base64)")
+    plain_digest: str = Field(description="BLAKE3 of the plaintext, checked after decryption")
+    plain_size: int
+
+
 class StoredChunk(_Record):
     index: int
     key: str
@@ -99,6 +111,8 @@ class StoredChunk(_Record):
     md5: str | None = Field(
         default=None, description="MD5 of the bytes, kept when a store that checksums uploads "
         "holds a replica: a verify compares it with the store's own checksum, reading nothing")
+    sealed: SealedChunk | None = Field(
+        default=None, description="set when the chunk is encrypted at rest (skyferry/crypto.py)")
     columns: str | None = Field(
         default=None, description="the stored file's Arrow schema (base64 of Arrow's "
         "serialization): readers resolve the dataset's schema from these without reading a "

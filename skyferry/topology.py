@@ -247,6 +247,15 @@ class Prices(BaseModel):
     negotiated: list[NegotiatedEgress] = Field(default_factory=list)
 
 
+class Encryption(BaseModel):
+    """Client-side encryption at rest of every chunk a run stores (skyferry/crypto.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    master_keys: str = Field(..., description="Where the master keys are: file:PATH, env:VARIABLE "
+                      "or block:NAME (a Prefect Secret block); never the keys themselves.")
+
+
 class Topology(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -262,6 +271,8 @@ class Topology(BaseModel):
         description="Nodes whose cost from the source is within this much of a cheaper "
         "node's share its tier: placement spreads bytes evenly across a tier")
     prices: Prices = Field(default_factory=Prices)
+    encryption: Encryption | None = Field(
+        default=None, description="Set: every run encrypts what it stores with these keys.")
     _settings: Settings | None = PrivateAttr(default=None)  # see bind()
 
     @model_validator(mode="after")

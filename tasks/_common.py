@@ -33,19 +33,21 @@ def io_task(name: str) -> Any:
     return task(name=name, retry_condition_fn=retry_transient, cache_policy=NONE)
 
 
-_configured: dict[tuple[int, tuple[float, ...]], Any] = {}
+_configured: dict[tuple[int, tuple[float, ...], float], Any] = {}
 _configured_lock = threading.Lock()
 
 
 def with_retries(io: Any) -> Any:
-    """``io`` with the backoff of the current settings (``SKYFERRY_RETRY_DELAYS``), read
-    now, not when the task was defined."""
-    delays = tuple(get_settings().retry_delays)
-    key = (id(io), delays)
+    """``io`` with the backoff of the current settings (``SKYFERRY_RETRY_DELAYS``, jittered
+    by ``SKYFERRY_RETRY_JITTER``), read now, not when the task was defined."""
+    settings = get_settings()
+    delays = tuple(settings.retry_delays)
+    key = (id(io), delays, settings.retry_jitter)
     with _configured_lock:
         if key not in _configured:
-            _configured[key] = io.with_options(retries=len(delays),
-                                               retry_delay_seconds=list(delays))
+            _configured[key] = io.with_options(
+                retries=len(delays), retry_delay_seconds=list(delays),
+                retry_jitter_factor=settings.retry_jitter or None)
         return _configured[key]
 
 

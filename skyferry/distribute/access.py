@@ -24,20 +24,32 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol
 
 from skyferry.commit.manifest import Catalog, Manifest
+from skyferry.crypto import (
+    HEADER_SIZE,
+    SEGMENT,
+    TAG,
+    DataKey,
+    Decryptor,
+    Keyring,
+    chunk_context,
+    load_keyring,
+)
 from skyferry.errors import (
+    DecryptionError,
     IntegrityError,
+    KeyUnavailableError,
     ObjectNotFoundError,
     ReplicaVerificationError,
     StorageError,
     TopologyError,
 )
 from skyferry.hashing import content_hash, new_hasher
-from skyferry.models import StoredChunk
+from skyferry.models import SealedChunk, StoredChunk
 from skyferry.storage import Store
 from skyferry.topology import Node, Topology
 
@@ -75,11 +87,20 @@ class ReplicaRef:
     digest: str
     size: int
     nodes: tuple[str, ...]  # its verified replicas, in the order to try
+    sealed: SealedChunk | None = field(default=None, kw_only=True)  # encrypted: how to open
 
     @classmethod
     def of(cls, manifest: Manifest, chunk: StoredChunk) -> ReplicaRef:
         return cls(manifest.dataset, manifest.batch_id, chunk.index, chunk.key, chunk.digest,
-                   chunk.size, tuple(r.node for r in chunk.verified))
+                   chunk.size, tuple(r.node for r in chunk.verified), sealed=chunk.sealed)
+
+    @property
+    def plain(self) -> tuple[str, int]:
+        """What the chunk's readable bytes hash to, and their size (the stored bytes', unless
+        they are encrypted)."""
+        if self.sealed is None:
+            return self.digest, self.size
+        return self.sealed.plain_digest, self.sealed.plain_size
 
     @property
     def where(self) -> str:
@@ -103,11 +124,37 @@ class Replicas:
     was read from another replica than the first, and why."""
 
     def __init__(self, topology: Topology, catalog: Catalog | None = None, *,
-                 on_bytes: Callable[[str, int], None] | None = None) -> None:
+                 on_bytes: Callable[[str, int], None] | None = None,
+                 keys: str | None = None) -> None:
         self.topology, self.catalog, self.on_bytes = topology, catalog, on_bytes
         self.failovers: list[str] = []
         self._noted: set[tuple[str, str, int, str]] = set()
         self._lock = threading.Lock()
+        self._keys = keys
+        self._keyring: Keyring | None = None
+
+    def keyring(self, ref: ReplicaRef) -> Keyring:
+        """The master keys that open ``ref`` (loaded once): ``keys``, else
+        ``SKYFERRY_KEYS``, else the topology's ``encryption.master_keys``."""
+        with self._lock:
+            if self._keyring is None:
+                spec = (self._keys or os.environ.get("SKYFERRY_KEYS")
+                        or (self.topology.encryption.master_keys if self.topology.encryption
+                            else None))
+                if not spec:
+                    wrapped = ", ".join(sorted(ref.sealed.wrapped)) if ref.sealed else "none"
+                    raise KeyUnavailableError(
+                        f"{ref.where} is encrypted (master key {wrapped}) and no keys are "
+                        "given: pass --keys, set SKYFERRY_KEYS or the topology's "
+                        "encryption.master_keys", key_id=wrapped)
+                self._keyring = load_keyring(spec)
+            return self._keyring
+
+    def data_key(self, ref: ReplicaRef) -> DataKey:
+        """The data key of an encrypted chunk, unwrapped; a typed error naming the master
+        key it needs when none of this process's opens it."""
+        assert ref.sealed is not None
+        return self.keyring(ref).unwrap(bytes.fromhex(ref.sealed.key_id), ref.sealed.wrapped)
 
     def store(self, node: str) -> Store:
         return node_store(self.topology.node(node))
@@ -151,14 +198,15 @@ class Replicas:
         the chunk's own) first to last, and commit the first whose bytes hash right;
         return the node read."""
         problems: list[str] = []
+        key = self.data_key(ref) if ref.sealed is not None else None  # before any byte
         for node in order if order is not None else ref.nodes:
-            out = output()
+            out = output() if key is None else _Opening(output(), key, ref)
             try:
                 offset = 0
                 for block in self.verified_blocks(node, ref):
                     out.write(offset, block)
                     offset += len(block)
-            except (StorageError, TopologyError) as exc:
+            except (StorageError, TopologyError, DecryptionError) as exc:
                 out.discard()
                 problems.append(f"{node}: {exc}")
                 self.suspect(ref, node, str(exc))
@@ -205,6 +253,64 @@ class Replicas:
         except StorageError as exc:
             logger.warning("could not note the bad replica of %s on %s: %s", ref.where, node,
                            exc)
+
+
+class _Opening:
+    """An encrypted chunk's bytes in, its plaintext out to ``inner``. Each segment is
+    checked as it arrives (a changed, moved or cut segment raises at once), the plaintext
+    is hashed, and ``inner`` commits only when all of it matches the manifest."""
+
+    def __init__(self, inner: ChunkOutput, key: DataKey, ref: ReplicaRef) -> None:
+        assert ref.sealed is not None
+        self.inner, self.key, self.ref, self.sealed = inner, key, ref, ref.sealed
+        self._pending = bytearray()
+        self._decryptor: Decryptor | None = None
+        self._segment = 0
+        self._at = 0
+        self._hasher = new_hasher()
+
+    def _emit(self, data: bytes) -> None:
+        assert self._decryptor is not None
+        step = SEGMENT + TAG
+        plain = self._decryptor.open(self._segment, data)
+        self._segment += -(-len(data) // step)
+        self._hasher.update(plain)
+        self.inner.write(self._at, plain)
+        self._at += len(plain)
+
+    def write(self, offset: int, block: bytes) -> None:
+        self._pending += block
+        if self._decryptor is None:
+            if len(self._pending) < HEADER_SIZE:
+                return
+            self._decryptor = Decryptor(self.key, chunk_context(self.ref.key, self.ref.batch_id),
+                                        bytes(self._pending[:HEADER_SIZE]),
+                                        self.sealed.plain_size)
+            del self._pending[:HEADER_SIZE]
+        whole = len(self._pending) // (SEGMENT + TAG) * (SEGMENT + TAG)
+        if whole:
+            data = bytes(self._pending[:whole])
+            del self._pending[:whole]
+            self._emit(data)
+
+    def discard(self) -> None:
+        self.inner.discard()
+
+    def commit(self) -> None:
+        try:
+            if self._decryptor is None:
+                raise DecryptionError(f"{self.ref.where} is shorter than an encrypted header")
+            if self._pending:
+                self._emit(bytes(self._pending))
+                self._pending.clear()
+            if (self._segment != self._decryptor.segments or self._at != self.sealed.plain_size
+                    or self._hasher.hexdigest() != self.sealed.plain_digest):
+                raise DecryptionError(f"{self.ref.where} opened to other bytes than the "
+                                      "manifest's plaintext hash")
+        except BaseException:
+            self.inner.discard()
+            raise
+        self.inner.commit()
 
 
 class WriteTarget(Protocol):

@@ -67,7 +67,8 @@ class DatasetReader:
 
     def __init__(self, dataset: str, *, topology: Topology | None = None,
                  batch_id: str | None = None, spool: Path | None = None,
-                 snapshot: str | None = None, pin_ttl_s: float | None = PIN_TTL_S) -> None:
+                 snapshot: str | None = None, pin_ttl_s: float | None = PIN_TTL_S,
+                 keys: str | None = None) -> None:
         self.dataset = dataset
         self.pin_ttl_s = pin_ttl_s  # the snapshot is pinned while the reader reads (None: not)
         self._pin: SnapshotPin | None = None
@@ -78,7 +79,7 @@ class DatasetReader:
         self.batch_id = batch_id
         self.spool = spool
         self.report = ExportReport()
-        self.replicas = Replicas(self.topology, self.catalog)
+        self.replicas = Replicas(self.topology, self.catalog, keys=keys)
         self.replicas.failovers = self.report.failovers
         self._manifests: list[Manifest] | None = None
         self._live: dict[str, LiveSource] | None = None
@@ -294,14 +295,15 @@ def _export_binary(reader: DatasetReader, target: Path) -> None:
 
 
 def export_dataset(dataset: str, to: str | Path, *, batch_id: str | None = None,
-                   topology: Topology | None = None, snapshot: str | None = None
-                   ) -> ExportReport:
+                   topology: Topology | None = None, snapshot: str | None = None,
+                   keys: str | None = None) -> ExportReport:
     """Write the dataset (as ``snapshot`` holds it; None: the newest) to ``to``: Parquet, or
-    CSV/JSONL by extension (a folder for binary)."""
+    CSV/JSONL by extension (a folder for binary). An encrypted dataset is opened with the
+    master keys at ``keys`` (else ``SKYFERRY_KEYS``, else the topology's)."""
     target = Path(to)
     # a table chunk is read into a file beside the target before it is decoded
     with DatasetReader(dataset, topology=topology, batch_id=batch_id, spool=target.parent,
-                       snapshot=snapshot) as reader:
+                       snapshot=snapshot, keys=keys) as reader:
         return _export(reader, dataset, target)
 
 

@@ -91,6 +91,10 @@ def _readable_chunks(manifests: Sequence[Manifest], dataset: str) -> list[Stored
             if chunk.format == "binary":
                 raise TableError(f"{dataset} holds binary chunks: no table can read them",
                                  dataset=dataset)
+            if chunk.sealed is not None:
+                raise TableError(f"{dataset} is encrypted at rest: an Iceberg or Delta reader "
+                                 "cannot open its chunks (export it, or read it with skyferry)",
+                                 dataset=dataset)
             keep = live_parts(manifest, chunk, live)
             if all(keep):
                 chunks.append(chunk)

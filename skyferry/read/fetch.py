@@ -293,11 +293,12 @@ class Fetcher:
     """Verified local copies of planned chunks, read from the cheapest replica first."""
 
     def __init__(self, topology: Topology, catalog: Catalog, cache: ChunkCache,
-                 place: Place) -> None:
+                 place: Place, keys: str | None = None) -> None:
         self.topology, self.catalog, self.cache = topology, catalog, cache
         self.report = ReadReport(place)
         self.chosen: dict[str, tuple[str, ...]] = {}  # digest -> replicas, in the order to try
-        self.replicas = Replicas(topology, catalog, on_bytes=self._account)
+        # an encrypted chunk is opened as it lands: the cache holds its verified plaintext
+        self.replicas = Replicas(topology, catalog, on_bytes=self._account, keys=keys)
         self.replicas.failovers = self.report.failovers
         self._lock = threading.Lock()
 
@@ -348,8 +349,7 @@ class Fetcher:
     def _verified(self, chunk: PlannedChunk) -> Mapped:
         """The cached Parquet file of ``chunk``, hashed now, or fetched (under its lock)."""
         path = self.cache.path(chunk.digest)
-        mapped = self._cached(chunk, path, (chunk.digest, chunk.size), "cached copy",
-                              "fetching it again")
+        mapped = self._cached(chunk, path, chunk.plain, "cached copy", "fetching it again")
         if mapped is not None:
             return mapped
         path.unlink(missing_ok=True)

@@ -275,7 +275,8 @@ def plan_epoch(manifests: Sequence[Manifest], *, seed: int, epoch: int,
             chunks.append(PlannedChunk(
                 dataset=manifest.dataset, batch_id=manifest.batch_id, index=chunk.index,
                 key=chunk.key, digest=chunk.digest, size=chunk.size,
-                nodes=tuple(r.node for r in chunk.verified), ranges=tuple(ranges), rows=rows))
+                nodes=tuple(r.node for r in chunk.verified), ranges=tuple(ranges), rows=rows,
+                sealed=chunk.sealed))
     return shuffle_chunks(chunks, seed=seed, epoch=epoch, block_rows=block_rows)
 
 

@@ -76,6 +76,8 @@ class ReaderConfig:
     # the reader pins its snapshot while it reads (gc keeps it), renewing the pin every third
     # of this; None: no pin
     pin_ttl_s: float | None = PIN_TTL_S
+    keys: str | None = None  # an encrypted dataset's master keys (file:, env:, block:); None:
+    # SKYFERRY_KEYS, then the topology's encryption.master_keys
 
 
 class TrainingReader:
@@ -101,7 +103,8 @@ class TrainingReader:
         self._pin: SnapshotPin | None = None
         root = config.cache_dir or self.topology.settings.home / "cache" / "chunks"
         self.fetcher = Fetcher(self.topology, self.catalog, ChunkCache(root, config.cache_limit),
-                               reader_place(self.topology, config.cloud, config.region))
+                               reader_place(self.topology, config.cloud, config.region),
+                               keys=config.keys)
         self.consumed = 0  # rows of the epoch read by every rank before this reader started
         self.batches_read = 0  # batches this rank has yielded since then
         self._plan: ReadPlan | None = None

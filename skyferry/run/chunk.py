@@ -29,6 +29,7 @@ from skyferry.models import ChunkPlan, StoredChunk
 from skyferry.process.clean import ChunkEncoder, ProcessOutput
 from skyferry.process.encode import SchemaDrift
 from skyferry.run.context import BatchRun
+from skyferry.run.sealing import Sealer, Sealing, chunk_context
 from skyferry.stages import Stage
 
 __all__ = ["CHUNK_STAGES", "ChunkProgress", "Moved", "move_chunk"]
@@ -54,6 +55,7 @@ class ChunkProgress:
     done: tuple[str, ...] = ()  # nodes holding a verified replica from an earlier attempt
     expect: tuple[str, int] | None = None  # the chunk's (digest, size), once produced
     columns: Any = None  # the Parquet columns, when the chunk's had to widen
+    sealing: Sealing | None = None  # encrypted: the chunk's data key, for every attempt
     timings: dict[Stage, list[float]] = field(default_factory=dict)
     moved: Moved | None = None
 
@@ -95,17 +97,24 @@ class _Stream:
         self.out: ProcessOutput | None = None
         self.seconds: dict[Stage, float] = {stage: 0.0 for stage in CHUNK_STAGES}
         self._writing = 0.0  # time of this pass spent handing blocks to the replicas
+        self.sealing: Sealing | None = None
+        self.sealer: Sealer | None = None  # this pass's encryption, when the run encrypts
 
     def __call__(self, fan: FanOut) -> None:
         run, chunk = self.run, self.chunk
         self._writing = 0.0
         self.sections = _Sections()  # an earlier pass's failures (a drift) are not kept
+        if self.sealing is not None:  # a binary chunk's plaintext hash is its source hash
+            self.sealer = self.sealing.sealer(
+                chunk_context(run.plan.key(chunk), run.plan.batch_id),
+                hash_plain=chunk.format != "binary")
         with self.sections("ingestion"):
             source = SourceStream(chunk, run.config.source_options,
                                   run.setup.settings.block_size)
         if chunk.format == "binary":
             for block in self._blocks(source):
                 self._put(fan, block.data)
+            self._seal(fan)
             self.source, self.out = source, ProcessOutput()
             self._account(source, 0.0)
             return
@@ -118,6 +127,7 @@ class _Stream:
                 encoder.add(block.part, block.data, block.header, block.offset)
         with self.sections("processing"):
             out = encoder.close(chunk.parts)
+        self._seal(fan)
         self.source, self.out = source, out
         self._account(source, encoder.seconds)
 
@@ -138,7 +148,16 @@ class _Stream:
     def _put(self, fan: FanOut, data: Any) -> None:
         began = time.perf_counter()
         with self.sections("distribution"):
-            fan.write(data)
+            fan.write(data if self.sealer is None else self.sealer.update(data))
+        self._writing += time.perf_counter() - began
+
+    def _seal(self, fan: FanOut) -> None:
+        """The last segment, when the pass encrypts."""
+        if self.sealer is None:
+            return
+        began = time.perf_counter()
+        with self.sections("distribution"):
+            fan.write(self.sealer.finish())
         self._writing += time.perf_counter() - began
 
 
@@ -170,6 +189,9 @@ def _store(chunk: ChunkPlan, run: BatchRun, attempt: int, progress: ChunkProgres
         run.writer.recheck(list(chunk.nodes), run.setup.settings.probe_timeout_s)
     key = run.plan.key(chunk)
     stream.columns = progress.columns
+    if run.setup.keyring is not None and progress.sealing is None:
+        progress.sealing = Sealing(run.setup.keyring)
+    stream.sealing = progress.sealing
     began = time.perf_counter()
     try:
         while True:
@@ -182,6 +204,8 @@ def _store(chunk: ChunkPlan, run: BatchRun, attempt: int, progress: ChunkProgres
                 logger.info("chunk %s: its columns widen to %s; it is encoded again",
                             chunk.index, drift.schema)
                 stream.columns = progress.columns = drift.schema
+                if progress.sealing is not None:  # other plaintext: never the same nonces
+                    progress.sealing.renew()
     finally:  # the rest of the write's time: handing blocks over, commits, verification
         stream.seconds["distribution"] = max(0.0, time.perf_counter() - began - stream.seconds[
             "ingestion"] - stream.seconds["processing"])
@@ -206,6 +230,8 @@ def _record(chunk: ChunkPlan, run: BatchRun, key: str, attempt: int, stream: _St
         part_rows=() if binary else tuple(out.part_rows), replicas=tuple(outcome.replicas),
         node_failures=outcome.node_failures, attempts=attempt, md5=outcome.md5,
         at_risk=outcome.at_risk,
+        sealed=(stream.sealer.record(source.digest if binary else None)
+                if stream.sealer is not None else None),
         columns=encode_schema(out.columns) if out.columns is not None else None,
     )
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from skyferry.commit.manifest import BatchPlan, Catalog, open_catalog
 from skyferry.config import PipelineConfig, Settings, get_settings
+from skyferry.crypto import Keyring, run_keyring
 from skyferry.distribute.access import mark_nodes
 from skyferry.distribute.detector import DetectorConfig, FailureDetector
 from skyferry.distribute.placement import NodeHealth, Placer
@@ -47,6 +48,7 @@ class RunSetup:
     schema: Schema | None
     transforms: tuple[tuple[str, Transform], ...]
     source_cloud: str
+    keyring: Keyring | None = None  # set: every chunk is encrypted with a key it wraps
     health: NodeHealth = field(default_factory=NodeHealth)
     recorder: StageRecorder = field(default_factory=StageRecorder)
     # The window: chunks whose bytes are in this process at once (what bounds memory).
@@ -124,6 +126,7 @@ def open_run(config: PipelineConfig, settings: Settings | None = None) -> RunSet
     return RunSetup(
         config=config,
         settings=settings,
+        keyring=run_keyring(config.encrypt, config.master_keys, topology.encryption),
         topology=topology,
         catalog=open_catalog(topology),
         schema=schema,

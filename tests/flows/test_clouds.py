@@ -185,6 +185,45 @@ def _artifacts_text() -> str:
     return "\n".join(str(a.get("data")) + str(a.get("description")) for a in artifacts)
 
 
+def test_encrypted_run_leaves_no_plaintext_on_any_cloud(
+        clouds: sf_servers.CloudEnv, topology: Path, home: Path, tmp_path: Path) -> None:
+    from skyferry.crypto import MAGIC, new_master_key
+
+    keys = tmp_path / "master.keys"
+    keys.write_text(new_master_key("platform-1") + "\n")
+    source = _source(clouds, tmp_path, 3000)
+    result = run_pipeline(_config(source, topology, "xenc", encrypt=True, replicas=5,
+                                  quorum=5, master_keys=f"file:{keys}"))  # on every node
+    assert result.status == "completed", result.error
+    manifest = _manifest("xenc")
+    topo = load_topology(str(topology))
+    known = [b"category", b"bird", b"label"]  # in every plain Parquet chunk of this source
+    seen = 0
+    for chunk in manifest.chunks:
+        assert chunk.sealed is not None
+        for record in chunk.verified:  # each cloud's own SDK reads what the node holds
+            blob = _sdk_get(clouds, record.node, chunk.key)
+            assert blob is not None and blob[:8] == MAGIC, (record.node, chunk.key)
+            assert blake3.blake3(blob).hexdigest() == chunk.digest
+            assert not [v for v in known if v in blob]
+            seen += 1
+    assert seen == 5 * len(manifest.chunks)
+    for node in topo.nodes:  # every object of every node: no data in the clear
+        store = node.open_store()
+        for info in store.list(""):
+            if info.key.endswith(".parquet"):
+                body = store.get(info.key)
+                assert body[:8] == MAGIC and not [v for v in known if v in body], info.key
+
+    out = tmp_path / "back.parquet"
+    export_dataset("xenc", out, topology=topo, keys=f"file:{keys}")
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    local = pd.read_csv(tmp_path / "train.csv")
+    assert sorted(pq.read_table(out).column("id").to_pylist()) == sorted(local["id"])
+
+
 def test_azure_killed_mid_run(clouds: sf_servers.CloudEnv, topology: Path, tmp_path: Path,
                               monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.helpers import sf_faults

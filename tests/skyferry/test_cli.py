@@ -99,3 +99,36 @@ def test_nodes_watch_shows_the_failure_detectors_states(home: Path, tmp_path: Pa
     assert "healthy" in rows["fine"] and "down" in rows["broken"]
     assert "broken down: 2 probes in a row failed" in out.output or \
         "broken down: probe failed" in out.output
+
+
+def test_encrypted_run_export_and_rekey_from_the_command_line(home: Path,
+                                                               tmp_path: Path) -> None:
+    new_key = runner.invoke(app, ["keys", "new", "ops-1"])
+    assert new_key.exit_code == 0 and new_key.output.startswith("ops-1:")
+    second = runner.invoke(app, ["keys", "new", "ops-2"]).output.strip()
+    keys = tmp_path / "master.keys"
+    keys.write_text(new_key.output)
+    src = tmp_path / "src"
+    write_ml_csv(src / "a.csv", 500, seed=4)
+    out = runner.invoke(app, ["run", str(src), "--dataset", "sec", "--chunk-size", "10KB",
+                              "--encrypt", "--keys", f"file:{keys}", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["status"] == "completed"
+
+    refused = runner.invoke(app, ["export", "sec", "--to", str(tmp_path / "x.parquet")])
+    assert refused.exit_code == 2
+    assert "KeyUnavailableError" in refused.output and "ops-1" in refused.output
+    assert "Traceback" not in refused.output and len(refused.output.splitlines()) <= 3
+    assert not (tmp_path / "x.parquet").exists()
+
+    keys.write_text(new_key.output + second + "\n")
+    rekeyed = runner.invoke(app, ["rekey", "sec", "--to", "ops-2", "--keys", f"file:{keys}"])
+    assert rekeyed.exit_code == 0, rekeyed.output
+    assert "wrapped by ops-2" in rekeyed.output
+    keys.write_text(second + "\n")  # the old key retired
+    target = tmp_path / "back.parquet"
+    done = runner.invoke(app, ["export", "sec", "--to", str(target), "--keys", f"file:{keys}"])
+    assert done.exit_code == 0, done.output
+    assert pq.read_table(target).num_rows == 500
+    bad = runner.invoke(app, ["keys", "new", "no spaces allowed"])
+    assert bad.exit_code == 2 and "KeyUnavailableError" in bad.output
