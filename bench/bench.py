@@ -9,7 +9,8 @@ line, are printed at the end; docs/benchmarks.md says what each figure is.
 Environment: BENCH_DIR (default: a temp dir), BENCH_GIB (default 1), BENCH_BIG_GIB (default
 4), BENCH_PAIRS (default 5), BENCH_HISTORY (committed batches behind the planning figures;
 default 2000), BENCH_PARTS (comma-separated sections to run; default all: startup, binary,
-encryption, rclone, csv, small, cold, orchestration, memory, history, reader, snapshot, cloud, scale).
+encryption, rclone, csv, small, cold, orchestration, memory, history, reader, snapshot, cloud,
+scale).
 Prefect's database is a new one under BENCH_DIR (``PREFECT_HOME``), not the user's.
 """
 

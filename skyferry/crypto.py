@@ -45,8 +45,8 @@ from skyferry.secrets import register
 
 __all__ = [
     "HEADER_SIZE", "MAGIC", "SEGMENT", "TAG", "DataKey", "Decryptor", "Encryptor", "Keyring",
-    "MasterKey", "chunk_context", "cipher_size", "load_keyring", "new_master_key", "plain_size",
-    "run_keyring",
+    "MasterKey", "chunk_context", "cipher_size", "keys_spec", "load_keyring", "new_master_key",
+    "plain_size", "run_keyring",
 ]
 
 MAGIC = b"SKYFENC1"
@@ -392,6 +392,13 @@ def load_keyring(spec: str) -> Keyring:
         raise KeyUnavailableError(f"keys {scheme}:{where}: {type(exc).__name__}",
                                   key_id=None) from None
     return Keyring(_parse_keys(text, f"{scheme}:{where}"), source=f"{scheme}:{where}")
+
+
+def keys_spec(keys: str | None, encryption: Any) -> str | None:
+    """Where a reader (or rekey) finds master keys: ``keys``, else ``SKYFERRY_KEYS``, else
+    the topology's ``encryption.master_keys``."""
+    return keys or os.environ.get("SKYFERRY_KEYS") or (
+        encryption.master_keys if encryption is not None else None)
 
 
 def run_keyring(encrypt: bool | None, keys: str | None, topology: Any) -> Keyring | None:

@@ -37,6 +37,7 @@ from skyferry.crypto import (
     Decryptor,
     Keyring,
     chunk_context,
+    keys_spec,
     load_keyring,
 )
 from skyferry.errors import (
@@ -138,9 +139,7 @@ class Replicas:
         ``SKYFERRY_KEYS``, else the topology's ``encryption.master_keys``."""
         with self._lock:
             if self._keyring is None:
-                spec = (self._keys or os.environ.get("SKYFERRY_KEYS")
-                        or (self.topology.encryption.master_keys if self.topology.encryption
-                            else None))
+                spec = keys_spec(self._keys, self.topology.encryption)
                 if not spec:
                     wrapped = ", ".join(sorted(ref.sealed.wrapped)) if ref.sealed else "none"
                     raise KeyUnavailableError(

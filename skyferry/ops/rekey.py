@@ -10,12 +10,11 @@ retired once every dataset it wrapped is rekeyed.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 from skyferry.commit.lease import DatasetLease
 from skyferry.commit.manifest import Manifest, open_catalog
-from skyferry.crypto import Keyring, load_keyring
+from skyferry.crypto import Keyring, keys_spec, load_keyring
 from skyferry.errors import ConfigError, KeyUnavailableError
 from skyferry.models import StoredChunk
 from skyferry.topology import Topology
@@ -35,8 +34,7 @@ class RekeyReport:
 
 
 def _keyring(topology: Topology, keys: str | None) -> Keyring:
-    spec = keys or os.environ.get("SKYFERRY_KEYS") or (
-        topology.encryption.master_keys if topology.encryption else None)
+    spec = keys_spec(keys, topology.encryption)
     if not spec:
         raise KeyUnavailableError("rekey needs the old and the new master keys: pass --keys, "
                                   "set SKYFERRY_KEYS or the topology's encryption.master_keys",
