@@ -336,6 +336,9 @@ def read(
     as_of: Annotated[Optional[str], typer.Option(
         "--as-of", help="the newest snapshot made at or before this time (ISO 8601)")] = None,
     topology: Annotated[Optional[str], typer.Option(help="topology YAML file")] = None,
+    keys: Annotated[Optional[str], typer.Option(
+        "--keys", help="an encrypted dataset's master keys: file:PATH, env:VARIABLE or "
+        "block:NAME (default: SKYFERRY_KEYS, then the topology's)")] = None,
 ) -> None:
     """Write the rows one rank of a training job reads, in its order, to a Parquet file:
     each chunk verified, from the nearest replica."""
@@ -348,7 +351,7 @@ def read(
                               seed=seed, epoch=epoch, cloud=cloud, region=region,
                               cache_dir=cache_dir, decoded=decoded,
                               snapshot=_snapshot_ref(topo, dataset, snapshot, as_of),
-                              remainder="drop" if drop_remainder else "pad")
+                              remainder="drop" if drop_remainder else "pad", keys=keys)
         rows, report = read_to_file(config, to, topology=topo)
     except SkyferryError as exc:
         _fail(exc)

@@ -220,3 +220,26 @@ def test_a_tampered_replica_is_caught_and_repaired_without_the_key(
     with pytest.raises(IntegrityError):
         export_dataset("tamper", tmp_path / "never", keys=keys)
     assert not list((tmp_path / "never").rglob("*.bin"))
+
+
+def test_chunks_moved_on_dask_workers_are_encrypted_with_their_own_keys(
+        home: Path, tmp_path: Path, keys: str, committed: Committed,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from skyferry.config import get_settings
+
+    src = tmp_path / "blob.bin"
+    payload = random.Random(17).randbytes(400_000)
+    src.write_bytes(payload)
+    monkeypatch.setenv("SKYFERRY_TASK_RUNNER", "dask")
+    monkeypatch.setenv("SKYFERRY_MAX_WORKERS", "2")
+    get_settings.cache_clear()
+    result = run_pipeline(PipelineConfig(source=str(src), dataset="encd", chunk_size="64KB",
+                                         encrypt=True, master_keys=keys))
+    get_settings.cache_clear()
+    assert result.status == "completed", result.error
+    (manifest,) = committed("encd")
+    ids = [c.sealed.key_id for c in manifest.chunks if c.sealed is not None]
+    assert len(ids) == len(manifest.chunks) > 4 and len(set(ids)) == len(ids)
+    out = tmp_path / "out"
+    export_dataset("encd", out, keys=keys)
+    assert b"".join(p.read_bytes() for p in sorted(out.rglob("*.bin"))) == payload

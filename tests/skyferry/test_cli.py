@@ -130,5 +130,10 @@ def test_encrypted_run_export_and_rekey_from_the_command_line(home: Path,
     done = runner.invoke(app, ["export", "sec", "--to", str(target), "--keys", f"file:{keys}"])
     assert done.exit_code == 0, done.output
     assert pq.read_table(target).num_rows == 500
+    ranked = tmp_path / "rank0.parquet"
+    read = runner.invoke(app, ["read", "sec", "--to", str(ranked), "--keys", f"file:{keys}",
+                               "--cache-dir", str(tmp_path / "cache")])
+    assert read.exit_code == 0, read.output
+    assert sorted(pq.read_table(ranked).column("id").to_pylist()) == list(range(500))
     bad = runner.invoke(app, ["keys", "new", "no spaces allowed"])
     assert bad.exit_code == 2 and "KeyUnavailableError" in bad.output
