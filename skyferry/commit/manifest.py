@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from skyferry.commit.copies import CATALOG, Places, Survey
+from skyferry.commit.names import SealedNames
 from skyferry.errors import (
     BatchNotFoundError,
     ManifestConflictError,
@@ -111,6 +112,9 @@ class Manifest(BaseModel):
     freed: list[StoredChunk] = Field(
         default_factory=list, description="Chunks gc freed: every snapshot kept holds a newer "
         "version of their sources. A snapshot that reads one has expired")
+    sealed_names: SealedNames | None = Field(
+        default=None, description="An encrypted dataset's: its sources are named by "
+        "pseudonyms, and these are the real names, encrypted (skyferry/commit/names.py)")
     chunks_at_risk: list[int] = Field(
         default_factory=list, description="Chunks whose verified replicas are all in one "
         "cloud although the topology has more (a run with min_clouds 1): losing that cloud "

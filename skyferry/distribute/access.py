@@ -134,16 +134,18 @@ class Replicas:
         self._keys = keys
         self._keyring: Keyring | None = None
 
-    def keyring(self, ref: ReplicaRef) -> Keyring:
+    def keyring(self, ref: ReplicaRef | None = None) -> Keyring:
         """The master keys that open ``ref`` (loaded once): ``keys``, else
         ``SKYFERRY_KEYS``, else the topology's ``encryption.master_keys``."""
         with self._lock:
             if self._keyring is None:
                 spec = keys_spec(self._keys, self.topology.encryption)
                 if not spec:
-                    wrapped = ", ".join(sorted(ref.sealed.wrapped)) if ref.sealed else "none"
+                    wrapped = (", ".join(sorted(ref.sealed.wrapped))
+                               if ref is not None and ref.sealed else "unknown")
+                    what = ref.where if ref is not None else "the dataset"
                     raise KeyUnavailableError(
-                        f"{ref.where} is encrypted (master key {wrapped}) and no keys are "
+                        f"{what} is encrypted (master key {wrapped}) and no keys are "
                         "given: pass --keys, set SKYFERRY_KEYS or the topology's "
                         "encryption.master_keys", key_id=wrapped)
                 self._keyring = load_keyring(spec)

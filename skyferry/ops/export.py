@@ -23,6 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from skyferry.commit.manifest import Manifest, open_catalog
+from skyferry.commit.names import Names, is_sealed
 from skyferry.commit.retention import PIN_TTL_S, SnapshotPin
 from skyferry.commit.snapshots import Snapshot, SnapshotLog, committed
 from skyferry.distribute.access import ChunkOutput, FileOutput, ReplicaRef, Replicas
@@ -83,6 +84,7 @@ class DatasetReader:
         self.replicas.failovers = self.report.failovers
         self._manifests: list[Manifest] | None = None
         self._live: dict[str, LiveSource] | None = None
+        self._real: dict[str, tuple[str, str]] | None = None  # pseudonym -> (url, path)
         self._schema: pa.Schema | None = None
 
     def __enter__(self) -> DatasetReader:
@@ -115,6 +117,27 @@ class DatasetReader:
         self.report.snapshot = read.snapshot.id if read.snapshot else None
         self.report.unreadable = [str(e) for e in read.unreadable]  # batches left out
         return read.manifests
+
+    def real_file(self, file: SourceFile) -> SourceFile:
+        """``file`` with its real URL and path: an encrypted dataset's manifests name
+        sources by pseudonyms (skyferry/commit/names.py), opened here with the keys."""
+        if not is_sealed(file.url):
+            return file
+        if self._real is None:
+            self._real = {}
+            for manifest in self.manifests():
+                sealed = manifest.sealed_names
+                if sealed is None:
+                    continue
+                keyring = self.replicas.keyring()
+                key = keyring.unwrap(bytes.fromhex(sealed.key_id), sealed.wrapped)
+                names = Names(self.dataset, key, sealed.wrapped)
+                self._real.update(names.open(sealed, manifest.batch_id))
+        if file.url not in self._real:
+            raise IntegrityError(f"no manifest of {self.dataset} holds the real name of "
+                                 f"{file.url}", dataset=self.dataset, batch_id="", chunk=-1)
+        url, path = self._real[file.url]
+        return file.model_copy(update={"url": url, "path": path})
 
     def live(self) -> dict[str, LiveSource]:
         """Each source file's newest committed version (see :mod:`skyferry.ingest.versions`)."""
@@ -262,7 +285,7 @@ def _export_binary(reader: DatasetReader, target: Path) -> None:
     that looks whole.
     """
     live = reader.live()
-    paths = {url: _relative_path(src.file) for url, src in live.items()}
+    paths = {url: _relative_path(reader.real_file(src.file)) for url, src in live.items()}
     seen: dict[PurePosixPath, str] = {}
     for url, rel in paths.items():
         if rel in seen:

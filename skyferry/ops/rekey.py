@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from skyferry.commit.lease import DatasetLease
 from skyferry.commit.manifest import Manifest, open_catalog
+from skyferry.commit.names import rewrap as rewrap_names
 from skyferry.crypto import Keyring, keys_spec, load_keyring
 from skyferry.errors import ConfigError, KeyUnavailableError
 from skyferry.models import StoredChunk
@@ -66,6 +67,7 @@ def rekey_dataset(topology: Topology, dataset: str, *, to: str, keys: str | None
             raise ConfigError(f"dataset {dataset} has a batch in flight ({', '.join(pending)}): "
                               "let it commit (a run resumes it) before rekeying",
                               source=dataset)
+        rewrap_names(catalog.store, dataset, keyring, to)
         for manifest in catalog.manifests(dataset):
             rewritten = _rekey_manifest(keyring, manifest, to, report)
             if rewritten is not None:
@@ -91,7 +93,12 @@ def _rekey_manifest(keyring: Keyring, manifest: Manifest, to: str,
                 report.chunks += 1
                 out.append(new)
                 changed = True
+    update: dict[str, object] = {"chunks": chunks, "freed": freed}
+    sealed = manifest.sealed_names
+    if sealed is not None and set(sealed.wrapped) != {to}:
+        key = keyring.unwrap(bytes.fromhex(sealed.key_id), sealed.wrapped)
+        update["sealed_names"] = sealed.model_copy(update={"wrapped": keyring.wrap(key, [to])})
+        changed = True
     if not changed:
         return None
-    return manifest.model_copy(update={"chunks": chunks, "freed": freed,
-                                       "revision": manifest.revision + 1})
+    return manifest.model_copy(update={**update, "revision": manifest.revision + 1})

@@ -14,14 +14,16 @@ from datetime import UTC, datetime
 
 from skyferry import __version__
 from skyferry.commit.manifest import BatchPlan, Lineage, Manifest
+from skyferry.commit.names import Names, dataset_names
 from skyferry.commit.snapshots import SnapshotLog, lineage_of
-from skyferry.errors import BatchIdReusedError, SourceError, failing_as
+from skyferry.errors import BatchIdReusedError, ConfigError, SourceError, failing_as
 from skyferry.ingest.listing import Listing, list_source_files
 from skyferry.ingest.read import plan_chunks
 from skyferry.ingest.versions import SourceIndex, grown_from, source_index
 from skyferry.metrics import PipelineResult
 from skyferry.models import SourceFile, StoredChunk
 from skyferry.run.context import BatchRun, RunSetup, new_placer, open_batch, resume_batch
+from skyferry.storage import safe_key
 
 __all__ = ["commit_batch", "journal_chunk", "new_source_files", "plan_batch", "summarize"]
 
@@ -43,11 +45,13 @@ def new_source_files(setup: RunSetup) -> Listing:
             f"{len(listing.odd)} source files cannot be taken, and the run is strict: "
             + "; ".join(f"{u}: {w}" for u, w in list(listing.odd.items())[:10]),
             url=url)
+    names = _source_names(setup)
+    name = names.of if names is not None else (lambda url: url)
     index = source_index(setup.catalog, config.dataset)
-    index.prefetch(f.url for f in listing.files)
+    index.prefetch(name(f.url) for f in listing.files)
     fresh = []
     for file in listing.files:
-        found = index.lookup(file.url)
+        found = index.lookup(name(file.url))
         if found is None:
             fresh.append(file)
             continue
@@ -68,9 +72,11 @@ def check_batch_reuse(setup: RunSetup, manifest: Manifest) -> None:
     lists every file the batch holds and nothing new or changed besides. Otherwise it is a
     :class:`BatchIdReusedError`, not a quiet "already committed"."""
     config = setup.config
+    names = _source_names(setup)
+    name = names.of if names is not None else (lambda url: url)
     held = {f.url for f in manifest.lineage.sources}
-    listed = {f.url for f in list_source_files(config.source, config.source_options).files}
-    fresh = {f.url for f in new_source_files(setup).files} - held
+    listed = {name(f.url) for f in list_source_files(config.source, config.source_options).files}
+    fresh = {name(f.url) for f in new_source_files(setup).files} - held
     missing = held - listed
     if not missing and not fresh:
         return
@@ -152,6 +158,8 @@ def commit_batch(run: BatchRun, chunks: list[StoredChunk]
     id."""
     started = time.perf_counter()
     manifest = Manifest.from_plan(run.plan, chunks)
+    if run.setup.keyring is not None:  # no manifest copy names a source file
+        manifest = _with_sealed_names(run, manifest)
     down = [n for n, state in run.setup.health.states.items() if state == "down"]
     # the sources' versions go into the index before the commit point, so the index never
     # lacks a committed batch (a version whose batch did not commit is not live)
@@ -164,6 +172,37 @@ def commit_batch(run: BatchRun, chunks: list[StoredChunk]
     run.setup.recorder.record("storage", nbytes=len(manifest.to_json()),
                               seconds=time.perf_counter() - started)
     return manifest, key, snapshot.id if snapshot else None
+
+
+def _with_sealed_names(run: BatchRun, manifest: Manifest) -> Manifest:
+    assert run.setup.keyring is not None
+    names = dataset_names(run.catalog.store, manifest.dataset, run.setup.keyring, create=True)
+    assert names is not None
+    sources, chunks, freed, sealed = names.seal(manifest.lineage.sources, manifest.chunks,
+                                                manifest.freed, manifest.batch_id)
+    return manifest.model_copy(update={
+        "lineage": manifest.lineage.model_copy(update={"sources": sources}),
+        "chunks": chunks, "freed": freed, "sealed_names": sealed})
+
+
+def _source_names(setup: RunSetup) -> Names | None:
+    """An encrypted dataset's names key; a typed error when the run and the dataset disagree
+    on encryption (the same file would have two names, and be taken twice)."""
+    config = setup.config
+    names = (dataset_names(setup.catalog.store, config.dataset, setup.keyring, create=False)
+             if setup.keyring is not None else None)
+    encrypted = names is not None or (
+        setup.keyring is None and setup.catalog.store.exists(
+            safe_key("keys", config.dataset, "names.json")))
+    if setup.keyring is not None and names is None and setup.catalog.manifests(config.dataset):
+        raise ConfigError(f"dataset {config.dataset!r} was written without encryption: "
+                          "encrypt a new dataset (or run this one without --encrypt)",
+                          source=config.dataset)
+    if setup.keyring is None and encrypted:
+        raise ConfigError(f"dataset {config.dataset!r} is encrypted: run it with --encrypt "
+                          "and its --keys (or the topology's encryption section)",
+                          source=config.dataset)
+    return names
 
 
 def summarize(run: BatchRun, manifest: Manifest, key: str, new: list[StoredChunk],

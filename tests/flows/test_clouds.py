@@ -208,12 +208,16 @@ def test_encrypted_run_leaves_no_plaintext_on_any_cloud(
             assert not [v for v in known if v in blob]
             seen += 1
     assert seen == 5 * len(manifest.chunks)
-    for node in topo.nodes:  # every object of every node: no data in the clear
+    listed = 0
+    for node in topo.nodes:  # every object of every node: no data, no source name in the clear
         store = node.open_store()
         for info in store.list(""):
+            body = store.get(info.key)
+            listed += 1
+            assert b"train.csv" not in body and b"raw/train" not in body, info.key
             if info.key.endswith(".parquet"):
-                body = store.get(info.key)
                 assert body[:8] == MAGIC and not [v for v in known if v in body], info.key
+    assert listed > seen  # the data, and the manifest's and the snapshot log's copies
 
     out = tmp_path / "back.parquet"
     export_dataset("xenc", out, topology=topo, keys=f"file:{keys}")

@@ -62,6 +62,18 @@ def test_an_encrypted_csv_batch_leaves_no_plaintext_on_any_node(
         assert chunk.sealed is not None and chunk.size == cipher_size(chunk.sealed.plain_size)
     for value in known:
         assert not [p for p, b in data.items() if value in b], value
+    # no source name in any object of any node, any manifest copy or the snapshot log
+    catalog = {p: p.read_bytes() for folder in ("manifests", "snapshots")
+               for p in (home / "catalog" / folder).rglob("*") if p.is_file()}
+    copies = [p for p in objects if "manifests" in p.parts]
+    assert copies and catalog
+    for path, blob in [*objects.items(), *catalog.items()]:
+        assert b"secret-customers" not in blob and str(tmp_path).encode() not in blob, path
+    assert all(f.url.startswith("sealed:") for f in manifest.lineage.sources)
+    # the same file again is no new file: its pseudonym is the same
+    again = run_pipeline(PipelineConfig(source=str(src), dataset="enc", chunk_size="40KB",
+                                        encrypt=True, master_keys=keys))
+    assert again.status == "up_to_date", again.error
 
     reader = TrainingReader(ReaderConfig(dataset="enc", batch_size=500, keys=keys,
                                          cache_dir=tmp_path / "cache"))
@@ -112,6 +124,7 @@ def test_verify_and_repair_need_no_key_and_a_damaged_replica_is_never_exported(
     assert report is not None
     files = [p for p in out.rglob("*") if p.is_file()]
     assert [p.read_bytes() for p in files] == [payload]
+    assert [p.name for p in files] == ["blob.bin"]  # its real name, from the sealed names
 
     monkeypatch.delenv("SKYFERRY_KEYS", raising=False)  # no key anywhere from here on
     found = verify_dataset(topology, "encb", deep=True)
@@ -169,6 +182,10 @@ def test_rekey_rewraps_every_data_key_and_rewrites_no_data(
     assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").rglob("*.*"))
     again = rekey_dataset(load_topology(), "rk", to="k-2026", keys=f"file:{new}")
     assert again.chunks == 0 and again.manifests == []
+    # the dataset's names key was rewrapped too: a run with the new key alone finds its file
+    rerun = run_pipeline(PipelineConfig(source=str(src), dataset="rk", chunk_size="64KB",
+                                        encrypt=True, master_keys=f"file:{new}"))
+    assert rerun.status == "up_to_date", rerun.error
 
 
 def _tamper(blob: bytes, how: str) -> bytes:
@@ -243,3 +260,36 @@ def test_chunks_moved_on_dask_workers_are_encrypted_with_their_own_keys(
     out = tmp_path / "out"
     export_dataset("encd", out, keys=keys)
     assert b"".join(p.read_bytes() for p in sorted(out.rglob("*.bin"))) == payload
+
+
+def test_a_dataset_keeps_its_encryption_and_a_grown_file_extends_under_its_pseudonym(
+        home: Path, tmp_path: Path, keys: str, committed: Committed) -> None:
+    src = tmp_path / "logs" / "events.csv"
+    write_ml_csv(src, 400, seed=8)
+    first = run_pipeline(PipelineConfig(source=str(src.parent), dataset="grow",
+                                        chunk_size="20KB", encrypt=True, master_keys=keys))
+    assert first.status == "completed", first.error
+    with open(src, "a") as fh:  # the file grows by whole rows
+        for i in range(400, 450):
+            fh.write(f"{i},0.5,0.25,cat,1\n")
+    grown = run_pipeline(PipelineConfig(source=str(src.parent), dataset="grow",
+                                        chunk_size="20KB", encrypt=True, master_keys=keys))
+    assert grown.status == "completed", grown.error
+    manifests = committed("grow")
+    assert len(manifests) == 2
+    (later,) = manifests[1].lineage.sources
+    assert later.url == manifests[0].lineage.sources[0].url and later.extends > 0
+    out = tmp_path / "all.parquet"
+    export_dataset("grow", out, keys=keys)
+    assert sorted(pq.read_table(out).column("id").to_pylist()) == list(range(450))
+
+    # a run without encryption may not add to it, nor an encrypted run to a plain dataset
+    plain = run_pipeline(PipelineConfig(source=str(src.parent), dataset="grow"))
+    assert plain.status == "failed" and "is encrypted" in str(plain.error)
+    other = tmp_path / "plain.csv"
+    write_ml_csv(other, 50, seed=9)
+    assert run_pipeline(PipelineConfig(source=str(other), dataset="plain")).status == (
+        "completed")
+    mixed = run_pipeline(PipelineConfig(source=str(other), dataset="plain", encrypt=True,
+                                        master_keys=keys))
+    assert mixed.status == "failed" and "written without encryption" in str(mixed.error)
