@@ -154,3 +154,32 @@ def test_a_run_refused_for_its_egress_budget_is_an_alert(
         DEADLINE_S)
     assert found[0][0] - ended <= DEADLINE_S
     assert "so the run was refused" in found[0][1] and "skyferry plan" in found[0][1]
+
+
+def test_a_repair_that_leaves_damage_is_an_alert(
+        alerting: tuple[PrefectServer, Receiver, Path]) -> None:
+    server, receiver, work = alerting
+    source = work / "damaged-src"
+    write_ml_csv(source / "a.csv", 300, seed=5)
+    nodes = [f'  - {{name: d-{i}, cloud: aws, region: r1, url: "{work}/d-{i}"}}'
+             for i in range(3)]
+    topology = work / "damaged.yaml"
+    topology.write_text(f'catalog: "{work}/d-catalog"\nnodes:\n' + "\n".join(nodes) + "\n")
+    result = run(server, {"source": str(source), "dataset": "fragile", "topology": str(topology),
+                          "replicas": 3, "quorum": 3, "min_clouds": 1})
+    assert result["status"] == "completed", result.get("error")
+    for replica in (work / f"d-{i}" for i in range(3)):  # every copy of every chunk gone
+        for path in replica.rglob("*.parquet"):
+            path.unlink()
+    before = len(receiver.messages)
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from flows.verify_and_repair import verify_and_repair;"
+         " verify_and_repair(dataset='fragile', repair=True, topology=sys.argv[1])",
+         str(topology)], cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "ReplicasAtRiskError" in done.stderr
+    ended = time.monotonic()
+    found = wait_for("the damage message", lambda: [
+        (at, m.get("text", "")) for at, m in receiver.messages[before:]
+        if "damage left in fragile" in str(m.get("text", ""))], DEADLINE_S)
+    assert found[0][0] - ended <= DEADLINE_S
+    assert "skyferry repair fragile" in found[0][1]

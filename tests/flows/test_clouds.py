@@ -218,6 +218,9 @@ def test_encrypted_run_leaves_no_plaintext_on_any_cloud(
             if info.key.endswith(".parquet"):
                 assert body[:8] == MAGIC and not [v for v in known if v in body], info.key
     assert listed > seen  # the data, and the manifest's and the snapshot log's copies
+    held = [q for folder in ("manifests", "snapshots")
+            for q in (home / "catalog" / folder).rglob("*") if q.is_file()]
+    assert held and not [q for q in held if b"train.csv" in q.read_bytes()]
 
     out = tmp_path / "back.parquet"
     export_dataset("xenc", out, topology=topo, keys=f"file:{keys}")
